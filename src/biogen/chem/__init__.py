@@ -1,0 +1,1 @@
+"""Chemistry: input readers, standardization, fingerprints and descriptors (RDKit)."""

@@ -1,0 +1,354 @@
+"""Streaming readers for deposit files: SMILES, CSV/TSV and SDF, plain or gzipped.
+
+Files are never loaded whole: records are yielded one at a time. Problems that make a
+whole file unusable (missing file, missing column, wrong delimiter) raise ``InputError``
+before any work starts (see ``inspect_input``); problems of one record (wrong field
+count, a truncated gzip stream) become records with ``error`` set, which the processor
+turns into rejects. No chemistry happens here: SDF blocks are split as text and parsed
+by the workers.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import gzip
+import hashlib
+import io
+import os
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from biogen.chem.records import RawRecord
+from biogen.errors import ConfigError, InputError
+
+FORMATS = ("smi", "csv", "tsv", "sdf")
+_EXT_FORMAT = {
+    ".smi": "smi", ".smiles": "smi", ".ism": "smi", ".can": "smi",
+    ".csv": "csv",
+    ".tsv": "tsv", ".tab": "tsv", ".dat": "tsv", ".txt": "tsv",
+    ".sdf": "sdf", ".sd": "sdf", ".mol": "sdf",
+}
+_SMILES_COLUMNS = ("smiles", "canonical_smiles", "smi", "isomeric_smiles", "molecule")
+_ID_COLUMNS = ("id", "compound_id", "mol_id", "molecule_id", "name", "mol_title", "_name",
+               "title", "zinc_id", "chembl_id", "identifier")
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+@dataclass(frozen=True)
+class ReaderOptions:
+    """How to read deposit files (config group ``input``; every key optional).
+
+    format: ``auto`` (from the extension, ``.gz`` stripped) or one of smi, csv, tsv, sdf.
+    smiles_column / id_column: CSV/TSV column names; ``None`` picks a usual name
+    (``smiles``, ``id`` ...), case-insensitively; ``id_column: ""`` means no ids.
+    delimiter: overrides the delimiter implied by the format.
+    smi_header: the first line of a SMILES file is a header to skip.
+    sdf_id_property: take SDF ids from this data item instead of the title line.
+    """
+
+    format: str = "auto"
+    smiles_column: str | None = None
+    id_column: str | None = None
+    delimiter: str | None = None
+    smi_header: bool = False
+    sdf_id_property: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.format != "auto" and self.format not in FORMATS:
+            raise ConfigError(
+                f"input.format={self.format!r} is not a known format; valid: auto, "
+                + ", ".join(FORMATS)
+            )
+        if self.delimiter is not None and len(self.delimiter) != 1:
+            raise ConfigError(
+                f"input.delimiter={self.delimiter!r} must be one character, e.g. ',' or '\\t'"
+            )
+
+
+@dataclass
+class InputInfo:
+    """What the pre-flight pass learned about one input file."""
+
+    path: str
+    format: str
+    sha256: str
+    bytes: int
+    gzip: bool
+    records_estimate: int
+    truncated: str | None = None  # the decompressor's complaint, if the gzip stream is cut
+    columns: list[str] = field(default_factory=list)
+    smiles_column: str | None = None
+    id_column: str | None = None
+    delimiter: str | None = None
+
+    def to_manifest(self) -> dict:
+        return {"path": self.path, "format": self.format, "sha256": self.sha256,
+                "bytes": self.bytes, "gzip": self.gzip, "truncated": self.truncated}
+
+
+def resolve_inputs(spec: str | Sequence[str]) -> list[Path]:
+    """Expand ``input=`` (a path, a glob, or a list of them) to existing files, in order."""
+    items = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+    if not items:
+        raise InputError("input= is empty; give a file, a list [a.smi,b.sdf] or a glob 'dir/*.smi'")
+    out: list[Path] = []
+    for item in items:
+        item = os.path.expanduser(str(item))
+        if glob.has_magic(item):
+            matches = sorted(glob.glob(item))
+            if not matches:
+                raise InputError(f"input glob {item!r} matches no file; check the path and pattern")
+            out.extend(Path(m) for m in matches if Path(m).is_file())
+        else:
+            p = Path(item)
+            if not p.exists():
+                raise InputError(f"input file not found: {item} (cwd: {os.getcwd()}); check input=")
+            if p.is_dir():
+                raise InputError(f"input {item} is a directory; give files or a glob like '{item}/*.smi'")
+            out.append(p)
+    seen: set[Path] = set()
+    dup = [p for p in out if p.resolve() in seen or seen.add(p.resolve())]
+    if dup:
+        raise InputError(f"input lists the same file twice: {dup[0]}; each deposit file once")
+    return out
+
+
+def detect_format(path: Path, opts: ReaderOptions) -> str:
+    if opts.format != "auto":
+        return opts.format
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        name = name[:-3]
+    ext = os.path.splitext(name)[1]
+    if ext not in _EXT_FORMAT:
+        raise InputError(
+            f"cannot tell the format of {path} from its extension {ext or '(none)'}; "
+            f"set input.format to one of {', '.join(FORMATS)}"
+        )
+    return _EXT_FORMAT[ext]
+
+
+def _is_gzip(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(2) == _GZIP_MAGIC
+
+
+def open_text(path: Path) -> io.TextIOBase:
+    """Open a text file, transparently gunzipping by magic bytes (not by extension)."""
+    if _is_gzip(path):
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="replace", newline="")
+    return open(path, encoding="utf-8", errors="replace", newline="")
+
+
+def _scan(path: Path, fmt: str) -> tuple[str, int, bool, int, str | None]:
+    """One pass over the raw bytes: sha256, size, gzip?, record estimate, truncation."""
+    h = hashlib.sha256()
+    size = 0
+    gz = _is_gzip(path)
+    marker = b"$$$$" if fmt == "sdf" else b"\n"
+    count = 0
+    last = b""
+    truncated = None
+    dec = zlib.decompressobj(wbits=31) if gz else None
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+            size += len(block)
+            if dec is not None and truncated is None:
+                try:
+                    data = dec.decompress(block)
+                    while dec.eof and dec.unused_data:  # concatenated gzip members
+                        rest = dec.unused_data
+                        dec = zlib.decompressobj(wbits=31)
+                        data += dec.decompress(rest)
+                except zlib.error as exc:
+                    truncated = f"corrupt gzip stream: {exc}"
+                    data = b""
+            else:
+                data = block if dec is None else b""
+            count += data.count(marker)
+            if data:
+                last = data[-1:]
+    if dec is not None and truncated is None and not dec.eof:
+        truncated = "gzip stream ends early (file truncated: the end-of-stream marker is missing)"
+    if fmt != "sdf" and last not in (b"", b"\n"):
+        count += 1  # last line without newline
+    return h.hexdigest(), size, gz, count, truncated
+
+
+def _pick_column(columns: list[str], wanted: str | None, candidates: tuple[str, ...],
+                 key: str, path: Path, required: bool) -> str | None:
+    if wanted == "":
+        return None
+    if wanted is not None:
+        if wanted in columns:
+            return wanted
+        raise InputError(
+            f"{path}: column {wanted!r} (input.{key}) is not in the header {columns}; "
+            f"set input.{key} to one of them"
+        )
+    lower = {c.lower(): c for c in columns}
+    for cand in candidates:
+        if cand in lower:
+            return lower[cand]
+    if required:
+        raise InputError(
+            f"{path}: no SMILES column found in the header {columns}; "
+            f"set input.{key}=<column name>"
+        )
+    return None
+
+
+def _read_header(fh, delimiter: str) -> tuple[list[str], int]:
+    """First non-empty line as column names; a leading '#' (as in the DUD/ChEMBL sets) is dropped."""
+    lineno = 0
+    for line in fh:
+        lineno += 1
+        if line.strip():
+            if line.startswith("#"):
+                line = line[1:]
+            cols = next(csv.reader([line.strip("\r\n")], delimiter=delimiter))
+            return [c.strip() for c in cols], lineno
+    return [], lineno
+
+
+def inspect_input(path: Path, opts: ReaderOptions) -> InputInfo:
+    """Pre-flight check of one file: hash it, estimate its records, validate its header."""
+    fmt = detect_format(path, opts)
+    sha, size, gz, count, truncated = _scan(path, fmt)
+    info = InputInfo(path=str(path), format=fmt, sha256=sha, bytes=size, gzip=gz,
+                     records_estimate=count, truncated=truncated)
+    if fmt in ("csv", "tsv"):
+        delim = opts.delimiter or ("," if fmt == "csv" else "\t")
+        other = "\t" if delim == "," else ","
+        with open_text(path) as fh:
+            try:
+                cols, _ = _read_header(fh, delim)
+            except (EOFError, OSError, zlib.error):
+                cols = []
+        info.columns, info.delimiter = cols, delim
+        if cols:
+            if len(cols) == 1 and other in cols[0]:
+                name = "tab" if other == "\t" else "comma"
+                raise InputError(
+                    f"{path}: the header has one column {cols[0][:60]!r} but looks {name}-separated; "
+                    f"set input.delimiter={other!r} (or input.format={'tsv' if other == chr(9) else 'csv'})"
+                )
+            info.smiles_column = _pick_column(cols, opts.smiles_column, _SMILES_COLUMNS,
+                                              "smiles_column", path, required=True)
+            info.id_column = _pick_column(cols, opts.id_column, _ID_COLUMNS, "id_column", path,
+                                          required=opts.id_column is not None)
+        info.records_estimate = max(count - 1, 0)
+    return info
+
+
+def iter_records(info: InputInfo, opts: ReaderOptions) -> Iterator[RawRecord]:
+    """Yield the records of one inspected file, in order."""
+    reader = {"smi": _iter_smi, "csv": _iter_delimited, "tsv": _iter_delimited, "sdf": _iter_sdf}
+    last = 0
+    with open_text(Path(info.path)) as fh:
+        try:
+            for rec in reader[info.format](fh, info, opts):
+                last = rec.record
+                yield rec
+        except (EOFError, OSError, zlib.error) as exc:
+            unit = "record" if info.format == "sdf" else "line"
+            yield RawRecord(
+                info.path, last + 1, "smiles", "", "",
+                error=("truncated_input",
+                       f"the file ends early after {unit} {last} ({exc}); records after it are "
+                       f"missing and the last one may be cut: re-copy the file and append the rest"),
+            )
+
+
+def _iter_smi(fh, info: InputInfo, opts: ReaderOptions) -> Iterator[RawRecord]:
+    for lineno, line in enumerate(fh, 1):
+        text = line.strip()
+        if not text or text.startswith("#") or (opts.smi_header and lineno == 1):
+            continue
+        parts = text.split(None, 1)
+        yield RawRecord(info.path, lineno, "smiles", parts[0], text,
+                        parts[1].strip() if len(parts) > 1 else None)
+
+
+def _iter_delimited(fh, info: InputInfo, opts: ReaderOptions) -> Iterator[RawRecord]:
+    cols, header_line = _read_header(fh, info.delimiter)
+    if not cols:
+        return
+    n = len(cols)
+    si = cols.index(info.smiles_column)
+    ii = cols.index(info.id_column) if info.id_column else None
+    extra = [(j, c) for j, c in enumerate(cols) if j != si and j != ii]
+    reader = csv.reader(fh, delimiter=info.delimiter)
+    for row in reader:
+        lineno = header_line + reader.line_num
+        if not row or (len(row) == 1 and not row[0].strip()):
+            continue
+        raw = info.delimiter.join(row)
+        if len(row) != n:
+            rid = row[ii].strip() if ii is not None and ii < len(row) else None
+            yield RawRecord(info.path, lineno, "smiles", "", raw, rid or None, error=(
+                "field_count",
+                f"expected {n} fields separated by {info.delimiter!r} as in the header, got "
+                f"{len(row)}; fix the line or set input.delimiter"))
+            continue
+        smi = row[si].strip()
+        rid = row[ii].strip() if ii is not None else None
+        props = {c: row[j] for j, c in extra} or None
+        if not smi:
+            yield RawRecord(info.path, lineno, "smiles", "", raw, rid, props,
+                            error=("empty_smiles", f"column {info.smiles_column!r} is empty"))
+            continue
+        yield RawRecord(info.path, lineno, "smiles", smi, raw, rid or None, props)
+
+
+def _parse_sdf_block(lines: list[str]) -> tuple[str, dict[str, str]]:
+    """Split an SDF record into its molblock and its data items (``> <name>`` + value lines)."""
+    end = next((i for i, ln in enumerate(lines) if ln.startswith("M  END")), None)
+    if end is None:
+        return "".join(lines), {}
+    props: dict[str, str] = {}
+    name, values = None, []
+    for ln in lines[end + 1:]:
+        s = ln.rstrip("\r\n")
+        if s.startswith(">"):
+            if name is not None:
+                props[name] = "\n".join(values)
+            lt, gt = s.find("<"), s.rfind(">")
+            name = s[lt + 1:gt] if 0 < lt < gt else s[1:].strip()
+            values = []
+        elif name is not None:
+            if s.strip() == "":
+                props[name] = "\n".join(values)
+                name, values = None, []
+            else:
+                values.append(s)
+    if name is not None:
+        props[name] = "\n".join(values)
+    return "".join(lines[: end + 1]), props
+
+
+def _iter_sdf(fh, info: InputInfo, opts: ReaderOptions) -> Iterator[RawRecord]:
+    block: list[str] = []
+    ordinal = 0
+
+    def make(lines: list[str]) -> RawRecord:
+        molblock, props = _parse_sdf_block(lines)
+        title = lines[0].strip() if lines else ""
+        rid = props.get(opts.sdf_id_property) if opts.sdf_id_property else title
+        return RawRecord(info.path, ordinal, "molblock", molblock, "".join(lines),
+                         (rid or "").strip() or None, props or None)
+
+    for line in fh:
+        if line.rstrip("\r\n").strip() == "$$$$":
+            ordinal += 1
+            yield make(block)
+            block = []
+        else:
+            block.append(line if line.endswith("\n") else line + "\n")
+    if any(ln.strip() for ln in block):  # last record without its "$$$$" terminator
+        ordinal += 1
+        yield make(block)

@@ -1,0 +1,93 @@
+"""Hydra tasks of ``biogen library ...``: config -> typed arguments -> library API."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from biogen.chem.fingerprints import FingerprintSpec
+from biogen.chem.readers import ReaderOptions
+from biogen.chem.standardize import StandardizeSpec
+from biogen.errors import ConfigError
+from biogen.runtime import RuntimeSpec
+
+log = logging.getLogger("biogen")
+
+
+def _typed(cls, cfg: DictConfig, key: str):
+    data = OmegaConf.to_container(cfg, resolve=True)
+    try:
+        return cls(**data)
+    except TypeError as exc:
+        valid = ", ".join(cls.__dataclass_fields__)
+        raise ConfigError(f"invalid {key} settings {data} ({exc}); valid keys: {valid}") from None
+
+
+def _inputs(value):
+    return list(value) if OmegaConf.is_list(value) else str(value)
+
+
+def _save_report(report) -> None:
+    out = Path(HydraConfig.get().runtime.output_dir) / "report.json"
+    out.write_text(json.dumps(report.__dict__, indent=2, default=str) + "\n")
+    log.info("run directory: %s", out.parent)
+
+
+def build(cfg: DictConfig) -> None:
+    from biogen.library.ingest import build_library
+
+    report = build_library(
+        _inputs(cfg.input), cfg.output,
+        featurizer=FingerprintSpec.from_dict(OmegaConf.to_container(cfg.featurizer)),
+        standardize=_typed(StandardizeSpec, cfg.standardize, "standardize"),
+        descriptors=list(cfg.descriptors),
+        reader=_typed(ReaderOptions, cfg.reader, "reader"),
+        dedupe=cfg.dedupe, id_prefix=str(cfg.id_prefix), chunk_size=int(cfg.chunk_size),
+        overwrite=bool(cfg.overwrite), runtime=_typed(RuntimeSpec, cfg.runtime, "runtime"),
+    )
+    log.info("%s", report.summary())
+    _save_report(report)
+
+
+def append(cfg: DictConfig) -> None:
+    from biogen.library.ingest import append_library
+
+    report = append_library(
+        cfg.library, _inputs(cfg.input), reader=_typed(ReaderOptions, cfg.reader, "reader"),
+        chunk_size=int(cfg.chunk_size), runtime=_typed(RuntimeSpec, cfg.runtime, "runtime"),
+    )
+    log.info("%s", report.summary())
+    _save_report(report)
+
+
+def info(cfg: DictConfig) -> None:
+    from biogen.library.verify import format_info, library_info
+
+    data = library_info(cfg.library)
+    if cfg.format == "json":
+        print(json.dumps(data, indent=2))
+    elif cfg.format == "text":
+        print(format_info(data))
+    else:
+        raise ConfigError(f"format={cfg.format!r} is not valid; choose text or json")
+
+
+def verify(cfg: DictConfig) -> None:
+    from biogen.library.verify import verify_library
+
+    report = verify_library(cfg.library, deep=bool(cfg.deep))
+    for w in report.warnings:
+        print(f"warning: {w}")
+    for p in report.problems:
+        print(f"CORRUPT {p}")
+    if report.ok:
+        print(f"OK {report.path}: {report.shards_checked} shards verified")
+        return
+    print(f"FAILED {report.path}: {len(report.problems)} problem(s) in {report.shards_checked} shards",
+          file=sys.stderr)
+    sys.exit(1)

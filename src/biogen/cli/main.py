@@ -1,0 +1,96 @@
+"""``biogen <group> <job> key=value ...``: one console command, one Hydra app per job."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from collections.abc import Callable
+
+from biogen.errors import BiogenError
+
+# (words) -> (config name, "module:function", one-line description)
+JOBS: dict[tuple[str, ...], tuple[str, str, str]] = {
+    ("library", "build"): ("library_build", "biogen.cli.library:build",
+                           "build a compound library from SMILES/CSV/SDF deposit files"),
+    ("library", "append"): ("library_append", "biogen.cli.library:append",
+                            "add a new deposit to a library (dedupe against what exists)"),
+    ("library", "info"): ("library_info", "biogen.cli.library:info",
+                          "counts, parameters, size and history of a library"),
+    ("library", "verify"): ("library_verify", "biogen.cli.library:verify",
+                            "re-hash every shard; exit 1 naming any corrupted shard"),
+}
+
+USAGE = """usage: biogen <job> [key=value ...] [--help] [--cfg job] [-m]
+
+biogen: compound library precompute, similarity search, protein embedding and virtual
+screening on CPUs, CUDA GPUs and Ray clusters. Every job is a Hydra app: override any
+config key with key=value, see the config with --cfg job, the options with --help,
+sweep with -m. Each run writes its composed config and log to its run directory
+(biogen_runs/<job>/<time>/, or $BIOGEN_RUNS_DIR).
+
+jobs:
+{jobs}
+
+example: biogen library build input=deposit.sdf.gz output=mylib
+"""
+
+
+def _usage(prefix: tuple[str, ...] = ()) -> str:
+    rows = [(" ".join(w), d) for w, (_, _, d) in JOBS.items() if w[: len(prefix)] == prefix]
+    width = max(len(w) for w, _ in rows)
+    return USAGE.format(jobs="\n".join(f"  biogen {w:<{width}}  {d}" for w, d in rows))
+
+
+def _register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    from biogen.datasets import dataset_path
+
+    if not OmegaConf.has_resolver("dataset"):
+        OmegaConf.register_new_resolver("dataset", dataset_path)
+
+
+def run_job(words: tuple[str, ...], argv: list[str]) -> None:
+    import hydra
+
+    from biogen.resources import config_dir
+
+    config_name, target, _ = JOBS[words]
+    module, func = target.split(":")
+    task: Callable = getattr(importlib.import_module(module), func)
+    _register_resolvers()
+
+    @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)
+    def _app(cfg) -> None:
+        try:
+            task(cfg)
+        except BiogenError as exc:
+            logging.getLogger("biogen").error("%s", exc)
+            print(f"biogen {' '.join(words)}: error: {exc}", file=sys.stderr)
+            sys.exit(2)
+
+    sys.argv = [f"biogen-{'-'.join(words)}", *argv]
+    _app()
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    words: tuple[str, ...] = ()
+    while argv and not argv[0].startswith("-") and "=" not in argv[0] and words + (argv[0],) in {
+        w[: len(words) + 1] for w in JOBS
+    }:
+        words += (argv.pop(0),)
+    if words in JOBS:
+        run_job(words, argv)
+        return
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage(words))
+        return
+    print(f"biogen: unknown job {' '.join(words + (argv[0],))!r}\n", file=sys.stderr)
+    print(_usage(words), file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""``manifest.json``: what a library holds and how it was made.
+
+Written atomically (temp file, fsync, rename). A shard appears in the manifest only
+after all its files are complete, so a reader never sees a half-written shard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+from biogen.errors import LibraryError
+
+FORMAT = "biogen-library"
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+SHARD_FILES = ("meta.parquet", "fp.npy", "popcnt.npy")
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def tool_versions() -> dict[str, str]:
+    import numpy
+    import pyarrow
+    from rdkit import rdBase
+
+    import biogen
+
+    return {"biogen": biogen.__version__, "rdkit": rdBase.rdkitVersion, "numpy": numpy.__version__,
+            "pyarrow": pyarrow.__version__, "python": platform.python_version()}
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_manifest(lib_dir: Path, manifest: dict) -> None:
+    manifest["updated"] = now_iso()
+    atomic_write_bytes(Path(lib_dir) / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+
+
+def read_manifest(lib_dir: Path) -> dict:
+    path = Path(lib_dir) / MANIFEST
+    if not path.is_file():
+        raise LibraryError(
+            f"{lib_dir} is not a biogen library (no {MANIFEST}); build one with "
+            "`biogen library build input=... output=...`"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise LibraryError(f"{path} is not valid JSON ({exc}); restore it from a backup") from exc
+    if manifest.get("format") != FORMAT:
+        raise LibraryError(f"{path} is not a biogen library manifest (format={manifest.get('format')!r})")
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise LibraryError(
+            f"{lib_dir} has library schema version {version}; this biogen reads version "
+            f"{SCHEMA_VERSION}: upgrade biogen or rebuild the library"
+        )
+    return manifest
+
+
+def new_manifest(featurizer: dict, standardize: dict, descriptors: list[str], dedupe: str,
+                 id_prefix: str) -> dict:
+    from rdkit import rdBase
+
+    return {
+        "format": FORMAT,
+        "schema_version": SCHEMA_VERSION,
+        "created": now_iso(),
+        "updated": now_iso(),
+        "featurizer": {**featurizer, "rdkit_version": rdBase.rdkitVersion},
+        "standardize": standardize,
+        "descriptors": descriptors,
+        "dedupe": {"key": "inchikey", "mode": dedupe},
+        "id_prefix": id_prefix,
+        "layout": {
+            "shard_files": list(SHARD_FILES),
+            "fingerprints": "fp.npy: N x n_words little-endian uint64, bit i = word i//64 bit i%64",
+            "popcounts": "popcnt.npy: N int32",
+            "order": "rows of a shard are sorted by (popcount, ordinal); meta.parquet rows align with fp.npy",
+        },
+        "n_rows": 0,
+        "shards": [],
+        "history": [],
+    }

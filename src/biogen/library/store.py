@@ -1,0 +1,98 @@
+"""Read access to a library: manifest, per-shard metadata (Parquet) and fingerprints (mmap).
+
+    lib = Library.open("mylib")
+    for shard in lib.shards:
+        fps = shard.fingerprints      # N x n_words uint64, memory-mapped, sorted by popcount
+        pc = shard.popcounts          # N int32, non-decreasing
+        meta = shard.metadata(["id", "smiles"])   # pyarrow.Table, same row order
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from biogen.chem.fingerprints import FingerprintSpec
+from biogen.library.manifest import read_manifest
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One immutable shard: ``rows`` molecules sorted by popcount."""
+
+    path: Path
+    name: str
+    rows: int
+    n_words: int
+
+    @cached_property
+    def fingerprints(self) -> np.ndarray:
+        """N x n_words ``<u8`` memory map (read-only)."""
+        fp = np.load(self.path / "fp.npy", mmap_mode="r")
+        if fp.ndim != 2 or fp.shape[1] != self.n_words:
+            raise ValueError(f"{self.path}/fp.npy has shape {fp.shape}, expected (*, {self.n_words})")
+        return fp
+
+    @cached_property
+    def popcounts(self) -> np.ndarray:
+        """N ``int32`` popcounts, non-decreasing (memory map)."""
+        return np.load(self.path / "popcnt.npy", mmap_mode="r")
+
+    def metadata(self, columns: Sequence[str] | None = None) -> pa.Table:
+        return pq.read_table(self.path / "meta.parquet", columns=list(columns) if columns else None)
+
+    def popcount_range(self, lo: int, hi: int) -> tuple[int, int]:
+        """Row range [start, end) of the molecules whose popcount lies in [lo, hi]."""
+        pc = self.popcounts
+        return int(np.searchsorted(pc, lo, "left")), int(np.searchsorted(pc, hi, "right"))
+
+
+class Library:
+    """An opened library directory (read-only view of the manifest's shards)."""
+
+    def __init__(self, path: Path, manifest: dict):
+        self.path = Path(path)
+        self.manifest = manifest
+        self.featurizer = FingerprintSpec.from_dict(manifest["featurizer"])
+        self.shards = [
+            Shard(self.path / "shards" / s["name"], s["name"], s["rows"], self.featurizer.n_words)
+            for s in manifest["shards"]
+        ]
+
+    @classmethod
+    def open(cls, path: str | Path) -> "Library":
+        return cls(Path(path), read_manifest(Path(path)))
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.manifest["n_rows"])
+
+    def __len__(self) -> int:
+        return self.n_rows
+
+    def __repr__(self) -> str:
+        return f"Library({str(self.path)!r}, rows={self.n_rows}, shards={len(self.shards)})"
+
+    def read_metadata(self, columns: Sequence[str] | None = None) -> pa.Table:
+        """All shards' metadata concatenated in shard order (row i = fingerprint row i)."""
+        tables = [s.metadata(columns) for s in self.shards]
+        if not tables:
+            return pa.table({c: pa.array([], pa.string()) for c in (columns or ["id"])})
+        return pa.concat_tables(tables)
+
+    def iter_fingerprints(self) -> Iterator[tuple[Shard, np.ndarray, np.ndarray]]:
+        """``(shard, fingerprints, popcounts)`` for each shard, memory-mapped."""
+        for s in self.shards:
+            yield s, s.fingerprints, s.popcounts
+
+    def fingerprints(self) -> np.ndarray:
+        """All fingerprints in one in-memory array (copies; prefer ``iter_fingerprints``)."""
+        if not self.shards:
+            return np.zeros((0, self.featurizer.n_words), dtype="<u8")
+        return np.concatenate([s.fingerprints for s in self.shards])

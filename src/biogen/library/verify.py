@@ -1,0 +1,143 @@
+"""``library info`` and ``library verify``: what a library holds, and whether it is intact."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from biogen.chem.fingerprints import popcounts
+from biogen.library.ingest import WORK
+from biogen.library.manifest import SHARD_FILES, read_manifest
+from biogen.library.store import Library
+from biogen.runtime.ledger import sha256_file
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def library_info(path: str | Path) -> dict:
+    """Counts, parameters, size on disk and history of a library (JSON-serializable)."""
+    lib = Library.open(path)
+    m = lib.manifest
+    pending = sorted(p.name for p in (lib.path / WORK).iterdir()) if (lib.path / WORK).is_dir() else []
+    return {
+        "path": str(lib.path),
+        "rows": m["n_rows"],
+        "shards": len(m["shards"]),
+        "rejected_total": m.get("rejected_total", 0),
+        "bytes_on_disk": _dir_bytes(lib.path),
+        "fingerprint_bytes": sum(s["files"]["fp.npy"]["bytes"] for s in m["shards"]),
+        "featurizer": m["featurizer"],
+        "standardize": m["standardize"],
+        "descriptors": m["descriptors"],
+        "dedupe": m["dedupe"],
+        "created": m["created"],
+        "updated": m["updated"],
+        "history": [
+            {k: h.get(k) for k in ("action", "time", "records_read", "rows_added", "duplicates",
+                                   "rejected", "rejects_file", "seconds")}
+            | {"inputs": [i["path"] for i in h["inputs"]], "biogen": h["versions"]["biogen"],
+               "rdkit": h["versions"]["rdkit"]}
+            for h in m["history"]
+        ],
+        "unfinished_jobs": pending,
+    }
+
+
+def format_info(info: dict) -> str:
+    def human(n: int) -> str:
+        for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+            if n < 1024:
+                return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+            n /= 1024
+        return f"{n:.1f} PiB"
+
+    f = info["featurizer"]
+    lines = [
+        f"library      {info['path']}",
+        f"molecules    {info['rows']:,} in {info['shards']} shards ({info['rejected_total']:,} records rejected)",
+        f"size         {human(info['bytes_on_disk'])} (fingerprints {human(info['fingerprint_bytes'])})",
+        "featurizer   " + ", ".join(f"{k}={v}" for k, v in f.items()),
+        "standardize  " + ", ".join(f"{k}={v}" for k, v in info["standardize"].items()),
+        "descriptors  " + ", ".join(info["descriptors"]),
+        f"dedupe       {info['dedupe']['mode']} by {info['dedupe']['key']}",
+        f"created      {info['created']}   updated {info['updated']}",
+        "history:",
+    ]
+    for i, h in enumerate(info["history"]):
+        lines.append(
+            f"  {i:3d} {h['action']:<6} {h['time']}  read {h['records_read']:,}  added {h['rows_added']:,}"
+            f"  duplicates {h['duplicates']:,}  rejected {h['rejected']:,}  {h['seconds']:.1f}s"
+            f"  (biogen {h['biogen']}, rdkit {h['rdkit']})"
+        )
+        lines.append(f"      inputs: {', '.join(h['inputs'])}; rejects: {h['rejects_file']}")
+    if info["unfinished_jobs"]:
+        lines.append("unfinished jobs (rerun the same command to finish them): " + ", ".join(info["unfinished_jobs"]))
+    return "\n".join(lines)
+
+
+@dataclass
+class VerifyReport:
+    path: str
+    shards_checked: int = 0
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify_library(path: str | Path, *, deep: bool = True) -> VerifyReport:
+    """Re-hash every shard file against the manifest; with ``deep``, also check contents
+    (row counts, shapes, popcounts equal to the fingerprints, popcount order)."""
+    lib = Library.open(path)
+    report = VerifyReport(str(lib.path))
+    listed = set()
+    for s, shard in zip(lib.manifest["shards"], lib.shards):
+        listed.add(s["name"])
+        report.shards_checked += 1
+        where = f"shard {s['name']}"
+        missing = [f for f in SHARD_FILES if not (shard.path / f).is_file()]
+        if missing:
+            report.problems.append(f"{where}: missing file(s) {missing}")
+            continue
+        bad = []
+        for f in SHARD_FILES:
+            expect = s["files"][f]
+            fpath = shard.path / f
+            if fpath.stat().st_size != expect["bytes"]:
+                bad.append(f"{f} has {fpath.stat().st_size} bytes, manifest says {expect['bytes']}")
+            elif sha256_file(fpath) != expect["sha256"]:
+                bad.append(f"{f} sha256 differs from the manifest")
+        if bad:
+            report.problems.append(f"{where}: " + "; ".join(bad) + " (corrupted: restore it from a backup or rebuild)")
+            continue
+        if deep:
+            try:
+                fp, pc = shard.fingerprints, np.asarray(shard.popcounts)
+                n_meta = pq.ParquetFile(shard.path / "meta.parquet").metadata.num_rows
+            except Exception as exc:  # unreadable despite matching hashes: report, do not crash
+                report.problems.append(f"{where}: unreadable ({exc})")
+                continue
+            if not (fp.shape[0] == pc.shape[0] == n_meta == s["rows"]):
+                report.problems.append(f"{where}: row counts differ (fp {fp.shape[0]}, popcounts "
+                                       f"{pc.shape[0]}, metadata {n_meta}, manifest {s['rows']})")
+            elif not np.array_equal(popcounts(np.asarray(fp)), pc):
+                report.problems.append(f"{where}: stored popcounts do not match the fingerprints")
+            elif len(pc) and np.any(np.diff(pc) < 0):
+                report.problems.append(f"{where}: rows are not sorted by popcount")
+    total = sum(s["rows"] for s in lib.manifest["shards"])
+    if total != lib.n_rows:
+        report.problems.append(f"manifest n_rows={lib.n_rows} but its shards hold {total} rows")
+    shard_dir = lib.path / "shards"
+    if shard_dir.is_dir():
+        extra = sorted(p.name for p in shard_dir.iterdir() if p.name not in listed)
+        if extra:
+            report.warnings.append(
+                f"directories not in the manifest (left by an unfinished job; ignored by readers): {extra}")
+    return report

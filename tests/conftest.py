@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny owned data, real shared data (skipped with a reason when absent),
+one local Ray instance for the whole session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from biogen.runtime import RuntimeSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).resolve().parent / "data"
+SHARED = Path(os.environ.get("BIOGEN_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def vs_benchmark() -> Path:
+    path = SHARED / "vs-benchmark"
+    if not path.is_dir():
+        pytest.skip(f"real benchmark data not found at {path} (../shared/data beside the checkout; "
+                    "set BIOGEN_SHARED_DATA to its location)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance with 2 CPUs shared by all tests that use Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def ray_rt(ray_local) -> RuntimeSpec:
+    return RuntimeSpec(mode="local", workers=2, progress=False)
+
+
+@pytest.fixture
+def inline_rt() -> RuntimeSpec:
+    return RuntimeSpec(mode="inline", progress=False)
+
+
+@pytest.fixture
+def copy_data(tmp_path):
+    def _copy(name: str) -> Path:
+        dst = tmp_path / name
+        shutil.copy(DATA / name, dst)
+        return dst
+    return _copy

@@ -1,0 +1,116 @@
+import gzip
+
+import pytest
+
+from biogen.chem.readers import ReaderOptions, inspect_input, iter_records, resolve_inputs
+from biogen.errors import ConfigError, InputError
+
+
+def read_all(path, **kw):
+    opts = ReaderOptions(**kw)
+    return list(iter_records(inspect_input(path, opts), opts))
+
+
+def test_smi_with_and_without_ids_skips_comments_and_empty_lines(data_dir):
+    recs = read_all(data_dir / "mixed.smi")
+    assert [r.record for r in recs][:3] == [2, 3, 4]  # line numbers, comment on line 1
+    assert recs[0].text == "CCO" and recs[0].id == "ethanol"
+    assert 5 not in [r.record for r in recs]  # the empty line
+    assert recs[-1].id is None and recs[-1].text.startswith("CC(C)NCC")
+    assert all(r.error is None for r in recs)
+
+
+def test_csv_columns_quotes_props_and_bad_rows(data_dir):
+    recs = read_all(data_dir / "compounds.csv")
+    by_id = {r.id: r for r in recs}
+    assert by_id["paracetamol"].props == {"activity_nM": "1200", "note": "analgesic, antipyretic"}
+    assert by_id["isoprenaline"].error[0] == "field_count"
+    assert "expected 4 fields" in by_id["isoprenaline"].error[1]
+    assert by_id["empty-smiles"].error[0] == "empty_smiles"
+    assert by_id["nicotine"].record == 4
+
+
+def test_tsv_with_hash_header_as_in_benchmark_sets(tmp_path):
+    p = tmp_path / "x.dat.gz"
+    with gzip.open(p, "wt") as fh:
+        fh.write("# Mol_Title\tID\tSMILES\nZINC1\tA_1\tCCO\nZINC2\tA_2\tc1ccccc1\n")
+    recs = read_all(p)
+    assert [(r.id, r.text) for r in recs] == [("A_1", "CCO"), ("A_2", "c1ccccc1")]
+    assert recs[0].props == {"Mol_Title": "ZINC1"}
+
+
+def test_configured_columns_and_missing_column_error(data_dir):
+    recs = read_all(data_dir / "compounds.csv", smiles_column="smiles", id_column="")
+    assert all(r.id is None for r in recs)
+    with pytest.raises(InputError, match=r"column 'SMILES_X' \(input.smiles_column\) is not in the header"):
+        read_all(data_dir / "compounds.csv", smiles_column="SMILES_X")
+
+
+def test_no_smiles_column_found(tmp_path):
+    p = tmp_path / "a.csv"
+    p.write_text("structure,name\nCCO,x\n")
+    with pytest.raises(InputError, match="no SMILES column found.*input.smiles_column"):
+        read_all(p)
+
+
+def test_wrong_delimiter_is_named(tmp_path):
+    p = tmp_path / "a.csv"
+    p.write_text("smiles\tid\nCCO\tx\n")
+    with pytest.raises(InputError, match=r"looks tab-separated; set input.delimiter='\\t'"):
+        read_all(p)
+    assert [r.id for r in read_all(p, delimiter="\t")] == ["x"]
+
+
+def test_sdf_props_ids_and_broken_block(data_dir):
+    recs = read_all(data_dir / "small.sdf")
+    assert [r.record for r in recs] == [1, 2, 3, 4]
+    assert recs[0].id == "aspirin" and recs[0].props == {"CAS": "50-78-2", "vendor": "A"}
+    assert recs[1].id == "broken-caffeine"
+    ids = [r.id for r in read_all(data_dir / "small.sdf", sdf_id_property="CAS")]
+    assert ids == ["50-78-2", "58-08-2", "15307-86-5", "657-24-9"]
+
+
+def test_gzip_detected_by_content_and_truncation_becomes_a_record(tmp_path, data_dir):
+    data = (data_dir / "mixed.smi").read_bytes() * 200
+    full = tmp_path / "deposit.smi.gz"
+    full.write_bytes(gzip.compress(data))
+    assert len(read_all(full)) == 11 * 200
+    cut = tmp_path / "cut.smi.gz"
+    cut.write_bytes(full.read_bytes()[: len(full.read_bytes()) // 2])
+    info = inspect_input(cut, ReaderOptions())
+    assert info.truncated and "truncated" in info.truncated
+    recs = list(iter_records(info, ReaderOptions()))
+    assert recs[-1].error[0] == "truncated_input"
+    assert "ends early" in recs[-1].error[1]
+    assert 0 < len(recs) - 1 < 11 * 200
+
+
+def test_empty_file_and_missing_paths(tmp_path):
+    empty = tmp_path / "empty.smi"
+    empty.write_text("")
+    assert inspect_input(empty, ReaderOptions()).records_estimate == 0
+    assert read_all(empty) == []
+    with pytest.raises(InputError, match="input file not found: .*nope.smi"):
+        resolve_inputs(str(tmp_path / "nope.smi"))
+    with pytest.raises(InputError, match="matches no file"):
+        resolve_inputs(str(tmp_path / "*.sdf"))
+    with pytest.raises(InputError, match="is a directory"):
+        resolve_inputs(str(tmp_path))
+
+
+def test_glob_and_list_order(tmp_path):
+    for n in ("b.smi", "a.smi"):
+        (tmp_path / n).write_text("CCO\n")
+    assert [p.name for p in resolve_inputs(str(tmp_path / "*.smi"))] == ["a.smi", "b.smi"]
+    assert [p.name for p in resolve_inputs([str(tmp_path / "b.smi"), str(tmp_path / "a.smi")])] == ["b.smi", "a.smi"]
+    with pytest.raises(InputError, match="same file twice"):
+        resolve_inputs([str(tmp_path / "a.smi"), str(tmp_path / "a.smi")])
+
+
+def test_unknown_extension_and_bad_options(tmp_path):
+    p = tmp_path / "x.mol2"
+    p.write_text("x")
+    with pytest.raises(InputError, match="set input.format to one of smi, csv, tsv, sdf"):
+        read_all(p)
+    with pytest.raises(ConfigError, match="input.format='smiles' is not a known format"):
+        ReaderOptions(format="smiles")
