@@ -415,7 +415,7 @@ def build_library(
         raise ConfigError(f"chunk_size={chunk_size} must be >= 1")
     spec = ProcessorSpec(featurizer, standardize, validate_descriptor_names(descriptors))
     infos = _preflight(inputs, reader)
-    out = Path(output)
+    out = Path(output).absolute()  # tasks may run on other nodes with another cwd
     created = not out.exists()
     key = _job_key("build", spec, infos, reader, chunk_size, dedupe, id_prefix, None)
     if out.exists():
@@ -464,7 +464,7 @@ def append_library(
     Featurizer, standardization, descriptors and dedupe mode come from the manifest, so
     the new rows are made exactly like the old ones.
     """
-    lib = Path(library)
+    lib = Path(library).absolute()
     manifest = read_manifest(lib)
     spec = ProcessorSpec(FingerprintSpec.from_dict(manifest["featurizer"]),
                          StandardizeSpec(**manifest["standardize"]), tuple(manifest["descriptors"]))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,6 +44,21 @@ class RuntimeSpec:
             raise ConfigError(f"runtime.workers={self.workers} must be >= 1 (or null for all cores)")
 
 
+def _probe(address: str, timeout: float = 5.0) -> None:
+    """Fail fast on an unreachable head node: ``ray.init`` itself retries for minutes."""
+    if address == "auto" or address.startswith("ray://") or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except (OSError, ValueError) as exc:
+        raise BiogenError(
+            f"could not connect to the Ray cluster at runtime.address={address!r} ({exc}); "
+            "start it with `ray start --head` (see slurm/) or use runtime=local"
+        ) from None
+
+
 @contextmanager
 def ray_session(spec: RuntimeSpec) -> Iterator[int]:
     """Start or join Ray for the duration of a job; yields the number of parallel slots.
@@ -63,12 +79,15 @@ def ray_session(spec: RuntimeSpec) -> Iterator[int]:
             ray.init(num_cpus=spec.workers or os.cpu_count(), **kwargs)
         else:
             address = spec.address or "auto"
+            _probe(address)
             try:
                 ray.init(address=address, **kwargs)
-            except (ConnectionError, RuntimeError) as exc:
+            except Exception as exc:  # ConnectionError, AuthenticationError, RuntimeError...
                 raise BiogenError(
                     f"could not connect to the Ray cluster at runtime.address={address!r} ({exc}); "
-                    "start it with `ray start --head` (see slurm/) or use runtime=local"
+                    "start it with `ray start --head` (see slurm/) or use runtime=local. A cluster "
+                    "with token authentication needs RAY_AUTH_MODE=token and its token "
+                    "(~/.ray/auth_token or RAY_AUTH_TOKEN) in this shell too"
                 ) from exc
         owned = True
     try:
@@ -125,9 +144,10 @@ def run_shards(
                 except Exception as exc:
                     for other in pending:
                         ray.cancel(other)
+                    cause = getattr(exc, "cause", None) or exc  # RayTaskError wraps the task's own error
                     raise BiogenError(
-                        f"shard {key} failed: {exc}\nFinished shards are kept; rerun the same "
-                        "command to resume."
+                        f"shard {key} failed: {type(cause).__name__}: {cause}. Finished shards are "
+                        "kept; rerun the same command to resume."
                     ) from exc
                 ledger.record(key, outputs, result)
                 results[key] = result

@@ -1,0 +1,91 @@
+"""The sharded runner and its ledger: resume without repeating or losing a shard."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from biogen.errors import BiogenError, ConfigError, LibraryError
+from biogen.runtime import Ledger, RuntimeSpec, ray_session, run_shards
+
+CALLS = []
+
+
+def write_square(root: str, i: int):
+    CALLS.append(i)
+    path = Path(root) / f"out-{i}.txt"
+    path.write_text(str(i * i))
+    return [path.name], {"value": i * i}
+
+
+def fail_on_three(root: str, i: int):
+    if i == 3:
+        raise ValueError("bad shard")
+    return write_square(root, i)
+
+
+def shards(root, n):
+    return ((f"s{i}", (str(root), i)) for i in range(n))
+
+
+def test_inline_resume_skips_done_and_redoes_damaged(tmp_path, inline_rt):
+    CALLS.clear()
+    led = Ledger(tmp_path / "ledger.jsonl", "job-1")
+    res = run_shards(write_square, shards(tmp_path, 5), ledger=led, spec=inline_rt, slots=1, desc="t")
+    assert {k: v["value"] for k, v in res.items()} == {f"s{i}": i * i for i in range(5)}
+    assert CALLS == [0, 1, 2, 3, 4]
+    (tmp_path / "out-2.txt").write_text("tampered")
+    (tmp_path / "out-4.txt").unlink()
+    CALLS.clear()
+    led2 = Ledger(tmp_path / "ledger.jsonl", "job-1")
+    res2 = run_shards(write_square, shards(tmp_path, 6), ledger=led2, spec=inline_rt, slots=1, desc="t")
+    assert CALLS == [2, 4, 5]
+    assert res2["s2"]["value"] == 4 and (tmp_path / "out-2.txt").read_text() == "4"
+
+
+def test_ledger_of_another_job_is_refused(tmp_path):
+    Ledger(tmp_path / "ledger.jsonl", "job-1")
+    with pytest.raises(LibraryError, match="interrupted job with other parameters.*overwrite=true"):
+        Ledger(tmp_path / "ledger.jsonl", "job-2")
+
+
+def test_cut_ledger_line_is_ignored(tmp_path, inline_rt):
+    led = Ledger(tmp_path / "ledger.jsonl", "j")
+    run_shards(write_square, shards(tmp_path, 2), ledger=led, spec=inline_rt, slots=1, desc="t")
+    with open(tmp_path / "ledger.jsonl", "a") as fh:
+        fh.write('{"key": "s9", "outp')  # a kill in the middle of a write
+    assert set(Ledger(tmp_path / "ledger.jsonl", "j").entries) == {"s0", "s1"}
+
+
+@pytest.mark.ray
+def test_ray_runner_two_workers_and_failure_keeps_finished(tmp_path, ray_rt):
+    import sys
+
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # test module: not importable by workers
+    led = Ledger(tmp_path / "ledger.jsonl", "job")
+    with ray_session(ray_rt) as slots:
+        assert slots == 2
+        res = run_shards(write_square, shards(tmp_path, 7), ledger=led, spec=ray_rt, slots=slots, desc="t")
+        assert sorted(v["value"] for v in res.values()) == [i * i for i in range(7)]
+        led_b = Ledger(tmp_path / "b" / "ledger.jsonl", "job")
+        with pytest.raises(BiogenError, match="shard s3 failed.*bad shard.*rerun the same command"):
+            run_shards(fail_on_three, shards(tmp_path / "b", 6), ledger=led_b, spec=ray_rt, slots=slots, desc="t")
+    lines = (tmp_path / "ledger.jsonl").read_text().splitlines()
+    assert json.loads(lines[0]) == {"job_key": "job"} and len(lines) == 8
+    assert "s3" not in led_b.entries
+
+
+def test_runtime_spec_validation():
+    with pytest.raises(ConfigError, match="runtime.mode='cluster' is not valid; choose one of local, ray_cluster, inline"):
+        RuntimeSpec(mode="cluster")
+    with pytest.raises(ConfigError, match="runtime.workers=0"):
+        RuntimeSpec(workers=0)
+
+
+def test_cluster_connect_failure_is_clear():
+    from biogen.runtime.ray_runtime import _probe
+
+    with pytest.raises(BiogenError, match="could not connect to the Ray cluster at runtime.address='127.0.0.1:1'"):
+        _probe("127.0.0.1:1")
