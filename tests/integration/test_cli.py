@@ -32,7 +32,7 @@ def test_help_lists_jobs_and_job_help_shows_config(tmp_path):
         assert f"biogen {job}" in out
     out = run(["library", "build", "--help"], tmp_path).stdout
     assert "featurizer: atompair, ecfp4, ecfp6, fcfp4, maccs, morgan, rdkit, torsion" in out
-    assert "chunk_size: 20000" in out
+    assert "chunk_size: 10000" in out
     bad = run(["librari", "build"], tmp_path, check=False)
     assert bad.returncode == 2 and "unknown job 'librari'" in bad.stderr
 

@@ -148,7 +148,7 @@ def test_output_directory_guards(tmp_path, data_dir, ray_rt):
 def test_empty_inputs_are_refused_without_leaving_anything(tmp_path, ray_rt):
     empty = tmp_path / "empty.smi"
     empty.write_text("")
-    with pytest.raises(InputError, match="no records in .*empty.smi"):
+    with pytest.raises(InputError, match="no records in .*empty.smi .empty files"):
         build_library(str(empty), tmp_path / "lib", runtime=ray_rt)
     blank = tmp_path / "blank.smi"
     blank.write_text("\n\n# only a comment\n")
@@ -235,3 +235,21 @@ def test_rdkit_shipped_sdf_and_moses_subset(tmp_path, ray_rt):
     rep = build_library(str(head), tmp_path / "moses", runtime=ray_rt, chunk_size=500)
     assert rep.records_read == 2000 and rep.rows_added + rep.rejected == 2000
     assert rep.rows_added > 1990  # MOSES is curated: almost everything is kept
+
+
+def test_generated_ids_skip_ids_given_in_the_deposit(tmp_path, ray_rt):
+    p = tmp_path / "d.smi"
+    p.write_text("CCO BG000000002\nCCN\nCCC\nCCCl\nCCBr BG000000002\n")
+    rep = build_library(str(p), tmp_path / "lib", runtime=ray_rt)
+    ids = Library.open(tmp_path / "lib").read_metadata(["id", "smiles"]).to_pylist()
+    assert sorted(r["id"] for r in ids) == ["BG000000002", "BG000000003", "BG000000004", "BG000000005"]
+    assert rep.by_reason == {"duplicate_id": 1}  # only the id given twice by the depositor
+
+
+def test_appending_the_same_deposit_again_is_a_no_op(tmp_path, data_dir, ray_rt):
+    build_library(str(data_dir / "compounds.csv"), tmp_path / "lib", runtime=ray_rt)
+    first = append_library(tmp_path / "lib", str(data_dir / "mixed.smi"), runtime=ray_rt)
+    assert not first.already_done and first.rows_added == 6
+    again = append_library(tmp_path / "lib", str(data_dir / "mixed.smi"), runtime=ray_rt)
+    assert again.already_done
+    assert len(Library.open(tmp_path / "lib").manifest["history"]) == 2

@@ -59,6 +59,9 @@ def two_node_cluster(tmp_path):
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
+        current = Path("/tmp/ray/ray_current_cluster")  # Ray's pointer to "the" cluster: ours is gone
+        if current.exists() and current.read_text().strip().endswith(f":{port}"):
+            current.unlink()
 
 
 def test_build_on_a_two_node_cluster(tmp_path, data_dir, two_node_cluster):

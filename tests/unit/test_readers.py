@@ -42,21 +42,21 @@ def test_tsv_with_hash_header_as_in_benchmark_sets(tmp_path):
 def test_configured_columns_and_missing_column_error(data_dir):
     recs = read_all(data_dir / "compounds.csv", smiles_column="smiles", id_column="")
     assert all(r.id is None for r in recs)
-    with pytest.raises(InputError, match=r"column 'SMILES_X' \(input.smiles_column\) is not in the header"):
+    with pytest.raises(InputError, match=r"column 'SMILES_X' \(reader.smiles_column\) is not in the header"):
         read_all(data_dir / "compounds.csv", smiles_column="SMILES_X")
 
 
 def test_no_smiles_column_found(tmp_path):
     p = tmp_path / "a.csv"
     p.write_text("structure,name\nCCO,x\n")
-    with pytest.raises(InputError, match="no SMILES column found.*input.smiles_column"):
+    with pytest.raises(InputError, match="no SMILES column found.*reader.smiles_column"):
         read_all(p)
 
 
 def test_wrong_delimiter_is_named(tmp_path):
     p = tmp_path / "a.csv"
     p.write_text("smiles\tid\nCCO\tx\n")
-    with pytest.raises(InputError, match=r"looks tab-separated; set input.delimiter='\\t'"):
+    with pytest.raises(InputError, match="looks tab-separated; set reader.delimiter=tab"):
         read_all(p)
     assert [r.id for r in read_all(p, delimiter="\t")] == ["x"]
 
@@ -110,7 +110,45 @@ def test_glob_and_list_order(tmp_path):
 def test_unknown_extension_and_bad_options(tmp_path):
     p = tmp_path / "x.mol2"
     p.write_text("x")
-    with pytest.raises(InputError, match="set input.format to one of smi, csv, tsv, sdf"):
+    with pytest.raises(InputError, match="set reader.format to one of smi, csv, tsv, sdf"):
         read_all(p)
-    with pytest.raises(ConfigError, match="input.format='smiles' is not a known format"):
+    with pytest.raises(ConfigError, match="reader.format='smiles' is not a known format"):
         ReaderOptions(format="smiles")
+
+
+def test_unbalanced_quote_does_not_swallow_records_silently(tmp_path):
+    p = tmp_path / "q.csv"
+    p.write_text('smiles,id,name\nCCO,m1,"ethanol\nCCN,m2,x\nCCC,m3,y\nCCCC,m4,z\n')
+    recs = read_all(p)
+    assert len(recs) == 1 and recs[0].error[0] == "multiline_record" and recs[0].record == 2
+    assert "line 2 to line 5" in recs[0].error[1] and "CCCC" in recs[0].raw
+    p.write_text('smiles,id,name\nCCO,m1,ok\n"CCN,m2,x\nCCC,m3,y\n')
+    recs = read_all(p)
+    assert recs[0].id == "m1" and recs[0].error is None and recs[1].record == 3 and recs[1].error
+
+
+def test_tsv_quotes_are_characters_and_bom_is_ignored(tmp_path):
+    p = tmp_path / "x.tsv"
+    p.write_bytes('\ufeffsmiles\tid\nCCO\t"weird name\nCCN\tplain\n'.encode("utf-8"))
+    recs = read_all(p)
+    assert [(r.text, r.id) for r in recs] == [("CCO", '"weird name'), ("CCN", "plain")]
+
+
+def test_delimiter_aliases():
+    assert ReaderOptions(delimiter="tab").delimiter == "\t"
+    assert ReaderOptions(delimiter="\\t").delimiter == "\t"
+    with pytest.raises(ConfigError, match="reader.delimiter='::' must be one character"):
+        ReaderOptions(delimiter="::")
+
+
+def test_single_mol_file_and_padded_gzip(tmp_path, data_dir):
+    block = (data_dir / "small.sdf").read_text().split("$$$$\n")[0]
+    mol = tmp_path / "aspirin.mol"
+    mol.write_text(block)
+    assert inspect_input(mol, ReaderOptions()).records_estimate == 1
+    assert [r.id for r in read_all(mol)] == ["aspirin"]
+    padded = tmp_path / "p.smi.gz"
+    padded.write_bytes(gzip.compress(b"CCO a\nCCN b\n") + b"\0" * 4096)
+    info = inspect_input(padded, ReaderOptions())
+    assert info.truncated is None and info.records_estimate == 2
+    assert [r.id for r in read_all(padded)] == ["a", "b"]

@@ -45,7 +45,7 @@ def test_inline_resume_skips_done_and_redoes_damaged(tmp_path, inline_rt):
 
 def test_ledger_of_another_job_is_refused(tmp_path):
     Ledger(tmp_path / "ledger.jsonl", "job-1")
-    with pytest.raises(LibraryError, match="interrupted job with other parameters.*overwrite=true"):
+    with pytest.raises(LibraryError, match="interrupted job with other parameters.*delete .* to abandon it"):
         Ledger(tmp_path / "ledger.jsonl", "job-2")
 
 

@@ -156,9 +156,13 @@ class MoleculeProcessor:
                 continue
             t2 = clock()
             t["standardize"] += t2 - t1
-            smiles = Chem.MolToSmiles(mol)
-            self._log.take()
-            inchikey = Chem.MolToInchiKey(mol)
+            try:
+                smiles = Chem.MolToSmiles(mol)
+                self._log.take()
+                inchikey = Chem.MolToInchiKey(mol)
+            except Exception as exc:
+                reject(rec, "inchi_error", f"canonical SMILES / InChIKey failed ({type(exc).__name__}: {exc})")
+                continue
             t3 = clock()
             t["identify"] += t3 - t2
             if not inchikey:

@@ -28,7 +28,7 @@ FORMATS = ("smi", "csv", "tsv", "sdf")
 _EXT_FORMAT = {
     ".smi": "smi", ".smiles": "smi", ".ism": "smi", ".can": "smi",
     ".csv": "csv",
-    ".tsv": "tsv", ".tab": "tsv", ".dat": "tsv", ".txt": "tsv",
+    ".tsv": "tsv", ".tab": "tsv", ".dat": "tsv",
     ".sdf": "sdf", ".sd": "sdf", ".mol": "sdf",
 }
 _SMILES_COLUMNS = ("smiles", "canonical_smiles", "smi", "isomeric_smiles", "molecule")
@@ -39,7 +39,7 @@ _GZIP_MAGIC = b"\x1f\x8b"
 
 @dataclass(frozen=True)
 class ReaderOptions:
-    """How to read deposit files (config group ``input``; every key optional).
+    """How to read deposit files (config key ``reader``; every key optional).
 
     format: ``auto`` (from the extension, ``.gz`` stripped) or one of smi, csv, tsv, sdf.
     smiles_column / id_column: CSV/TSV column names; ``None`` picks a usual name
@@ -59,12 +59,16 @@ class ReaderOptions:
     def __post_init__(self) -> None:
         if self.format != "auto" and self.format not in FORMATS:
             raise ConfigError(
-                f"input.format={self.format!r} is not a known format; valid: auto, "
+                f"reader.format={self.format!r} is not a known format; valid: auto, "
                 + ", ".join(FORMATS)
             )
+        aliases = {"\\t": "\t", "tab": "\t", "comma": ",", "semicolon": ";", "space": " "}
+        if self.delimiter in aliases:
+            object.__setattr__(self, "delimiter", aliases[self.delimiter])
         if self.delimiter is not None and len(self.delimiter) != 1:
             raise ConfigError(
-                f"input.delimiter={self.delimiter!r} must be one character, e.g. ',' or '\\t'"
+                f"reader.delimiter={self.delimiter!r} must be one character or one of "
+                f"{', '.join(aliases)} (e.g. reader.delimiter=tab)"
             )
 
 
@@ -126,7 +130,7 @@ def detect_format(path: Path, opts: ReaderOptions) -> str:
     if ext not in _EXT_FORMAT:
         raise InputError(
             f"cannot tell the format of {path} from its extension {ext or '(none)'}; "
-            f"set input.format to one of {', '.join(FORMATS)}"
+            f"set reader.format to one of {', '.join(FORMATS)}"
         )
     return _EXT_FORMAT[ext]
 
@@ -139,8 +143,8 @@ def _is_gzip(path: Path) -> bool:
 def open_text(path: Path) -> io.TextIOBase:
     """Open a text file, transparently gunzipping by magic bytes (not by extension)."""
     if _is_gzip(path):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="replace", newline="")
-    return open(path, encoding="utf-8", errors="replace", newline="")
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", errors="replace", newline="")
+    return open(path, encoding="utf-8-sig", errors="replace", newline="")
 
 
 def _scan(path: Path, fmt: str) -> tuple[str, int, bool, int, str | None]:
@@ -157,25 +161,28 @@ def _scan(path: Path, fmt: str) -> tuple[str, int, bool, int, str | None]:
         while block := fh.read(1 << 20):
             h.update(block)
             size += len(block)
+            data = b""
             if dec is not None and truncated is None:
+                pending = block
                 try:
-                    data = dec.decompress(block)
-                    while dec.eof and dec.unused_data:  # concatenated gzip members
-                        rest = dec.unused_data
+                    data = dec.decompress(pending)
+                    while dec.eof and dec.unused_data:  # concatenated members, or padding
+                        pending = dec.unused_data
+                        if not pending.strip(b"\0"):
+                            break  # zero padding after the last member, as gzip tolerates
                         dec = zlib.decompressobj(wbits=31)
-                        data += dec.decompress(rest)
+                        data += dec.decompress(pending)
                 except zlib.error as exc:
-                    truncated = f"corrupt gzip stream: {exc}"
-                    data = b""
-            else:
-                data = block if dec is None else b""
+                    truncated = f"corrupt gzip stream ({exc})"
+            elif dec is None:
+                data = block
             count += data.count(marker)
             if data:
                 last = data[-1:]
     if dec is not None and truncated is None and not dec.eof:
         truncated = "gzip stream ends early (file truncated: the end-of-stream marker is missing)"
-    if fmt != "sdf" and last not in (b"", b"\n"):
-        count += 1  # last line without newline
+    if last not in (b"", b"\n") or (fmt == "sdf" and size and count == 0):
+        count += 1  # last line without newline; an SDF/.mol record without "$$$$"
     return h.hexdigest(), size, gz, count, truncated
 
 
@@ -187,8 +194,8 @@ def _pick_column(columns: list[str], wanted: str | None, candidates: tuple[str, 
         if wanted in columns:
             return wanted
         raise InputError(
-            f"{path}: column {wanted!r} (input.{key}) is not in the header {columns}; "
-            f"set input.{key} to one of them"
+            f"{path}: column {wanted!r} (reader.{key}) is not in the header {columns}; "
+            f"set reader.{key} to one of them"
         )
     lower = {c.lower(): c for c in columns}
     for cand in candidates:
@@ -197,7 +204,7 @@ def _pick_column(columns: list[str], wanted: str | None, candidates: tuple[str, 
     if required:
         raise InputError(
             f"{path}: no SMILES column found in the header {columns}; "
-            f"set input.{key}=<column name>"
+            f"set reader.{key}=<column name> (or reader.format=smi for a SMILES file)"
         )
     return None
 
@@ -235,7 +242,8 @@ def inspect_input(path: Path, opts: ReaderOptions) -> InputInfo:
                 name = "tab" if other == "\t" else "comma"
                 raise InputError(
                     f"{path}: the header has one column {cols[0][:60]!r} but looks {name}-separated; "
-                    f"set input.delimiter={other!r} (or input.format={'tsv' if other == chr(9) else 'csv'})"
+                    f"set reader.delimiter={'tab' if other == chr(9) else 'comma'} "
+                    f"(or reader.format={'tsv' if other == chr(9) else 'csv'})"
                 )
             info.smiles_column = _pick_column(cols, opts.smiles_column, _SMILES_COLUMNS,
                                               "smiles_column", path, required=True)
@@ -282,18 +290,38 @@ def _iter_delimited(fh, info: InputInfo, opts: ReaderOptions) -> Iterator[RawRec
     si = cols.index(info.smiles_column)
     ii = cols.index(info.id_column) if info.id_column else None
     extra = [(j, c) for j, c in enumerate(cols) if j != si and j != ii]
-    reader = csv.reader(fh, delimiter=info.delimiter)
-    for row in reader:
-        lineno = header_line + reader.line_num
+    # TSV has no quoting convention: a '"' in a name is just a character there
+    quoting = csv.QUOTE_NONE if info.format == "tsv" else csv.QUOTE_MINIMAL
+    reader = csv.reader(fh, delimiter=info.delimiter, quoting=quoting)
+    prev = 0
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            start, prev = header_line + prev + 1, reader.line_num
+            yield RawRecord(info.path, start, "smiles", "", "", error=(
+                "csv_error", f"unreadable CSV from line {start} to {header_line + prev}: {exc} "
+                "(an unbalanced quote?)"))
+            continue
+        lineno, end = header_line + prev + 1, header_line + reader.line_num
+        prev = reader.line_num
         if not row or (len(row) == 1 and not row[0].strip()):
             continue
         raw = info.delimiter.join(row)
+        if end != lineno:
+            yield RawRecord(info.path, lineno, "smiles", "", raw, error=(
+                "multiline_record",
+                f"a quoted field runs from line {lineno} to line {end} (an unbalanced quote?); "
+                f"the lines in between are in this record's raw text: fix the quote and append them"))
+            continue
         if len(row) != n:
             rid = row[ii].strip() if ii is not None and ii < len(row) else None
             yield RawRecord(info.path, lineno, "smiles", "", raw, rid or None, error=(
                 "field_count",
                 f"expected {n} fields separated by {info.delimiter!r} as in the header, got "
-                f"{len(row)}; fix the line or set input.delimiter"))
+                f"{len(row)}; fix the line or set reader.delimiter"))
             continue
         smi = row[si].strip()
         rid = row[ii].strip() if ii is not None else None

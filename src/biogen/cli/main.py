@@ -51,6 +51,17 @@ def _register_resolvers() -> None:
         OmegaConf.register_new_resolver("dataset", dataset_path)
 
 
+def _user_error(exc: BaseException) -> BiogenError | None:
+    """The ``BiogenError`` behind ``exc`` (OmegaConf wraps errors raised by resolvers)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, BiogenError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def run_job(words: tuple[str, ...], argv: list[str]) -> None:
     import hydra
 
@@ -65,7 +76,10 @@ def run_job(words: tuple[str, ...], argv: list[str]) -> None:
     def _app(cfg) -> None:
         try:
             task(cfg)
-        except BiogenError as exc:
+        except Exception as raised:
+            exc = _user_error(raised)
+            if exc is None:
+                raise
             logging.getLogger("biogen").error("%s", exc)
             print(f"biogen {' '.join(words)}: error: {exc}", file=sys.stderr)
             sys.exit(2)

@@ -74,7 +74,7 @@ class IngestReport:
 
     def summary(self) -> str:
         if self.already_done:
-            return f"{self.library}: already built with these inputs and parameters; nothing to do"
+            return f"{self.library}: already holds this deposit (same files, same parameters); nothing to do"
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.by_reason.items())) or "none"
         return (f"{self.action} {self.library}: read {self.records_read} records, added "
                 f"{self.rows_added} molecules in {len(self.shards_added)} shards, rejected "
@@ -148,6 +148,7 @@ def finalize_part(work: str, lib_dir: str, part: int, shard_name: str, keep: np.
                   ids: list[str], dup_of: list[str | None], ordinals: np.ndarray,  # ids, dup_of: all rows; ordinals: kept rows
                   drops: list[tuple[int, str, str]]):
     """Phase-3 task: kept rows of a part -> one popcount-sorted shard; dropped -> rejects."""
+    t0 = time.perf_counter()
     work, lib_dir = Path(work), Path(lib_dir)
     stem = f"parts/{part:06d}"
     table = pq.read_table(work / f"{stem}.parquet")
@@ -199,6 +200,7 @@ def finalize_part(work: str, lib_dir: str, part: int, shard_name: str, keep: np.
         result = {"shard": {"name": shard_name, "rows": int(len(idx)),
                             "popcount_min": int(pc.min()), "popcount_max": int(pc.max()),
                             "files": files}, "rows": int(len(idx))}
+    result["seconds"] = time.perf_counter() - t0
     return outputs, result
 
 
@@ -237,8 +239,8 @@ def _preflight(inputs: str | Sequence[str], opts: ReaderOptions) -> list[InputIn
         if info.truncated:
             log.warning("input %s: %s; the records before the cut are used and the cut is "
                         "reported in the rejects file", info.path, info.truncated)
-    if all(i.records_estimate == 0 for i in infos):
-        raise InputError("no records in " + ", ".join(i.path for i in infos) + " (empty input)")
+    if all(i.bytes == 0 for i in infos):
+        raise InputError("no records in " + ", ".join(i.path for i in infos) + " (empty files)")
     return infos
 
 
@@ -247,7 +249,14 @@ def _job_key(action: str, spec: ProcessorSpec, infos: list[InputInfo], opts: Rea
     state = {"action": action, "spec": spec.to_dict(), "reader": asdict(opts), "chunk_size": chunk_size,
              "dedupe": dedupe, "id_prefix": id_prefix,
              "inputs": [(i.path, i.sha256) for i in infos],
-             "base": None if base is None else [base["n_rows"], [s["name"] for s in base["shards"]]]}
+             "base": None if base is None else [base["n_rows"], [s["name"] for s in base["shards"]]],
+             "versions": tool_versions()}  # never resume with parts made by another RDKit
+    return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
+
+
+def _deposit_key(infos: list[InputInfo], opts: ReaderOptions) -> str:
+    """Identity of a deposit: the input files' content and how they are read."""
+    state = {"inputs": sorted(i.sha256 for i in infos), "reader": asdict(opts)}
     return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
 
 
@@ -289,8 +298,12 @@ def _plan_dedupe(work: Path, parts: list[int], first: dict[str, str], ids: set[s
                     drops.append((i, "duplicate_inchikey",
                                   f"same compound (InChIKey {key}) as library id {seen}"))
                     continue
-            rid = rid if rid is not None else f"{id_prefix}{ordinal + 1:09d}"
-            if rid in ids:
+            if rid is None:  # a registry id from the ordinal; skip numbers taken by given ids
+                serial = ordinal + 1
+                while f"{id_prefix}{serial:09d}" in ids:
+                    serial += 1
+                rid = f"{id_prefix}{serial:09d}"
+            elif rid in ids:
                 drops.append((i, "duplicate_id",
                               f"id {rid!r} is already used in this library by another record; "
                               "give the record a unique id"))
@@ -327,9 +340,27 @@ def _write_rejects(lib_dir: Path, work: Path, parts: list[int], infos: list[Inpu
     return rel
 
 
+def _clean_committed_work(lib_dir: Path, manifest: dict) -> None:
+    """Remove work directories of jobs already in the history (a kill right after commit)."""
+    work_root = lib_dir / WORK
+    if not work_root.is_dir():
+        return
+    done = {h.get("job_key") for h in manifest["history"]}
+    for d in work_root.iterdir():
+        try:
+            key = json.loads((d / "ledger.jsonl").read_text().splitlines()[0])["job_key"]
+        except (OSError, IndexError, ValueError, KeyError):
+            continue
+        if key in done:
+            shutil.rmtree(d, ignore_errors=True)
+    if not any(work_root.iterdir()):
+        work_root.rmdir()
+
+
 def _run(lib_dir: Path, manifest: dict, infos: list[InputInfo], opts: ReaderOptions, *,
          action: str, spec: ProcessorSpec, chunk_size: int, runtime: RuntimeSpec, job_key: str) -> IngestReport:
     t_start = time.perf_counter()
+    _clean_committed_work(lib_dir, manifest)
     hist = len(manifest["history"])
     work = lib_dir / WORK / f"{hist:03d}-{action}"
     ledger = Ledger(work / "ledger.jsonl", job_key)
@@ -348,11 +379,13 @@ def _run(lib_dir: Path, manifest: dict, infos: list[InputInfo], opts: ReaderOpti
         if report.records_read == 0:
             raise InputError("no records found in " + ", ".join(i.path for i in infos)
                              + " (only empty lines or comments)")
+        t_dedupe = time.perf_counter()
         first, ids = _existing_keys(lib_dir, manifest)
         plans, _, report.duplicates = _plan_dedupe(
             work, parts, first, ids, mode=manifest["dedupe"]["mode"],
             start_ordinal=manifest["n_rows"], id_prefix=manifest["id_prefix"])
         del first, ids
+        t_dedupe = time.perf_counter() - t_dedupe
         fin_shards = ((f"final-{p:06d}", (str(work), str(lib_dir), p, f"{hist:03d}-{p:06d}", keep, rid, dup, ords, drops))
                       for p, keep, rid, dup, ords, drops in plans)
         finals = run_shards(finalize_part, fin_shards, ledger=ledger, spec=runtime, slots=slots,
@@ -366,6 +399,8 @@ def _run(lib_dir: Path, manifest: dict, infos: list[InputInfo], opts: ReaderOpti
     stage = Counter()
     for r in mapped.values():
         stage.update(r["timings"])
+    stage["dedupe"] = t_dedupe  # driver, serial
+    stage["finalize"] = sum(r.get("seconds", 0.0) for r in finals.values())  # sort + write shards
     report.by_reason = dict(reasons)
     report.rejected = sum(reasons.values())
     report.rows_added = sum(s["rows"] for s in new_shards)
@@ -378,7 +413,8 @@ def _run(lib_dir: Path, manifest: dict, infos: list[InputInfo], opts: ReaderOpti
     manifest["shards"].extend(new_shards)
     manifest["n_rows"] += report.rows_added
     manifest["history"].append({
-        "action": action, "time": now_iso(), "job_key": job_key, "versions": tool_versions(),
+        "action": action, "time": now_iso(), "job_key": job_key,
+        "deposit_key": _deposit_key(infos, opts), "versions": tool_versions(),
         "inputs": [i.to_manifest() for i in infos], "chunk_size": chunk_size,
         "records_read": report.records_read, "rows_added": report.rows_added,
         "duplicates": report.duplicates, "rejected": report.rejected, "rejected_by_reason": report.by_reason,
@@ -387,9 +423,7 @@ def _run(lib_dir: Path, manifest: dict, infos: list[InputInfo], opts: ReaderOpti
     })
     manifest["rejected_total"] = sum(h["rejected"] for h in manifest["history"])
     write_manifest(lib_dir, manifest)
-    shutil.rmtree(work, ignore_errors=True)
-    if not any((lib_dir / WORK).iterdir()):
-        (lib_dir / WORK).rmdir()
+    _clean_committed_work(lib_dir, manifest)
     return report
 
 
@@ -404,7 +438,7 @@ def build_library(
     reader: ReaderOptions = ReaderOptions(),
     dedupe: str = "keep_first",
     id_prefix: str = "BG",
-    chunk_size: int = 20_000,
+    chunk_size: int = 10_000,
     overwrite: bool = False,
     runtime: RuntimeSpec = RuntimeSpec(),
 ) -> IngestReport:
@@ -430,6 +464,7 @@ def build_library(
             existing = read_manifest(out)
             builds = [h for h in existing["history"] if h["action"] == "build"]
             if builds and builds[0].get("job_key") == key and len(existing["history"]) == 1:
+                _clean_committed_work(out, existing)
                 return IngestReport(library=str(out), action="build", already_done=True)
             raise LibraryError(
                 f"output={out} already holds a different library ({existing['n_rows']} molecules, "
@@ -456,7 +491,7 @@ def append_library(
     inputs: str | Sequence[str],
     *,
     reader: ReaderOptions = ReaderOptions(),
-    chunk_size: int = 20_000,
+    chunk_size: int = 10_000,
     runtime: RuntimeSpec = RuntimeSpec(),
 ) -> IngestReport:
     """Add a new deposit to an existing library: new shards, dedupe against what exists.
@@ -480,6 +515,13 @@ def append_library(
     infos = _preflight(inputs, reader)
     with _locked(lib):
         manifest = read_manifest(lib)  # re-read under the lock
+        deposit = _deposit_key(infos, reader)
+        for n, h in enumerate(manifest["history"]):
+            if h.get("deposit_key") == deposit:
+                _clean_committed_work(lib, manifest)
+                log.warning("these input files (same sha256) were already added as history entry %d "
+                            "(%s, %s); nothing to do", n, h["action"], h["time"])
+                return IngestReport(library=str(lib), action="append", already_done=True)
         key = _job_key("append", spec, infos, reader, chunk_size, manifest["dedupe"]["mode"],
                        manifest["id_prefix"], manifest)
         try:

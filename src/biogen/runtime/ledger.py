@@ -48,13 +48,24 @@ class Ledger:
 
     def _load(self) -> None:
         with open(self.path) as fh:
-            lines = fh.read().splitlines()
-        header = json.loads(lines[0]) if lines else {}
+            text = fh.read()
+        lines = text.splitlines()
+        try:
+            header = json.loads(lines[0]) if lines else {}
+        except json.JSONDecodeError:
+            header = {}
+        if not header:  # killed before the header was written: nothing was done yet
+            self.path.write_text(json.dumps({"job_key": self.job_key}) + "\n")
+            return
         if header.get("job_key") != self.job_key:
             raise LibraryError(
-                f"{self.path} belongs to an interrupted job with other parameters or inputs; "
-                "rerun with the same config to resume it, or pass overwrite=true to start over"
+                f"{self.root} holds an interrupted job with other parameters, inputs or tool "
+                "versions; rerun that job's command to finish it, or delete "
+                f"{self.root} to abandon it (for a build, overwrite=true starts over)"
             )
+        if not text.endswith("\n"):  # a line cut by a kill: end it so the next entry stands alone
+            with open(self.path, "a") as fh:
+                fh.write("\n")
         for line in lines[1:]:
             try:
                 entry = json.loads(line)

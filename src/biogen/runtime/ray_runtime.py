@@ -76,7 +76,8 @@ def ray_session(spec: RuntimeSpec) -> Iterator[int]:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
         if spec.mode == "local":
-            ray.init(num_cpus=spec.workers or os.cpu_count(), **kwargs)
+            # address="local": always a fresh instance, never a cluster some other job left running
+            ray.init(address="local", num_cpus=spec.workers or len(os.sched_getaffinity(0)), **kwargs)
         else:
             address = spec.address or "auto"
             _probe(address)
