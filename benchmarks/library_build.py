@@ -241,7 +241,7 @@ def main() -> None:
 
     if not args.skip_fpsim2:
         t_fp, fp_rows = fpsim2_build(full, work)
-        res["fpsim2_create_db_file"] = {"wall_s": round(t_fp, 2), "mol_per_s": round(n / t_fp, 1), "rows": fp_rows}
+        res["fpsim2_create_db_file"] = {"wall_s": round(t_fp, 2), "mol_per_s": round(n / t_fp, 1), "rows": int(fp_rows)}
         print("FPSim2 create_db_file:", res["fpsim2_create_db_file"], flush=True)
 
     res["biogen_default_config"] = {}
@@ -290,7 +290,7 @@ def main() -> None:
     print(json.dumps(res["ratios"], indent=2))
     out = args.out or Path("benchmarks/results") / f"library_build-{datetime.now():%Y%m%d}-n{n}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
+    out.write_text(json.dumps(res, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o)) + "\n")
     print(f"wrote {out}")
 
 
