@@ -152,3 +152,18 @@ def test_single_mol_file_and_padded_gzip(tmp_path, data_dir):
     info = inspect_input(padded, ReaderOptions())
     assert info.truncated is None and info.records_estimate == 2
     assert [r.id for r in read_all(padded)] == ["a", "b"]
+
+
+def test_sdf_value_starting_with_gt_and_runaway_block(tmp_path, data_dir, monkeypatch):
+    from biogen.chem import readers
+
+    block = (data_dir / "small.sdf").read_text().split("$$$$\n")[0]
+    p = tmp_path / "v.sdf"
+    p.write_text(block.replace(">  <vendor>\nA\n", ">  <vendor>\n>A<\n") + "$$$$\n")
+    assert read_all(p)[0].props == {"CAS": "50-78-2", "vendor": ">A<"}
+    limit = block.count("\n") + 5
+    monkeypatch.setattr(readers, "MAX_SDF_RECORD_LINES", limit)
+    text = "junk line\n" * (2 * limit) + "$$$$\n" + block + "$$$$\n"
+    p.write_text(text)
+    recs = read_all(p)
+    assert recs[0].error[0] == "record_too_long" and recs[1].id == "aspirin" and recs[1].record == 2

@@ -35,6 +35,7 @@ _SMILES_COLUMNS = ("smiles", "canonical_smiles", "smi", "isomeric_smiles", "mole
 _ID_COLUMNS = ("id", "compound_id", "mol_id", "molecule_id", "name", "mol_title", "_name",
                "title", "zinc_id", "chembl_id", "identifier")
 _GZIP_MAGIC = b"\x1f\x8b"
+MAX_SDF_RECORD_LINES = 100_000  # the largest real molblocks (proteins as SDF) stay well below
 
 
 @dataclass(frozen=True)
@@ -342,7 +343,7 @@ def _parse_sdf_block(lines: list[str]) -> tuple[str, dict[str, str]]:
     name, values = None, []
     for ln in lines[end + 1:]:
         s = ln.rstrip("\r\n")
-        if s.startswith(">"):
+        if s.startswith(">") and name is None:  # inside an item, ">..." is a value line
             if name is not None:
                 props[name] = "\n".join(values)
             lt, gt = s.find("<"), s.rfind(">")
@@ -375,6 +376,15 @@ def _iter_sdf(fh, info: InputInfo, opts: ReaderOptions) -> Iterator[RawRecord]:
             ordinal += 1
             yield make(block)
             block = []
+        elif len(block) >= MAX_SDF_RECORD_LINES:  # not an SDF, or a lost terminator: stay streaming
+            ordinal += 1
+            yield RawRecord(info.path, ordinal, "molblock", "", "".join(block[:50]), error=(
+                "record_too_long", f"no '$$$$' within {MAX_SDF_RECORD_LINES} lines; is this really "
+                "an SDF file? (the first 50 lines are in raw; the rest of the record is skipped)"))
+            block = []
+            for line in fh:  # skip to the next terminator
+                if line.strip() == "$$$$":
+                    break
         else:
             block.append(line if line.endswith("\n") else line + "\n")
     if any(ln.strip() for ln in block):  # last record without its "$$$$" terminator

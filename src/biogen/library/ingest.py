@@ -275,13 +275,28 @@ def _existing_keys(lib_dir: Path, manifest: dict) -> tuple[dict[str, str], set[s
     return first, ids
 
 
-def _plan_dedupe(work: Path, parts: list[int], first: dict[str, str], ids: set[str], *,
-                 mode: str, start_ordinal: int, id_prefix: str):
-    """Phase 2: decide, in input order, which rows are kept; assign ordinals and ids."""
-    ordinal = start_ordinal
-    plans = []
-    dups = 0
+@dataclass
+class _Dedupe:
+    """Driver-side dedupe state, carried across parts in input order."""
+
+    first: dict[str, str]  # InChIKey -> id of its first occurrence
+    ids: set[str]
+    ordinal: int
+    mode: str
+    id_prefix: str
+    duplicates: int = 0
+    reasons: Counter = field(default_factory=Counter)
+    seconds: float = 0.0
+
+
+def _plan_dedupe(work: Path, parts: list[int], st: _Dedupe) -> Iterator[tuple]:
+    """Phase 2: decide, in input order, which rows are kept; assign ordinals and ids.
+
+    A generator: part ``i + 1`` is planned while part ``i`` is being finalized, and only
+    the dedupe index (not the plans) is held for the whole input.
+    """
     for part in parts:
+        t0 = time.perf_counter()
         t = pq.read_table(work / f"parts/{part:06d}.parquet", columns=["inchikey", "id"])
         keys, given = t.column("inchikey").to_pylist(), t.column("id").to_pylist()
         n = len(keys)
@@ -291,32 +306,33 @@ def _plan_dedupe(work: Path, parts: list[int], first: dict[str, str], ids: set[s
         ordinals = np.zeros(n, dtype=np.int64)
         drops = []
         for i, (key, rid) in enumerate(zip(keys, given)):
-            seen = first.get(key)
+            seen = st.first.get(key)
             if seen is not None:
-                dups += 1
-                if mode == "keep_first":
+                st.duplicates += 1
+                if st.mode == "keep_first":
                     drops.append((i, "duplicate_inchikey",
                                   f"same compound (InChIKey {key}) as library id {seen}"))
                     continue
             if rid is None:  # a registry id from the ordinal; skip numbers taken by given ids
-                serial = ordinal + 1
-                while f"{id_prefix}{serial:09d}" in ids:
+                serial = st.ordinal + 1
+                while f"{st.id_prefix}{serial:09d}" in st.ids:
                     serial += 1
-                rid = f"{id_prefix}{serial:09d}"
-            elif rid in ids:
+                rid = f"{st.id_prefix}{serial:09d}"
+            elif rid in st.ids:
                 drops.append((i, "duplicate_id",
                               f"id {rid!r} is already used in this library by another record; "
                               "give the record a unique id"))
                 continue
-            keep[i], out_ids[i], ordinals[i] = True, rid, ordinal
-            ordinal += 1
-            ids.add(rid)
+            keep[i], out_ids[i], ordinals[i] = True, rid, st.ordinal
+            st.ordinal += 1
+            st.ids.add(rid)
             if seen is None:
-                first[key] = rid
+                st.first[key] = rid
             else:
                 dup_of[i] = seen
-        plans.append((part, keep, out_ids, dup_of, ordinals[keep], drops))
-    return plans, ordinal, dups
+        st.reasons.update(code for _, code, _ in drops)
+        st.seconds += time.perf_counter() - t0
+        yield part, keep, out_ids, dup_of, ordinals[keep], drops
 
 
 def _write_rejects(lib_dir: Path, work: Path, parts: list[int], infos: list[InputInfo], name: str) -> str:
@@ -379,27 +395,25 @@ def _run(lib_dir: Path, manifest: dict, infos: list[InputInfo], opts: ReaderOpti
         if report.records_read == 0:
             raise InputError("no records found in " + ", ".join(i.path for i in infos)
                              + " (only empty lines or comments)")
-        t_dedupe = time.perf_counter()
-        first, ids = _existing_keys(lib_dir, manifest)
-        plans, _, report.duplicates = _plan_dedupe(
-            work, parts, first, ids, mode=manifest["dedupe"]["mode"],
-            start_ordinal=manifest["n_rows"], id_prefix=manifest["id_prefix"])
-        del first, ids
-        t_dedupe = time.perf_counter() - t_dedupe
+        t0 = time.perf_counter()
+        dd = _Dedupe(*_existing_keys(lib_dir, manifest), ordinal=manifest["n_rows"],
+                     mode=manifest["dedupe"]["mode"], id_prefix=manifest["id_prefix"])
+        dd.seconds = time.perf_counter() - t0
         fin_shards = ((f"final-{p:06d}", (str(work), str(lib_dir), p, f"{hist:03d}-{p:06d}", keep, rid, dup, ords, drops))
-                      for p, keep, rid, dup, ords, drops in plans)
+                      for p, keep, rid, dup, ords, drops in _plan_dedupe(work, parts, dd))
         finals = run_shards(finalize_part, fin_shards, ledger=ledger, spec=runtime, slots=slots,
-                            desc=f"{action}: write shards", total=len(plans))
+                            desc=f"{action}: write shards", total=len(parts))
+        report.duplicates = dd.duplicates
+        dd.first, dd.ids = {}, set()  # free the index before the commit
     new_shards = [finals[f"final-{p:06d}"]["shard"] for p in parts if finals[f"final-{p:06d}"]["shard"]]
     reasons: Counter = Counter()
     for r in mapped.values():
         reasons.update(r["reasons"])
-    for _, _, _, _, _, drops in plans:
-        reasons.update(code for _, code, _ in drops)
+    reasons.update(dd.reasons)
     stage = Counter()
     for r in mapped.values():
         stage.update(r["timings"])
-    stage["dedupe"] = t_dedupe  # driver, serial
+    stage["dedupe"] = dd.seconds  # driver, serial (overlaps with finalize tasks)
     stage["finalize"] = sum(r.get("seconds", 0.0) for r in finals.values())  # sort + write shards
     report.by_reason = dict(reasons)
     report.rejected = sum(reasons.values())
@@ -458,8 +472,7 @@ def build_library(
         has_lib = (out / MANIFEST).exists()
         has_work = (out / WORK).exists()
         if overwrite and (has_lib or has_work):
-            log.warning("overwrite=true: removing the library at %s", out)
-            shutil.rmtree(out)
+            pass  # replaced below, under the library's lock
         elif has_lib:
             existing = read_manifest(out)
             builds = [h for h in existing["history"] if h["action"] == "build"]
@@ -478,6 +491,11 @@ def build_library(
             )
     manifest = new_manifest(featurizer.to_dict(), standardize.to_dict(), list(descriptors), dedupe, id_prefix)
     with _locked(out):
+        if overwrite and ((out / MANIFEST).exists() or (out / WORK).exists()):
+            log.warning("overwrite=true: removing the library at %s", out)
+            for child in out.iterdir():
+                if child.name != ".lock":
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
         try:
             return _run(out, manifest, infos, reader, action="build", spec=spec, chunk_size=chunk_size,
                         runtime=runtime, job_key=key)
