@@ -38,7 +38,4 @@ class Reject:
     raw: str
     id: str | None = None
 
-    COLUMNS = ("source", "record", "id", "reason", "detail", "raw")
-
-    def as_row(self) -> tuple:
-        return (self.source, self.record, self.id or "", self.reason, self.detail, self.raw)
+    COLUMNS = ("source", "record", "id", "reason", "detail", "raw")  # the rejects CSV header

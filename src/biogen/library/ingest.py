@@ -51,7 +51,6 @@ from biogen.runtime.ledger import sha256_file
 log = logging.getLogger(__name__)
 DEDUPE_MODES = ("keep_first", "keep_all")
 WORK = "_work"
-REJECT_COLUMNS = Reject.COLUMNS
 
 
 @dataclass
@@ -343,7 +342,7 @@ def _write_rejects(lib_dir: Path, work: Path, parts: list[int], infos: list[Inpu
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(REJECT_COLUMNS)
+        w.writerow(Reject.COLUMNS)
         for part in parts:
             rows = []
             for suffix in ("rejects", "dropped"):
@@ -351,7 +350,7 @@ def _write_rejects(lib_dir: Path, work: Path, parts: list[int], infos: list[Inpu
                     rows += [json.loads(line) for line in rf]
             rows.sort(key=lambda r: (order.get(r["source"], 0), r["record"]))
             for r in rows:
-                w.writerow([r["source"], r["record"], r["id"] or "", r["reason"], r["detail"], r["raw"]])
+                w.writerow([r[c] if r[c] is not None else "" for c in Reject.COLUMNS])
     os.replace(tmp, path)
     return rel
 
