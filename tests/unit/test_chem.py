@@ -121,3 +121,13 @@ def test_processor_rejects_with_reasons_and_keeps_good_rows(data_dir):
     j = out.id.index("diclofenac")
     assert out.props[j] == '{"CAS": "15307-86-5", "vendor": "A"}'
     assert set(out.timings) >= {"parse", "standardize", "identify", "fingerprint", "descriptors"}
+
+
+def test_non_utf8_record_is_rejected_not_altered(tmp_path):
+    p = tmp_path / "latin1.smi"
+    p.write_bytes("CCO ethanol\nCCN m\xe9thylamine\n".encode("latin-1"))
+    opts = ReaderOptions()
+    recs = list(iter_records(inspect_input(p, opts), opts))
+    out = MoleculeProcessor(ProcessorSpec(FingerprintSpec(), StandardizeSpec(), ())).process(recs)
+    assert out.id == ["ethanol"]
+    assert [(r.record, r.reason) for r in out.rejects] == [(2, "encoding_error")]

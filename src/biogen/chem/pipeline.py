@@ -136,6 +136,10 @@ class MoleculeProcessor:
             if rec.error is not None:
                 reject(rec, *rec.error)
                 continue
+            if "\ufffd" in rec.raw:  # readers decode with errors="replace"
+                reject(rec, "encoding_error", "the record is not valid UTF-8 (its id or text would be "
+                       "changed); re-save the file as UTF-8 and append this record")
+                continue
             t0 = clock()
             mol, msg = self._parse(rec)
             t1 = clock()
