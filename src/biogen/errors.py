@@ -8,6 +8,8 @@ expected, how to fix it) instead of a traceback and exits with code 2.
 class BiogenError(Exception):
     """An error the user can fix: bad configuration, bad input, wrong directory."""
 
+    exit_code = 2
+
 
 class ConfigError(BiogenError):
     """A configuration value is invalid (names the key and the valid choices)."""
@@ -22,4 +24,6 @@ class LibraryError(BiogenError):
 
 
 class CorruptLibraryError(LibraryError):
-    """A library's files do not match its manifest."""
+    """A library's files do not match its manifest (``library verify`` exits 1)."""
+
+    exit_code = 1

@@ -131,3 +131,12 @@ def test_killed_build_resumes_to_identical_library(tmp_path):
     assert m["history"][0]["resumed_shard_steps"] >= done_before
     assert not (tmp_path / "killed" / "_work").exists()
     assert run(["library", "verify", "library=killed"], tmp_path).returncode == 0
+
+
+def test_multirun_runs_every_job_and_fails_at_the_end(tmp_path, data_dir):
+    run(["library", "build", f"input={data_dir / 'small.sdf'}", "output=good", "runtime=inline",
+         "runtime.progress=false"], tmp_path)
+    p = run(["library", "info", "-m", "library=missing,good", "format=json"], tmp_path, check=False)
+    assert p.returncode != 0
+    assert '"rows": 3' in p.stdout  # the second job ran although the first failed
+    assert "missing is not a biogen library" in p.stderr

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -13,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from biogen.chem.fingerprints import FingerprintSpec
 from biogen.chem.readers import ReaderOptions
 from biogen.chem.standardize import StandardizeSpec
-from biogen.errors import ConfigError
+from biogen.errors import ConfigError, CorruptLibraryError
 from biogen.runtime import RuntimeSpec
 
 log = logging.getLogger("biogen")
@@ -88,6 +87,6 @@ def verify(cfg: DictConfig) -> None:
     if report.ok:
         print(f"OK {report.path}: {report.shards_checked} shards verified")
         return
-    print(f"FAILED {report.path}: {len(report.problems)} problem(s) in {report.shards_checked} shards",
-          file=sys.stderr)
-    sys.exit(1)
+    raise CorruptLibraryError(
+        f"{report.path}: {len(report.problems)} problem(s) in {report.shards_checked} shards "
+        "(listed above); restore the named shards from a backup or rebuild the library")

@@ -51,6 +51,13 @@ def _register_resolvers() -> None:
         OmegaConf.register_new_resolver("dataset", dataset_path)
 
 
+def _multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 def _user_error(exc: BaseException) -> BiogenError | None:
     """The ``BiogenError`` behind ``exc`` (OmegaConf wraps errors raised by resolvers)."""
     seen = set()
@@ -81,8 +88,10 @@ def run_job(words: tuple[str, ...], argv: list[str]) -> None:
             if exc is None:
                 raise
             logging.getLogger("biogen").error("%s", exc)
+            if _multirun():
+                raise exc from None  # Hydra runs the sweep's other jobs, then reports this one
             print(f"biogen {' '.join(words)}: error: {exc}", file=sys.stderr)
-            sys.exit(2)
+            sys.exit(exc.exit_code)
 
     sys.argv = [f"biogen-{'-'.join(words)}", *argv]
     _app()
