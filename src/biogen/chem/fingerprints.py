@@ -102,12 +102,6 @@ class Fingerprinter:
         else:
             self._gen = None
 
-    def bit_vector(self, mol: Chem.Mol) -> DataStructs.ExplicitBitVect:
-        """RDKit's own bit vector (the oracle for parity tests and query featurization)."""
-        if self._gen is None:
-            return MACCSkeys.GenMACCSKeys(mol)
-        return self._gen.GetFingerprint(mol)
-
     def fill(self, mol: Chem.Mol, row: np.ndarray) -> None:
         """Write the 0/1 bits of ``mol`` into ``row`` (uint8, length stored_bits)."""
         if self._gen is None:

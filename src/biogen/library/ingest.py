@@ -43,7 +43,7 @@ from biogen.chem.records import RawRecord, Reject
 from biogen.chem.standardize import StandardizeSpec
 from biogen.errors import ConfigError, InputError, LibraryError
 from biogen.library.manifest import (
-    MANIFEST, SHARD_FILES, new_manifest, now_iso, read_manifest, tool_versions, write_manifest,
+    MANIFEST, SHARD_FILES, atomic_path, new_manifest, now_iso, read_manifest, tool_versions, write_manifest,
 )
 from biogen.runtime import Ledger, RuntimeSpec, ray_session, run_shards
 from biogen.runtime.ledger import sha256_file
@@ -93,23 +93,9 @@ def _processor(spec: ProcessorSpec) -> MoleculeProcessor:
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
+    with atomic_path(path) as tmp, open(tmp, "w") as fh:
         for r in rows:
             fh.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
-
-
-def _save_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, arr)
-    os.replace(tmp, path)
-
-
-def _write_parquet(path: Path, table: pa.Table) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
 
 
 def map_part(work: str, part: int, records: list[RawRecord], spec: ProcessorSpec):
@@ -131,8 +117,10 @@ def map_part(work: str, part: int, records: list[RawRecord], spec: ProcessorSpec
         cols[name] = pa.array(chunk.descriptors[name], typ)
     stem = f"parts/{part:06d}"
     (work / "parts").mkdir(exist_ok=True)
-    _write_parquet(work / f"{stem}.parquet", pa.table(cols))
-    _save_npy(work / f"{stem}.fp.npy", chunk.fps)
+    with atomic_path(work / f"{stem}.parquet") as tmp:
+        pq.write_table(pa.table(cols), tmp, compression="zstd")
+    with atomic_path(work / f"{stem}.fp.npy") as tmp:
+        np.save(tmp, chunk.fps)
     _write_jsonl(work / f"{stem}.rejects.jsonl", [asdict(r) for r in chunk.rejects])
     timings = dict(chunk.timings)
     timings["write"] = time.perf_counter() - t1

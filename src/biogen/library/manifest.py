@@ -7,9 +7,10 @@ after all its files are complete, so a reader never sees a half-written shard.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 import os
 import platform
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -36,24 +37,26 @@ def tool_versions() -> dict[str, str]:
             "pyarrow": pyarrow.__version__, "python": platform.python_version()}
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; when the block succeeds, fsync it and rename
+    it into place. Readers see the old file or the complete new one, never a partial one.
+    The temporary name keeps the suffix (``np.save`` would otherwise append ``.npy``)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
+        yield tmp
+        with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_manifest(lib_dir: Path, manifest: dict) -> None:
     manifest["updated"] = now_iso()
-    atomic_write_bytes(Path(lib_dir) / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    with atomic_path(Path(lib_dir) / MANIFEST) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 def read_manifest(lib_dir: Path) -> dict:

@@ -44,6 +44,15 @@ class RuntimeSpec:
             raise ConfigError(f"runtime.workers={self.workers} must be >= 1 (or null for all cores)")
 
 
+def _connect_error(address: str, exc: Exception) -> BiogenError:
+    return BiogenError(
+        f"could not connect to the Ray cluster at runtime.address={address!r} ({exc}); "
+        "start it with `ray start --head` (see slurm/) or use runtime=local. A cluster "
+        "with token authentication needs RAY_AUTH_MODE=token and its token "
+        "(~/.ray/auth_token or RAY_AUTH_TOKEN) in this shell too"
+    )
+
+
 def _probe(address: str, timeout: float = 5.0) -> None:
     """Fail fast on an unreachable head node: ``ray.init`` itself retries for minutes."""
     if address == "auto" or address.startswith("ray://") or ":" not in address:
@@ -53,10 +62,7 @@ def _probe(address: str, timeout: float = 5.0) -> None:
         with socket.create_connection((host, int(port)), timeout=timeout):
             pass
     except (OSError, ValueError) as exc:
-        raise BiogenError(
-            f"could not connect to the Ray cluster at runtime.address={address!r} ({exc}); "
-            "start it with `ray start --head` (see slurm/) or use runtime=local"
-        ) from None
+        raise _connect_error(address, exc) from None
 
 
 @contextmanager
@@ -84,12 +90,7 @@ def ray_session(spec: RuntimeSpec) -> Iterator[int]:
             try:
                 ray.init(address=address, **kwargs)
             except Exception as exc:  # ConnectionError, AuthenticationError, RuntimeError...
-                raise BiogenError(
-                    f"could not connect to the Ray cluster at runtime.address={address!r} ({exc}); "
-                    "start it with `ray start --head` (see slurm/) or use runtime=local. A cluster "
-                    "with token authentication needs RAY_AUTH_MODE=token and its token "
-                    "(~/.ray/auth_token or RAY_AUTH_TOKEN) in this shell too"
-                ) from exc
+                raise _connect_error(address, exc) from exc
         owned = True
     try:
         slots = int(ray.available_resources().get("CPU", 1)) or 1
