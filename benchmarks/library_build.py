@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import os
-import platform
 import shutil
 import sys
 import threading
@@ -44,6 +42,9 @@ from biogen.datasets import dataset_path
 from biogen.library import Library
 from biogen.library.ingest import append_library, build_library
 from biogen.runtime import RuntimeSpec
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import machine, versions  # noqa: E402
 
 rdBase.DisableLog("rdApp.*")
 
@@ -168,29 +169,6 @@ def check_fingerprints(lib_dir: Path, ref_fps: list, sample: int, seed: int = 0)
                 raise AssertionError(f"fingerprint mismatch in shard {shard.name} row {r}")
             checked += 1
     return {"rows_checked": checked, "all_equal": True}
-
-
-def machine() -> dict:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-            "host": platform.node(), "os": platform.platform()}
-
-
-def versions() -> dict:
-    import pyarrow
-    import ray
-
-    import biogen
-
-    v = {"python": platform.python_version(), "rdkit": rdBase.rdkitVersion, "numpy": np.__version__,
-         "pyarrow": pyarrow.__version__, "ray": ray.__version__, "biogen": biogen.__version__}
-    try:
-        from importlib.metadata import version
-
-        v["fpsim2"] = version("fpsim2")
-    except Exception:
-        v["fpsim2"] = None
-    return v
 
 
 def main() -> None:

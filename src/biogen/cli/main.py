@@ -19,6 +19,8 @@ JOBS: dict[tuple[str, ...], tuple[str, str, str]] = {
                           "counts, parameters, size and history of a library"),
     ("library", "verify"): ("library_verify", "biogen.cli.library:verify",
                             "re-hash every shard; exit 1 naming any corrupted shard"),
+    ("search",): ("search", "biogen.cli.search:search",
+                  "similarity (top-k, threshold) or substructure search of a library"),
 }
 
 USAGE = """usage: biogen <job> [key=value ...] [--help] [--cfg job] [-m]
@@ -69,6 +71,23 @@ def _user_error(exc: BaseException) -> BiogenError | None:
     return None
 
 
+LITERAL_KEYS = ("query",)  # values taken verbatim: SMILES/SMARTS hold = ( ) [ ] , that Hydra parses
+
+
+def quote_literals(argv: list[str]) -> list[str]:
+    """Quote ``query=<SMILES or SMARTS>`` for Hydra's override grammar (already quoted: kept)."""
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+~") in LITERAL_KEYS and value and value[0] not in "'\"":
+            # Hydra: inside quotes a backslash is literal unless it precedes a quote
+            body = value.replace("'", "\\'")
+            tail = len(body) - len(body.rstrip("\\"))
+            value = "'" + body + "\\" * tail + "'"
+        out.append(f"{key}{sep}{value}" if sep else arg)
+    return out
+
+
 def run_job(words: tuple[str, ...], argv: list[str]) -> None:
     import hydra
 
@@ -93,7 +112,7 @@ def run_job(words: tuple[str, ...], argv: list[str]) -> None:
             print(f"biogen {' '.join(words)}: error: {exc}", file=sys.stderr)
             sys.exit(exc.exit_code)
 
-    sys.argv = [f"biogen-{'-'.join(words)}", *argv]
+    sys.argv = [f"biogen-{'-'.join(words)}", *quote_literals(argv)]
     _app()
 
 

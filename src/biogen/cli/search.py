@@ -1,0 +1,100 @@
+"""Hydra task of ``biogen search``: config -> typed arguments -> search API -> hits table."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from biogen.chem.readers import ReaderOptions
+from biogen.chem.records import Reject
+from biogen.cli.library import _typed
+from biogen.errors import ConfigError
+from biogen.runtime import RuntimeSpec
+
+log = logging.getLogger("biogen")
+MODES = ("topk", "threshold", "substructure")
+
+
+def write_table(table: pa.Table, output: str | None) -> str:
+    """Write hits to ``output`` (.csv, .tsv, .parquet) or stdout (TSV); returns where."""
+    if output is None:
+        pacsv.write_csv(table, sys.stdout.buffer, pacsv.WriteOptions(delimiter="\t", quoting_style="none", quoting_header="none"))
+        sys.stdout.flush()
+        return "stdout"
+    path = Path(output)
+    suffix = "".join(path.suffixes[-1:]).lower()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if suffix == ".parquet":
+        pq.write_table(table, path)
+    elif suffix in (".csv", ".tsv"):
+        pacsv.write_csv(table, path, pacsv.WriteOptions(delimiter="," if suffix == ".csv" else "\t"))
+    else:
+        raise ConfigError(f"output={output!r}: use a .csv, .tsv or .parquet file name, or leave it null for stdout")
+    return str(path)
+
+
+def _write_rejects(rejects: list[Reject], run_dir: Path) -> None:
+    if not rejects:
+        return
+    path = run_dir / "query_rejects.csv"
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["source", "record", "id", "reason", "detail", "raw"])
+        for r in rejects:
+            w.writerow([r.source, r.record, r.id, r.reason, r.detail, r.raw])
+    log.warning("%d query record(s) could not be used; see %s", len(rejects), path)
+
+
+def search(cfg: DictConfig) -> None:
+    from biogen.search import Metric, SimilarityIndex
+
+    if cfg.mode not in MODES:
+        raise ConfigError(f"mode={cfg.mode!r} is not valid; choose one of {', '.join(MODES)}")
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    runtime = _typed(RuntimeSpec, cfg.runtime, "runtime")
+    t0 = time.perf_counter()
+    report: dict = {"library": str(cfg.library), "mode": cfg.mode}
+    if cfg.mode == "substructure":
+        from biogen.search.substructure import substructure_search
+
+        result = substructure_search(str(cfg.library), str(cfg.query), max_hits=cfg.max_hits,
+                                     use_chirality=bool(cfg.use_chirality), runtime=runtime,
+                                     progress=runtime.progress)
+        table = result.table
+        report.update({k: v for k, v in vars(result).items() if k != "table"})
+    else:
+        metric = Metric(str(cfg.metric), float(cfg.alpha), float(cfg.beta))
+        kwargs = dict(mode=cfg.mode, k=int(cfg.k), threshold=float(cfg.threshold), metric=metric)
+        reader = _typed(ReaderOptions, cfg.reader, "reader")
+        if int(cfg.actors) > 0:
+            from biogen.runtime import ray_session
+            from biogen.search.distributed import ShardedSearch
+
+            with ray_session(runtime), ShardedSearch(cfg.library, int(cfg.actors), cfg.engine, cfg.workers) as index:
+                queries = index.queries(cfg.query)
+                table = index.search(queries, **kwargs)
+                engine = index.engine
+        else:
+            with SimilarityIndex.open(cfg.library, engine=cfg.engine, workers=cfg.workers) as index:
+                queries = index.queries(cfg.query, reader)
+                table = index.search(queries, **kwargs)
+                engine = index.engine_name
+        _write_rejects(queries.rejects, run_dir)
+        report.update({"engine": engine, "metric": metric.label, "queries": len(queries),
+                       "query_rejects": len(queries.rejects), "k": int(cfg.k) if cfg.mode == "topk" else None,
+                       "threshold": float(cfg.threshold) if cfg.mode == "threshold" else None})
+    report["hits"] = table.num_rows
+    report["seconds"] = round(time.perf_counter() - t0, 3)
+    report["output"] = write_table(table, None if cfg.output is None else str(cfg.output))
+    (run_dir / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    log.info("%d hits (%s) in %.2f s -> %s", table.num_rows, cfg.mode, report["seconds"], report["output"])

@@ -1,0 +1,368 @@
+"""``SimilarityIndex``: top-k and threshold search of a library, on the CPU or a GPU.
+
+    index = SimilarityIndex.open("mylib", engine="auto")
+    hits = index.top_k(["CCOc1ccccc1"], k=10)                     # pyarrow.Table
+    hits = index.threshold("queries.smi", 0.7, metric=Metric("dice"))
+
+The index reads the library's shards once, groups them into *parts* (each part's rows
+re-sorted by popcount, so a popcount interval is one row interval) and builds one
+engine per part. A library larger than the memory budget of the engine is streamed:
+parts are loaded (uploaded to the GPU) one after another for each search. Results of
+parts are merged here, so the engines only implement ``candidates``.
+
+Result table (one row per hit): ``query_index`` (int32), ``query_id``, ``rank``
+(1-based within the query), ``hit_id``, ``score`` (float64, RDKit's value),
+``smiles`` (the hit's canonical SMILES), ``library_row`` (int64, row in library order).
+Rows are ordered by query, then score descending, then hit id: ties are deterministic.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from biogen.chem.fingerprints import FingerprintSpec
+from biogen.chem.readers import ReaderOptions
+from biogen.chem.standardize import StandardizeSpec
+from biogen.errors import ConfigError
+from biogen.search.metrics import Metric
+from biogen.search.plan import popcount_starts, seed_plan, threshold_plan
+from biogen.search.queries import Queries, as_queries, check_compatible
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("cpu", "cuda", "auto")
+RESULT_SCHEMA = pa.schema([
+    ("query_index", pa.int32()), ("query_id", pa.string()), ("rank", pa.int32()),
+    ("hit_id", pa.string()), ("score", pa.float64()), ("smiles", pa.string()),
+    ("library_row", pa.int64()),
+])
+SEED_MIN_ROWS = 2048  # top-k seed scans at least this many rows (and at least 4k)
+
+
+def resolve_engine(engine: str) -> str:
+    """``cpu`` | ``cuda``; ``auto`` picks cuda when CuPy and a GPU are present (logged)."""
+    if engine not in ENGINES:
+        raise ConfigError(f"engine={engine!r} is not valid; choose one of {', '.join(ENGINES)}")
+    if engine != "auto":
+        return engine
+    from biogen.search.cuda import cuda_available
+
+    ok, why = cuda_available()
+    choice = "cuda" if ok else "cpu"
+    log.info("engine=auto: using %s (%s)", choice, "CuPy and a CUDA device found" if ok else why)
+    return choice
+
+
+@dataclass
+class _Part:
+    """A group of rows searched by one engine: fps N x W, pcs N (sorted), rows N (library rows)."""
+
+    fps: np.ndarray
+    pcs: np.ndarray
+    rows: np.ndarray
+    starts: np.ndarray
+
+
+def _make_part(blocks: list[tuple[np.ndarray, np.ndarray, int]], nbits: int) -> _Part:
+    """Merge blocks ``(fps, pcs, first position)`` into one part sorted by popcount.
+
+    Blocks from a library are already sorted (shards are), which the stable sort merges
+    in about linear time; in-memory fingerprints may come in any order.
+    """
+    fps = np.concatenate([b[0] for b in blocks]) if len(blocks) > 1 else np.asarray(blocks[0][0])
+    pcs = np.concatenate([b[1] for b in blocks]) if len(blocks) > 1 else np.asarray(blocks[0][1])
+    rows = np.concatenate([np.arange(b[2], b[2] + len(b[1]), dtype=np.int64) for b in blocks])
+    order = np.argsort(pcs, kind="stable")  # sorted runs: timsort merges them in ~linear time
+    fps = np.ascontiguousarray(fps[order], dtype=np.uint64)
+    pcs = np.ascontiguousarray(pcs[order], dtype=np.int32)
+    return _Part(fps, pcs, rows[order], popcount_starts(pcs, nbits))
+
+
+class SimilarityIndex:
+    """Similarity search over fingerprints sorted by popcount (see module docstring)."""
+
+    def __init__(self, blocks, spec: FingerprintSpec, ids: pa.Array, smiles: pa.Array | None,
+                 *, standardize: StandardizeSpec | None = None, engine: str = "auto",
+                 workers: int | None = None, part_bytes: int | None = None, name: str = "fingerprints",
+                 device: int | None = None):
+        """``blocks``: list of ``(fps N_i x W uint64, pcs N_i int32 sorted, first library row)``."""
+        self.spec = spec
+        self.standardize = standardize or StandardizeSpec()
+        self.name = name
+        self.engine_name = resolve_engine(engine)
+        self.workers = workers
+        self.device = device
+        self.ids = ids
+        self.smiles = smiles
+        self.n_rows = len(ids)
+        self._id_rank = np.empty(self.n_rows, np.int64)
+        self._id_rank[np.asarray(pc.sort_indices(ids))] = np.arange(self.n_rows)
+        row_bytes = spec.n_words * 8 + 12
+        budget = part_bytes or self._default_part_bytes()
+        groups: list[list] = [[]]
+        size = 0
+        for blk in blocks:
+            if groups[-1] and size + len(blk[1]) * row_bytes > budget:
+                groups.append([])
+                size = 0
+            groups[-1].append(blk)
+            size += len(blk[1]) * row_bytes
+        self._groups = [g for g in groups if g and sum(len(b[1]) for b in g)]
+        self.streamed = len(self._groups) > 1
+        if self.streamed:
+            log.warning("%s: %d rows exceed the %s engine's memory budget of %.1f GiB: searches "
+                        "stream %d parts (set part_bytes to change the budget)", name, self.n_rows,
+                        self.engine_name, budget / 2**30, len(self._groups))
+        self._resident: list[tuple[_Part, object]] | None = None
+        if not self.streamed:
+            self._resident = [self._load(g) for g in self._groups]
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def open(cls, path: str | Path, engine: str = "auto", workers: int | None = None,
+             shards: Sequence[str] | None = None, part_bytes: int | None = None,
+             device: int | None = None) -> "SimilarityIndex":
+        """Index a library directory (all shards, or the named ones)."""
+        from biogen.library.store import Library
+
+        lib = Library.open(path)
+        return cls.from_library(lib, engine=engine, workers=workers, shards=shards,
+                                part_bytes=part_bytes, device=device)
+
+    @classmethod
+    def from_library(cls, lib, engine: str = "auto", workers: int | None = None,
+                     shards: Sequence[str] | None = None, part_bytes: int | None = None,
+                     device: int | None = None) -> "SimilarityIndex":
+        chosen = lib.shards
+        if shards is not None:
+            known = {s.name for s in lib.shards}
+            missing = sorted(set(shards) - known)
+            if missing:
+                raise ConfigError(f"shards {missing} are not in library {lib.path}")
+            chosen = [s for s in lib.shards if s.name in set(shards)]
+        blocks, ids, smiles, off = [], [], [], 0
+        offsets = {}
+        for s in lib.shards:
+            offsets[s.name] = off
+            off += s.rows
+        for s in chosen:
+            blocks.append((s.fingerprints, s.popcounts, offsets[s.name]))
+            meta = s.metadata(["id", "smiles"])
+            ids.append(meta.column("id"))
+            smiles.append(meta.column("smiles"))
+        row_ids = pa.chunked_array(ids, pa.string()).combine_chunks() if ids else pa.array([], pa.string())
+        row_smiles = pa.chunked_array(smiles, pa.string()).combine_chunks() if smiles else pa.array([], pa.string())
+        # library rows of the chosen shards map to positions 0..n-1 of ids/smiles
+        index = cls([(b[0], b[1], o) for b, o in zip(blocks, _positions(blocks))], lib.featurizer,
+                    row_ids, row_smiles, standardize=StandardizeSpec(**lib.manifest["standardize"]),
+                    engine=engine, workers=workers, part_bytes=part_bytes, name=str(lib.path),
+                    device=device)
+        index.library_rows = np.concatenate(
+            [np.arange(offsets[s.name], offsets[s.name] + s.rows, dtype=np.int64) for s in chosen]
+        ) if chosen else np.zeros(0, np.int64)
+        index.library_version = lib.manifest.get("featurizer", {}).get("rdkit_version")
+        _warn_rdkit_version(index.library_version, lib.path)
+        return index
+
+    @classmethod
+    def from_fingerprints(cls, fps: np.ndarray, spec: FingerprintSpec, ids: Sequence[str] | None = None,
+                          smiles: Sequence[str] | None = None, engine: str = "auto",
+                          workers: int | None = None, part_bytes: int | None = None) -> "SimilarityIndex":
+        """Index in-memory fingerprints (N x W uint64, any order) with optional ids/SMILES."""
+        from biogen.chem.fingerprints import popcounts
+
+        fps = np.ascontiguousarray(fps, dtype=np.uint64).reshape(-1, spec.n_words)
+        pcs = popcounts(fps)
+        ids = pa.array([str(i) for i in ids] if ids is not None else [str(i) for i in range(len(fps))], pa.string())
+        smi = pa.array(list(smiles), pa.string()) if smiles is not None else None
+        return cls([(fps, pcs, 0)], spec, ids, smi, engine=engine, workers=workers, part_bytes=part_bytes)
+
+    library_rows: np.ndarray | None = None  # position -> row in library order (set by from_library)
+    library_version: str | None = None
+
+    def _default_part_bytes(self) -> int:
+        if self.engine_name == "cuda":
+            from biogen.search.cuda import free_device_bytes
+
+            return int(free_device_bytes(self.device) * 0.7)
+        import psutil
+
+        return int(psutil.virtual_memory().available * 0.5)
+
+    def _load(self, group) -> tuple[_Part, object]:
+        part = _make_part(group, self.spec.stored_bits)
+        if self.engine_name == "cuda":
+            from biogen.search.cuda import CudaEngine
+
+            engine = CudaEngine(part.fps, part.pcs, device=self.device)
+        else:
+            from biogen.search.cpu import CpuEngine
+
+            engine = CpuEngine(part.fps, part.pcs, workers=self.workers)
+        return part, engine
+
+    def _parts(self):
+        if self._resident is not None:
+            yield from self._resident
+            return
+        for g in self._groups:
+            part, engine = self._load(g)
+            try:
+                yield part, engine
+            finally:
+                engine.close()
+
+    def close(self) -> None:
+        for _, engine in self._resident or []:
+            engine.close()
+        self._resident = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __len__(self) -> int:
+        return self.n_rows
+
+    def __repr__(self) -> str:
+        return f"SimilarityIndex({self.name!r}, rows={self.n_rows}, engine={self.engine_name})"
+
+    # ------------------------------------------------------------------ queries
+    def queries(self, query, reader: ReaderOptions | None = None) -> Queries:
+        """Featurize ``query`` with this index's parameters (see ``as_queries``)."""
+        q = as_queries(query, self.spec, self.standardize, reader)
+        check_compatible(q, self.spec, f"library {self.name}")
+        return q
+
+    # ------------------------------------------------------------------ search
+    def threshold(self, query, threshold: float, metric: Metric | None = None) -> pa.Table:
+        """Every library molecule whose score is >= ``threshold``, for each query."""
+        metric = metric or Metric()
+        if not 0.0 <= threshold <= 1.0:
+            raise ConfigError(f"threshold={threshold} must lie in [0, 1]")
+        q = self.queries(query)
+        nbits = self.spec.stored_bits
+        found = []
+        for part, engine in self._parts():
+            plan = threshold_plan(metric, q.popcount, threshold, nbits, part.starts)
+            qi, r, c = engine.candidates(q.fps, plan.min_common, plan.row_lo, plan.row_hi)
+            found.append(self._scored(part, q, metric, qi, r, c))
+        return self._table(q, _concat(found), k=None)
+
+    def top_k(self, query, k: int = 10, metric: Metric | None = None) -> pa.Table:
+        """The ``k`` best library molecules for each query (ties broken by hit id)."""
+        metric = metric or Metric()
+        if k < 1:
+            raise ConfigError(f"k={k} must be >= 1")
+        q = self.queries(query)
+        nbits = self.spec.stored_bits
+        floor = np.zeros(len(q))  # k-th best score found so far, per query
+        found = []
+        for part, engine in self._parts():
+            if not len(q):
+                break
+            seed = seed_plan(metric, q.popcount, nbits, part.starts, max(4 * k, SEED_MIN_ROWS))
+            qi, r, c = engine.candidates(q.fps, seed.min_common, seed.row_lo, seed.row_hi)
+            s_qi, _, s_score, _ = self._scored(part, q, metric, qi, r, c)
+            t0 = np.maximum(_kth_best(s_qi, s_score, len(q), k), floor)
+            plan = threshold_plan(metric, q.popcount, t0, nbits, part.starts)
+            qi, r, c = engine.candidates(q.fps, plan.min_common, plan.row_lo, plan.row_hi)
+            best = _select_top_k(self._scored(part, q, metric, qi, r, c), k)
+            found.append(best)
+            merged = _select_top_k(_concat(found), k)
+            found = [merged]
+            floor = _kth_best(merged[0], merged[2], len(q), k)
+        return self._table(q, _concat(found), k=k)
+
+    def search(self, query, mode: str = "topk", k: int = 10, threshold: float = 0.7,
+               metric: Metric | None = None) -> pa.Table:
+        if mode == "topk":
+            return self.top_k(query, k, metric)
+        if mode == "threshold":
+            return self.threshold(query, threshold, metric)
+        raise ConfigError(f"mode={mode!r} is not valid for similarity search; choose topk or threshold")
+
+    # ------------------------------------------------------------------ helpers
+    def _scored(self, part: _Part, q: Queries, metric: Metric, qi, r, c):
+        """(query index, position in ids, score, id rank) of candidate pairs."""
+        score = metric.score(c, q.popcount[qi], part.pcs[r])
+        pos = part.rows[r]
+        return qi.astype(np.int32), pos, score, self._id_rank[pos]
+
+    def _table(self, q: Queries, found, k: int | None) -> pa.Table:
+        qi, pos, score, rank_key = _select_top_k(found, k) if k else _sort(found)
+        starts = np.searchsorted(qi, np.arange(len(q)))
+        rank = np.arange(len(qi)) - starts[qi] + 1 if len(qi) else np.zeros(0, np.int64)
+        take = pa.array(pos, pa.int64())
+        lib_rows = self.library_rows[pos] if self.library_rows is not None else pos
+        return pa.table({
+            "query_index": pa.array(qi, pa.int32()),
+            "query_id": pa.array(np.asarray(q.ids, dtype=object)[qi] if len(qi) else [], pa.string()),
+            "rank": pa.array(rank, pa.int32()),
+            "hit_id": self.ids.take(take),
+            "score": pa.array(score, pa.float64()),
+            "smiles": self.smiles.take(take) if self.smiles is not None else pa.nulls(len(qi), pa.string()),
+            "library_row": pa.array(lib_rows, pa.int64()),
+        }, schema=RESULT_SCHEMA)
+
+
+def _positions(blocks) -> list[int]:
+    out, off = [], 0
+    for b in blocks:
+        out.append(off)
+        off += len(b[1])
+    return out
+
+
+def _warn_rdkit_version(version: str | None, path) -> None:
+    from rdkit import rdBase
+
+    if version and version != rdBase.rdkitVersion:
+        log.warning("library %s was featurized with RDKit %s, queries use RDKit %s: fingerprints of "
+                    "the same molecule may differ between versions", path, version, rdBase.rdkitVersion)
+
+
+def _concat(parts):
+    if not parts:
+        return (np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64))
+    return tuple(np.concatenate(x) for x in zip(*parts))
+
+
+def _sort(found):
+    qi, pos, score, key = found
+    order = np.lexsort((key, -score, qi))  # query, score descending, then hit id
+    return qi[order], pos[order], score[order], key[order]
+
+
+def _select_top_k(found, k: int | None):
+    """The first ``k`` rows per query in (score desc, id) order, from a candidate set."""
+    qi, pos, score, key = _sort(found)
+    if k is None or not len(qi):
+        return qi, pos, score, key
+    starts = np.searchsorted(qi, qi, side="left")
+    keep = (np.arange(len(qi)) - starts) < k
+    return qi[keep], pos[keep], score[keep], key[keep]
+
+
+def _kth_best(qi: np.ndarray, score: np.ndarray, nq: int, k: int) -> np.ndarray:
+    """Per query, the k-th best score among (qi, score) pairs; 0.0 where fewer than k."""
+    out = np.zeros(nq)
+    if not len(qi):
+        return out
+    order = np.lexsort((-score, qi))
+    qs, ss = qi[order], score[order]
+    starts = np.searchsorted(qs, np.arange(nq), side="left")
+    ends = np.searchsorted(qs, np.arange(nq), side="right")
+    has = ends - starts >= k
+    out[has] = ss[starts[has] + k - 1]
+    return out
