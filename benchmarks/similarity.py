@@ -41,7 +41,7 @@ from biogen.library import Library
 from biogen.library.ingest import build_library
 from biogen.runtime import RuntimeSpec
 from biogen.search import Metric, SimilarityIndex
-from biogen.search.metrics import NEVER
+from biogen.kernels.cpu import common_counts
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import machine, versions  # noqa: E402
@@ -260,16 +260,15 @@ def main() -> None:
             print(f"{label} batch of {args.batch} top-100: {statistics.median(times):.2f} s "
                   f"({n_lib * args.batch / statistics.median(times) / 1e6:.0f} M pairs/s)", flush=True)
             if engine == "cpu" and w == 1:
-                # brute-force scan (no pruning, no hits) vs the machine's read bandwidth
-                part, eng = idx._resident[0]
-                qf = single[:1]
-                never = np.full((1, nbits + 1), NEVER, np.int32)
-                lo, hi = np.array([0]), np.array([part.fps.shape[0]])
-                eng.candidates(qf, never, lo, hi)
+                # brute-force scan: popcount(q AND row) of every row, no bound, no selection
+                part, _ = idx._resident[0]
+                out = np.empty(len(part.fps), np.int32)
+                common_counts(single[0], part.fps, 0, len(part.fps), out)
+                assert np.array_equal(out, np.bitwise_count(part.fps & single[0]).sum(axis=1))
                 scan = []
                 for _ in range(5):
                     t = time.perf_counter()
-                    eng.candidates(qf, never, lo, hi)
+                    common_counts(single[0], part.fps, 0, len(part.fps), out)
                     scan.append(time.perf_counter() - t)
                 bw = memory_bandwidth(part.fps, 5)
                 rate = part.fps.nbytes / min(scan)

@@ -108,7 +108,8 @@ def test_numba_kernel_matches_plain_python(w):
     hi = lo + rng.integers(0, 1500, len(queries))  # includes empty ranges
     expected = brute(queries, mc, lo, hi, fps, pcs)
     for win in [(0, len(fps)), (700, 2100)]:
-        qi, r, c = threshold_candidates(queries, mc, lo, hi, fps, pcs, *win)
+        qi, r, c = threshold_candidates(queries, np.bitwise_count(queries), mc, lo, hi, fps,
+                                        np.bitwise_count(fps), pcs, *win)
         got = set(zip(qi.tolist(), r.tolist(), c.tolist()))
         assert got == {x for x in expected if win[0] <= x[1] < win[1]}
     for workers in (1, 2):

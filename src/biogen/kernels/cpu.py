@@ -46,7 +46,7 @@ def row_popcounts(fps):
 
 @njit(nogil=True, cache=True)
 def common_counts(q, fps, r0, r1, out):
-    """out[r - r0] = popcount(q AND fps[r]) for r in [r0, r1): the hot loop.
+    """out[r - r0] = popcount(q AND fps[r]) for r in [r0, r1): the brute-force scan.
 
     Kept separate and branch-free so LLVM vectorizes it (vpopcntq). Output arrays are
     never reassigned inside hot loops: Numba then emits atomic refcount updates per
@@ -62,15 +62,37 @@ def common_counts(q, fps, r0, r1, out):
 
 
 @njit(nogil=True, cache=True)
-def _select(cnt, pcs, mc, r0, r1, sel):
-    """Tile offsets i (row r0 + i) with cnt[i] >= mc[pcs[r0 + i]] into sel; returns how many."""
+def word_bound_select(qwc, wc, pcs, mc, r0, r1, sel):
+    """Rows of [r0, r1) that may pass: sum_k min(qwc[k], wc[r, k]) >= mc[pcs[r]].
+
+    ``wc`` holds each row's per-word popcounts (N x W uint8, 1/8 of the fingerprint
+    bytes); the sum is an upper bound of popcount(q AND row), so rows failing it are
+    skipped without reading their fingerprint. Offsets (r - r0) go to ``sel``; returns
+    how many.
+    """
+    w = qwc.shape[0]
     m = 0
     for r in range(r0, r1):
-        i = r - r0
-        if cnt[i] >= mc[pcs[r]]:
-            sel[m] = i
+        row = wc[r]
+        bound = 0
+        for k in range(w):
+            bound += min(qwc[k], row[k])
+        if bound >= mc[pcs[r]]:
+            sel[m] = r - r0
             m += 1
     return m
+
+
+@njit(nogil=True, cache=True)
+def common_counts_at(q, fps, r0, sel, m, out):
+    """out[i] = popcount(q AND fps[r0 + sel[i]]) for i < m (rows that passed the bound)."""
+    w = q.shape[0]
+    for i in range(m):
+        row = fps[r0 + sel[i]]
+        c = np.uint64(0)
+        for k in range(w):
+            c += popcnt64(q[k] & row[k])
+        out[i] = np.int32(c)
 
 
 @njit(nogil=True, cache=True)
@@ -81,18 +103,23 @@ def _resize(buf, n, cap):
 
 
 @njit(nogil=True, cache=True)
-def threshold_candidates(queries, min_common, row_lo, row_hi, fps, pcs, win_lo, win_hi):
+def threshold_candidates(queries, query_wc, min_common, row_lo, row_hi, fps, wc, pcs, win_lo, win_hi):
     """Pairs (query, row) whose common-bit count passes the query's integer test.
 
     queries     Q x W uint64     query fingerprints (sorted by popcount for locality)
+    query_wc    Q x W uint8      their per-word popcounts
     min_common  Q x (B+1) int32  least common-bit count per target popcount (``Metric.min_common``)
     row_lo/hi   Q int64          each query's candidate rows [lo, hi) (popcount bound)
     fps         N x W uint64     database, rows sorted by popcount
+    wc          N x W uint8      database per-word popcounts (``np.bitwise_count(fps)``)
     pcs         N int32          database popcounts
     win_lo/hi   int              the row window this call covers (work split)
 
     Returns ``(query_index int32[M], row int64[M], common int32[M])``. Rows are scanned in
-    tiles of ``TILE_ROWS`` and every query visits the tile while it is in cache.
+    tiles of ``TILE_ROWS`` and every query visits the tile while it is in cache. Per
+    tile and query: (1) the per-word bound sum_k min(q_k, row_k) >= min_common drops most
+    rows after reading 1/8 of their bytes; (2) exact popcount(q AND row) of the rest;
+    (3) the exact test, appending survivors.
     """
     nq = queries.shape[0]
     cnt = np.empty(TILE_ROWS, dtype=np.int32)
@@ -111,21 +138,30 @@ def threshold_candidates(queries, min_common, row_lo, row_hi, fps, pcs, win_lo, 
         for j in range(nq):
             r0 = max(row_lo[j], t0)
             r1 = min(row_hi[j], t1)
-            q = queries[j]
-            # pass 1: common-bit counts of the tile (a branch-free loop LLVM vectorizes)
-            common_counts(q, fps, r0, r1, cnt)
-            # pass 2: the exact integer threshold test; survivors' tile offsets into `sel`
-            m = _select(cnt, pcs, min_common[j], r0, r1, sel)
+            if r1 <= r0:
+                continue
+            mc = min_common[j]
+            m = word_bound_select(query_wc[j], wc, pcs, mc, r0, r1, sel)
             if m == 0:
                 continue
-            if n + m > out_q.shape[0]:  # grow outside the hot loops (NRT refcounts are atomic)
-                cap = max(2 * out_q.shape[0], n + m)
+            common_counts_at(queries[j], fps, r0, sel, m, cnt)
+            h = 0
+            for i in range(m):  # exact test; compact the survivors in place
+                r = r0 + sel[i]
+                if cnt[i] >= mc[pcs[r]]:
+                    sel[h] = sel[i]
+                    cnt[h] = cnt[i]
+                    h += 1
+            if h == 0:
+                continue
+            if n + h > out_q.shape[0]:  # grow outside the hot loops (NRT refcounts are atomic)
+                cap = max(2 * out_q.shape[0], n + h)
                 out_q = _resize(out_q, n, cap)
                 out_r = _resize(out_r, n, cap)
                 out_c = _resize(out_c, n, cap)
-            for i in range(m):
+            for i in range(h):
                 out_q[n + i] = j
                 out_r[n + i] = r0 + sel[i]
-                out_c[n + i] = cnt[sel[i]]
-            n += m
+                out_c[n + i] = cnt[i]
+            n += h
     return out_q[:n], out_r[:n], out_c[:n]

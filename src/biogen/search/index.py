@@ -33,7 +33,7 @@ from biogen.chem.readers import ReaderOptions
 from biogen.chem.standardize import StandardizeSpec
 from biogen.errors import ConfigError
 from biogen.search.metrics import Metric
-from biogen.search.plan import popcount_starts, seed_plan, threshold_plan
+from biogen.search.plan import popcount_starts, threshold_plan
 from biogen.search.queries import Queries, as_queries, check_compatible
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ RESULT_SCHEMA = pa.schema([
     ("hit_id", pa.string()), ("score", pa.float64()), ("smiles", pa.string()),
     ("library_row", pa.int64()),
 ])
-SEED_MIN_ROWS = 2048  # top-k seed scans at least this many rows (and at least 4k)
+SEED_MIN_ROWS = 4096  # rows of the first top-k round (at least 4k)
 
 
 def resolve_engine(engine: str) -> str:
@@ -266,23 +266,51 @@ class SimilarityIndex:
             raise ConfigError(f"k={k} must be >= 1")
         q = self.queries(query)
         nbits = self.spec.stored_bits
-        floor = np.zeros(len(q))  # k-th best score found so far, per query
+        floor = np.zeros(len(q))  # k-th best score found so far, per query (over parts)
         found = []
         for part, engine in self._parts():
             if not len(q):
                 break
-            seed = seed_plan(metric, q.popcount, nbits, part.starts, max(4 * k, SEED_MIN_ROWS))
-            qi, r, c = engine.candidates(q.fps, seed.min_common, seed.row_lo, seed.row_hi)
-            s_qi, _, s_score, _ = self._scored(part, q, metric, qi, r, c)
-            t0 = np.maximum(_kth_best(s_qi, s_score, len(q), k), floor)
-            plan = threshold_plan(metric, q.popcount, t0, nbits, part.starts)
-            qi, r, c = engine.candidates(q.fps, plan.min_common, plan.row_lo, plan.row_hi)
-            best = _select_top_k(self._scored(part, q, metric, qi, r, c), k)
-            found.append(best)
-            merged = _select_top_k(_concat(found), k)
+            best = self._top_k_part(part, engine, q, k, metric, floor)
+            merged = _select_top_k(_concat(found + [best]), k)
             found = [merged]
             floor = _kth_best(merged[0], merged[2], len(q), k)
         return self._table(q, _concat(found), k=k)
+
+    def _top_k_part(self, part: _Part, engine, q: Queries, k: int, metric: Metric, floor: np.ndarray):
+        """Top-k of one part by threshold scans whose threshold tightens as hits are found.
+
+        Rows are scanned outward from each query's own popcount (the highest bounds) in
+        windows growing 4x per round; after each round the threshold becomes the k-th
+        best score so far, which narrows both the popcount range still worth scanning and
+        the per-word bound test inside the kernel. Exact: a row skipped in a later round
+        scores below a threshold that k rows already reach (ties kept by ``>=``).
+        """
+        nbits, nq = self.spec.stored_bits, len(q)
+        centre = part.starts[np.minimum(q.popcount, nbits)]
+        left, right = centre.copy(), centre.copy()  # scanned rows: [left, right)
+        t = floor.copy()
+        size = max(4 * k, SEED_MIN_ROWS)
+        best = _concat([])
+        fps2 = np.concatenate([q.fps, q.fps])  # each query twice: a left and a right window
+        while True:
+            plan = threshold_plan(metric, q.popcount, t, nbits, part.starts)
+            none = plan.row_hi <= plan.row_lo  # nothing in this part can reach t
+            lo = np.where(none, centre, np.minimum(plan.row_lo, centre))
+            hi = np.where(none, centre, np.maximum(plan.row_hi, centre))
+            todo = (left > lo) | (right < hi)
+            if not todo.any():
+                return best
+            new_left = np.where(todo, np.maximum(lo, left - size // 2), left)
+            new_right = np.where(todo, np.minimum(hi, right + size // 2), right)
+            qi, r, c = engine.candidates(
+                fps2, np.concatenate([plan.min_common, plan.min_common]),
+                np.concatenate([new_left, right]), np.concatenate([left, new_right]))
+            qi = np.where(qi >= nq, qi - nq, qi).astype(np.int32)
+            best = _select_top_k(_concat([best, self._scored(part, q, metric, qi, r, c)]), k)
+            t = np.maximum(_kth_best(best[0], best[2], nq, k), floor)
+            left, right = new_left, new_right
+            size *= 4
 
     def search(self, query, mode: str = "topk", k: int = 10, threshold: float = 0.7,
                metric: Metric | None = None) -> pa.Table:

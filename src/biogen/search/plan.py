@@ -6,14 +6,11 @@ popcount >= b) turns any popcount interval into a row interval. For a query of p
 target popcount; the popcounts that can reach ``t`` at all form the Swamidass–Baldi
 interval (for Tanimoto ``[t*a, a/t]``), and only those rows are scanned.
 
-Top-k is a threshold search with a threshold found on the fly (the k-NN bound):
-1. seed: scan the few popcount bins whose upper bound is highest (at least
-   ``seed_rows`` rows), every row a candidate; the k-th best score there, ``t0``, is a
-   lower bound of the true k-th best score (a subset cannot do better);
-2. scan the popcount interval that can reach ``t0`` with the exact test ``score >= t0``;
-   every true top-k row (and every tie at the k-th score) is among those candidates.
-Engines thus only ever run one fused scan-and-select primitive; selection of the final k
-happens on the small candidate set, never on a dense score matrix.
+Top-k (``SimilarityIndex._top_k_part``) is a series of threshold scans whose threshold
+is the k-th best score found so far (the k-NN bound): windows of rows grow outward from
+the query's own popcount, and each round's threshold narrows the popcount interval
+still worth scanning. Engines thus only ever run one fused scan-and-select primitive;
+the final k are selected from the small candidate set, never from a dense score matrix.
 """
 
 from __future__ import annotations
@@ -62,28 +59,4 @@ def threshold_plan(metric: Metric, qpop: np.ndarray, threshold, nbits: int,
               for s in range(0, len(qpop), block)]
     mc = np.concatenate(tables) if tables else np.zeros((0, nbits + 1), np.int32)
     lo, hi = rows_of(mc, starts)
-    return ScanPlan(mc, lo, hi)
-
-
-def seed_plan(metric: Metric, qpop: np.ndarray, nbits: int, starts: np.ndarray,
-              seed_rows: int) -> ScanPlan:
-    """Plan of the top-k seed scan: the popcount bins of highest bound, >= seed_rows rows.
-
-    For each distinct query popcount, bins are taken in decreasing order of their
-    upper bound until they hold ``seed_rows`` rows; the seed covers the interval
-    [lowest, highest] of the bins taken. Every row in it is a candidate (min_common 0).
-    """
-    qpop = np.asarray(qpop, dtype=np.int64)
-    b = np.arange(nbits + 1)
-    counts = np.diff(starts)[: nbits + 1]  # rows per popcount bin
-    lo = np.empty(len(qpop), np.int64)
-    hi = np.empty(len(qpop), np.int64)
-    for a in np.unique(qpop):
-        order = np.argsort(-metric.upper_bound(int(a), b), kind="stable")
-        csum = np.cumsum(counts[order])
-        take = order[: int(np.searchsorted(csum, seed_rows, side="left")) + 1]
-        sel = qpop == a
-        lo[sel] = starts[take.min()]
-        hi[sel] = starts[take.max() + 1]
-    mc = np.zeros((len(qpop), nbits + 1), np.int32)
     return ScanPlan(mc, lo, hi)
