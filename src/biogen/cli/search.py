@@ -81,7 +81,7 @@ def search(cfg: DictConfig) -> None:
             from biogen.search.distributed import ShardedSearch
 
             with ray_session(runtime), ShardedSearch(cfg.library, int(cfg.actors), cfg.engine, cfg.workers) as index:
-                queries = index.queries(cfg.query)
+                queries = index.queries(cfg.query, reader)
                 table = index.search(queries, **kwargs)
                 engine = index.engine
         else:

@@ -15,6 +15,7 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 TILE_ROWS = 4096  # rows per cache tile in multi-query scans: 4096 x 256 B = 1 MiB (fits L2)
+BOUND_PROBE = 256  # rows of a tile that decide whether the per-word bound is worth using
 
 
 @intrinsic
@@ -62,23 +63,22 @@ def common_counts(q, fps, r0, r1, out):
 
 
 @njit(nogil=True, cache=True)
-def word_bound_select(qwc, wc, pcs, mc, r0, r1, sel):
+def word_bound_select(qwc, wc, pcs, mc, r0, r1, sel, base, m):
     """Rows of [r0, r1) that may pass: sum_k min(qwc[k], wc[r, k]) >= mc[pcs[r]].
 
     ``wc`` holds each row's per-word popcounts (N x W uint8, 1/8 of the fingerprint
     bytes); the sum is an upper bound of popcount(q AND row), so rows failing it are
-    skipped without reading their fingerprint. Offsets (r - r0) go to ``sel``; returns
-    how many.
+    skipped without reading their fingerprint. Offsets (r - base) are appended to ``sel``
+    after its first ``m`` entries; returns the new count.
     """
     w = qwc.shape[0]
-    m = 0
     for r in range(r0, r1):
         row = wc[r]
         bound = 0
         for k in range(w):
             bound += min(qwc[k], row[k])
         if bound >= mc[pcs[r]]:
-            sel[m] = r - r0
+            sel[m] = r - base
             m += 1
     return m
 
@@ -118,8 +118,9 @@ def threshold_candidates(queries, query_wc, min_common, row_lo, row_hi, fps, wc,
     Returns ``(query_index int32[M], row int64[M], common int32[M])``. Rows are scanned in
     tiles of ``TILE_ROWS`` and every query visits the tile while it is in cache. Per
     tile and query: (1) the per-word bound sum_k min(q_k, row_k) >= min_common drops most
-    rows after reading 1/8 of their bytes; (2) exact popcount(q AND row) of the rest;
-    (3) the exact test, appending survivors.
+    rows after reading 1/8 of their bytes (when it keeps more than half of the first
+    ``BOUND_PROBE`` rows, the tile is counted directly instead); (2) exact
+    popcount(q AND row) of the rest; (3) the exact test, appending survivors.
     """
     nq = queries.shape[0]
     cnt = np.empty(TILE_ROWS, dtype=np.int32)
@@ -141,10 +142,19 @@ def threshold_candidates(queries, query_wc, min_common, row_lo, row_hi, fps, wc,
             if r1 <= r0:
                 continue
             mc = min_common[j]
-            m = word_bound_select(query_wc[j], wc, pcs, mc, r0, r1, sel)
-            if m == 0:
-                continue
-            common_counts_at(queries[j], fps, r0, sel, m, cnt)
+            probe = min(r1 - r0, BOUND_PROBE)
+            m = word_bound_select(query_wc[j], wc, pcs, mc, r0, r0 + probe, sel, r0, 0)
+            if 2 * m > probe:
+                # the bound keeps most rows here (low threshold): count every row directly
+                m = r1 - r0
+                common_counts(queries[j], fps, r0, r1, cnt)
+                for i in range(m):
+                    sel[i] = i
+            else:
+                m = word_bound_select(query_wc[j], wc, pcs, mc, r0 + probe, r1, sel, r0, m)
+                if m == 0:
+                    continue
+                common_counts_at(queries[j], fps, r0, sel, m, cnt)
             h = 0
             for i in range(m):  # exact test; compact the survivors in place
                 r = r0 + sel[i]

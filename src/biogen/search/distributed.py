@@ -91,8 +91,8 @@ class ShardedSearch:
 
         self._standardize = StandardizeSpec(**self.library.manifest["standardize"])
 
-    def queries(self, query) -> Queries:
-        q = as_queries(query, self.library.featurizer, self._standardize)
+    def queries(self, query, reader=None) -> Queries:
+        q = as_queries(query, self.library.featurizer, self._standardize, reader)
         check_compatible(q, self.library.featurizer, f"library {self.library.path}")
         return q
 
