@@ -26,18 +26,10 @@ from biogen.search.cpu import CpuEngine
 from biogen.search.cuda import FAST_PATHS, grid_shape, launch_shape, shared_bytes
 from biogen.search.metrics import NEVER, Metric
 
+from .test_kernels import _cupy_or_skip
+
 METRICS = (Metric("tanimoto"), Metric("dice"), Metric("tversky", 0.3, 0.7))
 THRESHOLDS = (0.0, 0.4, 0.7, 1.0)
-
-
-def _cupy_or_skip():
-    cp = pytest.importorskip("cupy", reason="cupy not installed (pip install 'biogen[cuda]')")
-    try:
-        if cp.cuda.runtime.getDeviceCount() < 1:
-            pytest.skip("no CUDA device")
-    except cp.cuda.runtime.CUDARuntimeError as exc:
-        pytest.skip(f"no usable CUDA device: {exc}")
-    return cp
 
 
 # -- data ------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from biogen.chem.fingerprints import FingerprintSpec
+from biogen.chem.standardize import StandardizeSpec
 from biogen.library.manifest import read_manifest
 
 
@@ -60,6 +61,7 @@ class Library:
         self.path = Path(path)
         self.manifest = manifest
         self.featurizer = FingerprintSpec.from_dict(manifest["featurizer"])
+        self.standardize = StandardizeSpec(**manifest["standardize"])
         self.shards = [
             Shard(self.path / "shards" / s["name"], s["name"], s["rows"], self.featurizer.n_words)
             for s in manifest["shards"]

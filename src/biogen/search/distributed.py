@@ -87,12 +87,9 @@ class ShardedSearch:
                        for a, b in slices]
         rows = ray.get([a.rows.remote() for a in self.actors])
         log.info("%d search actors (%s) over %s: %s rows", len(self.actors), self.engine, path, rows)
-        from biogen.chem.standardize import StandardizeSpec
-
-        self._standardize = StandardizeSpec(**self.library.manifest["standardize"])
 
     def queries(self, query, reader=None) -> Queries:
-        q = as_queries(query, self.library.featurizer, self._standardize, reader)
+        q = as_queries(query, self.library.featurizer, self.library.standardize, reader)
         check_compatible(q, self.library.featurizer, f"library {self.library.path}")
         return q
 

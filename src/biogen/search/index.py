@@ -33,7 +33,7 @@ from biogen.chem.readers import ReaderOptions
 from biogen.chem.standardize import StandardizeSpec
 from biogen.errors import ConfigError
 from biogen.search.metrics import Metric
-from biogen.search.plan import popcount_starts, threshold_plan
+from biogen.search.plan import popcount_starts, rows_of, threshold_plan
 from biogen.search.queries import Queries, as_queries, check_compatible
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ RESULT_SCHEMA = pa.schema([
     ("hit_id", pa.string()), ("score", pa.float64()), ("smiles", pa.string()),
     ("library_row", pa.int64()),
 ])
-SEED_MIN_ROWS = 4096  # rows of the first top-k round (at least 4k)
+FIRST_ROUND_ROWS = 4096  # rows scanned by the first top-k round (at least 4k)
 
 
 def resolve_engine(engine: str) -> str:
@@ -148,21 +148,17 @@ class SimilarityIndex:
             if missing:
                 raise ConfigError(f"shards {missing} are not in library {lib.path}")
             chosen = [s for s in lib.shards if s.name in set(shards)]
-        blocks, ids, smiles, off = [], [], [], 0
-        offsets = {}
-        for s in lib.shards:
-            offsets[s.name] = off
-            off += s.rows
-        for s in chosen:
-            blocks.append((s.fingerprints, s.popcounts, offsets[s.name]))
+        offsets = dict(zip([s.name for s in lib.shards], np.cumsum([0] + [s.rows for s in lib.shards])))
+        blocks, ids, smiles, pos = [], [], [], 0
+        for s in chosen:  # block rows are positions 0..n-1 in ids/smiles
+            blocks.append((s.fingerprints, s.popcounts, pos))
+            pos += s.rows
             meta = s.metadata(["id", "smiles"])
             ids.append(meta.column("id"))
             smiles.append(meta.column("smiles"))
         row_ids = pa.chunked_array(ids, pa.string()).combine_chunks() if ids else pa.array([], pa.string())
         row_smiles = pa.chunked_array(smiles, pa.string()).combine_chunks() if smiles else pa.array([], pa.string())
-        # library rows of the chosen shards map to positions 0..n-1 of ids/smiles
-        index = cls([(b[0], b[1], o) for b, o in zip(blocks, _positions(blocks))], lib.featurizer,
-                    row_ids, row_smiles, standardize=StandardizeSpec(**lib.manifest["standardize"]),
+        index = cls(blocks, lib.featurizer, row_ids, row_smiles, standardize=lib.standardize,
                     engine=engine, workers=workers, part_bytes=part_bytes, name=str(lib.path),
                     device=device)
         index.library_rows = np.concatenate(
@@ -251,13 +247,13 @@ class SimilarityIndex:
         if not 0.0 <= threshold <= 1.0:
             raise ConfigError(f"threshold={threshold} must lie in [0, 1]")
         q = self.queries(query)
-        nbits = self.spec.stored_bits
+        min_common = metric.min_common(q.popcount, threshold, self.spec.stored_bits)  # same for every part
         found = []
         for part, engine in self._parts():
-            plan = threshold_plan(metric, q.popcount, threshold, nbits, part.starts)
-            qi, r, c = engine.candidates(q.fps, plan.min_common, plan.row_lo, plan.row_hi)
+            row_lo, row_hi = rows_of(min_common, part.starts)
+            qi, r, c = engine.candidates(q.fps, min_common, row_lo, row_hi)
             found.append(self._scored(part, q, metric, qi, r, c))
-        return self._table(q, _concat(found), k=None)
+        return self._table(q, _sort(_concat(found)))
 
     def top_k(self, query, k: int = 10, metric: Metric | None = None) -> pa.Table:
         """The ``k`` best library molecules for each query (ties broken by hit id)."""
@@ -275,7 +271,7 @@ class SimilarityIndex:
             merged = _select_top_k(_concat(found + [best]), k)
             found = [merged]
             floor = _kth_best(merged[0], merged[2], len(q), k)
-        return self._table(q, _concat(found), k=k)
+        return self._table(q, _concat(found))
 
     def _top_k_part(self, part: _Part, engine, q: Queries, k: int, metric: Metric, floor: np.ndarray):
         """Top-k of one part by threshold scans whose threshold tightens as hits are found.
@@ -290,7 +286,7 @@ class SimilarityIndex:
         centre = part.starts[np.minimum(q.popcount, nbits)]
         left, right = centre.copy(), centre.copy()  # scanned rows: [left, right)
         t = floor.copy()
-        size = max(4 * k, SEED_MIN_ROWS)
+        size = max(4 * k, FIRST_ROUND_ROWS)
         best = _concat([])
         fps2 = np.concatenate([q.fps, q.fps])  # each query twice: a left and a right window
         while True:
@@ -327,8 +323,9 @@ class SimilarityIndex:
         pos = part.rows[r]
         return qi.astype(np.int32), pos, score, self._id_rank[pos]
 
-    def _table(self, q: Queries, found, k: int | None) -> pa.Table:
-        qi, pos, score, rank_key = _select_top_k(found, k) if k else _sort(found)
+    def _table(self, q: Queries, found) -> pa.Table:
+        """Result table of hits already in (query, score desc, id) order."""
+        qi, pos, score, _ = found
         starts = np.searchsorted(qi, np.arange(len(q)))
         rank = np.arange(len(qi)) - starts[qi] + 1 if len(qi) else np.zeros(0, np.int64)
         take = pa.array(pos, pa.int64())
@@ -342,14 +339,6 @@ class SimilarityIndex:
             "smiles": self.smiles.take(take) if self.smiles is not None else pa.nulls(len(qi), pa.string()),
             "library_row": pa.array(lib_rows, pa.int64()),
         }, schema=RESULT_SCHEMA)
-
-
-def _positions(blocks) -> list[int]:
-    out, off = [], 0
-    for b in blocks:
-        out.append(off)
-        off += len(b[1])
-    return out
 
 
 def _warn_rdkit_version(version: str | None, path) -> None:

@@ -70,11 +70,6 @@ class Metric:
         out = np.where(den == 0.0, 1.0, out)
         return np.where((a == 0.0) | (b == 0.0), 0.0, out)
 
-    def upper_bound(self, a: int, b) -> np.ndarray:
-        """Best score a target of popcount ``b`` can reach against a query of popcount ``a``."""
-        b = np.asarray(b)
-        return self.score(np.minimum(a, b), a, b)
-
     def min_common(self, a, threshold, nbits: int) -> np.ndarray:
         """``int32[Q, nbits + 1]``: least ``c`` with ``score(c, a, b) >= threshold`` per ``b``.
 
