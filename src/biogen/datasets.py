@@ -6,6 +6,9 @@ benchmarks. Nothing is downloaded; a missing package gets its install command.
 
 from __future__ import annotations
 
+import csv
+import math
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -26,8 +29,74 @@ DATASETS: dict[str, tuple[str, str, str, str]] = {
 }
 
 
+MOLECULEACE = ("MoleculeACE", "MoleculeACE/Data/benchmark_data", "pip install --no-deps MoleculeACE==3.0.0")
+
+
+def _moleculeace_dir() -> Path:
+    dist, rel, install = MOLECULEACE
+    try:
+        path = Path(metadata.distribution(dist).locate_file(rel))
+    except metadata.PackageNotFoundError:
+        raise InputError(f"MoleculeACE data sets come with the MoleculeACE package; install it: {install}") from None
+    if not path.is_dir():
+        raise InputError(f"MoleculeACE data not found at {path}; reinstall: {install}")
+    return path
+
+
+def moleculeace_targets() -> list[str]:
+    """The 30 MoleculeACE data sets, e.g. ``CHEMBL204_Ki`` (thrombin Ki)."""
+    return sorted(p.stem for p in _moleculeace_dir().glob("CHEMBL*.csv"))
+
+
+@dataclass(frozen=True)
+class ActivitySet:
+    """Measured activities of one target: SMILES, potency in nM, pActivity (-log10 molar)
+    and MoleculeACE's train/test split (and activity-cliff flag)."""
+
+    target: str
+    smiles: list[str]
+    nm: list[float]
+    pactivity: list[float]
+    split: list[str]
+    cliff: list[bool]
+
+    def subset(self, split: str) -> "ActivitySet":
+        keep = [i for i, s in enumerate(self.split) if s == split]
+        return ActivitySet(self.target, *([getattr(self, f)[i] for i in keep]
+                                          for f in ("smiles", "nm", "pactivity", "split", "cliff")))
+
+    def __len__(self) -> int:
+        return len(self.smiles)
+
+
+def load_moleculeace(target: str) -> ActivitySet:
+    """One MoleculeACE data set (Ki or EC50 in nM, train/test split) as an ``ActivitySet``."""
+    path = _moleculeace_dir() / f"{target}.csv"
+    if not path.is_file():
+        raise InputError(f"unknown MoleculeACE data set {target!r}; known: {', '.join(moleculeace_targets())}")
+    cols: dict[str, list] = {k: [] for k in ("smiles", "nm", "pactivity", "split", "cliff")}
+    with open(path, newline="") as fh:
+        for row in csv.DictReader(fh):
+            nm = float(row["exp_mean [nM]"])
+            cols["smiles"].append(row["smiles"])
+            cols["nm"].append(nm)
+            cols["pactivity"].append(9.0 - math.log10(nm))
+            cols["split"].append(row["split"])
+            cols["cliff"].append(row["cliff_mol"] == "1")
+    return ActivitySet(target, **cols)
+
+
 def dataset_path(name: str) -> str:
-    """Path of a packaged data set; ``InputError`` with the install command if missing."""
+    """Path of a packaged data set; ``InputError`` with the install command if missing.
+
+    ``moleculeace:<target>`` names a MoleculeACE CSV (e.g. ``moleculeace:CHEMBL204_Ki``).
+    """
+    if name.startswith("moleculeace:"):
+        target = name.split(":", 1)[1]
+        path = _moleculeace_dir() / f"{target}.csv"
+        if not path.is_file():
+            raise InputError(f"unknown MoleculeACE data set {target!r}; known: {', '.join(moleculeace_targets())}")
+        return str(path)
     if name not in DATASETS:
         raise InputError(f"unknown data set {name!r}; known: {', '.join(DATASETS)}")
     dist, rel, install, _ = DATASETS[name]

@@ -21,6 +21,12 @@ JOBS: dict[tuple[str, ...], tuple[str, str, str]] = {
                             "re-hash every shard; exit 1 naming any corrupted shard"),
     ("search",): ("search", "biogen.cli.search:search",
                   "similarity (top-k, threshold) or substructure search of a library"),
+    ("screen",): ("screen", "biogen.cli.screen:screen",
+                  "virtual screen: filters, similarity + QSAR scoring, fusion, diverse hits, report"),
+    ("train",): ("train", "biogen.cli.train:train",
+                 "train a Lightning QSAR model (fingerprint MLP) for screening"),
+    ("evaluate",): ("evaluate", "biogen.cli.evaluate:evaluate",
+                    "Riniker-Landrum virtual-screening benchmark: similarity and QSAR scoring"),
 }
 
 USAGE = """usage: biogen <job> [key=value ...] [--help] [--cfg job] [-m]
