@@ -1,0 +1,1 @@
+"""Virtual screening: stages (filters, scorers), fusion, selection, metrics, report."""
