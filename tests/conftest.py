@@ -33,6 +33,18 @@ def vs_benchmark() -> Path:
 
 
 @pytest.fixture(scope="session")
+def moleculeace() -> None:
+    """MoleculeACE's data (pip install --no-deps MoleculeACE==3.0.0; README command 2 installs it)."""
+    from biogen.datasets import moleculeace_targets
+    from biogen.errors import InputError
+
+    try:
+        moleculeace_targets()
+    except InputError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
 def ray_local():
     """One local Ray instance with 2 CPUs shared by all tests that use Ray."""
     import ray

@@ -175,3 +175,79 @@ def threshold_candidates(queries, query_wc, min_common, row_lo, row_hi, fps, wc,
                 out_c[n + i] = cnt[i]
             n += h
     return out_q[:n], out_r[:n], out_c[:n]
+
+
+FUSE_MAX, FUSE_MEAN, FUSE_TOPN = 0, 1, 2  # fusion codes of fused_scores
+METRIC_TANIMOTO, METRIC_DICE, METRIC_TVERSKY = 0, 1, 2
+FUSE_TILE = 1024  # rows per tile: 1024 x 256 B = 256 KiB of a 2048-bit library, next to the queries in L2
+
+
+@njit(nogil=True, cache=True)
+def _pair_score(c, a, b, metric, alpha, beta):
+    """float64 score with ``biogen.search.metrics.Metric.score``'s expressions and conventions."""
+    if a == 0 or b == 0:
+        return 0.0
+    fc = np.float64(c)
+    fa = np.float64(a)
+    fb = np.float64(b)
+    if metric == METRIC_TANIMOTO:
+        num = fc
+        den = fa + fb - fc
+    elif metric == METRIC_DICE:
+        num = 2.0 * fc
+        den = fa + fb
+    else:
+        num = fc
+        den = alpha * fa + beta * fb + (1.0 - alpha - beta) * fc
+    if den == 0.0:
+        return 1.0
+    return num / den
+
+
+@njit(nogil=True, cache=True)
+def fused_scores(queries, qpc, fps, pcs, r0, r1, metric, alpha, beta, fusion, top_n, out):
+    """out[r - r0] = fusion over all Q queries of score(query, fps[r]), r in [r0, r1).
+
+    fusion: FUSE_MAX (max), FUSE_MEAN (mean), FUSE_TOPN (mean of the top_n best scores;
+    all Q when Q < top_n). Every pair is scored (the screen needs every row's score), in
+    row tiles of FUSE_TILE so that a tile and the Q x W queries stay in cache while each
+    query sweeps the tile (the word loop vectorizes to vpopcntq).
+    """
+    nq, w = queries.shape
+    n_top = min(top_n, nq) if fusion == FUSE_TOPN else 1
+    acc = np.zeros(FUSE_TILE, dtype=np.float64)
+    top = np.full((FUSE_TILE, max(n_top, 1)), -1.0)
+    counts = np.empty(FUSE_TILE, dtype=np.int32)
+    for t0 in range(r0, r1, FUSE_TILE):
+        t1 = min(t0 + FUSE_TILE, r1)
+        m = t1 - t0
+        acc[:m] = -1.0 if fusion == FUSE_MAX else 0.0
+        if fusion == FUSE_TOPN:
+            top[:m, :] = -1.0
+        for qi in range(nq):
+            common_counts(queries[qi], fps, t0, t1, counts)
+            a = qpc[qi]
+            for i in range(m):
+                s = _pair_score(counts[i], a, pcs[t0 + i], metric, alpha, beta)
+                if fusion == FUSE_MAX:
+                    if s > acc[i]:
+                        acc[i] = s
+                elif fusion == FUSE_MEAN:
+                    acc[i] += s
+                else:  # keep the n_top best in descending order
+                    if s > top[i, n_top - 1]:
+                        j = n_top - 1
+                        while j > 0 and top[i, j - 1] < s:
+                            top[i, j] = top[i, j - 1]
+                            j -= 1
+                        top[i, j] = s
+        for i in range(m):
+            if fusion == FUSE_MAX:
+                out[t0 - r0 + i] = acc[i] if nq > 0 else 0.0
+            elif fusion == FUSE_MEAN:
+                out[t0 - r0 + i] = acc[i] / nq if nq > 0 else 0.0
+            else:
+                s = 0.0
+                for j in range(n_top):
+                    s += top[i, j]
+                out[t0 - r0 + i] = s / n_top if n_top > 0 else 0.0

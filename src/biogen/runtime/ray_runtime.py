@@ -102,6 +102,71 @@ def ray_session(spec: RuntimeSpec) -> Iterator[int]:
             ray.shutdown()
 
 
+def _shard_error(key: str, exc: Exception) -> BiogenError:
+    cause = getattr(exc, "cause", None) or exc  # RayTaskError wraps the task's own error
+    return BiogenError(f"shard {key} failed: {type(cause).__name__}: {cause}. Finished shards are "
+                       "kept; rerun the same command to resume.")
+
+
+def _drive(submit: Callable, release: Callable, shards: Iterable[tuple[str, tuple]], *, ledger: Ledger,
+           capacity: int, bar, retry: Callable | None = None) -> dict[str, dict]:
+    """Submit not-yet-done shards with at most ``capacity`` in flight; record each in the ledger.
+
+    ``retry(token, args, exc)`` may resubmit a failed shard (returns ``(ref, token)``) or
+    return None to fail the job.
+    """
+    import ray
+
+    results: dict[str, dict] = {}
+    pending: dict = {}
+
+    def collect() -> None:
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=None)
+        for ref in ready:
+            key, token, args, tries = pending.pop(ref)
+            try:
+                outputs, result = ray.get(ref)
+            except Exception as exc:
+                again = retry(token, args, exc) if retry is not None and tries < 2 else None
+                if again is not None:
+                    log.warning("shard %s: %s; retrying on a new worker", key, type(exc).__name__)
+                    pending[again[0]] = (key, again[1], args, tries + 1)
+                    continue
+                for other in pending:
+                    ray.cancel(other)
+                raise _shard_error(key, exc) from exc
+            release(token)
+            ledger.record(key, outputs, result)
+            results[key] = result
+            bar.update(1)
+
+    for key, args in shards:
+        prev = ledger.done(key)
+        if prev is not None:
+            results[key] = prev
+            bar.update(1)
+            continue
+        while len(pending) >= capacity:
+            collect()
+        ref, token = submit(args)
+        pending[ref] = (key, token, args, 0)
+    while pending:
+        collect()
+    return results
+
+
+def _inline(call: Callable, shards: Iterable[tuple[str, tuple]], ledger: Ledger, bar) -> dict[str, dict]:
+    results: dict[str, dict] = {}
+    for key, args in shards:
+        prev = ledger.done(key)
+        if prev is None:
+            outputs, prev = call(*args)
+            ledger.record(key, outputs, prev)
+        results[key] = prev
+        bar.update(1)
+    return results
+
+
 def run_shards(
     fn: Callable[..., tuple[list[str], dict]],
     shards: Iterable[tuple[str, tuple]],
@@ -118,54 +183,64 @@ def run_shards(
     memory is never materialized. Each finished shard is recorded in the ledger at once.
     Returns ``{key: result}`` for all shards, finished now or before.
     """
-    results: dict[str, dict] = {}
-    bar = tqdm(total=total, desc=desc, unit="shard", disable=not spec.progress, leave=True,
-               dynamic_ncols=True)
-    try:
+    with tqdm(total=total, desc=desc, unit="shard", disable=not spec.progress, leave=True,
+              dynamic_ncols=True) as bar:
         if spec.mode == "inline":
-            for key, args in shards:
-                prev = ledger.done(key)
-                if prev is None:
-                    outputs, prev = fn(*args)
-                    ledger.record(key, outputs, prev)
-                results[key] = prev
-                bar.update(1)
-            return results
-
+            return _inline(fn, shards, ledger, bar)
         import ray
 
         remote = ray.remote(num_cpus=1, max_retries=2)(fn)
-        pending: dict = {}
+        return _drive(lambda args: (remote.remote(*args), None), lambda token: None, shards,
+                      ledger=ledger, capacity=2 * slots, bar=bar)
 
-        def collect(block: bool) -> None:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=None if block else 0)
-            for ref in ready:
-                key = pending.pop(ref)
-                try:
-                    outputs, result = ray.get(ref)
-                except Exception as exc:
-                    for other in pending:
-                        ray.cancel(other)
-                    cause = getattr(exc, "cause", None) or exc  # RayTaskError wraps the task's own error
-                    raise BiogenError(
-                        f"shard {key} failed: {type(cause).__name__}: {cause}. Finished shards are "
-                        "kept; rerun the same command to resume."
-                    ) from exc
-                ledger.record(key, outputs, result)
-                results[key] = result
-                bar.update(1)
 
-        for key, args in shards:
-            prev = ledger.done(key)
-            if prev is not None:
-                results[key] = prev
-                bar.update(1)
-                continue
-            while len(pending) >= 2 * slots:
-                collect(block=True)
-            pending[remote.remote(*args)] = key
-        while pending:
-            collect(block=True)
-        return results
-    finally:
-        bar.close()
+def run_shards_on_actors(
+    worker_cls: type,
+    worker_args: tuple,
+    shards: Iterable[tuple[str, tuple]],
+    *,
+    ledger: Ledger,
+    spec: RuntimeSpec,
+    slots: int,
+    desc: str,
+    total: int | None = None,
+    num_gpus: float = 0.0,
+) -> dict[str, dict]:
+    """Like ``run_shards``, on ``slots`` actors of ``worker_cls(*worker_args)`` that keep
+    their state (a model, a device-resident index) across shards; each actor's
+    ``run(*args) -> (output relpaths, result)`` handles one shard at a time.
+
+    Actors take 1 CPU and ``num_gpus`` GPUs each; when an actor dies (its process or node
+    is lost) a new one replaces it and its shard is retried (twice at most); an error
+    raised by the shard's own code fails the job (finished shards stay in the ledger).
+    Inline mode builds one worker in this process.
+    """
+    with tqdm(total=total, desc=desc, unit="shard", disable=not spec.progress, leave=True,
+              dynamic_ncols=True) as bar:
+        if spec.mode == "inline":
+            worker = worker_cls(*worker_args)
+            return _inline(worker.run, shards, ledger, bar)
+        import ray
+
+        from ray.exceptions import RayActorError
+
+        actor_cls = ray.remote(num_cpus=1, num_gpus=num_gpus)(worker_cls)
+        shared = [ray.put(a) for a in worker_args]  # one copy in the object store for all actors
+        actors = [actor_cls.remote(*shared) for _ in range(max(1, slots))]
+        idle = list(range(len(actors)))
+
+        def submit(args):
+            a = idle.pop()
+            return actors[a].run.remote(*args), a
+
+        def retry(a, args, exc):
+            if not isinstance(exc, RayActorError):
+                return None
+            actors[a] = actor_cls.remote(*shared)
+            return actors[a].run.remote(*args), a
+
+        try:
+            return _drive(submit, idle.append, shards, ledger=ledger, capacity=len(actors), bar=bar, retry=retry)
+        finally:
+            for a in actors:
+                ray.kill(a)

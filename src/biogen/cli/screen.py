@@ -1,0 +1,72 @@
+"""Hydra task of ``biogen screen``: config -> stage objects and typed specs -> run_screen."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from biogen.cli.library import _typed
+from biogen.errors import ConfigError
+from biogen.runtime import RuntimeSpec
+
+log = logging.getLogger("biogen")
+
+
+def build_stages(group: DictConfig | None, key: str) -> list:
+    """Instantiate the stages of a config group in order; a stage set to null is skipped."""
+    stages = []
+    for name, node in (group or {}).items():
+        if node is None:
+            continue
+        if not OmegaConf.is_dict(node) or "_target_" not in node:
+            raise ConfigError(f"{key}.{name} must be a stage config with _target_ (e.g. "
+                              "biogen.screen.stages.PropertyFilter), or null to drop it")
+        try:
+            stages.append(instantiate(node, name=str(name), _convert_="all"))
+        except InstantiationException as exc:
+            cause = exc.__cause__
+            if isinstance(cause, ConfigError):
+                raise cause from None
+            raise ConfigError(f"{key}.{name}: {exc}") from None
+    return stages
+
+
+def screen(cfg: DictConfig) -> None:
+    from biogen.device import resolve_accelerator
+    from biogen.screen.pipeline import FusionSpec, run_screen
+    from biogen.screen.presets import LibrarySpec
+    from biogen.screen.selection import SelectionSpec
+    from biogen.screen.target import TargetSpec
+
+    run_dir = Path(cfg.output) if cfg.output else Path(HydraConfig.get().runtime.output_dir)
+    filters = build_stages(cfg.filters, "filters")
+    scorers = build_stages(cfg.scoring.scorers, "scoring.scorers")
+    for st in filters:
+        if st.kind != "filter":
+            raise ConfigError(f"filters.{st.name} is a scorer; put it under scoring.scorers")
+    for st in scorers:
+        if st.kind != "score":
+            raise ConfigError(f"scoring.scorers.{st.name} is a filter; put it under filters")
+    result = run_screen(
+        _typed(LibrarySpec, cfg.library, "library"), _typed(TargetSpec, cfg.target, "target"), filters, scorers,
+        fusion=_typed(FusionSpec, cfg.scoring.fusion, "scoring.fusion"),
+        selection=_typed(SelectionSpec, cfg.selection, "selection"),
+        runtime=_typed(RuntimeSpec, cfg.runtime, "runtime"), run_dir=run_dir,
+        accelerator=resolve_accelerator(str(cfg.device)), report=bool(cfg.report),
+        config_yaml=OmegaConf.to_yaml(cfg))
+    funnel = " -> ".join(f"{name} {n:,}" for name, n in result.funnel)
+    print(f"funnel: {funnel}")
+    if result.metrics:
+        m = result.metrics
+        print(f"labelled actives: {m['actives_in_library']} in the library, {m['actives_passing_filters']} pass "
+              f"the filters, {m['recovered_top_1%']} in the top 1%, {m['actives_in_hits']} among the "
+              f"{result.hits.num_rows} hits; EF1% {m['ef1']:.1f}, BEDROC(20) {m['bedroc20']:.3f}, AUROC {m['auroc']:.3f}")
+    for row in result.hits.slice(0, 5).to_pylist():
+        print(f"  #{row['rank']:<3} {row['id']:<24} score {row['score']:.3f}  {row['smiles']}")
+    print(f"outputs: {result.run_dir} (hits.parquet/csv/sdf, scores.parquet, report.html, summary.json); "
+          f"{result.seconds['total']:.1f} s")

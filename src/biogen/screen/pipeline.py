@@ -1,0 +1,357 @@
+"""The screen: library -> filters -> scorers -> fusion -> selection -> hits + report.
+
+Per library shard (Ray actors that hold the stages and their models; GPU when the run
+has one) the stages run in config order on the molecules still alive: a filter removes
+molecules, a scorer adds a score. Every shard writes ``shards/<name>.parquet`` with each
+molecule's pass/fail and score per stage, and is recorded in the ledger, so a rerun
+with the same ``output`` resumes. The driver then fuses the scores of the molecules that
+passed every filter, ranks them, picks the hits (scaffold cap, MaxMin diversity) and
+writes the outputs and the report.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from biogen.errors import ConfigError
+from biogen.library.store import Library
+from biogen.runtime import Ledger, RuntimeSpec, ray_session, run_shards_on_actors
+from biogen.screen.presets import LibrarySpec, preset_library
+from biogen.screen.selection import SelectionSpec, fuse_scores, select_hits
+from biogen.screen.stages import MoleculeBatch, ScreenContext, Stage
+from biogen.screen.target import TargetSpec, load_target
+
+log = logging.getLogger(__name__)
+PROPERTY_COLUMNS = ("mw", "clogp", "tpsa")
+
+
+@dataclass(frozen=True)
+class FusionSpec:
+    """Config ``scoring.fusion``: method rank | zscore; weights: scorer name -> weight."""
+
+    method: str = "rank"
+    weights: dict = field(default_factory=dict)
+
+
+@dataclass
+class ScreenResult:
+    run_dir: Path
+    hits: pa.Table
+    funnel: list[tuple[str, int]]
+    metrics: dict | None
+    seconds: dict[str, float]
+    report: Path | None
+    summary: dict
+
+
+class ScreenWorker:
+    """One shard at a time: read it, run the stages, write the per-molecule results."""
+
+    def __init__(self, library: str, stages: list[Stage], out_dir: str):
+        self.library = Library.open(library)
+        self.stages = stages
+        self.out_dir = Path(out_dir)
+        for st in stages:
+            st.load()
+        self.columns = [c for c in self.library.manifest.get("descriptors", [])
+                        if any(c in getattr(st, "columns", ()) for st in stages)]
+
+    def run(self, index: int) -> tuple[list[str], dict]:
+        shard = self.library.shards[index]
+        meta = shard.metadata(["id", "smiles", *self.columns])
+        n = meta.num_rows
+        batch = MoleculeBatch(np.arange(n, dtype=np.int64), meta.column("id").to_pylist(),
+                              meta.column("smiles").to_pylist(), np.asarray(shard.fingerprints),
+                              np.asarray(shard.popcounts, dtype=np.int32),
+                              {c: meta.column(c).to_numpy(zero_copy_only=False).astype(np.float64) for c in self.columns})
+        alive = np.ones(n, dtype=bool)
+        columns: dict[str, pa.Array] = {
+            "shard": pa.array(np.full(n, index, dtype=np.int32)), "row": pa.array(batch.rows),
+            "id": meta.column("id").combine_chunks(), "smiles": meta.column("smiles").combine_chunks()}
+        seconds: dict[str, float] = {}
+        passed: dict[str, int] = {}
+        cur = batch  # the molecules still alive (parsed molecules carry over from stage to stage)
+        for st in self.stages:
+            t0 = time.perf_counter()
+            out = np.asarray(st(cur)) if len(cur) else np.zeros(0)
+            seconds[st.name] = time.perf_counter() - t0
+            reached = np.flatnonzero(alive)
+            if st.kind == "filter":
+                ok = out.astype(bool)
+                full = np.zeros(n, dtype=bool)
+                full[reached] = ok
+                columns[f"{st.name}_pass"] = pa.array(full, mask=~alive)
+                alive = full
+                if not ok.all():
+                    cur = cur.take(ok)
+                passed[st.name] = int(alive.sum())
+            else:
+                full = np.full(n, np.nan)
+                full[reached] = out
+                columns[st.name] = pa.array(full, mask=~alive)
+        table = pa.table(columns)
+        name = f"shards/{shard.name}.parquet"
+        path = self.out_dir / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        pq.write_table(table, tmp)
+        tmp.replace(path)
+        return [name], {"rows": n, "passed": passed, "seconds": seconds}
+
+
+def _write_rejects(rejects, path: Path) -> None:
+    if not rejects:
+        return
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["source", "record", "id", "reason", "detail", "raw"])
+        for r in rejects:
+            w.writerow([r.source, r.record, r.id, r.reason, r.detail, r.raw])
+
+
+def _write_sdf(hits: pa.Table, path: Path) -> None:
+    from rdkit import Chem
+
+    with Chem.SDWriter(str(path)) as writer:
+        for row in hits.to_pylist():
+            mol = Chem.MolFromSmiles(row["smiles"] or "")
+            if mol is None:
+                continue
+            mol.SetProp("_Name", str(row["id"]))
+            for k, v in row.items():
+                if k not in ("smiles",) and v is not None:
+                    mol.SetProp(k, f"{v:.6g}" if isinstance(v, float) else str(v))
+            writer.write(mol)
+
+
+def _job_key(library: Library, stages: list[Stage], selection: SelectionSpec, fusion: FusionSpec) -> str:
+    # the ledger records per-shard stage outputs: they depend on the library and the stages
+    desc = {"library": [(s.name, s.rows) for s in library.shards], "n_rows": library.n_rows,
+            "stages": [st.describe() for st in stages]}
+    return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _metric_summary(scores: np.ndarray, labels: np.ndarray) -> dict:
+    from biogen.screen import metrics
+
+    out = metrics.summary(scores, labels)
+    top = max(1, int(round(0.01 * len(scores))))
+    out["recovered_top_1%"] = int(metrics.actives_in_top(scores, labels, top))
+    return out
+
+
+def run_screen(
+    library: LibrarySpec,
+    target: TargetSpec,
+    filters: list[Stage],
+    scorers: list[Stage],
+    *,
+    fusion: FusionSpec = FusionSpec(),
+    selection: SelectionSpec = SelectionSpec(),
+    runtime: RuntimeSpec = RuntimeSpec(),
+    run_dir: str | Path,
+    accelerator: str = "cpu",
+    report: bool = True,
+    config_yaml: str = "",
+) -> ScreenResult:
+    """Run a screen and write its outputs to ``run_dir`` (see module docstring)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stages = [*filters, *scorers]
+    names = [st.name for st in stages]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"stage names must be unique; got {names}")
+    if not scorers:
+        raise ConfigError("the screen has no scorer: set scoring=similarity, scoring=qsar or scoring=similarity_qsar")
+    seconds: dict[str, float] = {}
+    t_start = time.perf_counter()
+    with ray_session(runtime) as slots:
+        # target first: a preset library mixes in the target's held-out actives
+        t0 = time.perf_counter()
+        lib_path = Path(library.path) if library.path else None
+        if lib_path is None:
+            from biogen.chem.fingerprints import FingerprintSpec
+            from biogen.chem.standardize import StandardizeSpec
+
+            pre = load_target(target, FingerprintSpec.from_dict(dict(library.featurizer)), StandardizeSpec(enabled=False))
+            lib_path = preset_library(library, target.name, pre.held_out_smiles, runtime)
+        lib = Library.open(lib_path)
+        seconds["library"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        tdata = load_target(target, lib.featurizer, lib.standardize)
+        _write_rejects(tdata.rejects, run_dir / "target_rejects.csv")
+        if tdata.rejects:
+            log.warning("%d target compound(s) could not be used; see %s", len(tdata.rejects),
+                        run_dir / "target_rejects.csv")
+        ctx = ScreenContext(lib.featurizer, None if tdata.actives is None else tdata.actives.fps,
+                            None if tdata.actives is None else tdata.actives.popcount, run_dir,
+                            tdata.training, accelerator, runtime.progress)
+        seconds["target"] = time.perf_counter() - t0
+        for st in stages:
+            t0 = time.perf_counter()
+            st.prepare(ctx)
+            if time.perf_counter() - t0 > 0.5:
+                seconds[f"prepare {st.name}"] = time.perf_counter() - t0
+        for st in stages:
+            log.info("stage %s", st.describe())
+
+        t0 = time.perf_counter()
+        ledger = Ledger(run_dir / "ledger.jsonl", _job_key(lib, stages, selection, fusion))
+        shard_keys = [(f"shard-{s.name}", (i,)) for i, s in enumerate(lib.shards)]
+        results = run_shards_on_actors(
+            ScreenWorker, (str(lib.path), stages, str(run_dir)), shard_keys, ledger=ledger, spec=runtime,
+            slots=min(slots, max(1, len(lib.shards))), desc="screen", total=len(shard_keys),
+            num_gpus=1.0 if accelerator == "gpu" else 0.0)
+        seconds["shards (wall)"] = time.perf_counter() - t0
+    stage_cpu = {n: sum(r["seconds"].get(n, 0.0) for r in results.values()) for n in names}
+
+    t0 = time.perf_counter()
+    table = pa.concat_tables([pq.read_table(run_dir / f"shards/{s.name}.parquet") for s in lib.shards])
+    n_total = table.num_rows
+    alive = np.ones(n_total, dtype=bool)
+    funnel = [("library", n_total)]
+    for st in filters:
+        alive &= table.column(f"{st.name}_pass").to_numpy(zero_copy_only=False).astype(bool) if n_total else alive
+        funnel.append((st.name, int(alive.sum())))
+    score_cols = {st.name: table.column(st.name).to_numpy(zero_copy_only=False) for st in scorers}
+    fused = np.full(n_total, np.nan)
+    notes: list[str] = []
+    if alive.any():
+        fused[alive] = fuse_scores({k: v[alive] for k, v in score_cols.items()}, fusion.weights, fusion.method)
+    else:
+        notes.append("the filters removed every molecule of the library: no hits. Loosen or remove "
+                     "filters (filters=none, or filters.<name>=null).")
+        log.warning("%s", notes[-1])
+    ids = table.column("id").to_pylist()
+    smiles = table.column("smiles").to_pylist()
+    cand = np.flatnonzero(alive)
+    # best first; ties by id (deterministic)
+    order = cand[np.lexsort((np.asarray(ids, dtype=object)[cand].astype(str), -fused[cand]))] if len(cand) else cand
+    rank_of = np.full(n_total, -1, dtype=np.int64)
+    rank_of[order] = np.arange(1, len(order) + 1)
+    table = table.append_column("passed_filters", pa.array(alive)).append_column(
+        "score", pa.array(fused, mask=~alive)).append_column("rank", pa.array(rank_of, mask=rank_of < 0))
+    seconds["fusion + ranking"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    shard_of = table.column("shard").to_numpy()
+    row_of = table.column("row").to_numpy()
+
+    def fps_of(idx: np.ndarray) -> np.ndarray:
+        return np.stack([lib.shards[int(shard_of[i])].fingerprints[int(row_of[i])] for i in idx])
+
+    chosen, scaffolds = (select_hits(order, smiles, fps_of, selection) if len(order)
+                         else (np.zeros(0, dtype=np.int64), []))
+    seconds["selection"] = time.perf_counter() - t0
+
+    # labels (held-out or given actives), matched by InChIKey
+    metrics = None
+    labels = None
+    if tdata.label_keys:
+        keys = pa.concat_arrays([s.metadata(["inchikey"]).column("inchikey").combine_chunks() for s in lib.shards])
+        labels = pc.is_in(keys, value_set=pa.array(sorted(tdata.label_keys))).to_numpy(zero_copy_only=False)
+        labels = labels.astype(bool)
+        table = table.append_column("label", pa.array(labels))
+        if labels.any() and (~labels).any():
+            ranked = np.where(alive, fused, -np.inf)  # filtered-out molecules rank last
+            metrics = _metric_summary(ranked, labels)
+            metrics["actives_in_library"] = int(labels.sum())
+            metrics["actives_passing_filters"] = int((labels & alive).sum())
+            keep = np.ones(n_total, dtype=bool)
+            metrics["actives_after_filter"] = {}
+            for st in filters:
+                keep &= table.column(f"{st.name}_pass").to_numpy(zero_copy_only=False).astype(bool)
+                metrics["actives_after_filter"][st.name] = int((labels & keep).sum())
+            metrics["actives_in_hits"] = int(labels[chosen].sum()) if len(chosen) else 0
+        else:
+            notes.append(f"no labelled actives found in the library ({tdata.label_name}); enrichment not computed")
+
+    t0 = time.perf_counter()
+    hit_cols = {"rank": pa.array(np.arange(1, len(chosen) + 1)), "id": pa.array([ids[i] for i in chosen], pa.string()),
+                "smiles": pa.array([smiles[i] for i in chosen], pa.string()), "score": pa.array(fused[chosen]),
+                "score_rank": pa.array(rank_of[chosen])}
+    for k, v in score_cols.items():
+        hit_cols[k] = pa.array(v[chosen])
+    hit_cols["scaffold"] = pa.array(scaffolds, pa.string())
+    if labels is not None:
+        hit_cols["label"] = pa.array(labels[chosen])
+    hits = pa.table(hit_cols)
+    pq.write_table(hits, run_dir / "hits.parquet")
+    import pyarrow.csv as pacsv
+
+    pacsv.write_csv(hits, run_dir / "hits.csv")
+    _write_sdf(hits, run_dir / "hits.sdf")
+    pq.write_table(table, run_dir / "scores.parquet")
+    shutil.copy(lib.path / "manifest.json", run_dir / "library_manifest.json")
+    funnel.append(("scored", int(alive.sum())))
+    funnel.append(("selected", len(chosen)))
+    seconds["outputs"] = time.perf_counter() - t0
+    seconds.update({f"stage {k} (cpu)": v for k, v in stage_cpu.items()})
+
+    from biogen.library.manifest import tool_versions
+
+    summary = {
+        "library": str(lib.path), "molecules": n_total, "shards": len(lib.shards),
+        "featurizer": lib.featurizer.to_dict(), "target": target.name, "target_description": target.description,
+        "known_actives": 0 if tdata.actives is None else len(tdata.actives),
+        "target_rejects": len(tdata.rejects), "training_compounds": 0 if tdata.training is None else len(tdata.training.y),
+        "stages": [st.describe() for st in stages], "fusion": {"method": fusion.method, "weights": dict(fusion.weights)},
+        "selection": vars(selection), "accelerator": accelerator, "workers": slots,
+        "funnel": funnel, "metrics": metrics, "label_name": tdata.label_name, "notes": notes,
+        "qsar_train_metrics": {st.name: getattr(st, "train_metrics", None) for st in scorers if hasattr(st, "train_metrics")},
+        "seconds": {k: round(v, 3) for k, v in seconds.items()}, "versions": tool_versions(),
+    }
+    report_path = None
+    if report:
+        t0 = time.perf_counter()
+        report_path = _write_report(run_dir, target, lib, summary, funnel, seconds, score_cols, alive, fused,
+                                    hits, labels, metrics, tdata.label_name, config_yaml, notes, chosen,
+                                    time.perf_counter() - t_start)
+        seconds["report"] = time.perf_counter() - t0
+    seconds["total"] = time.perf_counter() - t_start
+    summary["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    (run_dir / "funnel.json").write_text(json.dumps(dict(funnel), indent=2) + "\n")
+    return ScreenResult(run_dir, hits, funnel, metrics, seconds, report_path, summary)
+
+
+def _write_report(run_dir, target, lib, summary, funnel, seconds, score_cols, alive, fused, hits, labels,
+                  metrics, label_name, config_yaml, notes, chosen, wall) -> Path:
+    from biogen.screen.report import ReportData, write_report
+
+    props = None
+    have = [c for c in PROPERTY_COLUMNS if c in lib.manifest.get("descriptors", [])]
+    if have:
+        meta = pa.concat_tables([s.metadata(have) for s in lib.shards])
+        rng = np.random.default_rng(0)
+        sample = rng.choice(meta.num_rows, size=min(20000, meta.num_rows), replace=False)
+        cols = {c: meta.column(c).to_numpy(zero_copy_only=False).astype(np.float64) for c in have}
+        props = {"library": {c: v[sample] for c, v in cols.items()}, "hits": {c: v[chosen] for c, v in cols.items()}}
+    enrichment = None
+    if metrics is not None:
+        enrichment = {"scores": np.where(alive, fused, -np.inf), "labels": labels, "metrics": metrics,
+                      "label_name": label_name}
+    data = ReportData(
+        title=f"biogen screen: {target.name} vs {Path(lib.path).name} ({summary['molecules']:,} molecules)",
+        summary={"target": f"{target.name} {target.description}".strip(), "library": str(lib.path),
+                 "molecules": f"{summary['molecules']:,}", "known actives": summary["known_actives"],
+                 "hits": hits.num_rows, "workers": summary["workers"], "accelerator": summary["accelerator"],
+                 "run directory": str(run_dir), "wall time (s)": f"{wall:.1f}"},
+        funnel=funnel, stage_seconds=list(seconds.items()),
+        scores={k: v[alive] for k, v in score_cols.items()} | {"fused": fused[alive]},
+        hits=hits, property_space=props, enrichment=enrichment, config_yaml=config_yaml, notes=notes,
+        versions=summary["versions"])
+    return write_report(data, run_dir / "report.html")

@@ -1,0 +1,399 @@
+"""Screening stages: small objects with one method over a batch of molecules.
+
+A stage is a filter (``kind = "filter"``: returns which molecules pass) or a scorer
+(``kind = "score"``: returns a float score per molecule, higher is better). The pipeline
+(``pipeline.py``) builds them from config (``_target_``), calls ``prepare`` once in the
+driver with the screen's context (featurizer, known actives, run directory), then ships
+them to the shard workers (Ray actors), which call them on one ``MoleculeBatch`` at a
+time. Heavy state (a model) is loaded once per worker in ``load``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from rdkit import Chem, RDLogger
+
+from biogen.chem.descriptors import DescriptorCalculator, validate_descriptor_names
+from biogen.chem.fingerprints import FingerprintSpec
+from biogen.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MoleculeBatch:
+    """N molecules of one library shard.
+
+    rows: N int64 row numbers in the shard; ids, smiles: N strings; fps: N x W ``<u8``
+    packed fingerprints; popcounts: N int32; descriptors: name -> N float64 (the
+    library's stored columns; a filter computes missing ones from ``mols``).
+    """
+
+    rows: np.ndarray
+    ids: list[str]
+    smiles: list[str]
+    fps: np.ndarray
+    popcounts: np.ndarray
+    descriptors: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @cached_property
+    def mols(self) -> list[Chem.Mol | None]:
+        """RDKit molecules parsed from the stored canonical SMILES (once per batch)."""
+        RDLogger.DisableLog("rdApp.*")
+        try:
+            return [Chem.MolFromSmiles(s) for s in self.smiles]
+        finally:
+            RDLogger.EnableLog("rdApp.*")
+
+    def take(self, keep: np.ndarray) -> "MoleculeBatch":
+        """The molecules where ``keep`` (bool N) is true (parsed molecules carried over)."""
+        idx = np.flatnonzero(keep)
+        sub = MoleculeBatch(self.rows[idx], [self.ids[i] for i in idx], [self.smiles[i] for i in idx],
+                            self.fps[idx], self.popcounts[idx], {k: v[idx] for k, v in self.descriptors.items()})
+        if "mols" in self.__dict__:
+            sub.__dict__["mols"] = [self.mols[i] for i in idx]
+        return sub
+
+    def descriptor(self, name: str) -> np.ndarray:
+        """A descriptor column, computed with RDKit when the library does not store it."""
+        if name not in self.descriptors:
+            calc = DescriptorCalculator([name])
+            self.descriptors[name] = np.array(
+                [calc(m)[0] if m is not None else np.nan for m in self.mols], dtype=np.float64)
+        return self.descriptors[name]
+
+
+@dataclass
+class ScreenContext:
+    """What stages may need when they are prepared in the driver (plain objects only)."""
+
+    featurizer: FingerprintSpec
+    actives_fps: np.ndarray | None          # Q x W known actives, featurized like the library
+    actives_popcounts: np.ndarray | None    # Q int32
+    run_dir: Path
+    training: object | None = None          # target activity data (biogen.screen.target.TrainingSet)
+    accelerator: str = "cpu"
+    progress: bool = True
+
+
+class Stage(Protocol):
+    name: str
+    kind: str  # "filter" | "score"
+
+    def prepare(self, ctx: ScreenContext) -> None: ...
+    def load(self) -> None: ...
+    def __call__(self, batch: MoleculeBatch) -> np.ndarray: ...
+    def describe(self) -> str: ...
+
+
+class _Base:
+    name = "stage"
+    kind = "filter"
+
+    def prepare(self, ctx: ScreenContext) -> None:
+        """Driver-side set-up (featurize actives, train or check a model)."""
+
+    def load(self) -> None:
+        """Worker-side set-up, once per worker (load a model)."""
+
+    def describe(self) -> str:
+        return self.name
+
+
+# ---------------------------------------------------------------- property filters
+
+# name -> ({descriptor: (min, max)}, allowed violations). Lipinski 1997 (Ro5, one violation
+# allowed as in the original rule), Veber 2002, lead-like after Teague/Oprea 1999 as ZINC uses it.
+PROPERTY_PRESETS: dict[str, tuple[dict[str, tuple[float | None, float | None]], int]] = {
+    "lipinski": ({"mw": (None, 500.0), "clogp": (None, 5.0), "hbd": (None, 5), "hba": (None, 10)}, 1),
+    "veber": ({"rotatable_bonds": (None, 10), "tpsa": (None, 140.0)}, 0),
+    "leadlike": ({"mw": (250.0, 350.0), "clogp": (None, 3.5), "rotatable_bonds": (None, 7)}, 0),
+}
+
+
+class PropertyFilter(_Base):
+    """Keep molecules whose descriptors lie in ranges (inclusive).
+
+    preset: lipinski | veber | leadlike, or null with ``ranges``; ranges: descriptor ->
+    [min, max] (null = open); max_violations: how many ranges a molecule may miss.
+    Descriptors come from the library (computed on the fly when it does not store them).
+    """
+
+    def __init__(self, preset: str | None = None, ranges: Mapping[str, Sequence] | None = None,
+                 max_violations: int | None = None, name: str | None = None):
+        if preset is not None and preset not in PROPERTY_PRESETS:
+            raise ConfigError(f"property filter preset={preset!r} is unknown; choose one of "
+                              f"{', '.join(PROPERTY_PRESETS)} or give ranges")
+        base, base_viol = PROPERTY_PRESETS[preset] if preset else ({}, 0)
+        merged = dict(base)
+        for key, value in (ranges or {}).items():
+            if value is None:
+                merged.pop(key, None)
+                continue
+            if len(value) != 2:
+                raise ConfigError(f"property range {key}={list(value)} must be [min, max] (null for open)")
+            merged[key] = (value[0], value[1])
+        if not merged:
+            raise ConfigError("a property filter needs a preset or at least one range, e.g. ranges: {mw: [null, 500]}")
+        validate_descriptor_names(list(merged))
+        self.ranges = merged
+        self.max_violations = base_viol if max_violations is None else int(max_violations)
+        self.name = name or preset or "properties"
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return tuple(self.ranges)
+
+    def __call__(self, batch: MoleculeBatch) -> np.ndarray:
+        violations = np.zeros(len(batch), dtype=np.int32)
+        for key, (lo, hi) in self.ranges.items():
+            v = batch.descriptor(key)
+            bad = np.isnan(v)
+            if lo is not None:
+                bad |= v < lo
+            if hi is not None:
+                bad |= v > hi
+            violations += bad
+        return violations <= self.max_violations
+
+    def describe(self) -> str:
+        parts = [f"{k} in [{'' if lo is None else lo}, {'' if hi is None else hi}]" for k, (lo, hi) in self.ranges.items()]
+        return f"{self.name}: {', '.join(parts)} (violations allowed: {self.max_violations})"
+
+
+# ---------------------------------------------------------------- structural alerts
+
+def _alert_catalogs() -> dict[str, object]:
+    from rdkit.Chem.FilterCatalog import FilterCatalogParams
+
+    C = FilterCatalogParams.FilterCatalogs
+    return {name: getattr(C, name) for name in (
+        "PAINS", "PAINS_A", "PAINS_B", "PAINS_C", "BRENK", "NIH", "ZINC", "CHEMBL",
+        "CHEMBL_Glaxo", "CHEMBL_Dundee", "CHEMBL_BMS", "CHEMBL_MLSMR", "CHEMBL_Inpharmatica",
+        "CHEMBL_LINT", "CHEMBL_SureChEMBL") if hasattr(C, name)}
+
+
+class AlertFilter(_Base):
+    """Reject molecules matching structural alerts of RDKit FilterCatalog sets.
+
+    catalogs: e.g. [PAINS_A, PAINS_B, PAINS_C] or [PAINS, BRENK, NIH, CHEMBL]. Molecules
+    whose SMILES cannot be parsed fail.
+    """
+
+    def __init__(self, catalogs: Sequence[str] = ("PAINS",), name: str | None = None):
+        valid = _alert_catalogs()
+        unknown = [c for c in catalogs if c not in valid]
+        if unknown or not catalogs:
+            raise ConfigError(f"alert catalogs {unknown or list(catalogs)} are not valid; choose from "
+                              f"{', '.join(valid)}")
+        self.catalogs = tuple(catalogs)
+        self.name = name or "alerts"
+        self._catalog = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_catalog": None}  # FilterCatalog is rebuilt in each worker
+
+    def load(self) -> None:
+        from rdkit.Chem.FilterCatalog import FilterCatalog, FilterCatalogParams
+
+        params = FilterCatalogParams()
+        valid = _alert_catalogs()
+        for c in self.catalogs:
+            params.AddCatalog(valid[c])
+        self._catalog = FilterCatalog(params)
+
+    def __call__(self, batch: MoleculeBatch) -> np.ndarray:
+        if self._catalog is None:
+            self.load()
+        has = self._catalog.HasMatch
+        return np.array([m is not None and not has(m) for m in batch.mols], dtype=bool)
+
+    def describe(self) -> str:
+        return f"{self.name}: no match in {', '.join(self.catalogs)}"
+
+
+class SmartsFilter(_Base):
+    """Keep molecules matching all ``include`` SMARTS and none of ``exclude``."""
+
+    def __init__(self, include: Sequence[str] = (), exclude: Sequence[str] = (), name: str | None = None):
+        if not include and not exclude:
+            raise ConfigError("a SMARTS filter needs include and/or exclude patterns")
+        for s in (*include, *exclude):
+            if Chem.MolFromSmarts(s) is None:
+                raise ConfigError(f"invalid SMARTS {s!r} in the SMARTS filter; check the pattern "
+                                  "(RDKit could not parse it)")
+        self.include, self.exclude = tuple(include), tuple(exclude)
+        self.name = name or "smarts"
+
+    def __call__(self, batch: MoleculeBatch) -> np.ndarray:
+        inc = [Chem.MolFromSmarts(s) for s in self.include]
+        exc = [Chem.MolFromSmarts(s) for s in self.exclude]
+        return np.array([m is not None and all(m.HasSubstructMatch(p) for p in inc)
+                         and not any(m.HasSubstructMatch(p) for p in exc) for m in batch.mols], dtype=bool)
+
+    def describe(self) -> str:
+        return f"{self.name}: include {list(self.include)}, exclude {list(self.exclude)}"
+
+
+# ---------------------------------------------------------------- scorers
+
+class SimilarityScorer(_Base):
+    """Fused similarity to the known actives (library fingerprints, exact RDKit scores).
+
+    fusion: max | mean | top_n (mean of the ``top_n`` best); metric: tanimoto | dice |
+    tversky (alpha, beta).
+    """
+
+    kind = "score"
+
+    def __init__(self, fusion: str = "max", top_n: int = 5, metric: str = "tanimoto",
+                 alpha: float = 0.5, beta: float = 0.5, name: str | None = None):
+        from biogen.search.fused import check_fusion
+        from biogen.search.metrics import Metric
+
+        check_fusion(fusion, int(top_n))
+        self.fusion, self.top_n = fusion, int(top_n)
+        self.metric = Metric(metric, float(alpha), float(beta))
+        self.name = name or "similarity"
+        self.actives: np.ndarray | None = None
+        self.actives_pc: np.ndarray | None = None
+
+    def prepare(self, ctx: ScreenContext) -> None:
+        if ctx.actives_fps is None or len(ctx.actives_fps) == 0:
+            raise ConfigError("similarity scoring needs known actives: set target.actives (a molecule file) "
+                              "or a target with activity data (e.g. target=chembl204_thrombin)")
+        self.actives = ctx.actives_fps
+        self.actives_pc = ctx.actives_popcounts
+
+    def __call__(self, batch: MoleculeBatch) -> np.ndarray:
+        from biogen.search.fused import fused_similarity
+
+        return fused_similarity(self.actives, self.actives_pc, batch.fps, batch.popcounts,
+                                self.metric, self.fusion, self.top_n)
+
+    def describe(self) -> str:
+        fuse = f"mean of top {self.top_n}" if self.fusion == "top_n" else self.fusion
+        n = 0 if self.actives is None else len(self.actives)
+        return f"{self.name}: {self.metric.label}, {fuse} over {n} known actives"
+
+
+class QSARScorer(_Base):
+    """Score with a trained Lightning QSAR model (``biogen train``).
+
+    checkpoint: a ``.ckpt`` from ``biogen train``; null trains one in this run on the
+    target's activity data (``model`` holds the QSARSpec settings). The model's
+    featurizer must equal the library's (refused otherwise). Workers load the checkpoint
+    once and keep the model (on the GPU when the run has one).
+    """
+
+    kind = "score"
+
+    def __init__(self, checkpoint: str | None = None, model: Mapping | None = None,
+                 batch_size: int = 65536, name: str | None = None):
+        self.checkpoint = None if checkpoint is None else str(checkpoint)
+        self.model_settings = dict(model or {})
+        self.batch_size = int(batch_size)
+        self.name = name or "qsar"
+        self.task = None
+        self.accelerator = "cpu"
+        self._predictor = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_predictor": None}  # workers load the checkpoint themselves
+
+    def prepare(self, ctx: ScreenContext) -> None:
+        from biogen.models.qsar import QSARPredictor, QSARSpec, fit_qsar
+
+        self.accelerator = ctx.accelerator
+        if self.checkpoint is None:
+            if ctx.training is None or len(ctx.training.y) == 0:
+                raise ConfigError(
+                    "QSAR scoring has no checkpoint and the target has no activity data to train one: "
+                    "set scoring.scorers.qsar.checkpoint=<model.ckpt from biogen train>, or use a target "
+                    "with activities (target.moleculeace=... or target.activities=<csv>)")
+            try:
+                spec = QSARSpec(**self.model_settings)
+            except TypeError as exc:
+                raise ConfigError(f"invalid scoring.scorers.{self.name}.model settings ({exc})") from None
+            out = ctx.run_dir / "model"
+            log.info("training the QSAR model on %d %s compounds (%s)", len(ctx.training.y),
+                     ctx.training.name, spec.task)
+            predictor = fit_qsar(ctx.training.fps, np.asarray(ctx.training.y), spec, ctx.featurizer,
+                                 smiles=ctx.training.smiles, accelerator=ctx.accelerator, out_dir=out,
+                                 progress=False)
+            path = predictor.checkpoint or predictor.save(out / "qsar.ckpt")
+            self.checkpoint = str(path)
+            self.train_metrics = dict(predictor.metrics)
+            self._predictor = predictor
+        else:
+            predictor = QSARPredictor.load(self.checkpoint)
+            self._predictor = predictor
+        predictor.check_featurizer(ctx.featurizer, "library")
+        self.task = predictor.task
+
+    def load(self) -> None:
+        if self._predictor is None:
+            from biogen.models.qsar import QSARPredictor
+
+            self._predictor = QSARPredictor.load(self.checkpoint)
+            if self.accelerator != "cpu":
+                self._predictor = self._predictor.to("cuda")
+
+    def __call__(self, batch: MoleculeBatch) -> np.ndarray:
+        if self._predictor is None:
+            self.load()
+        return np.asarray(self._predictor.predict(batch.fps, batch_size=self.batch_size), dtype=np.float64)
+
+    def describe(self) -> str:
+        what = "P(active)" if self.task == "classification" else "predicted pActivity"
+        return f"{self.name}: fingerprint MLP ({what}) from {self.checkpoint}"
+
+
+class ADMETScorer(_Base):
+    """Optional: one ADMET-AI endpoint (pretrained Chemprop-2 models, ``pip install biogen[admet]``).
+
+    endpoint: a column of ADMET-AI's predictions (e.g. ``hERG``, ``AMES``, ``DILI``);
+    higher_is_better: false turns a liability probability into a score (1 - p).
+    """
+
+    kind = "score"
+
+    def __init__(self, endpoint: str = "hERG", higher_is_better: bool = False, name: str | None = None):
+        self.endpoint = endpoint
+        self.higher_is_better = bool(higher_is_better)
+        self.name = name or f"admet_{endpoint}"
+        self._model = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_model": None}
+
+    def prepare(self, ctx: ScreenContext) -> None:
+        try:
+            import admet_ai  # noqa: F401
+        except ImportError:
+            raise ConfigError("the ADMET stage needs the admet-ai package: pip install 'biogen[admet]' "
+                              "(or remove scoring.scorers." + self.name + ")") from None
+
+    def load(self) -> None:
+        from admet_ai import ADMETModel
+
+        self._model = ADMETModel()
+
+    def __call__(self, batch: MoleculeBatch) -> np.ndarray:
+        if self._model is None:
+            self.load()
+        preds = self._model.predict(smiles=list(batch.smiles))
+        if self.endpoint not in preds:
+            raise ConfigError(f"ADMET-AI has no endpoint {self.endpoint!r}; available: {', '.join(preds.columns)}")
+        p = np.asarray(preds[self.endpoint], dtype=np.float64)
+        return p if self.higher_is_better else 1.0 - p

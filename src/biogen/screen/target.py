@@ -1,0 +1,191 @@
+"""The screen's target: known actives, activity data for QSAR training, and labels.
+
+Sources (config group ``target``):
+- ``moleculeace``: a MoleculeACE data set (installed package, e.g. ``CHEMBL204_Ki``):
+  its train split gives the known actives (pActivity >= active_threshold) and the QSAR
+  training data; its test split's actives are the held-out labels used to measure how
+  well the screen recovers them.
+- files: ``actives`` (SMILES/CSV/SDF of known actives), ``activities`` (CSV with SMILES
+  and a measured value, for QSAR training) and ``labels`` (molecules known to be active,
+  matched to the library by InChIKey, for enrichment metrics).
+
+Every molecule is featurized with the library's own parameters; unparsable records go
+to rejects with their reason, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from rdkit import Chem, RDLogger
+
+from biogen.chem.fingerprints import FingerprintSpec
+from biogen.chem.readers import ReaderOptions
+from biogen.chem.records import Reject
+from biogen.chem.standardize import StandardizeSpec
+from biogen.errors import ConfigError, InputError
+from biogen.search.queries import Queries
+
+log = logging.getLogger(__name__)
+UNITS = ("nM", "uM", "pActivity")
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """Config group ``target``.
+
+    name: label used in reports; moleculeace: a MoleculeACE data set name; actives,
+    activities, labels: files (see module docstring); smiles_column / value_column: the
+    activities CSV's columns (found by name when null); value_unit: nM | uM | pActivity;
+    active_threshold: pActivity at or above which a compound counts as active (7 = 100 nM);
+    sequence: the target protein's sequence (recorded with the run, for protein-aware
+    scoring); description: free text.
+    """
+
+    name: str = "target"
+    moleculeace: str | None = None
+    actives: str | None = None
+    activities: str | None = None
+    labels: str | None = None
+    smiles_column: str | None = None
+    value_column: str | None = None
+    value_unit: str = "nM"
+    active_threshold: float = 7.0
+    sequence: str | None = None
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.value_unit not in UNITS:
+            raise ConfigError(f"target.value_unit={self.value_unit!r} is not valid; choose one of {', '.join(UNITS)}")
+        if not (self.moleculeace or self.actives or self.activities):
+            raise ConfigError("the target has no compounds: set target.moleculeace=<data set> (e.g. CHEMBL204_Ki), "
+                              "target.actives=<file of known actives> or target.activities=<csv>")
+
+
+@dataclass
+class TrainingSet:
+    """Activity data for QSAR training: N SMILES, fingerprints (N x W), pActivity values."""
+
+    name: str
+    smiles: list[str]
+    fps: np.ndarray
+    y: np.ndarray
+
+
+@dataclass
+class TargetData:
+    spec: TargetSpec
+    actives: Queries | None                 # known actives, library featurizer
+    training: TrainingSet | None
+    label_keys: set[str] = field(default_factory=set)  # InChIKeys of molecules known to be active
+    label_name: str = ""
+    held_out_smiles: list[str] = field(default_factory=list)  # MoleculeACE test actives (spiked into presets)
+    rejects: list[Reject] = field(default_factory=list)
+
+
+def _to_pactivity(value: float, unit: str) -> float:
+    if unit == "pActivity":
+        return value
+    nm = value * 1000.0 if unit == "uM" else value
+    if not nm > 0:
+        raise ValueError(f"activity {value} {unit} must be > 0")
+    return 9.0 - math.log10(nm)
+
+
+def inchikeys(smiles: list[str]) -> list[str | None]:
+    RDLogger.DisableLog("rdApp.*")
+    try:
+        out = []
+        for s in smiles:
+            m = Chem.MolFromSmiles(s)
+            out.append(Chem.MolToInchiKey(m) if m is not None else None)
+        return out
+    finally:
+        RDLogger.EnableLog("rdApp.*")
+
+
+def _read_activities(path: str, spec: TargetSpec) -> tuple[list[str], list[float], list[Reject]]:
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"target.activities={path!r} not found; give a CSV with SMILES and activity columns")
+    rejects: list[Reject] = []
+    smiles, values = [], []
+    with open(p, newline="") as fh:
+        sample = fh.read(4096)
+        fh.seek(0)
+        dialect = csv.Sniffer().sniff(sample, delimiters=",\t;") if sample else csv.excel
+        reader = csv.DictReader(fh, dialect=dialect)
+        cols = reader.fieldnames or []
+        scol = spec.smiles_column or next((c for c in cols if c.lower() in ("smiles", "canonical_smiles")), None)
+        vcol = spec.value_column or next((c for c in cols if c.lower() in (
+            "value", "activity", "pactivity", "pchembl_value", "exp_mean [nm]", "ki", "ic50", "y")), None)
+        if scol not in cols or vcol not in cols:
+            raise InputError(f"target.activities={path}: columns {cols}; set target.smiles_column and "
+                             f"target.value_column (found smiles={scol!r}, value={vcol!r})")
+        for i, row in enumerate(reader, start=2):
+            try:
+                values.append(_to_pactivity(float(row[vcol]), spec.value_unit))
+                smiles.append(row[scol])
+            except (TypeError, ValueError) as exc:
+                rejects.append(Reject(str(p), i, "bad_activity",
+                                      f"{vcol}={row.get(vcol)!r}: {exc}; give a positive number", str(row)))
+    return smiles, values, rejects
+
+
+def load_target(spec: TargetSpec, featurizer: FingerprintSpec, standardize: StandardizeSpec,
+                reader: ReaderOptions = ReaderOptions()) -> TargetData:
+    """Known actives, training data and labels of ``spec``, featurized like the library."""
+    rejects: list[Reject] = []
+    actives = training = None
+    label_keys: set[str] = set()
+    label_name = ""
+    held_out: list[str] = []
+    train_smiles: list[str] = []
+    train_y: list[float] = []
+    if spec.moleculeace:
+        from biogen.datasets import load_moleculeace
+
+        data = load_moleculeace(spec.moleculeace)
+        train, test = data.subset("train"), data.subset("test")
+        train_smiles, train_y = list(train.smiles), list(train.pactivity)
+        held_out = [s for s, p in zip(test.smiles, test.pactivity) if p >= spec.active_threshold]
+        label_keys = {k for k in inchikeys(held_out) if k}
+        label_name = (f"held-out {spec.moleculeace} test actives (pActivity >= {spec.active_threshold:g}), "
+                      "not used for training")
+    if spec.activities:
+        smi, vals, bad = _read_activities(spec.activities, spec)
+        train_smiles += smi
+        train_y += vals
+        rejects += bad
+    if train_smiles:
+        q = Queries.from_smiles(train_smiles, featurizer, standardize,
+                                ids=[f"train{i + 1}" for i in range(len(train_smiles))])
+        rejects += q.rejects
+        keep = [int(i[5:]) - 1 for i in q.ids]
+        y = np.asarray([train_y[i] for i in keep], dtype=np.float64)
+        training = TrainingSet(spec.moleculeace or Path(spec.activities).name, [train_smiles[i] for i in keep], q.fps, y)
+        if not spec.actives:
+            act = y >= spec.active_threshold
+            idx = np.flatnonzero(act)
+            actives = Queries(q.fps[idx], [f"{spec.name}:active{i + 1}" for i in idx],
+                              [train_smiles[keep[i]] for i in idx], featurizer)
+    if spec.actives:
+        actives = Queries.from_files(spec.actives, featurizer, standardize, reader)
+        rejects += actives.rejects
+    if spec.labels:
+        lab = Queries.from_files(spec.labels, featurizer, standardize, reader)
+        rejects += lab.rejects
+        label_keys |= {k for k in inchikeys([s for s in lab.smiles if s]) if k}
+        label_name = label_name or f"known actives from {Path(spec.labels).name}"
+    if actives is not None and len(actives) == 0:
+        raise InputError(
+            f"target {spec.name!r} has no usable known actives (0 of the given compounds"
+            + (f" reach pActivity >= {spec.active_threshold:g}" if not spec.actives else " could be parsed")
+            + "); lower target.active_threshold or give target.actives=<file>. "
+            + (f"{len(rejects)} record(s) were rejected (see target_rejects.csv)" if rejects else ""))
+    return TargetData(spec, actives, training, label_keys, label_name, held_out, rejects)

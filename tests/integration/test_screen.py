@@ -1,0 +1,115 @@
+"""biogen screen end to end on real data: a MOSES slice with thrombin's held-out actives
+mixed in (the default preset, built small), inline and on Ray, resume, bad input, CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from biogen.errors import ConfigError
+from biogen.screen.pipeline import run_screen
+from biogen.screen.presets import LibrarySpec
+from biogen.screen.selection import SelectionSpec
+from biogen.screen.stages import PropertyFilter, SimilarityScorer
+from biogen.screen.target import TargetSpec
+
+LIMIT = 1500
+THROMBIN = TargetSpec(name="CHEMBL204_Ki", moleculeace="CHEMBL204_Ki")
+
+
+@pytest.fixture(scope="module")
+def lib_spec(tmp_path_factory, moleculeace) -> LibrarySpec:
+    return LibrarySpec(limit=LIMIT, cache_dir=str(tmp_path_factory.mktemp("cache")))
+
+
+def _screen(lib_spec, run_dir, runtime, filters=None, **kw):
+    filters = [PropertyFilter("lipinski", name="lipinski")] if filters is None else filters
+    return run_screen(lib_spec, THROMBIN, filters, [SimilarityScorer(name="similarity")],
+                      selection=SelectionSpec(n=20, top_m=200), runtime=runtime, run_dir=run_dir, **kw)
+
+
+def test_screen_inline_outputs_and_resume(lib_spec, tmp_path, inline_rt):
+    res = _screen(lib_spec, tmp_path / "run", inline_rt)
+    d = res.run_dir
+    for name in ("hits.parquet", "hits.csv", "hits.sdf", "scores.parquet", "summary.json", "funnel.json",
+                 "report.html", "library_manifest.json", "ledger.jsonl"):
+        assert (d / name).is_file(), name
+    scores = pq.read_table(d / "scores.parquet")
+    n = LIMIT + 215  # MOSES slice + thrombin's held-out test actives (pKi >= 7)
+    assert scores.num_rows == res.funnel[0][1] == n
+    assert len(set(scores.column("id").to_pylist())) == n
+    counts = [c for _, c in res.funnel]
+    assert counts == sorted(counts, reverse=True) and res.funnel[-1] == ("selected", 20)
+    passed = np.array(scores.column("lipinski_pass").to_pylist())
+    sim = scores.column("similarity").to_numpy(zero_copy_only=False)
+    assert np.isnan(sim[~passed.astype(bool)]).all() and not np.isnan(sim[passed.astype(bool)]).any()
+    hits = res.hits
+    assert hits.column("rank").to_pylist() == list(range(1, 21))
+    s = hits.column("score").to_numpy()
+    assert np.all(np.diff(s) <= 0)
+    # held-out actives are labelled and the similarity screen enriches them strongly
+    m = res.metrics
+    assert m["actives_in_library"] == 215 and m["n"] == n
+    assert m["ef1"] > 5 and m["auroc"] > 0.7
+    summary = json.loads((d / "summary.json").read_text())
+    assert summary["known_actives"] == 985 and summary["metrics"]["ef1"] == m["ef1"]
+    sdf = (d / "hits.sdf").read_text()
+    assert sdf.count("$$$$") == 20 and ">  <similarity>" in sdf
+    # a rerun in the same directory resumes: every shard is taken from the ledger
+    before = (d / "ledger.jsonl").read_text()
+    again = _screen(lib_spec, tmp_path / "run", inline_rt)
+    assert (d / "ledger.jsonl").read_text() == before
+    assert again.hits.equals(res.hits)
+
+
+@pytest.mark.ray
+def test_screen_on_ray_actors_matches_inline(lib_spec, tmp_path, inline_rt, ray_rt):
+    lib_spec_small = LibrarySpec(limit=LIMIT, cache_dir=lib_spec.cache_dir, chunk_size=400)  # several shards
+    a = _screen(lib_spec_small, tmp_path / "inline", inline_rt, report=False)
+    b = _screen(lib_spec_small, tmp_path / "ray", ray_rt, report=False)
+    assert a.summary["shards"] >= 4
+    assert a.hits.equals(b.hits)
+    assert a.funnel == b.funnel and a.metrics == b.metrics
+
+
+def test_filters_that_remove_everything(lib_spec, tmp_path, inline_rt):
+    res = _screen(lib_spec, tmp_path / "run", inline_rt, filters=[PropertyFilter(ranges={"mw": [0, 10]}, name="tiny")])
+    assert res.hits.num_rows == 0 and res.funnel[-1] == ("selected", 0)
+    assert any("removed every molecule" in n for n in res.summary["notes"])
+    assert "removed every molecule" in (res.run_dir / "report.html").read_text()
+
+
+def test_screen_refusals(lib_spec, tmp_path, inline_rt):
+    with pytest.raises(ConfigError, match="no scorer"):
+        run_screen(lib_spec, THROMBIN, [], [], runtime=inline_rt, run_dir=tmp_path)
+    with pytest.raises(ConfigError, match="unique"):
+        run_screen(lib_spec, THROMBIN, [PropertyFilter("lipinski", name="x")], [SimilarityScorer(name="x")],
+                   runtime=inline_rt, run_dir=tmp_path)
+
+
+def _biogen(args, cwd, env_extra=None):
+    env = {**os.environ, "BIOGEN_RUNS_DIR": str(cwd / "runs"), **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "biogen.cli.main", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600, env=env)
+
+
+def test_cli_screen_and_config_errors(lib_spec, tmp_path):
+    env = {"BIOGEN_CACHE_DIR": str(tmp_path / "cache")}
+    p = _biogen(["screen", f"library.limit={LIMIT}", "scoring=similarity", "selection=top", "selection.n=10",
+                 "runtime=inline", "filters.lipinski=null", f"output={tmp_path / 'out'}"], tmp_path, env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "funnel: library 1,715 -> scored 1,715 -> selected 10" in p.stdout
+    assert "labelled actives: 215 in the library" in p.stdout
+    assert (tmp_path / "out" / "report.html").is_file()
+    typo = _biogen(["screen", "filterz=none"], tmp_path, env)
+    assert typo.returncode != 0 and "filterz" in typo.stderr
+    preset = _biogen(["screen", "filters=nope"], tmp_path, env)
+    assert preset.returncode != 0 and "lipinski" in preset.stderr and "druglike" in preset.stderr
+    bad_stage = _biogen(["screen", "selection.n=0", "runtime=inline", f"library.limit={LIMIT}"], tmp_path, env)
+    assert bad_stage.returncode == 2 and "selection.n=0" in bad_stage.stderr
+    helptext = _biogen(["screen", "--help"], tmp_path, env)
+    assert helptext.returncode == 0 and "experiment=" in helptext.stdout and "filters=" in helptext.stdout

@@ -1,0 +1,166 @@
+"""Screening stages, fused similarity, fusion and selection against oracles (RDKit)."""
+
+import numpy as np
+import pytest
+from rdkit import Chem, DataStructs
+from rdkit.Chem import Descriptors, rdFingerprintGenerator
+
+from biogen.chem.fingerprints import FingerprintSpec, pack_bits, popcounts
+from biogen.chem.standardize import StandardizeSpec
+from biogen.errors import ConfigError, InputError
+from biogen.screen.selection import SelectionSpec, fuse_scores, murcko_scaffold, select_hits
+from biogen.screen.stages import AlertFilter, MoleculeBatch, PropertyFilter, SimilarityScorer, SmartsFilter
+from biogen.screen.target import TargetSpec, load_target
+from biogen.search.fused import fused_similarity
+from biogen.search.metrics import Metric
+
+SMILES = [
+    "CC(=O)Oc1ccccc1C(=O)O", "CC(C)Cc1ccc(cc1)C(C)C(=O)O", "CN1C=NC2=C1C(=O)N(C(=O)N2C)C",
+    "c1ccc2c(c1)cc1ccc3cccc4ccc2c1c34", "O=C(O)c1ccccc1O", "CCN(CC)CC", "c1ccccc1", "C",
+    "CC(=O)Nc1ccc(O)cc1", "COc1ccc2[nH]cc(CCN(C)C)c2c1", "S=C1SC(=Cc2ccccc2)C(=O)N1",
+    "CCCCCCCCCCCCCCCCCC(=O)OCC(O)CO", "Clc1ccc(cc1)C(c1ccccc1)N1CCN(CC1)CCOCC(=O)O",
+    "O=C1NC(=O)C(N1)(c1ccccc1)c1ccccc1", "CC12CCC3C(CCC4=CC(=O)CCC34C)C1CCC2O",
+]
+
+
+def _fps(smiles, nbits=2048):
+    gen = rdFingerprintGenerator.GetMorganGenerator(radius=2, fpSize=nbits)
+    mols = [Chem.MolFromSmiles(s) for s in smiles]
+    ebv = [gen.GetFingerprint(m) for m in mols]
+    packed = pack_bits(np.array([gen.GetFingerprintAsNumPy(m) for m in mols], dtype=np.uint8))
+    return ebv, packed, popcounts(packed)
+
+
+def _batch(smiles):
+    _, fps, pc = _fps(smiles)
+    return MoleculeBatch(np.arange(len(smiles)), [f"m{i}" for i in range(len(smiles))], list(smiles), fps, pc)
+
+
+@pytest.mark.parametrize("metric", [Metric("tanimoto"), Metric("dice"), Metric("tversky", 0.7, 0.3)])
+def test_fused_similarity_equals_rdkit(metric):
+    ebv, fps, pc = _fps(SMILES)
+    q = [0, 2, 8, 9]
+    bulk = {"tanimoto": DataStructs.BulkTanimotoSimilarity, "dice": DataStructs.BulkDiceSimilarity}
+    if metric.name == "tversky":
+        ref = np.array([DataStructs.BulkTverskySimilarity(ebv[i], ebv, metric.alpha, metric.beta) for i in q]).T
+    else:
+        ref = np.array([bulk[metric.name](ebv[i], ebv) for i in q]).T  # N x Q
+    assert np.array_equal(fused_similarity(fps[q], pc[q], fps, pc, metric, "max"), ref.max(1))
+    top2 = np.sort(ref, axis=1)[:, ::-1][:, :2].mean(1)
+    assert np.array_equal(fused_similarity(fps[q], pc[q], fps, pc, metric, "top_n", 2), top2)
+    assert np.allclose(fused_similarity(fps[q], pc[q], fps, pc, metric, "mean"), ref.mean(1), rtol=0, atol=1e-15)
+    # top_n larger than the number of queries: the mean over all of them
+    assert np.allclose(fused_similarity(fps[q], pc[q], fps, pc, metric, "top_n", 10), ref.mean(1), atol=1e-15)
+
+
+def test_fused_similarity_empty_fingerprint_and_errors():
+    _, fps, pc = _fps(SMILES[:3])
+    empty = np.zeros((1, fps.shape[1]), dtype=np.uint64)
+    got = fused_similarity(fps, pc, np.vstack([fps, empty]), np.r_[pc, 0], Metric(), "max")
+    assert got[-1] == 0.0 and np.all(got[:3] == 1.0)
+    with pytest.raises(InputError, match="empty"):
+        fused_similarity(fps[:0], pc[:0], fps, pc)
+    with pytest.raises(ConfigError, match="fusion"):
+        fused_similarity(fps, pc, fps, pc, fusion="median")
+
+
+def test_property_filter_presets_and_on_the_fly_descriptors():
+    batch = _batch(SMILES)
+    passed = PropertyFilter("lipinski")(batch)
+    mols = [Chem.MolFromSmiles(s) for s in SMILES]
+    from rdkit.Chem import Crippen, Lipinski
+
+    viol = [(Descriptors.MolWt(m) > 500) + (Crippen.MolLogP(m) > 5) + (Lipinski.NumHDonors(m) > 5)
+            + (Lipinski.NumHAcceptors(m) > 10) for m in mols]
+    assert passed.tolist() == [v <= 1 for v in viol]
+    assert not passed[SMILES.index("CCCCCCCCCCCCCCCCCC(=O)OCC(O)CO")] or viol[11] <= 1
+    strict = PropertyFilter(ranges={"mw": [100, 200]})(batch)
+    mw = np.array([Descriptors.MolWt(m) for m in mols])
+    assert strict.tolist() == ((mw >= 100) & (mw <= 200)).tolist()
+    with pytest.raises(ConfigError, match="lipinski"):
+        PropertyFilter("ro5")
+    with pytest.raises(ConfigError):
+        PropertyFilter(ranges={"weight": [0, 1]})
+
+
+def test_alert_and_smarts_filters():
+    batch = _batch(SMILES)
+    ok = AlertFilter(["PAINS_A", "PAINS_B", "PAINS_C"])(batch)
+    rhodanine = SMILES.index("S=C1SC(=Cc2ccccc2)C(=O)N1")  # ene_rhod: a PAINS_A alert
+    assert not ok[rhodanine] and ok[SMILES.index("CC(=O)Oc1ccccc1C(=O)O")]
+    with pytest.raises(ConfigError, match="PAINS"):
+        AlertFilter(["PAINZ"])
+    acids = SmartsFilter(include=["C(=O)[OH]"])(batch)
+    assert acids.tolist() == [Chem.MolFromSmiles(s).HasSubstructMatch(Chem.MolFromSmarts("C(=O)[OH]")) for s in SMILES]
+    no_n = SmartsFilter(exclude=["[#7]"])(batch)
+    assert no_n.tolist() == ["N" not in s and "n" not in s for s in SMILES]
+    with pytest.raises(ConfigError, match="invalid SMARTS"):
+        SmartsFilter(include=["C(("])
+    # a molecule that cannot be parsed fails the filter instead of crashing it
+    bad = MoleculeBatch(np.arange(1), ["x"], ["C1CC"], np.zeros((1, 32), np.uint64), np.zeros(1, np.int32))
+    assert AlertFilter()(bad).tolist() == [False]
+
+
+def test_similarity_scorer_needs_actives(tmp_path):
+    from biogen.screen.stages import ScreenContext
+
+    with pytest.raises(ConfigError, match="known actives"):
+        SimilarityScorer().prepare(ScreenContext(FingerprintSpec(), None, None, tmp_path))
+
+
+def test_fuse_scores_rank_and_zscore():
+    a = np.array([0.9, 0.1, 0.5, 0.5])
+    b = np.array([1.0, 3.0, 2.0, 0.0])
+    assert np.array_equal(fuse_scores({"a": a}), a)  # one scorer: its own scores
+    r = fuse_scores({"a": a, "b": b}, method="rank")
+    # ranks a: [4, 1, 2.5, 2.5]/4; b: [2, 4, 3, 1]/4 -> means
+    assert np.allclose(r, [(4 + 2) / 8, (1 + 4) / 8, (2.5 + 3) / 8, (2.5 + 1) / 8])
+    w = fuse_scores({"a": a, "b": b}, {"a": 3.0, "b": 1.0}, method="rank")
+    assert np.allclose(w, [(3 * 4 + 2) / 16, (3 * 1 + 4) / 16, (3 * 2.5 + 3) / 16, (3 * 2.5 + 1) / 16])
+    z = fuse_scores({"a": a, "b": b}, method="zscore")
+    za, zb = (a - a.mean()) / a.std(), (b - b.mean()) / b.std()
+    assert np.allclose(z, (za + zb) / 2)
+    assert np.array_equal(fuse_scores({"a": a, "b": b}, {"b": 0.0}), a)
+    with pytest.raises(ConfigError, match="not scorers"):
+        fuse_scores({"a": a}, {"qsar": 1.0})
+    with pytest.raises(ConfigError, match="rank"):
+        fuse_scores({"a": a}, method="borda")
+
+
+def test_select_hits_scaffold_cap_and_maxmin():
+    smiles = ["c1ccccc1CC", "c1ccccc1CCC", "c1ccccc1CCCC", "c1ccccc1CCCCC", "C1CCNCC1C", "C1CCNCC1CC",
+              "c1ccc2ccccc2c1C", "CCO", "CCCO", "c1ccncc1C"]
+    _, fps, _ = _fps(smiles)
+    order = np.arange(len(smiles))
+    chosen, scaff = select_hits(order, smiles, lambda idx: fps[idx], SelectionSpec(n=5, top_m=5, diversity="none",
+                                                                                    scaffold_cap=2))
+    assert chosen.tolist() == [0, 1, 4, 5, 6]  # at most 2 benzene-scaffold molecules, rank order kept
+    assert scaff[0] == murcko_scaffold("c1ccccc1CC") == "c1ccccc1"
+    chosen, _ = select_hits(order, smiles, lambda idx: fps[idx], SelectionSpec(n=4, top_m=10, scaffold_cap=None))
+    assert len(chosen) == 4 and chosen[0] == 0 and list(chosen) == sorted(chosen)
+    # MaxMin spreads the pick: not simply the 4 best (3 of which share the benzene scaffold)
+    assert chosen.tolist() != [0, 1, 2, 3]
+    with pytest.raises(ConfigError):
+        SelectionSpec(n=10, top_m=5)
+
+
+def test_target_from_moleculeace_and_files(tmp_path, moleculeace):
+    spec = FingerprintSpec()
+    t = load_target(TargetSpec(name="thrombin", moleculeace="CHEMBL204_Ki"), spec, StandardizeSpec(enabled=False))
+    assert len(t.training.y) == 2201 and t.training.fps.shape == (2201, 32)
+    assert len(t.actives) == int((t.training.y >= 7.0).sum()) == 985
+    assert len(t.held_out_smiles) == 215 and 200 <= len(t.label_keys) <= 215
+    f = tmp_path / "actives.smi"
+    f.write_text("CC(=O)Oc1ccccc1C(=O)O a1\nnot_a_smiles a2\nCCN(CC)CC a3\n")
+    t2 = load_target(TargetSpec(name="x", actives=str(f)), spec, StandardizeSpec(enabled=False))
+    assert t2.actives.ids == ["a1", "a3"] and len(t2.rejects) == 1 and t2.rejects[0].id == "a2"
+    empty = tmp_path / "bad.smi"
+    empty.write_text("xyz b1\n")
+    with pytest.raises(InputError, match="no usable known actives"):
+        load_target(TargetSpec(name="x", actives=str(empty)), spec, StandardizeSpec(enabled=False))
+    with pytest.raises(ConfigError, match="no compounds"):
+        TargetSpec(name="x")
+    acts = tmp_path / "acts.csv"
+    acts.write_text("smiles,ki_nM\nCCO,10\nCCN,abc\nCCC,-1\n")
+    t3 = load_target(TargetSpec(name="x", activities=str(acts), value_column="ki_nM"), spec, StandardizeSpec(enabled=False))
+    assert t3.training.y.tolist() == [8.0] and len(t3.rejects) == 2 and len(t3.actives) == 1
