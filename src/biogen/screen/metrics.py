@@ -1,0 +1,171 @@
+"""Virtual-screening enrichment metrics: pure numpy on ``(scores, labels)``.
+
+Conventions shared by every function:
+
+- ``scores``: float array, higher is better. NaN ranks last (tied with ``-inf``).
+- ``labels``: bool array of the same length (True = active).
+- Ranks are 1-based: the best molecule has rank 1, ``N`` molecules in all, ``P`` actives.
+- **Ties.** Every metric is its *expected value over all orderings of tied molecules*
+  (uniformly random tie-breaking), computed exactly, so the result is deterministic and
+  does not depend on the input order. For AUROC this is the usual rule (a tied
+  active/inactive pair counts one half, as in scikit-learn's ``roc_auc_score``). For EF
+  and BEDROC, a block of ``m`` tied molecules holding ``k`` actives spreads ``k/m`` of an
+  active over each of its positions. Why not pessimistic or optimistic ordering: those
+  reward or punish coarse scores (MACCS keys, 0/1 scores, many molecules with similarity 0)
+  for their ties rather than their ranking, and disagree with AUROC's half-count; the
+  mean rule keeps all metrics consistent and equals the plain definition when there are
+  no ties. RDKit's ``CalcEnrichment``/``CalcBEDROC`` take a pre-sorted list and so use
+  whatever order ties arrive in; without ties the values here equal RDKit's.
+- **EF at fraction f**: ``n_top = ceil(f * N)`` (at least 1), as RDKit's ``CalcEnrichment``;
+  ``EF = (actives in top n_top / n_top) / (P / N)``.
+- **BEDROC** (Truchon & Bayly, J. Chem. Inf. Model. 47, 488 (2007), eq. 36):
+  ``RIE = (sum_i exp(-alpha r_i / N) / P) / ((1/N) (1 - e^-alpha) / (e^(alpha/N) - 1))``,
+  ``BEDROC = RIE * Ra sinh(alpha/2) / (cosh(alpha/2) - cosh(alpha/2 - alpha Ra))
+  + 1 / (1 - e^(alpha (1 - Ra)))`` with ``Ra = P / N``; equal to RDKit's
+  ``(RIE - RIEmin) / (RIEmax - RIEmin)``.
+
+A metric needs at least one active and one inactive; otherwise ``ValueError`` says which
+is missing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+__all__ = [
+    "actives_in_top", "auroc", "bedroc", "enrichment_curve", "enrichment_factor", "roc_curve",
+    "summary",
+]
+
+
+def _check(scores, labels) -> tuple[np.ndarray, np.ndarray]:
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    y = np.asarray(labels)
+    if y.dtype != np.bool_:
+        if not np.isin(y, (0, 1)).all():
+            raise ValueError(f"labels must be booleans (or 0/1); got values {np.unique(y)[:5]}")
+        y = y.astype(bool)
+    y = y.ravel()
+    if s.shape != y.shape:
+        raise ValueError(f"scores ({s.shape[0]}) and labels ({y.shape[0]}) differ in length")
+    n_act = int(y.sum())
+    if n_act == 0:
+        raise ValueError(f"no actives among the {y.size} labels: a screening metric needs at least one")
+    if n_act == y.size:
+        raise ValueError(f"no inactives among the {y.size} labels: a screening metric needs at least one")
+    return np.where(np.isnan(s), -np.inf, s), y
+
+
+def _ranked(scores, labels):
+    """Best-first order with ties spread: (sorted scores, sorted labels, w, group index).
+
+    ``w[j]`` is the expected number of actives at position ``j`` (0-based) under random
+    tie-breaking: ``k/m`` for each position of a tie block of ``m`` molecules with ``k`` actives.
+    """
+    s, y = _check(scores, labels)
+    order = np.argsort(-s, kind="stable")
+    ss, ys = s[order], y[order]
+    new = np.empty(ss.size, dtype=bool)
+    new[0] = True
+    new[1:] = ss[1:] != ss[:-1]
+    starts = np.flatnonzero(new)
+    group = np.cumsum(new) - 1  # block of each position
+    sizes = np.diff(np.append(starts, ss.size))
+    act = np.add.reduceat(ys.astype(np.float64), starts)
+    w = (act / sizes)[group]
+    return ss, ys, w, starts, sizes
+
+
+def _auroc(ys, starts, sizes) -> float:
+    # ascending mid-ranks: the best-first block at 0-based position s of size m covers
+    # ascending ranks N - s - m + 1 .. N - s
+    n = ys.size
+    p = int(ys.sum())
+    mid = (2 * n - 2 * starts - sizes + 1) / 2.0
+    u = np.repeat(mid, sizes)[ys].sum() - p * (p + 1) / 2.0
+    return float(u / (p * (n - p)))
+
+
+def _ef(ys, w, fraction: float) -> float:
+    n = ys.size
+    top = _n_top(n, fraction)
+    return float((w[:top].sum() / top) / (ys.sum() / n))
+
+
+def _bedroc(ys, w, alpha: float) -> float:
+    if not alpha > 0:
+        raise ValueError(f"alpha must be > 0; got {alpha}")
+    n = ys.size
+    p = float(ys.sum())
+    ra = p / n
+    r = np.arange(1, n + 1, dtype=np.float64)
+    s = float(np.dot(w, np.exp(-alpha * r / n)))
+    rie = (s / p) / ((1.0 / n) * (1.0 - math.exp(-alpha)) / math.expm1(alpha / n))
+    factor = ra * math.sinh(alpha / 2) / (math.cosh(alpha / 2) - math.cosh(alpha / 2 - alpha * ra))
+    return float(rie * factor + 1.0 / (1.0 - math.exp(alpha * (1.0 - ra))))
+
+
+def _n_top(n: int, fraction: float) -> int:
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1]; got {fraction}")
+    # the epsilon keeps e.g. 0.07 * 100 = 7.000000000000001 at 7 molecules
+    return max(1, math.ceil(n * fraction - 1e-9))
+
+
+def auroc(scores, labels) -> float:
+    """Area under the ROC curve (Mann-Whitney U with mid-ranks: ties count one half)."""
+    _, ys, _, starts, sizes = _ranked(scores, labels)
+    return _auroc(ys, starts, sizes)
+
+
+def enrichment_factor(scores, labels, fraction: float) -> float:
+    """EF at ``fraction`` of the ranked list: hit rate in the top ``ceil(fraction*N)`` / overall rate."""
+    _, ys, w, _, _ = _ranked(scores, labels)
+    return _ef(ys, w, fraction)
+
+
+def bedroc(scores, labels, alpha: float = 20.0) -> float:
+    """BEDROC (Truchon & Bayly 2007) with early-recognition parameter ``alpha`` (> 0)."""
+    _, ys, w, _, _ = _ranked(scores, labels)
+    return _bedroc(ys, w, alpha)
+
+
+def actives_in_top(scores, labels, n: int) -> float:
+    """Expected number of actives among the ``n`` best-scored molecules (ties spread)."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0; got {n}")
+    _, _, w, _, _ = _ranked(scores, labels)
+    return float(w[:n].sum())
+
+
+def roc_curve(scores, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(false positive rate, true positive rate, thresholds), one point per distinct score.
+
+    Starts at (0, 0) with threshold ``+inf``, as scikit-learn's ``roc_curve``
+    (``drop_intermediate=False``); tied molecules move the curve diagonally.
+    """
+    ss, ys, _, starts, sizes = _ranked(scores, labels)
+    ends = starts + sizes - 1
+    tp = np.cumsum(ys)[ends]
+    fp = (ends + 1) - tp
+    p = ys.sum()
+    fpr = np.concatenate([[0.0], fp / (ys.size - p)])
+    tpr = np.concatenate([[0.0], tp / p])
+    return fpr, tpr, np.concatenate([[np.inf], ss[starts]])
+
+
+def enrichment_curve(scores, labels) -> tuple[np.ndarray, np.ndarray]:
+    """(fraction of the list screened, expected fraction of actives found), from (0, 0) to (1, 1)."""
+    _, ys, w, _, _ = _ranked(scores, labels)
+    x = np.arange(0, ys.size + 1, dtype=np.float64) / ys.size
+    y = np.concatenate([[0.0], np.cumsum(w) / ys.sum()])
+    return x, y
+
+
+def summary(scores, labels, alpha: float = 20.0) -> dict:
+    """AUROC, EF1%, EF5%, BEDROC(alpha) (key ``bedroc20`` for alpha 20), n_actives, n; one sort."""
+    _, ys, w, starts, sizes = _ranked(scores, labels)
+    return {"auroc": _auroc(ys, starts, sizes), "ef1": _ef(ys, w, 0.01), "ef5": _ef(ys, w, 0.05),
+            f"bedroc{alpha:g}": _bedroc(ys, w, alpha), "n_actives": int(ys.sum()), "n": int(ys.size)}

@@ -1,0 +1,136 @@
+"""Enrichment metrics against hand-computed cases, scikit-learn and RDKit's Scoring module,
+and the tie rule against a brute-force average over all orderings of tied molecules."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+from rdkit.ML.Scoring import Scoring
+from sklearn.metrics import roc_auc_score
+from sklearn.metrics import roc_curve as sk_roc_curve
+
+from biogen.screen.metrics import (actives_in_top, auroc, bedroc, enrichment_curve, enrichment_factor,
+                                   roc_curve, summary)
+
+S4 = np.array([0.9, 0.8, 0.7, 0.6])
+Y4 = np.array([True, False, True, False])
+
+
+def _rdkit_list(scores, labels):
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    return [[float(scores[i]), bool(labels[i])] for i in order]
+
+
+def test_hand_computed_case():
+    # active at rank 1 beats both inactives, active at rank 3 beats one: 3 of 4 pairs
+    assert auroc(S4, Y4) == 0.75
+    assert enrichment_factor(S4, Y4, 0.25) == 2.0  # top 1 molecule: 1 active / (2/4)
+    assert enrichment_factor(S4, Y4, 0.5) == 1.0   # top 2: 1 active in 2 / (2/4)
+    assert enrichment_factor(S4, Y4, 0.01) == 2.0  # ceil(0.04) = 1 molecule
+    assert actives_in_top(S4, Y4, 3) == 2.0
+    # BEDROC (Truchon & Bayly eq. 36) written out for ranks 1 and 3 of N=4, alpha=1
+    a, n, ra = 1.0, 4, 0.5
+    rie = ((math.exp(-a / n) + math.exp(-3 * a / n)) / 2) / ((1 / n) * (1 - math.exp(-a)) / (math.exp(a / n) - 1))
+    want = rie * ra * math.sinh(a / 2) / (math.cosh(a / 2) - math.cosh(a / 2 - a * ra)) + 1 / (1 - math.exp(a * (1 - ra)))
+    assert bedroc(S4, Y4, alpha=1.0) == pytest.approx(want, abs=1e-12)
+
+
+def test_bedroc_is_one_for_actives_first_and_zero_for_actives_last():
+    s = np.arange(100, 0, -1, dtype=float)
+    y = np.zeros(100, dtype=bool)
+    y[:7] = True
+    assert bedroc(s, y) == pytest.approx(1.0, abs=1e-12)
+    assert bedroc(-s, y) == pytest.approx(0.0, abs=1e-12)
+    assert auroc(s, y) == 1.0 and auroc(-s, y) == 0.0
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_agrees_with_sklearn_and_rdkit_without_ties(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(150, 3000))
+    s = rng.normal(size=n)
+    y = rng.random(n) < rng.uniform(0.01, 0.3)
+    y[0], y[1] = True, False
+    ranked = _rdkit_list(s, y)
+    assert auroc(s, y) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    assert auroc(s, y) == pytest.approx(Scoring.CalcAUC(ranked, 1), abs=1e-12)
+    ef1, ef5 = Scoring.CalcEnrichment(ranked, 1, [0.01, 0.05])
+    assert enrichment_factor(s, y, 0.01) == pytest.approx(ef1, abs=1e-12)
+    assert enrichment_factor(s, y, 0.05) == pytest.approx(ef5, abs=1e-12)
+    for alpha in (20.0, 5.0, 80.5):
+        assert bedroc(s, y, alpha) == pytest.approx(Scoring.CalcBEDROC(ranked, 1, alpha), abs=1e-10)
+    d = summary(s, y)
+    assert d == {"auroc": auroc(s, y), "ef1": enrichment_factor(s, y, 0.01), "ef5": enrichment_factor(s, y, 0.05),
+                 "bedroc20": bedroc(s, y), "n_actives": int(y.sum()), "n": n}
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_ties_are_the_mean_over_all_tie_orderings(seed):
+    rng = np.random.default_rng(seed)
+    s = rng.integers(0, 3, size=8).astype(float)  # 3 values over 8 molecules: big tie blocks
+    y = rng.random(8) < 0.4
+    y[0], y[1] = True, False
+    blocks = [np.flatnonzero(s == v) for v in sorted(set(s), reverse=True)]
+    aucs, efs, beds = [], [], []
+    for perms in itertools.product(*(itertools.permutations(b) for b in blocks)):
+        order = np.concatenate(perms)
+        ranked = [[0.0, bool(y[i])] for i in order]
+        aucs.append(Scoring.CalcAUC(ranked, 1))
+        efs.append(Scoring.CalcEnrichment(ranked, 1, [0.3])[0])
+        beds.append(Scoring.CalcBEDROC(ranked, 1, 20.0))
+    assert auroc(s, y) == pytest.approx(np.mean(aucs), abs=1e-12)
+    assert auroc(s, y) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    assert enrichment_factor(s, y, 0.3) == pytest.approx(np.mean(efs), abs=1e-12)
+    assert bedroc(s, y) == pytest.approx(np.mean(beds), abs=1e-12)
+
+
+def test_ties_do_not_depend_on_input_order():
+    s = np.array([1.0, 1.0, 1.0, 0.5, 0.5, 0.0])
+    y = np.array([True, False, False, True, False, False])
+    p = np.array([5, 3, 1, 0, 4, 2])
+    for f in (auroc, bedroc, lambda a, b: enrichment_factor(a, b, 0.2)):
+        assert f(s, y) == f(s[p], y[p])
+    assert enrichment_factor(np.ones(10), np.arange(10) < 3, 0.1) == pytest.approx(1.0)
+
+
+def test_nan_ranks_last():
+    s = np.array([np.nan, 0.2, 0.1, np.nan])
+    y = np.array([True, True, False, False])
+    # ranked: 0.2 (active), 0.1, then the two NaNs tied
+    assert auroc(s, y) == pytest.approx(roc_auc_score(y, np.nan_to_num(s, nan=-1.0)))
+    assert actives_in_top(s, y, 1) == 1.0
+    assert actives_in_top(s, y, 3) == 1.5
+
+
+def test_curves():
+    rng = np.random.default_rng(7)
+    s = np.round(rng.random(300), 2)  # ties
+    y = rng.random(300) < 0.1
+    fpr, tpr, thr = roc_curve(s, y)
+    sk_fpr, sk_tpr, sk_thr = sk_roc_curve(y, s, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, sk_fpr)
+    np.testing.assert_allclose(tpr, sk_tpr)
+    np.testing.assert_allclose(thr[1:], sk_thr[1:])
+    assert np.trapezoid(tpr, fpr) == pytest.approx(auroc(s, y), abs=1e-12)
+    x, found = enrichment_curve(s, y)
+    assert x[0] == found[0] == 0.0 and x[-1] == 1.0 and found[-1] == pytest.approx(1.0)
+    assert np.all(np.diff(found) >= 0)
+    k = 30
+    assert found[k] * y.sum() == pytest.approx(actives_in_top(s, y, k))
+
+
+def test_clear_errors():
+    with pytest.raises(ValueError, match="no actives"):
+        auroc([0.1, 0.2], [False, False])
+    with pytest.raises(ValueError, match="no inactives"):
+        summary([0.1, 0.2], [True, True])
+    with pytest.raises(ValueError, match="differ in length"):
+        auroc([0.1, 0.2, 0.3], [True, False])
+    with pytest.raises(ValueError, match="fraction"):
+        enrichment_factor(S4, Y4, 0.0)
+    with pytest.raises(ValueError, match="alpha"):
+        bedroc(S4, Y4, alpha=0)
+    with pytest.raises(ValueError, match="booleans"):
+        auroc(S4, [0, 2, 1, 0])
+    assert auroc(S4, [1, 0, 1, 0]) == 0.75  # 0/1 labels are accepted
