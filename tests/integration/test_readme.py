@@ -19,12 +19,25 @@ def quick_start_commands() -> list[str]:
 def test_two_commands_and_ci_runs_the_second():
     cmds = quick_start_commands()
     assert len(cmds) == 2, cmds
-    assert cmds[0].startswith("python3 -m venv .venv") and cmds[0].endswith("biogen library build")
+    assert cmds[0].startswith("python3 -m venv .venv") and cmds[0].endswith("biogen screen")
     assert "pip install torch==2.13.0 &&" in cmds[0] and "pip install torch==2.13.0 &&" in cmds[1]
     assert cmds[1] in (ROOT / ".ci" / "run").read_text()
 
 
-def test_default_main_job_resolves_to_packaged_moses(tmp_path):
+def test_default_main_job_is_the_packaged_thrombin_screen(tmp_path, moleculeace):
+    p = subprocess.run([sys.executable, "-m", "biogen.cli.main", "screen", "--cfg", "job", "--resolve"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert re.search(r"^  preset: moses_test_actives$", p.stdout, re.M)
+    assert re.search(r"^  base: moses_test$", p.stdout, re.M)
+    assert re.search(r"^  moleculeace: CHEMBL204_Ki$", p.stdout, re.M)
+    from biogen.datasets import dataset_path, load_moleculeace
+
+    assert Path(dataset_path("moses_test")).is_file()  # the packaged data the preset is built from
+    assert len(load_moleculeace("CHEMBL204_Ki").subset("test")) == 553
+
+
+def test_library_build_default_resolves_to_packaged_moses(tmp_path):
     p = subprocess.run([sys.executable, "-m", "biogen.cli.main", "library", "build", "--cfg", "job", "--resolve"],
                        cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
