@@ -170,3 +170,17 @@ def test_published_similarity_level_on_real_data(vs_benchmark):
     assert len(aucs["ChEMBL"]) == 50
     assert np.mean(aucs["DUD"]) == pytest.approx(0.96, abs=0.02)
     assert np.mean(aucs["ChEMBL"]) == pytest.approx(0.88, abs=0.02)
+
+
+def test_qsar_scorer_trains_the_project_mlp():
+    pytest.importorskip("biogen.models.qsar")
+    from biogen.evaluation.scorers import QSARScorer
+
+    ctx = _context(specs={"e": FingerprintSpec(nbits=1024)})
+    ctx.specs = {"e": FingerprintSpec(nbits=1024)}
+    split = Split(np.array([0, 1, 2]), np.array([6, 7, 8, 9, 10, 11, 12]))
+    ranked = np.array([3, 4, 5, 13, 14, 15, 16, 17])
+    s = QSARScorer("e", hidden=(16,), max_epochs=3, patience=2).score(ctx, split, ranked)
+    assert s.shape == (8,) and np.isfinite(s).all()
+    with pytest.raises(ConfigError, match="parameters of fingerprint 'e' are unknown"):
+        QSARScorer("e", max_epochs=1).score(_context(), split, ranked)

@@ -58,7 +58,7 @@ def run_target(out_dir: str, dataset: str, target: str, actives: str, decoys: st
     labels = np.zeros(len(act) + len(dec), dtype=bool)
     labels[: len(act)] = True
     t1 = time.perf_counter()
-    rows = evaluate_target(TargetContext(fps, labels), scorers, protocol, dataset, target)
+    rows = evaluate_target(TargetContext(fps, labels, specs), scorers, protocol, dataset, target)
     rel = f"targets/{dataset}_{target}.csv"
     path = Path(out_dir) / rel
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from biogen.chem.fingerprints import popcounts, unpack_bits
+from biogen.chem.fingerprints import FingerprintSpec, popcounts, unpack_bits
 from biogen.errors import ConfigError
 from biogen.kernels.cpu import common_counts
 from biogen.search.metrics import Metric
@@ -48,8 +48,10 @@ class TargetContext:
     labels: bool[N] (True = active).
     """
 
-    def __init__(self, fps: dict[str, np.ndarray], labels: np.ndarray):
+    def __init__(self, fps: dict[str, np.ndarray], labels: np.ndarray,
+                 specs: dict[str, FingerprintSpec] | None = None):
         self.fps = fps
+        self.specs = specs or {}  # fingerprint parameters, for models that record them
         self.labels = np.asarray(labels, dtype=bool)
         self.n_actives = int(self.labels.sum())
         if not self.labels[: self.n_actives].all():
@@ -167,10 +169,12 @@ class QSARScorer:
         idx = np.concatenate([split.queries, split.train_decoys])
         y = np.zeros(idx.size, dtype=np.float32)
         y[: split.queries.size] = 1
-        seed = int(split.queries[0])
+        if self.fingerprint not in ctx.specs:
+            raise ConfigError(f"scorer qsar: the parameters of fingerprint {self.fingerprint!r} are unknown")
         spec = QSARSpec(task="classification", hidden=tuple(self.hidden), dropout=self.dropout,
-                        max_epochs=self.max_epochs, patience=self.patience, seed=seed)
-        model = fit_qsar(fps[idx], y, spec, None)
+                        max_epochs=self.max_epochs, patience=self.patience, split="random",
+                        seed=int(split.queries.sum()))
+        model = fit_qsar(fps[idx], y, spec, ctx.specs[self.fingerprint])
         return np.asarray(model.predict(fps[ranked]), dtype=np.float64)
 
 
