@@ -113,3 +113,41 @@ def test_cli_screen_and_config_errors(lib_spec, tmp_path):
     assert bad_stage.returncode == 2 and "selection.n=0" in bad_stage.stderr
     helptext = _biogen(["screen", "--help"], tmp_path, env)
     assert helptext.returncode == 0 and "experiment=" in helptext.stdout and "filters=" in helptext.stdout
+
+
+def test_screen_with_qsar_trained_in_the_run(lib_spec, tmp_path, inline_rt):
+    from biogen.screen.stages import QSARScorer
+
+    res = run_screen(lib_spec, THROMBIN, [], [SimilarityScorer(name="similarity"),
+                                              QSARScorer(model={"max_epochs": 3, "patience": 2}, name="qsar")],
+                     selection=SelectionSpec(n=20, top_m=200), runtime=inline_rt, run_dir=tmp_path / "run",
+                     report=False)
+    assert list((tmp_path / "run" / "model").glob("*.ckpt"))
+    scores = pq.read_table(tmp_path / "run" / "scores.parquet")
+    q = scores.column("qsar").to_numpy(zero_copy_only=False)
+    assert q.shape == (LIMIT + 215,) and np.isfinite(q).all() and q.std() > 0
+    assert res.summary["qsar_train_metrics"]["qsar"]  # validation metrics of the model trained here
+    assert set(res.hits.column_names) >= {"similarity", "qsar", "score", "rank"}
+
+
+def test_qsar_checkpoint_refusals(lib_spec, tmp_path, inline_rt):
+    from biogen.chem.fingerprints import FingerprintSpec
+    from biogen.errors import BiogenError
+    from biogen.models.qsar import QSARSpec, fit_qsar
+    from biogen.screen.stages import QSARScorer
+    from biogen.search.queries import Queries
+    from biogen.chem.standardize import StandardizeSpec
+
+    fcfp = FingerprintSpec(use_features=True)
+    smiles = ["CCO", "CCN", "c1ccccc1O", "CC(=O)O", "CCCCN", "c1ccncc1"] * 4
+    q = Queries.from_smiles(smiles, fcfp, StandardizeSpec(enabled=False))
+    model = fit_qsar(q.fps, np.linspace(5, 8, len(smiles)), QSARSpec(max_epochs=1, split="random"), fcfp)
+    ckpt = model.save(tmp_path / "fcfp.ckpt")
+    with pytest.raises(BiogenError, match="use_features") as err:
+        run_screen(lib_spec, THROMBIN, [], [QSARScorer(checkpoint=str(ckpt), name="qsar")],
+                   runtime=inline_rt, run_dir=tmp_path / "run")
+    assert "library" in str(err.value)
+    with pytest.raises(BiogenError, match="biogen train") as err:
+        run_screen(lib_spec, THROMBIN, [], [QSARScorer(checkpoint=str(tmp_path / "missing.ckpt"), name="qsar")],
+                   runtime=inline_rt, run_dir=tmp_path / "run2")
+    assert "missing.ckpt" in str(err.value)

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from biogen.errors import BiogenError, ConfigError, LibraryError
-from biogen.runtime import Ledger, RuntimeSpec, ray_session, run_shards
+from biogen.runtime import Ledger, RuntimeSpec, ray_session, run_shards, run_shards_on_actors
 
 CALLS = []
 
@@ -75,6 +75,55 @@ def test_ray_runner_two_workers_and_failure_keeps_finished(tmp_path, ray_rt):
     lines = (tmp_path / "ledger.jsonl").read_text().splitlines()
     assert json.loads(lines[0]) == {"job_key": "job"} and len(lines) == 8
     assert "s3" not in led_b.entries
+
+
+class CountingWorker:
+    """Keeps state across shards (as a model-holding actor does); dies once on a marked shard."""
+
+    def __init__(self, root: str):
+        self.root = Path(root)
+        self.loaded = 0
+        self.seen = 0
+
+    def run(self, i: int):
+        import os
+
+        marker = self.root / "died-once"
+        if i == 4 and not marker.exists():
+            marker.write_text("x")
+            os._exit(1)  # the worker process is lost mid-shard
+        self.seen += 1
+        path = self.root / f"out-{i}.txt"
+        path.write_text(str(i * i))
+        return [path.name], {"value": i * i, "worker": id(self), "seen": self.seen, "pid": os.getpid()}
+
+
+def test_actor_runner_inline_keeps_one_worker(tmp_path, inline_rt):
+    (tmp_path / "died-once").write_text("x")  # inline: never kill the test process
+    led = Ledger(tmp_path / "ledger.jsonl", "job")
+    res = run_shards_on_actors(CountingWorker, (str(tmp_path),), ((f"s{i}", (i,)) for i in range(5)), ledger=led, spec=inline_rt,
+                               slots=1, desc="t")
+    assert [res[f"s{i}"]["seen"] for i in range(5)] == [1, 2, 3, 4, 5]  # one worker, state kept
+    assert len({r["worker"] for r in res.values()}) == 1
+
+
+@pytest.mark.ray
+def test_actor_runner_on_ray_replaces_a_lost_actor(tmp_path, ray_rt):
+    import sys
+
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    led = Ledger(tmp_path / "ledger.jsonl", "job")
+    with ray_session(ray_rt) as slots:
+        res = run_shards_on_actors(CountingWorker, (str(tmp_path),), ((f"s{i}", (i,)) for i in range(8)),
+                                   ledger=led, spec=ray_rt, slots=slots, desc="t")
+    assert sorted(v["value"] for v in res.values()) == [i * i for i in range(8)]
+    assert (tmp_path / "died-once").exists()  # shard 4 killed its actor once and was retried on a new one
+    assert max(v["seen"] for v in res.values()) >= 2  # actors keep their state across shards
+    assert len({v["pid"] for v in res.values()}) >= 2
+    lines = (tmp_path / "ledger.jsonl").read_text().splitlines()
+    assert len(lines) == 9
 
 
 def test_runtime_spec_validation():

@@ -210,7 +210,8 @@ def run_shards_on_actors(
     their state (a model, a device-resident index) across shards; each actor's
     ``run(*args) -> (output relpaths, result)`` handles one shard at a time.
 
-    Actors take 1 CPU and ``num_gpus`` GPUs each; when an actor dies (its process or node
+    Actors take 1 CPU and ``num_gpus`` GPUs each (a fraction when there are more actors
+    than GPUs, so that they share them instead of waiting); when an actor dies (its process or node
     is lost) a new one replaces it and its shard is retried (twice at most); an error
     raised by the shard's own code fails the job (finished shards stay in the ledger).
     Inline mode builds one worker in this process.
@@ -224,9 +225,17 @@ def run_shards_on_actors(
 
         from ray.exceptions import RayActorError
 
+        n_actors = max(1, slots)
+        if num_gpus > 0:
+            gpus = float(ray.cluster_resources().get("GPU", 0))
+            if gpus <= 0:
+                raise BiogenError("this job asks for GPUs but the Ray cluster has none; use device=cpu "
+                                  "or start Ray workers on GPU nodes")
+            # several actors share a GPU when there are more CPU slots than GPUs
+            num_gpus = min(num_gpus, gpus / n_actors)
         actor_cls = ray.remote(num_cpus=1, num_gpus=num_gpus)(worker_cls)
         shared = [ray.put(a) for a in worker_args]  # one copy in the object store for all actors
-        actors = [actor_cls.remote(*shared) for _ in range(max(1, slots))]
+        actors = [actor_cls.remote(*shared) for _ in range(n_actors)]
         idle = list(range(len(actors)))
 
         def submit(args):
