@@ -225,16 +225,23 @@ def test_enrichment_without_actives_and_all_nan_scores():
 def test_enrichment_curve_matches_brute_force():
     rng = np.random.default_rng(3)
     n = 2_000
-    scores = rng.normal(size=n)
-    scores[rng.random(n) < 0.05] = np.nan  # not scored: ranked last
+    scores = np.round(rng.normal(size=n), 1)  # many ties
+    scores[rng.random(n) < 0.05] = np.nan  # not scored: ranked last, tied with -inf
+    scores[:7] = -np.inf
     labels = rng.random(n) < 0.05
     x, y = _enrichment_curve(scores, labels)
     assert x[0] == 0 and y[0] == 0 and x[-1] == 1 and y[-1] == pytest.approx(1)
     assert np.all(np.diff(x) > 0) and np.all(np.diff(y) >= 0)
-    ranked = sorted(range(n), key=lambda i: (np.isnan(scores[i]), -np.nan_to_num(scores[i]), i))
+    key = [-np.inf if np.isnan(v) else float(v) for v in scores]
+    ranked_keys = sorted(key, reverse=True)
     for xi, yi in zip(x[1:], y[1:]):
         k = round(xi * n)
-        assert yi == pytest.approx(sum(labels[i] for i in ranked[:k]) / labels.sum())
+        # expected actives in the top k under a random order within each tie block
+        cut = ranked_keys[k - 1]
+        above = [i for i in range(n) if key[i] > cut]
+        tied = [i for i in range(n) if key[i] == cut]
+        expected = sum(labels[above]) + (k - len(above)) * sum(labels[tied]) / len(tied)
+        assert yi == pytest.approx(expected / labels.sum())
     assert _enrichment_curve(scores, np.zeros(n, bool)) is None
 
 

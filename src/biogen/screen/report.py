@@ -483,10 +483,14 @@ def _scores_section(data: ReportData) -> str:
 
 
 def _enrichment_curve(scores: np.ndarray, labels: np.ndarray):
-    """Fraction screened vs fraction of actives found, best score first (NaN last).
+    """Fraction screened vs fraction of actives found, best score first (NaN/-inf last).
 
-    Returns (x, y) on a grid of at most ~2 * CURVE_POINTS ranks (log- and linear-spaced),
-    including the first and the last rank, or None when there are no actives.
+    Tied scores have no order, so within a block of ``m`` tied molecules holding ``k``
+    actives each position finds ``k/m`` of an active (the expected count under a random
+    order of the block, the convention of ``biogen.screen.metrics``); the curve is exact
+    at block ends and straight inside a block (e.g. the tail of filtered molecules).
+    Returns (x, y) on a grid of at most ~2 * CURVE_POINTS ranks (log- and linear-spaced)
+    from (0, 0) to (1, 1), or None when there are no actives.
     """
     s = np.asarray(scores, dtype=np.float64).ravel()
     lab = np.asarray(labels, dtype=bool).ravel()
@@ -496,13 +500,19 @@ def _enrichment_curve(scores: np.ndarray, labels: np.ndarray):
         return None
     key = np.where(np.isnan(s), -np.inf, s)
     order = np.argsort(-key, kind="stable")
-    found = np.cumsum(lab[order])
+    ks = key[order]
+    starts = np.flatnonzero(np.r_[True, ks[1:] != ks[:-1]])  # first position of each tie block
+    sizes = np.diff(np.r_[starts, n])
+    k_block = np.add.reduceat(lab[order].astype(np.int64), starts)
+    before = np.r_[0, np.cumsum(k_block)[:-1]]  # actives ranked above each block
     ranks = np.unique(np.concatenate([
         np.geomspace(1, n, CURVE_POINTS).astype(np.int64),
         np.linspace(1, n, CURVE_POINTS).astype(np.int64),
     ]))
+    block = np.searchsorted(starts, ranks - 1, side="right") - 1
+    found = before[block] + (ranks - starts[block]) * k_block[block] / sizes[block]
     x = np.concatenate([[0.0], ranks / n])
-    y = np.concatenate([[0.0], found[ranks - 1] / n_act])
+    y = np.concatenate([[0.0], found / n_act])
     return x, y
 
 
