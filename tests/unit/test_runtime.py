@@ -126,6 +126,27 @@ def test_actor_runner_on_ray_replaces_a_lost_actor(tmp_path, ray_rt):
     assert len(lines) == 9
 
 
+class BrokenWorker:
+    def __init__(self, root: str):
+        raise BiogenError("checkpoint model.ckpt is damaged; retrain it")
+
+    def run(self, i: int):  # pragma: no cover - never reached
+        return [], {}
+
+
+@pytest.mark.ray
+def test_actor_runner_constructor_error_is_reported_not_retried(tmp_path, ray_rt):
+    import sys
+
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    led = Ledger(tmp_path / "ledger.jsonl", "job")
+    with ray_session(ray_rt) as slots, pytest.raises(BiogenError, match="workers could not start.*damaged; retrain"):
+        run_shards_on_actors(BrokenWorker, (str(tmp_path),), ((f"s{i}", (i,)) for i in range(3)),
+                             ledger=led, spec=ray_rt, slots=slots, desc="t")
+
+
 def test_runtime_spec_validation():
     with pytest.raises(ConfigError, match="runtime.mode='cluster' is not valid; choose one of local, ray_cluster, inline"):
         RuntimeSpec(mode="cluster")

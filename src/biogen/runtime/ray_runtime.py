@@ -103,6 +103,9 @@ def ray_session(spec: RuntimeSpec) -> Iterator[int]:
 
 
 def _shard_error(key: str, exc: Exception) -> BiogenError:
+    if getattr(exc, "actor_init_failed", False):  # the worker's constructor raised: its last traceback line
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        return BiogenError(f"the workers could not start (shard {key}): {lines[-1] if lines else exc}")
     cause = getattr(exc, "cause", None) or exc  # RayTaskError wraps the task's own error
     return BiogenError(f"shard {key} failed: {type(cause).__name__}: {cause}. Finished shards are "
                        "kept; rerun the same command to resume.")
@@ -243,8 +246,8 @@ def run_shards_on_actors(
             return actors[a].run.remote(*args), a
 
         def retry(a, args, exc):
-            if not isinstance(exc, RayActorError):
-                return None
+            if not isinstance(exc, RayActorError) or exc.actor_init_failed:
+                return None  # an error of the shard's own code, or a constructor that fails: not retried
             actors[a] = actor_cls.remote(*shared)
             return actors[a].run.remote(*args), a
 

@@ -334,6 +334,7 @@ class QSARScorer(_Base):
             path = predictor.checkpoint or predictor.save(out / "qsar.ckpt")
             self.checkpoint = str(path)
             self.train_metrics = dict(predictor.metrics)
+            predictor = QSARPredictor.load(path)  # what the workers will load: fail here, not in them
             self._predictor = predictor
         else:
             predictor = QSARPredictor.load(self.checkpoint)
