@@ -1,0 +1,35 @@
+"""A QSAR model trained on a CUDA GPU saves, loads on the CPU and predicts the same."""
+
+import numpy as np
+import pytest
+import torch
+
+from biogen.chem.fingerprints import FingerprintSpec
+from biogen.chem.standardize import StandardizeSpec
+from biogen.models.data import MoleculeACESource
+from biogen.models.qsar import QSARPredictor, QSARSpec, fit_qsar
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def cuda():
+    if not torch.cuda.is_available():
+        pytest.skip(f"no CUDA GPU visible to PyTorch (torch {torch.__version__}, CUDA build: "
+                    f"{torch.version.cuda or 'none'})")
+
+
+@pytest.mark.parametrize("task", ["regression", "classification"])
+def test_trained_on_gpu_loads_on_cpu(cuda, task, tmp_path):
+    data = MoleculeACESource(limit=400).load(FingerprintSpec(), StandardizeSpec())
+    tr, te = data.subset("train"), data.subset("test")
+    p = fit_qsar(tr.fps, tr.y, QSARSpec(task=task, max_epochs=5), FingerprintSpec(), smiles=tr.smiles,
+                 accelerator="gpu", out_dir=tmp_path, test=(te.fps, te.y))
+    assert p.device.type == "cuda"
+    on_gpu = p.predict(data.fps)  # dense unpack on the GPU
+    cpu = QSARPredictor.load(tmp_path / "model.ckpt", map_location="cpu")
+    assert cpu.device.type == "cpu"
+    np.testing.assert_allclose(cpu.predict(data.fps), on_gpu, atol=1e-5)  # sparse CPU path
+    back = QSARPredictor.load(tmp_path / "model.ckpt", map_location="cuda")
+    np.testing.assert_allclose(back.predict(data.fps), on_gpu, atol=1e-6)
+    assert np.isfinite(list(p.metrics.values())).all() or task == "classification"
