@@ -478,6 +478,8 @@ def fit_qsar(fps: np.ndarray, y: np.ndarray, spec: QSARSpec, featurizer: Fingerp
     writes ``model.ckpt`` there (and Lightning's CSV log with ``logger=True``); None keeps
     everything in memory. standardize/info: recorded in the checkpoint. trainer_kwargs:
     extra ``pl.Trainer`` arguments (tests: ``fast_dev_run``, ``overfit_batches``).
+    The predictor comes back on the CPU (Lightning's teardown moves the model there);
+    ``.to("cuda")`` predicts on a GPU.
     threads: PyTorch CPU threads while training (restored afterwards); None: 1 below
     ``SMALL_FIT_ROWS`` training rows, else PyTorch's setting. A 128-row batch is too
     small to split across threads: on a busy machine OpenMP's barrier waits made a
