@@ -32,15 +32,19 @@ DATASETS: dict[str, tuple[str, str, str, str]] = {
 MOLECULEACE = ("MoleculeACE", "MoleculeACE/Data/benchmark_data", "pip install --no-deps MoleculeACE==3.0.0")
 
 
-def _moleculeace_dir() -> Path:
-    dist, rel, install = MOLECULEACE
+def _locate(dist: str, rel: str, install: str, what: str) -> Path:
+    """A file or folder inside an installed distribution; InputError with the install command."""
     try:
         path = Path(metadata.distribution(dist).locate_file(rel))
     except metadata.PackageNotFoundError:
-        raise InputError(f"MoleculeACE data sets come with the MoleculeACE package; install it: {install}") from None
-    if not path.is_dir():
-        raise InputError(f"MoleculeACE data not found at {path}; reinstall: {install}")
+        raise InputError(f"{what} comes with the {dist} package; install it: {install}") from None
+    if not path.exists():
+        raise InputError(f"{what} not found at {path}; reinstall: {install}")
     return path
+
+
+def _moleculeace_dir() -> Path:
+    return _locate(*MOLECULEACE, "the MoleculeACE data")
 
 
 def moleculeace_targets() -> list[str]:
@@ -100,10 +104,4 @@ def dataset_path(name: str) -> str:
     if name not in DATASETS:
         raise InputError(f"unknown data set {name!r}; known: {', '.join(DATASETS)}")
     dist, rel, install, _ = DATASETS[name]
-    try:
-        path = Path(metadata.distribution(dist).locate_file(rel))
-    except metadata.PackageNotFoundError:
-        raise InputError(f"data set {name!r} comes with the {dist} package; install it: {install}") from None
-    if not path.is_file():
-        raise InputError(f"data set {name!r} not found at {path}; reinstall: {install}")
-    return str(path)
+    return str(_locate(dist, rel, install, f"data set {name!r}"))

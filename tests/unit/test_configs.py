@@ -7,7 +7,8 @@ from omegaconf import OmegaConf
 from biogen.chem.fingerprints import FingerprintSpec
 from biogen.chem.readers import ReaderOptions
 from biogen.chem.standardize import StandardizeSpec
-from biogen.cli.main import JOBS, _register_resolvers
+from biogen.cli.library import _typed
+from biogen.cli.main import JOBS, _register_resolvers, job_overrides
 from biogen.resources import config_dir
 from biogen.runtime import RuntimeSpec
 
@@ -18,7 +19,7 @@ FEATURIZERS = sorted(p.stem for p in (config_dir() / "featurizer").glob("*.yaml"
 def test_every_job_config_composes(config_name):
     _register_resolvers()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose(config_name=config_name, overrides=[], return_hydra_config=True)
+        cfg = compose(config_name=config_name, overrides=job_overrides(config_name), return_hydra_config=True)
     assert cfg.hydra.job.name == config_name
     if "runtime" in cfg:
         RuntimeSpec(**OmegaConf.to_container(cfg.runtime))
@@ -50,3 +51,42 @@ def test_presets_mean_what_they_say():
         assert fp("ecfp6").radius == 3
         assert fp("fcfp4").use_features
         assert fp("maccs").n_words == 3
+
+
+SCREEN_GROUPS = config_dir() / "screen"
+
+
+@pytest.mark.parametrize("group,option", sorted(
+    (g.name, p.stem) for g in SCREEN_GROUPS.iterdir() if g.is_dir() for p in g.glob("*.yaml")))
+def test_every_screen_preset_composes_and_instantiates(group, option):
+    from hydra.utils import instantiate
+
+    from biogen.cli.screen import build_stages
+    from biogen.screen.pipeline import FusionSpec
+    from biogen.screen.presets import LibrarySpec
+    from biogen.screen.selection import SelectionSpec
+    from biogen.screen.target import TargetSpec
+
+    _register_resolvers()
+    extra = {"library": ["library.path=somewhere"] if option == "store" else [],
+             "target": ["target.name=x", "target.actives=a.smi"] if option == "custom" else []}.get(group, [])
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose(config_name="screen", overrides=[*job_overrides("screen"), f"{group}={option}", *extra])
+    assert isinstance(_typed(LibrarySpec, cfg.library, "library"), LibrarySpec)
+    assert isinstance(_typed(TargetSpec, cfg.target, "target"), TargetSpec)
+    filters = build_stages(cfg.filters, "filters")
+    assert all(f.kind == "filter" for f in filters)
+    if "admet" not in option:  # the ADMET scorer is built too; only its prepare() needs admet-ai
+        scorers = build_stages(cfg.scoring.scorers, "scoring.scorers")
+        assert scorers and all(s.kind == "score" for s in scorers)
+    else:
+        assert instantiate(cfg.scoring.scorers.herg, name="herg").kind == "score"
+    _typed(FusionSpec, cfg.scoring.fusion, "scoring.fusion")
+    _typed(SelectionSpec, cfg.selection, "selection")
+
+
+def test_a_screen_group_name_is_not_a_group_for_other_jobs():
+    _register_resolvers()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose(config_name="search", overrides=[*job_overrides("search"), "library=mylib", "query=CCO"])
+    assert cfg.library == "mylib"

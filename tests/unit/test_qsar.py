@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from biogen.chem.fingerprints import Fingerprinter, FingerprintSpec, pack_bits, unpack_bits
 from biogen.chem.standardize import StandardizeSpec
 from biogen.cli.library import _typed
-from biogen.cli.main import _register_resolvers
+from biogen.cli.main import _register_resolvers, job_overrides
 from biogen.cli.train import TrainerSpec
 from biogen.errors import ConfigError, InputError, LibraryError
 from biogen.models.data import (ActivityFileSource, MoleculeACESource, bit_indices, murcko_scaffolds,
@@ -289,7 +289,7 @@ def test_moleculeace_source(thrombin):
 def test_train_config_groups_instantiate(model, trainer, data):
     _register_resolvers()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[f"model={model}", f"trainer={trainer}",
+        cfg = compose(config_name="train", overrides=[*job_overrides("train"), f"model={model}", f"trainer={trainer}",
                                                       f"train_data={data}", "train_data.path=x.csv"
                                                       if data == "file" else "train_data.limit=5"])
     spec = _typed(QSARSpec, cfg.model, "model")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import csv
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(slots=True)
@@ -39,3 +42,16 @@ class Reject:
     id: str | None = None
 
     COLUMNS = ("source", "record", "id", "reason", "detail", "raw")  # the rejects CSV header
+
+
+def write_rejects(rejects: Sequence[Reject], path: str | Path) -> Path | None:
+    """Write ``rejects`` as a CSV with ``Reject.COLUMNS``; nothing (None) when there are none."""
+    if not rejects:
+        return None
+    path = Path(path)
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(Reject.COLUMNS)
+        for r in rejects:
+            w.writerow([getattr(r, c) for c in Reject.COLUMNS])
+    return path

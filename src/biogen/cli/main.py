@@ -94,6 +94,19 @@ def quote_literals(argv: list[str]) -> list[str]:
     return out
 
 
+def job_overrides(config_name: str) -> list[str]:
+    """Hydra overrides every run of a job needs: its own config groups' folder on the search path.
+
+    A job's groups live in ``configs/<job>/`` (e.g. ``configs/screen/library/``), not at the
+    root, so that a group name of one job (the screen's ``library`` group) does not turn the
+    same key of another job (``biogen search library=mylib``) into a group override.
+    """
+    from biogen.resources import config_dir
+
+    groups = config_dir() / config_name
+    return [f"hydra.searchpath=[file://{groups}]"] if groups.is_dir() else []
+
+
 def run_job(words: tuple[str, ...], argv: list[str]) -> None:
     import hydra
 
@@ -118,7 +131,7 @@ def run_job(words: tuple[str, ...], argv: list[str]) -> None:
             print(f"biogen {' '.join(words)}: error: {exc}", file=sys.stderr)
             sys.exit(exc.exit_code)
 
-    sys.argv = [f"biogen-{'-'.join(words)}", *quote_literals(argv)]
+    sys.argv = [f"biogen-{'-'.join(words)}", *job_overrides(config_name), *quote_literals(argv)]
     _app()
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import sys
@@ -16,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from biogen.chem.readers import ReaderOptions
-from biogen.chem.records import Reject
+from biogen.chem.records import Reject, write_rejects
 from biogen.cli.library import _typed
 from biogen.errors import ConfigError
 from biogen.runtime import RuntimeSpec
@@ -44,15 +43,9 @@ def write_table(table: pa.Table, output: str | None) -> str:
 
 
 def _write_rejects(rejects: list[Reject], run_dir: Path) -> None:
-    if not rejects:
-        return
-    path = run_dir / "query_rejects.csv"
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["source", "record", "id", "reason", "detail", "raw"])
-        for r in rejects:
-            w.writerow([r.source, r.record, r.id, r.reason, r.detail, r.raw])
-    log.warning("%d query record(s) could not be used; see %s", len(rejects), path)
+    path = write_rejects(rejects, run_dir / "query_rejects.csv")
+    if path:
+        log.warning("%d query record(s) could not be used; see %s", len(rejects), path)
 
 
 def search(cfg: DictConfig) -> None:

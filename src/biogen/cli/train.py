@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import csv
+
 import json
 import logging
 import math
@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from biogen.chem.fingerprints import FingerprintSpec
-from biogen.chem.records import Reject
+from biogen.chem.records import Reject, write_rejects
 from biogen.chem.standardize import StandardizeSpec
 from biogen.cli.library import _typed
 from biogen.errors import ConfigError
@@ -32,15 +32,9 @@ class TrainerSpec:
 
 
 def _write_rejects(rejects: list[Reject], run_dir: Path) -> None:
-    if not rejects:
-        return
-    path = run_dir / "train_rejects.csv"
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["source", "record", "id", "reason", "detail", "raw"])
-        for r in rejects:
-            w.writerow([r.source, r.record, r.id, r.reason, r.detail, r.raw])
-    log.warning("%d training record(s) could not be used; see %s", len(rejects), path)
+    path = write_rejects(rejects, run_dir / "train_rejects.csv")
+    if path:
+        log.warning("%d training record(s) could not be used; see %s", len(rejects), path)
 
 
 def _finite(d: dict) -> dict:

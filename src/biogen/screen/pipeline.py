@@ -11,7 +11,6 @@ writes the outputs and the report.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -25,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from biogen.chem.records import write_rejects
 from biogen.errors import ConfigError
 from biogen.library.store import Library
 from biogen.runtime import Ledger, RuntimeSpec, ray_session, run_shards_on_actors
@@ -111,16 +111,6 @@ class ScreenWorker:
         return [name], {"rows": n, "passed": passed, "seconds": seconds}
 
 
-def _write_rejects(rejects, path: Path) -> None:
-    if not rejects:
-        return
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["source", "record", "id", "reason", "detail", "raw"])
-        for r in rejects:
-            w.writerow([r.source, r.record, r.id, r.reason, r.detail, r.raw])
-
-
 def _write_sdf(hits: pa.Table, path: Path) -> None:
     from rdkit import Chem
 
@@ -192,7 +182,7 @@ def run_screen(
 
         t0 = time.perf_counter()
         tdata = load_target(target, lib.featurizer, lib.standardize)
-        _write_rejects(tdata.rejects, run_dir / "target_rejects.csv")
+        write_rejects(tdata.rejects, run_dir / "target_rejects.csv")
         if tdata.rejects:
             log.warning("%d target compound(s) could not be used; see %s", len(tdata.rejects),
                         run_dir / "target_rejects.csv")
