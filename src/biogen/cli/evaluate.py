@@ -89,11 +89,13 @@ def evaluate(cfg: DictConfig) -> None:
     counts = {}
     for n in result.notes:
         counts[n["status"]] = counts.get(n["status"], 0) + 1
+    shard_s = sum(r.get("featurize_s", 0) + r.get("evaluate_s", 0) for r in result.targets.values())
     header = (f"## biogen evaluate: {', '.join(cfg.datasets)}; n_queries={list(protocol.n_queries)}; "
               f"repeats={protocol.repeats} (trained scorers: {protocol.ml_repeats or protocol.repeats}); "
               f"training decoys {protocol.decoy_fraction:.0%} (drawn every repeat, ranked by no scorer); "
               f"SMILES kept by partial sanitization: {counts.get('partial', 0)}, rejected: {counts.get('rejected', 0)}; "
-              f"wall time {result.seconds:.0f} s")
+              f"wall time {result.seconds:.0f} s (this invocation; targets already in the ledger are not rerun); "
+              f"shard seconds summed over targets: {shard_s:.0f} s")
     (out / f"{prefix}.md").write_text(rep.markdown(summary, anchor_rows, verdict_rows, names, header))
     rep.plot_summary(out / f"{prefix}-summary.png", summary, names, trained)
     best_trained = max((v for v in verdict_rows if v["n_queries"] == max(protocol.n_queries)),

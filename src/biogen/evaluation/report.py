@@ -143,21 +143,24 @@ def plot_summary(path: Path, summary: list[dict], scorers: list[str], trained: s
     import matplotlib.pyplot as plt
 
     groups = [g for g in GROUPS if any(r["group"] == g for r in summary)]
-    fig, axes = plt.subplots(2, len(groups), figsize=(4.2 * len(groups), 7.5), squeeze=False)
+    fig, axes = plt.subplots(2, len(groups), figsize=(4.2 * len(groups), 8.5), squeeze=False)
     for j, g in enumerate(groups):
         for i, m in enumerate(("auroc", "ef1")):
             ax = axes[i][j]
-            for s in scorers:
+            for k, s in enumerate(scorers):
                 pts = sorted((r["n_queries"], r[m]) for r in summary if r["group"] == g and r["scorer"] == s)
                 if pts:
                     x, y = zip(*pts)
-                    ax.plot(x, y, marker="o", ls="--" if s in trained else "-", label=s)
+                    ax.plot(x, y, marker="o", ls="--" if s in trained else "-", label=s,
+                            color=plt.cm.tab20(k % 20))
             ax.set_title(f"{g}: {LABELS[m]}")
             ax.set_xlabel("query actives")
             ax.set_xticks(sorted({r["n_queries"] for r in summary}))
             ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8,
+               title="solid: similarity, dashed: trained on the queries + training decoys")
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
