@@ -286,6 +286,8 @@ def run_screen(
     _write_sdf(hits, run_dir / "hits.sdf")
     pq.write_table(table, run_dir / "scores.parquet")
     shutil.copy(lib.path / "manifest.json", run_dir / "library_manifest.json")
+    if config_yaml:
+        (run_dir / "config.yaml").write_text(config_yaml)  # also when output= is not the Hydra run dir
     funnel.append(("scored", int(alive.sum())))
     funnel.append(("selected", len(chosen)))
     seconds["outputs"] = time.perf_counter() - t0
@@ -294,7 +296,8 @@ def run_screen(
     from biogen.library.manifest import tool_versions
 
     summary = {
-        "library": str(lib.path), "molecules": n_total, "shards": len(lib.shards),
+        "library": str(lib.path), "library_name": library.preset if not library.path else Path(lib.path).name,
+        "molecules": n_total, "shards": len(lib.shards),
         "featurizer": lib.featurizer.to_dict(), "target": target.name, "target_description": target.description,
         "known_actives": 0 if tdata.actives is None else len(tdata.actives),
         "target_rejects": len(tdata.rejects), "training_compounds": 0 if tdata.training is None else len(tdata.training.y),
@@ -335,7 +338,7 @@ def _write_report(run_dir, target, lib, summary, funnel, seconds, score_cols, al
         enrichment = {"scores": np.where(alive, fused, -np.inf), "labels": labels, "metrics": metrics,
                       "label_name": label_name}
     data = ReportData(
-        title=f"biogen screen: {target.name} vs {Path(lib.path).name} ({summary['molecules']:,} molecules)",
+        title=f"biogen screen: {target.name} vs {summary['library_name']} ({summary['molecules']:,} molecules)",
         summary={"target": f"{target.name} {target.description}".strip(), "library": str(lib.path),
                  "molecules": f"{summary['molecules']:,}", "known actives": summary["known_actives"],
                  "hits": hits.num_rows, "workers": summary["workers"], "accelerator": summary["accelerator"],
