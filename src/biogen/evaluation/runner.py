@@ -3,7 +3,8 @@
 Each shard loads its target's actives (and, for DUD, its decoys), fingerprints them,
 runs ``evaluate_target`` and writes ``targets/<dataset>_<target>.csv`` (one row per
 scorer x n x repeat). The ChEMBL decoys are shared by all 80 ChEMBL targets, so they are
-read and fingerprinted once by the driver and shipped to the shards. A ledger
+read and fingerprinted once by the driver (when a ChEMBL target is left to run) and
+shipped to the shards. A ledger
 (``ledger.jsonl``) in the output directory records finished targets: a rerun of the same
 command resumes, a run with other parameters is refused.
 """
@@ -114,7 +115,7 @@ def run_benchmark(root: str | Path, out_dir: str | Path, *, datasets: list[str],
     ledger = Ledger(out_dir / "ledger.jsonl", job_key({**(key_params or {}), "plan": plan}))
     notes: list[dict] = []
     shared: CompoundList | None = None
-    if any(ds == "ChEMBL" for ds, _ in plan):
+    if any(ds == "ChEMBL" and ledger.done(f"{ds}/{t}") is None for ds, t in plan):
         _, decoys = target_files(root, "ChEMBL", next(t for ds, t in plan if ds == "ChEMBL"))
         shared = load_list(decoys, specs, invalid)
         notes += _notes("ChEMBL", "*", shared.notes)
