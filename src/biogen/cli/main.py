@@ -107,6 +107,43 @@ def job_overrides(config_name: str) -> list[str]:
     return [f"hydra.searchpath=[file://{groups}]"] if groups.is_dir() else []
 
 
+def unknown_key_hint(config_name: str, overrides: list[str]) -> str | None:
+    """If ``overrides`` name a key the config does not have, a message listing the valid keys
+    of that level (Hydra's own message names only the unknown key); else None."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    from biogen.resources import config_dir
+
+    plain = [o for o in overrides if not o.startswith(("-", "hydra.", "+", "~"))]
+    if not plain:
+        return None
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            compose(config_name=config_name, overrides=[*job_overrides(config_name), *plain])
+        return None
+    except Exception as exc:
+        seen, cause = set(), exc
+        while cause is not None and not isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and id(cause) not in seen:
+            seen.add(id(cause))
+            cause = cause.__cause__ or cause.__context__
+        full_key = getattr(cause, "full_key", None) if cause is not None else None
+        if not full_key:
+            return None
+    parent, _, key = str(full_key).rpartition(".")
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            base = compose(config_name=config_name, overrides=job_overrides(config_name))
+        node = OmegaConf.select(base, parent) if parent else base
+        valid = sorted(str(k) for k in node.keys()) if OmegaConf.is_dict(node) else []
+    except Exception:
+        return None
+    where = f"'{parent}'" if parent else "the top level"
+    return (f"{full_key!r} is not a setting of biogen {config_name.replace('_', ' ')}; valid keys at {where}: "
+            f"{', '.join(valid)} (see --help)")
+
+
 def run_job(words: tuple[str, ...], argv: list[str]) -> None:
     import hydra
 
@@ -131,7 +168,13 @@ def run_job(words: tuple[str, ...], argv: list[str]) -> None:
             print(f"biogen {' '.join(words)}: error: {exc}", file=sys.stderr)
             sys.exit(exc.exit_code)
 
-    sys.argv = [f"biogen-{'-'.join(words)}", *job_overrides(config_name), *quote_literals(argv)]
+    argv = quote_literals(argv)
+    if not any(a in ("-m", "--multirun") or a.startswith("--") for a in argv):
+        hint = unknown_key_hint(config_name, argv)
+        if hint:
+            print(f"biogen {' '.join(words)}: error: {hint}", file=sys.stderr)
+            sys.exit(2)
+    sys.argv = [f"biogen-{'-'.join(words)}", *job_overrides(config_name), *argv]
     _app()
 
 
