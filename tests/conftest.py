@@ -10,12 +10,27 @@ from pathlib import Path
 import pytest
 
 from biogen.runtime import RuntimeSpec
+from tests_support import apt_install, unavailable
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"
 SHARED = Path(os.environ.get("BIOGEN_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+MMSEQS_DB = Path("/usr/share/doc/mmseqs2/example-data/DB.fasta.gz")
+
+
+@pytest.fixture(scope="session")
+def mmseqs_db() -> Path:
+    """Debian's mmseqs2-examples: 20,000 real UniProt proteins (installed by the test setup)."""
+    if not MMSEQS_DB.is_file():
+        outcome = apt_install("mmseqs2-examples")
+        if not MMSEQS_DB.is_file():
+            unavailable(f"{MMSEQS_DB} not found ({outcome}); install it with "
+                        "`apt-get install mmseqs2-examples` (as root)")
+    return MMSEQS_DB
 
 
 @pytest.fixture(scope="session")

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from tests_support import apt_install, unavailable
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome-stable", "google-chrome")
 INSTALL_COMMAND = "apt-get update -qq && apt-get install -y -qq chromium"
@@ -37,36 +36,13 @@ def find_chromium() -> str | None:
 
 def install_chromium() -> str:
     """Install Debian's chromium with apt-get (root only); returns what happened, in words."""
-    if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        return "not root, so the test setup cannot install it"
-    if shutil.which("apt-get") is None:
-        return "apt-get not found, so the test setup cannot install it"
-    print(f"\n[biogen tests] chromium not found: running `{INSTALL_COMMAND}` "
-          f"(up to {INSTALL_TIMEOUT_S // 60} min) ...", file=sys.stderr, flush=True)
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    t0 = time.monotonic()
-    # DPkg::Lock::Timeout: wait for another apt run (e.g. a provisioning step) to finish.
-    command = "apt-get update -qq && apt-get install -y -qq -o DPkg::Lock::Timeout=300 chromium"
-    try:
-        done = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True,
-                              timeout=INSTALL_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        return f"`{INSTALL_COMMAND}` did not finish within {INSTALL_TIMEOUT_S} s"
-    seconds = time.monotonic() - t0
-    if done.returncode != 0:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
-        return f"`{INSTALL_COMMAND}` failed (exit {done.returncode}): " + " | ".join(tail)
-    print(f"[biogen tests] chromium installed in {seconds:.0f} s", file=sys.stderr, flush=True)
-    return f"installed in {seconds:.0f} s"
+    return apt_install("chromium", INSTALL_TIMEOUT_S)
 
 
 def _unavailable(reason: str) -> None:
-    message = (f"headless browser tests need Debian's chromium: {reason}. Install it with "
-               f"`{INSTALL_COMMAND}` (as root) or set BIOGEN_CHROMIUM to a Chromium executable; "
-               "the Python package is installed by `pip install -e '.[test]'` (playwright).")
-    if os.environ.get("CI"):
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message)
+    unavailable(f"headless browser tests need Debian's chromium: {reason}. Install it with "
+                f"`{INSTALL_COMMAND}` (as root) or set BIOGEN_CHROMIUM to a Chromium executable; "
+                "the Python package is installed by `pip install -e '.[test]'` (playwright).")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,42 @@
+"""Helpers for tests that need real system components (Debian packages): install them
+when the test run is root, otherwise fail under CI or skip elsewhere, saying why."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+
+def apt_install(package: str, timeout: int = 600) -> str:
+    """Install a Debian package with apt-get (root only) for tests that need a real system
+    component; returns what happened, in words (printed loudly: it takes a while)."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return f"not root, so the test setup cannot install {package}"
+    if shutil.which("apt-get") is None:
+        return "apt-get not found, so the test setup cannot install " + package
+    command = f"apt-get update -qq && apt-get install -y -qq -o DPkg::Lock::Timeout=300 {package}"
+    print(f"\n[biogen tests] {package} not found: running `{command}` (up to {timeout // 60} min) ...",
+          file=sys.stderr, flush=True)
+    t0 = time.monotonic()
+    try:
+        done = subprocess.run(["bash", "-c", command], env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"),
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"`{command}` did not finish within {timeout} s"
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
+        return f"`{command}` failed (exit {done.returncode}): " + " | ".join(tail)
+    print(f"[biogen tests] {package} installed in {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
+    return f"installed in {time.monotonic() - t0:.0f} s"
+
+
+def unavailable(message: str) -> None:
+    """A real component a test needs is missing: fail under CI (env CI set), else skip, saying why."""
+    if os.environ.get("CI"):
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
