@@ -132,11 +132,11 @@ def test_select_hits_scaffold_cap_and_maxmin():
               "c1ccc2ccccc2c1C", "CCO", "CCCO", "c1ccncc1C"]
     _, fps, _ = _fps(smiles)
     order = np.arange(len(smiles))
-    chosen, scaff = select_hits(order, smiles, lambda idx: fps[idx], SelectionSpec(n=5, top_m=5, diversity="none",
+    chosen, scaff = select_hits(order, smiles.__getitem__, lambda idx: fps[idx], SelectionSpec(n=5, top_m=5, diversity="none",
                                                                                     scaffold_cap=2))
     assert chosen.tolist() == [0, 1, 4, 5, 6]  # at most 2 benzene-scaffold molecules, rank order kept
     assert scaff[0] == murcko_scaffold("c1ccccc1CC") == "c1ccccc1"
-    chosen, _ = select_hits(order, smiles, lambda idx: fps[idx], SelectionSpec(n=4, top_m=10, scaffold_cap=None))
+    chosen, _ = select_hits(order, smiles.__getitem__, lambda idx: fps[idx], SelectionSpec(n=4, top_m=10, scaffold_cap=None))
     assert len(chosen) == 4 and chosen[0] == 0 and list(chosen) == sorted(chosen)
     # MaxMin spreads the pick: not simply the 4 best (3 of which share the benzene scaffold)
     assert chosen.tolist() != [0, 1, 2, 3]

@@ -65,21 +65,26 @@ class ScreenWorker:
         self.out_dir = Path(out_dir)
         for st in stages:
             st.load()
-        self.columns = [c for c in self.library.manifest.get("descriptors", [])
-                        if any(c in getattr(st, "columns", ()) for st in stages)]
+        stored = set(self.library.manifest.get("descriptors", []))
+        needed = {c for st in stages for c in getattr(st, "columns", ())}
+        self.columns = sorted(needed & stored)
+        # SMILES are read only when a stage parses molecules (alerts, SMARTS, descriptors
+        # the library does not store): most of a large screen's time would go to strings
+        self.read_smiles = bool(needed - stored) or any(getattr(st, "needs_mols", False) for st in stages)
 
     def run(self, index: int) -> tuple[list[str], dict]:
         shard = self.library.shards[index]
-        meta = shard.metadata(["id", "smiles", *self.columns])
+        meta = shard.metadata(["id", *(["smiles"] if self.read_smiles else []), *self.columns])
         n = meta.num_rows
+        smiles = meta.column("smiles").to_pylist() if self.read_smiles else [None] * n
         batch = MoleculeBatch(np.arange(n, dtype=np.int64), meta.column("id").to_pylist(),
-                              meta.column("smiles").to_pylist(), np.asarray(shard.fingerprints),
+                              smiles, np.asarray(shard.fingerprints),
                               np.asarray(shard.popcounts, dtype=np.int32),
                               {c: meta.column(c).to_numpy(zero_copy_only=False).astype(np.float64) for c in self.columns})
         alive = np.ones(n, dtype=bool)
         columns: dict[str, pa.Array] = {
             "shard": pa.array(np.full(n, index, dtype=np.int32)), "row": pa.array(batch.rows),
-            "id": meta.column("id").combine_chunks(), "smiles": meta.column("smiles").combine_chunks()}
+            "id": meta.column("id").combine_chunks()}
         seconds: dict[str, float] = {}
         passed: dict[str, int] = {}
         cur = batch  # the molecules still alive (parsed molecules carry over from stage to stage)
@@ -225,11 +230,9 @@ def run_screen(
         notes.append("the filters removed every molecule of the library: no hits. Loosen or remove "
                      "filters (filters=none, or filters.<name>=null).")
         log.warning("%s", notes[-1])
-    ids = table.column("id").to_pylist()
-    smiles = table.column("smiles").to_pylist()
     cand = np.flatnonzero(alive)
-    # best first; ties by id (deterministic)
-    order = cand[np.lexsort((np.asarray(ids, dtype=object)[cand].astype(str), -fused[cand]))] if len(cand) else cand
+    # best first; ties in library order (deterministic, and numeric: no sort of 1M strings)
+    order = cand[np.argsort(-fused[cand], kind="stable")] if len(cand) else cand
     rank_of = np.full(n_total, -1, dtype=np.int64)
     rank_of[order] = np.arange(1, len(order) + 1)
     table = table.append_column("passed_filters", pa.array(alive)).append_column(
@@ -243,8 +246,17 @@ def run_screen(
     def fps_of(idx: np.ndarray) -> np.ndarray:
         return np.stack([lib.shards[int(shard_of[i])].fingerprints[int(row_of[i])] for i in idx])
 
-    chosen, scaffolds = (select_hits(order, smiles, fps_of, selection) if len(order)
+    shard_smiles: dict[int, list[str]] = {}
+
+    def smiles_of(i: int) -> str:
+        sh = int(shard_of[i])
+        if sh not in shard_smiles:
+            shard_smiles[sh] = lib.shards[sh].metadata(["smiles"]).column("smiles").to_pylist()
+        return shard_smiles[sh][int(row_of[i])]
+
+    chosen, scaffolds = (select_hits(order, smiles_of, fps_of, selection) if len(order)
                          else (np.zeros(0, dtype=np.int64), []))
+    ids = table.column("id")
     seconds["selection"] = time.perf_counter() - t0
 
     # labels (held-out or given actives), matched by InChIKey
@@ -270,8 +282,9 @@ def run_screen(
             notes.append(f"no labelled actives found in the library ({tdata.label_name}); enrichment not computed")
 
     t0 = time.perf_counter()
-    hit_cols = {"rank": pa.array(np.arange(1, len(chosen) + 1)), "id": pa.array([ids[i] for i in chosen], pa.string()),
-                "smiles": pa.array([smiles[i] for i in chosen], pa.string()), "score": pa.array(fused[chosen]),
+    hit_cols = {"rank": pa.array(np.arange(1, len(chosen) + 1)), "id": ids.take(pa.array(chosen)).combine_chunks()
+                if len(chosen) else pa.array([], pa.string()),
+                "smiles": pa.array([smiles_of(i) for i in chosen], pa.string()), "score": pa.array(fused[chosen]),
                 "score_rank": pa.array(rank_of[chosen])}
     for k, v in score_cols.items():
         hit_cols[k] = pa.array(v[chosen])

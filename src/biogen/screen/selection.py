@@ -106,10 +106,10 @@ def _bitvects(fps: np.ndarray) -> list:
     return out
 
 
-def select_hits(order: np.ndarray, smiles: list[str], fps_of, spec: SelectionSpec) -> tuple[np.ndarray, list[str]]:
+def select_hits(order: np.ndarray, smiles_of, fps_of, spec: SelectionSpec) -> tuple[np.ndarray, list[str]]:
     """Pick hits from candidates ranked best first.
 
-    order: candidate indices, best first; smiles: SMILES by index; fps_of(indices) ->
+    order: candidate indices, best first; smiles_of(index) -> SMILES; fps_of(indices) ->
     packed fingerprints of those candidates. Returns (chosen indices in rank order, the
     scaffold of every chosen index). Walks down the ranking keeping at most
     ``scaffold_cap`` per scaffold until ``top_m`` candidates, then (diversity=maxmin)
@@ -122,7 +122,7 @@ def select_hits(order: np.ndarray, smiles: list[str], fps_of, spec: SelectionSpe
     for i in order:
         i = int(i)
         if spec.scaffold_cap is not None:
-            sc = murcko_scaffold(smiles[i])
+            sc = murcko_scaffold(smiles_of(i))
             scaffolds[i] = sc
             if per_scaffold.get(sc, 0) >= spec.scaffold_cap:
                 continue
@@ -137,4 +137,4 @@ def select_hits(order: np.ndarray, smiles: list[str], fps_of, spec: SelectionSpe
         chosen = sorted(int(p) for p in picked)  # pool positions; pool is in rank order
         pool = [pool[p] for p in chosen]
     pool = pool[: spec.n]
-    return np.asarray(pool, dtype=np.int64), [scaffolds.get(i) or murcko_scaffold(smiles[i]) for i in pool]
+    return np.asarray(pool, dtype=np.int64), [scaffolds.get(i) or murcko_scaffold(smiles_of(i)) for i in pool]

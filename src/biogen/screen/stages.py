@@ -99,6 +99,7 @@ class Stage(Protocol):
 class _Base:
     name = "stage"
     kind = "filter"
+    needs_mols = False  # True: the stage parses the SMILES (the worker then reads them)
 
     def prepare(self, ctx: ScreenContext) -> None:
         """Driver-side set-up (featurize actives, train or check a model)."""
@@ -190,6 +191,8 @@ class AlertFilter(_Base):
     whose SMILES cannot be parsed fail.
     """
 
+    needs_mols = True
+
     def __init__(self, catalogs: Sequence[str] = ("PAINS",), name: str | None = None):
         valid = _alert_catalogs()
         unknown = [c for c in catalogs if c not in valid]
@@ -224,6 +227,8 @@ class AlertFilter(_Base):
 
 class SmartsFilter(_Base):
     """Keep molecules matching all ``include`` SMARTS and none of ``exclude``."""
+
+    needs_mols = True
 
     def __init__(self, include: Sequence[str] = (), exclude: Sequence[str] = (), name: str | None = None):
         if not include and not exclude:
@@ -368,6 +373,7 @@ class ADMETScorer(_Base):
     """
 
     kind = "score"
+    needs_mols = True
 
     def __init__(self, endpoint: str = "hERG", higher_is_better: bool = False, name: str | None = None):
         self.endpoint = endpoint
