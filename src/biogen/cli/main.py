@@ -25,6 +25,10 @@ JOBS: dict[tuple[str, ...], tuple[str, str, str]] = {
                   "virtual screen: filters, similarity + QSAR scoring, fusion, diverse hits, report"),
     ("train",): ("train", "biogen.cli.train:train",
                  "train a Lightning QSAR model (fingerprint MLP) for screening"),
+    ("embed",): ("embed", "biogen.cli.embed:embed",
+                 "protein language model (ESM-2) embeddings of a FASTA set, resumable"),
+    ("embed-search",): ("embed_search", "biogen.cli.embed:embed_search",
+                        "cosine top-k of query proteins against an embedding store"),
     ("evaluate",): ("evaluate", "biogen.cli.evaluate:evaluate",
                     "Riniker-Landrum virtual-screening benchmark: similarity and QSAR scoring"),
 }

@@ -35,9 +35,10 @@ def hash_files(root: Path, relpaths: list[str]) -> str:
 
 
 class Ledger:
-    def __init__(self, path: Path, job_key: str):
+    def __init__(self, path: Path, job_key: str, root: Path | None = None):
+        """``root``: the directory shard outputs are relative to (default: the ledger's own)."""
         self.path = Path(path)
-        self.root = self.path.parent
+        self.root = Path(root) if root is not None else self.path.parent
         self.job_key = job_key
         self.entries: dict[str, dict] = {}
         if self.path.exists():

@@ -1,0 +1,186 @@
+"""``biogen embed``: FASTA -> unique sequences -> shards embedded by Ray actors that hold
+the model (one per GPU, or CPU actors) -> an embedding store, resumable by the ledger.
+
+Shards hold ``shard_size`` unique sequences in input order, so their keys depend only
+on the input: a rerun after a kill skips every shard the ledger records as complete
+(its files re-hashed) and embeds only the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from biogen.chem.records import write_rejects
+from biogen.errors import ConfigError, InputError
+from biogen.library.manifest import now_iso, tool_versions
+from biogen.protein.fasta import read_proteins
+from biogen.protein.store import FORMAT, SCHEMA_VERSION, EmbeddingStore
+from biogen.runtime import Ledger, RuntimeSpec, hash_files, ray_session, run_shards_on_actors
+from biogen.runtime.ledger import sha256_file
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EmbedReport:
+    store: str
+    sequences: int = 0
+    ids: int = 0
+    records: int = 0
+    rejected: int = 0
+    shards: int = 0
+    shards_done_before: int = 0
+    tokens: int = 0
+    truncated: int = 0
+    chunked: int = 0
+    seconds: float = 0.0
+    info: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        return (f"embedded {self.sequences:,} unique sequences ({self.ids:,} ids of {self.records:,} records; "
+                f"{self.rejected} rejected) in {self.shards} shards ({self.shards_done_before} done before) "
+                f"in {self.seconds:.1f} s -> {self.store}")
+
+
+def _vector_names(result: dict) -> dict[str, np.ndarray]:
+    """Flatten an Embedder result's pooled dict into file-name -> vector."""
+    out = {}
+    for layer, value in result["pooled"].items():
+        if isinstance(value, dict):  # pooling=both: {"mean": v, "bos": v}
+            for kind, v in value.items():
+                out[f"{kind}_L{layer}"] = v
+        else:
+            out[f"{result.get('pooling', 'mean')}_L{layer}"] = value
+    return out
+
+
+class EmbedWorker:
+    """Holds one model (on its GPU or the CPU) and embeds one shard at a time."""
+
+    def __init__(self, model: str, spec, device: str, out_dir: str, cache_dir: str | None):
+        from biogen.protein.embed import Embedder
+
+        self.embedder = Embedder(model, spec, device=device, cache_dir=cache_dir)
+        self.pooling = spec.pooling
+        self.per_residue = spec.per_residue
+        self.out_dir = Path(out_dir)
+
+    def run(self, name: str, keys: list[str], sequences: list[str], ids: list[list[str]]) -> tuple[list[str], dict]:
+        t0 = time.perf_counter()
+        results = self.embedder.embed(sequences)
+        tmp = self.out_dir / "shards" / f".{name}.tmp"
+        final = self.out_dir / "shards" / name
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        vectors: dict[str, list[np.ndarray]] = {}
+        for r in results:
+            r.setdefault("pooling", self.pooling)
+            for k, v in _vector_names(r).items():
+                vectors.setdefault(k, []).append(np.asarray(v, dtype=np.float32))
+        files = []
+        for k, rows in vectors.items():
+            np.save(tmp / f"{k}.npy", np.stack(rows))
+            files.append(f"{k}.npy")
+        meta = {"key": keys, "length": [int(r["length"]) for r in results],
+                "truncated": [bool(r.get("truncated", False)) for r in results],
+                "chunks": [int(r.get("chunks", 1)) for r in results],
+                "ids": pa.array(ids, pa.list_(pa.string()))}
+        if self.per_residue:
+            lengths = []
+            for layer in results[0]["residues"] if results else []:
+                arrs = [np.asarray(r["residues"][layer], dtype=np.float32) for r in results]
+                np.save(tmp / f"res_L{layer}.npy", np.concatenate(arrs))
+                files.append(f"res_L{layer}.npy")
+                lengths = [len(a) for a in arrs]
+            meta["res_length"] = lengths
+            meta["res_offset"] = list(np.cumsum([0, *lengths[:-1]]).astype(np.int64)) if lengths else []
+        pq.write_table(pa.table(meta), tmp / "meta.parquet")
+        files.append("meta.parquet")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        outputs = [f"shards/{name}/{f}" for f in sorted(files)]
+        tokens = int(sum(min(len(s), 1022) + 2 for s in sequences))
+        return outputs, {"rows": len(keys), "tokens": tokens, "seconds": time.perf_counter() - t0,
+                         "truncated": sum(bool(r.get("truncated")) for r in results),
+                         "chunked": sum(int(r.get("chunks", 1)) > 1 for r in results),
+                         "dim": int(next(iter(vectors.values()))[0].shape[0]) if vectors else 0,
+                         "vectors": sorted(vectors), "info": self.embedder.info}
+
+
+def embed_proteins(inputs, output: str | Path, *, model: str, spec=None, device: str = "cpu",
+                   shard_size: int = 1000, cache_dir: str | None = None, overwrite: bool = False,
+                   runtime: RuntimeSpec = RuntimeSpec()) -> EmbedReport:
+    """Embed the proteins of FASTA ``inputs`` into an embedding store at ``output``."""
+    from biogen.protein.embed import EmbedSpec
+
+    spec = spec or EmbedSpec()
+    if shard_size < 1:
+        raise ConfigError(f"shard_size={shard_size} must be >= 1")
+    t0 = time.perf_counter()
+    out = Path(output).absolute()
+    if (out / "manifest.json").exists() and not (out / "_work").exists():
+        if not overwrite:
+            raise InputError(f"output={out} already holds an embedding store; choose another output or "
+                             "overwrite=true")
+        shutil.rmtree(out)
+    pset = read_proteins(inputs)
+    if not len(pset):
+        raise InputError(f"no usable protein sequence in {inputs} ({len(pset.rejects)} record(s) rejected: "
+                         f"{', '.join(sorted({r.reason for r in pset.rejects})) or 'empty input'})")
+    in_paths = [r for r in ([inputs] if isinstance(inputs, (str, Path)) else inputs)]
+    input_hashes = {str(p): sha256_file(Path(p)) for p in in_paths if Path(p).is_file()}
+    job = {"inputs": sorted(input_hashes.values()), "model": str(model), "spec": asdict(spec),
+           "shard_size": shard_size, "format": SCHEMA_VERSION}
+    job_key = hashlib.sha256(json.dumps(job, sort_keys=True, default=str).encode()).hexdigest()
+    ledger = Ledger(out / "_work" / "ledger.jsonl", job_key, root=out)
+    names = []
+    shards = []
+    for i, start in enumerate(range(0, len(pset), shard_size)):
+        keys = pset.keys[start: start + shard_size]
+        name = f"{i:06d}"
+        names.append(name)
+        shards.append((f"shard-{name}", (name, keys, pset.sequences[start: start + shard_size],
+                                         [pset.ids[k] for k in keys])))
+    done_before = sum(ledger.done(k) is not None for k, _ in shards)
+    with ray_session(runtime) as slots:
+        gpus = 1.0 if device in ("cuda", "gpu") else 0.0
+        if gpus:
+            import ray
+
+            n_gpus = int(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 1
+            slots = max(1, min(slots, n_gpus))  # one actor per GPU, each holding the model
+        results = run_shards_on_actors(
+            EmbedWorker, (str(model), spec, "cuda" if gpus else "cpu", str(out), cache_dir),
+            shards, ledger=ledger, spec=runtime,
+            slots=min(slots, len(shards)), desc="embed", total=len(shards), num_gpus=gpus)
+    first = results[shards[0][0]]
+    manifest = {
+        "format": FORMAT, "schema_version": SCHEMA_VERSION, "created": now_iso(),
+        "model": first["info"], "spec": asdict(spec), "device": device, "dim": first["dim"],
+        "vectors": first["vectors"], "inputs": input_hashes, "n_sequences": len(pset), "n_ids": pset.n_ids,
+        "n_records": pset.n_records, "rejected": len(pset.rejects),
+        "rejected_by_reason": {r: sum(x.reason == r for x in pset.rejects) for r in {x.reason for x in pset.rejects}},
+        "shards": [{"name": n, "rows": results[f"shard-{n}"]["rows"],
+                    "sha256": hash_files(out, [f"shards/{n}/{f}" for f in sorted(p.name for p in (out / "shards" / n).iterdir())])}
+                   for n in names],
+        "versions": {**tool_versions(), "torch": __import__("torch").__version__},
+    }
+    write_rejects(pset.rejects, out / "rejects.csv")
+    tmp = out / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    tmp.replace(out / "manifest.json")
+    shutil.rmtree(out / "_work", ignore_errors=True)
+    EmbeddingStore.open(out)  # readable as written
+    return EmbedReport(str(out), len(pset), pset.n_ids, pset.n_records, len(pset.rejects), len(shards), done_before,
+                       sum(r["tokens"] for r in results.values()), sum(r["truncated"] for r in results.values()),
+                       sum(r["chunked"] for r in results.values()), time.perf_counter() - t0, first["info"])
