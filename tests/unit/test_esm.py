@@ -14,7 +14,7 @@ import esm_fixtures as fx
 from biogen.errors import ConfigError
 from biogen.protein.batching import OutOfMemoryAtMinimum, run_with_oom_halving, token_budget_batches
 from biogen.protein.embed import Embedder, EmbedSpec, stitch_bounds, windows
-from biogen.protein.esm import FastESM2, PackedBatch
+from biogen.protein.esm import GROUP_WASTE, FastESM2, PackedBatch, attention_groups
 from biogen.protein.models import CheckpointError, load_checkpoint, resolve_checkpoint
 from biogen.protein.tokenizer import MASK, encode_packed
 
@@ -110,6 +110,35 @@ def test_same_weights_both_formats_and_hf_anchor(real8m):
     for x, y, s, h in zip(a, b, seqs, last):
         np.testing.assert_allclose(x["residues"][6], y["residues"][6], atol=1e-6)
         np.testing.assert_allclose(x["residues"][6], h[1:len(s) + 1], atol=TOL)
+
+
+@pytest.mark.parametrize("attention", ["grouped", "segments"])
+def test_cpu_attention_backends_match_fair_esm(tiny, attention):
+    """Both CPU attention backends; equal lengths (a copy-free group), near-equal (a padded
+    group) and far apart (groups of one)."""
+    seqs = fx.random_sequences([64, 64, 64, 60, 58, 300, 7, 1, 130], seed=10)
+    ref = fx.fair_esm_representations(tiny.model, seqs, [2])
+    model = FastESM2.from_checkpoint(load_checkpoint(tiny.pt_path), attention=attention)
+    p = encode_packed(seqs)
+    batch = PackedBatch(p.tokens, p.cu_seqlens, torch.device("cpu"))
+    if attention == "grouped":
+        assert [g[2] for g in batch.groups] == [5, 1, 1, 1, 1]
+        assert batch.groups[0][4] is not None  # 64 x 3 + 60 + 58 -> padded to 66 tokens with a mask
+    out = model(batch, {2})[2].numpy()
+    for i, s in enumerate(seqs):
+        np.testing.assert_allclose(out[p.cu_seqlens[i]:p.cu_seqlens[i + 1]], ref[i][2], atol=TOL)
+
+
+def test_attention_groups_bound_padding():
+    rng = np.random.default_rng(0)
+    lens = np.sort(rng.integers(2, 1024, 300))[::-1]
+    groups = attention_groups(lens)
+    assert groups[0][0] == 0 and groups[-1][1] == len(lens)
+    assert all(a[1] == b[0] for a, b in zip(groups, groups[1:]))
+    for i, j in groups:
+        g = lens[i:j]
+        assert j - i == 1 or (j - i) * g.max() ** 2 <= GROUP_WASTE * (g.astype(float) ** 2).sum()
+    assert len(groups) < len(lens) / 3  # sorted UniProt-like lengths do group
 
 
 def test_lower_case_accepted(tiny):
