@@ -28,11 +28,13 @@ def run(args, cwd, check=True, timeout=300, **kw):
 
 def test_help_lists_jobs_and_job_help_shows_config(tmp_path):
     out = run(["--help"], tmp_path).stdout
-    for job in ("library build", "library append", "library info", "library verify"):
-        assert f"biogen {job}" in out
+    for job in ("library build", "library append", "library info", "library verify", "search", "screen",
+                "train", "evaluate", "embed", "embed-search"):
+        assert f"biogen {job} " in out
     out = run(["library", "build", "--help"], tmp_path).stdout
-    assert "featurizer: atompair, ecfp4, ecfp6, fcfp4, maccs, morgan, rdkit, torsion" in out
+    assert "featurizer=ecfp4|ecfp6|fcfp4|morgan|rdkit|atompair|torsion|maccs" in out  # the job's own groups
     assert "chunk_size: 10000" in out
+    assert "screen/" not in out and "train/" not in out  # other jobs' groups are not listed
     bad = run(["librari", "build"], tmp_path, check=False)
     assert bad.returncode == 2 and "unknown job 'librari'" in bad.stderr
 
