@@ -142,7 +142,7 @@ def test_classifier_uses_labels_or_threshold(thrombin):
     tr = thrombin.subset("train")
     spec = QSARSpec(task="classification", **FAST, split="random")
     p = fit_qsar(tr.fps, tr.y, spec, ECFP4)
-    fit_rows, _ = split_indices(len(tr), "random", 0.1, 0)
+    fit_rows, _ = split_indices(len(tr), "random", 0.1, 0, labels=(tr.y >= 7.0))  # stratified
     n_pos = (tr.y[fit_rows] >= 7.0).sum()
     assert p.module.hparams.pos_weight == pytest.approx((len(fit_rows) - n_pos) / n_pos)
     labels = (tr.y >= 7.0).astype(np.float32)
@@ -299,3 +299,14 @@ def test_train_config_groups_instantiate(model, trainer, data):
     src = training_source(OmegaConf.to_container(cfg.train_data))
     assert src.source == data
     assert FingerprintSpec.from_dict(OmegaConf.to_container(cfg.featurizer)) == ECFP4
+
+
+def test_random_split_is_stratified_for_classification():
+    from biogen.models.data import split_indices
+
+    labels = np.array([1] * 12 + [0] * 388)  # few actives, as in a benchmark draw
+    tr, va = split_indices(400, "random", 0.1, 0, labels=labels)
+    assert len(np.intersect1d(tr, va)) == 0 and len(tr) + len(va) == 400
+    assert labels[va].sum() == 1 and labels[tr].sum() == 11  # round(0.1 * 12) = 1 active validates
+    tr2, va2 = split_indices(400, "random", 0.1, 0, labels=np.array([1] * 3 + [0] * 397))
+    assert np.array([1] * 3 + [0] * 397)[va2].sum() == 1  # at least one when a class has >= 2

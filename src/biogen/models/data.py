@@ -216,10 +216,12 @@ def murcko_scaffolds(smiles: list[str]) -> list[str]:
 
 
 def split_indices(n: int, kind: str, val_fraction: float, seed: int,
-                  smiles: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  smiles: list[str] | None = None, labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(train, validation) row indices, sorted.
 
-    random: a seeded permutation. scaffold: Bemis-Murcko groups never straddle the two
+    random: a seeded permutation; with ``labels`` (classification) it is stratified, so a
+    set with few actives still validates on its share of them (at least one when a class
+    has two or more members) instead of early-stopping on inactives alone. scaffold: Bemis-Murcko groups never straddle the two
     sets (balanced scaffold split, as in Chemprop): groups larger than half the
     validation size go to training, the others are shuffled with ``seed`` and fill the
     validation set while they fit. ``val_fraction=0``: everything trains.
@@ -233,8 +235,19 @@ def split_indices(n: int, kind: str, val_fraction: float, seed: int,
         return np.arange(n), np.zeros(0, dtype=np.int64)
     rng = np.random.default_rng(seed)
     if kind == "random":
-        perm = rng.permutation(n)
-        return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+        if labels is None:
+            perm = rng.permutation(n)
+            return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+        labels = np.asarray(labels).reshape(-1)
+        val_parts, train_parts = [], []
+        for cls in np.unique(labels):
+            idx = rng.permutation(np.flatnonzero(labels == cls))
+            take = int(round(val_fraction * len(idx)))
+            if take == 0 and len(idx) >= 2:
+                take = 1
+            val_parts.append(idx[:take])
+            train_parts.append(idx[take:])
+        return np.sort(np.concatenate(train_parts)), np.sort(np.concatenate(val_parts))
     if smiles is None or len(smiles) != n:
         raise ConfigError("model.split=scaffold needs the SMILES of the training molecules; "
                           "pass smiles=... or use model.split=random")

@@ -495,8 +495,9 @@ def fit_qsar(fps: np.ndarray, y: np.ndarray, spec: QSARSpec, featurizer: Fingerp
         raise InputError(f"{int((~np.isfinite(y)).sum())} activity value(s) are NaN or infinite; drop them first")
     if len(y) < 2:
         raise InputError(f"{len(y)} training molecule(s): a QSAR model needs at least 2 (and a few hundred to be useful)")
-    tr, va = split_indices(len(y), spec.split, spec.val_fraction, spec.seed, smiles)
     target = _labels(y, spec) if spec.task == "classification" else y
+    tr, va = split_indices(len(y), spec.split, spec.val_fraction, spec.seed, smiles,
+                           labels=target if spec.task == "classification" else None)
     pos_weight, y_mean, y_std = 1.0, 0.0, 1.0
     if spec.task == "classification":
         n_pos = int(target[tr].sum())
