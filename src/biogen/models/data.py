@@ -60,7 +60,7 @@ def _featurize(records: list[RawRecord], values: dict[int, tuple[float, str]], r
                featurizer: FingerprintSpec, standardize: StandardizeSpec, source: str,
                unit: str) -> ActivityData:
     """Run ``records`` through the library's molecule processor; ``values``: record -> (y, split)."""
-    chunk = MoleculeProcessor(ProcessorSpec(featurizer, standardize, ())).process(records)
+    chunk = MoleculeProcessor(ProcessorSpec(featurizer, standardize, ()), identity=False).process(records)
     y = np.array([values[r][0] for r in chunk.record], dtype=np.float32)
     split = [values[r][1] for r in chunk.record]
     return ActivityData(chunk.fps, y, list(chunk.smiles), split, rejects + list(chunk.rejects),

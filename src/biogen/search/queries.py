@@ -45,7 +45,7 @@ class Queries:
     @classmethod
     def from_records(cls, records: list[RawRecord], spec: FingerprintSpec,
                      standardize: StandardizeSpec) -> "Queries":
-        chunk = MoleculeProcessor(ProcessorSpec(spec, standardize, ())).process(records)
+        chunk = MoleculeProcessor(ProcessorSpec(spec, standardize, ()), identity=False).process(records)
         ids = [i if i is not None else f"q{r}" for i, r in zip(chunk.id, chunk.record)]
         return cls(chunk.fps, ids, list(chunk.smiles), spec, list(chunk.rejects))
 
