@@ -164,3 +164,35 @@ def test_target_from_moleculeace_and_files(tmp_path, moleculeace):
     acts.write_text("smiles,ki_nM\nCCO,10\nCCN,abc\nCCC,-1\n")
     t3 = load_target(TargetSpec(name="x", activities=str(acts), value_column="ki_nM"), spec, StandardizeSpec(enabled=False))
     assert t3.training.y.tolist() == [8.0] and len(t3.rejects) == 2 and len(t3.actives) == 1
+
+
+def test_admet_stage_with_the_real_pretrained_model(tmp_path):
+    """ADMET-AI's Chemprop-2 checkpoints (pip install 'biogen[admet]'; it pins an older RDKit,
+    so it lives in its own environment: this test runs there and is skipped elsewhere)."""
+    pytest.importorskip("admet_ai", reason="optional extra: pip install 'biogen[admet]' (own environment)")
+    from biogen.screen.stages import ADMETScorer, ScreenContext
+
+    stage = ADMETScorer(endpoint="hERG")
+    stage.prepare(ScreenContext(FingerprintSpec(), None, None, tmp_path))
+    scores = stage(_batch(["CC(=O)Oc1ccccc1C(=O)O", "CN1CCC(CC1)C(c1ccccc1)c1ccccc1"]))
+    assert scores.shape == (2,) and np.all((scores >= 0) & (scores <= 1))
+    assert scores[0] > scores[1]  # aspirin: low hERG liability; a lipophilic diphenylmethylpiperidine: high
+    with pytest.raises(ConfigError, match="no endpoint"):
+        ADMETScorer(endpoint="nope")(_batch(["CCO"]))
+
+
+def test_admet_stage_without_the_package_says_how_to_install(tmp_path, monkeypatch):
+    import builtins
+
+    from biogen.screen.stages import ADMETScorer, ScreenContext
+
+    real = builtins.__import__
+
+    def no_admet(name, *a, **k):
+        if name == "admet_ai":
+            raise ImportError("No module named 'admet_ai'")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_admet)
+    with pytest.raises(ConfigError, match=r"pip install 'biogen\[admet\]'"):
+        ADMETScorer().prepare(ScreenContext(FingerprintSpec(), None, None, tmp_path))
