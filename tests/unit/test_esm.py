@@ -283,6 +283,7 @@ def test_named_model_from_torch_hub_cache(real8m, no_caches):
     assert emb.info["sha256"] == hashlib.sha256(real8m.pt_path.read_bytes()).hexdigest()
     assert emb.info["source_format"] == "fair-esm" and emb.info["max_len"] == 1022
     assert emb.info["dtype"] == "float32" and emb.info["layers"] == [6]
+    assert emb.info["token_budget"] == 4096 and emb.info["token_budget_requested"] == 16384  # CPU cap
 
 
 def test_named_model_from_hf_cache_and_cache_dir_first(real8m, no_caches):

@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 POOLINGS = ("mean", "bos", "both")
 LONG_POLICIES = ("truncate", "chunk")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# On the CPU, batches above ~4k tokens run slower (activations fall out of cache): measured on
+# the 2-core benchmark VM, 8M model, 160 UniProt proteins: 8,200 tokens/s at 4,096 vs 6,700 at
+# 16,384. The CPU plan caps token_budget there (logged and recorded in info).
+CPU_TOKEN_BUDGET = 4096
 
 
 @dataclass(frozen=True)
@@ -148,12 +152,17 @@ class Embedder:
         self.layers = resolve_layers(spec.layers, self.arch.num_layers)
         self.max_len = MAX_RESIDUES
         self.token_budget = spec.token_budget
+        if self.device.type == "cpu" and spec.token_budget > CPU_TOKEN_BUDGET:
+            self.token_budget = CPU_TOKEN_BUDGET
+            log.info("token_budget=%d capped to %d on the CPU (faster: activations stay in cache)",
+                     spec.token_budget, CPU_TOKEN_BUDGET)
         self.last_stats: dict = {}
         self.info = {**ckpt.info(), "layers": list(self.layers), "dtype": str(self.dtype).removeprefix("torch."),
                      "device": str(self.device), "attention": self.model.attention, "pooling": spec.pooling,
                      "per_residue": spec.per_residue, "long_policy": spec.long_policy,
                      "chunk_overlap": spec.chunk_overlap if spec.long_policy == "chunk" else None,
-                     "max_len": self.max_len, "token_budget": spec.token_budget,
+                     "max_len": self.max_len, "token_budget": self.token_budget,
+                     "token_budget_requested": spec.token_budget,
                      "implementation": "biogen.protein.esm.FastESM2 (packed, no padding, no LM head)",
                      "torch": torch.__version__}
         del ckpt
