@@ -140,10 +140,15 @@ def main() -> None:
     ap.add_argument("--skip-default", action="store_true")
     ap.add_argument("--warm-cache", help="a BIOGEN_CACHE_DIR that already holds the default preset")
     ap.add_argument("--out", default=str(RESULTS / "screen.json"))
+    ap.add_argument("--update", action="store_true", help="replace only the parts run now in an existing --out")
     args = ap.parse_args()
-    result = {"benchmark": "screen", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "machine": machine(), "versions": versions("torch", "pytorch-lightning"),
-              "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
+    now = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
+           "versions": versions("torch", "pytorch-lightning"), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+           "load_average_at_start": os.getloadavg()}
+    result = {"benchmark": "screen", **now}
+    if args.update and Path(args.out).is_file():
+        result = json.loads(Path(args.out).read_text())
+        result.setdefault("runs", []).append(now)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if not args.skip_default:

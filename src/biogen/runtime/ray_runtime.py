@@ -239,20 +239,30 @@ def run_shards_on_actors(
         actor_cls = ray.remote(num_cpus=1, num_gpus=num_gpus)(worker_cls)
         shared = [ray.put(a) for a in worker_args]  # one copy in the object store for all actors
         actors = [actor_cls.remote(*shared) for _ in range(n_actors)]
-        idle = list(range(len(actors)))
+        load = [0] * len(actors)  # shards queued or running per actor
+        generation = [0] * len(actors)  # bumped when an actor is replaced
 
         def submit(args):
-            a = idle.pop()
-            return actors[a].run.remote(*args), a
+            # two shards per actor in flight: the next one is queued on the actor while the
+            # driver records the last in the ledger (an fsync), so actors never wait on it
+            a = min(range(len(actors)), key=load.__getitem__)
+            load[a] += 1
+            return actors[a].run.remote(*args), (a, generation[a])
 
-        def retry(a, args, exc):
+        def release(token):
+            load[token[0]] -= 1
+
+        def retry(token, args, exc):
             if not isinstance(exc, RayActorError) or exc.actor_init_failed:
                 return None  # an error of the shard's own code, or a constructor that fails: not retried
-            actors[a] = actor_cls.remote(*shared)
-            return actors[a].run.remote(*args), a
+            a, gen = token
+            if gen == generation[a]:  # the first of this actor's lost shards replaces it
+                actors[a] = actor_cls.remote(*shared)
+                generation[a] += 1
+            return actors[a].run.remote(*args), (a, generation[a])
 
         try:
-            return _drive(submit, idle.append, shards, ledger=ledger, capacity=len(actors), bar=bar, retry=retry)
+            return _drive(submit, release, shards, ledger=ledger, capacity=2 * len(actors), bar=bar, retry=retry)
         finally:
             for a in actors:
                 ray.kill(a)
