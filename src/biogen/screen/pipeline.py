@@ -28,9 +28,10 @@ from biogen.chem.records import write_rejects
 from biogen.errors import ConfigError
 from biogen.library.store import Library
 from biogen.runtime import Ledger, RuntimeSpec, ray_session, run_shards_on_actors
+from biogen.runtime.ray_runtime import prewarm
 from biogen.screen.presets import LibrarySpec, preset_library
 from biogen.screen.selection import SelectionSpec, fuse_scores, select_hits
-from biogen.screen.stages import MoleculeBatch, ScreenContext, Stage
+from biogen.screen.stages import MoleculeBatch, QSARScorer, ScreenContext, Stage
 from biogen.screen.target import TargetSpec, load_target
 
 log = logging.getLogger(__name__)
@@ -173,6 +174,11 @@ def run_screen(
     seconds: dict[str, float] = {}
     t_start = time.perf_counter()
     with ray_session(runtime) as slots:
+        # the workers import torch & co. while the driver prepares the library, target and model
+        modules = ["biogen.screen.pipeline", "biogen.search.fused"]
+        if any(isinstance(st, QSARScorer) for st in scorers):
+            modules += ["torch", "biogen.models.qsar"]
+        warming = prewarm(runtime, slots, modules)  # noqa: F841 - runs in the background
         # target first: a preset library mixes in the target's held-out actives
         t0 = time.perf_counter()
         lib_path = Path(library.path) if library.path else None
