@@ -190,11 +190,13 @@ class FastESM2(nn.Module):
         with torch.device("meta"):
             model = cls(arch, torch.empty(arch.head_dim // 2), attention=attention)
 
+        # cast while copying (host memory: one copy in the compute dtype, not an fp32 one as well)
         def p(*names: str) -> nn.Parameter:  # fused q/k/v: concatenated along the output dim
-            return nn.Parameter(torch.cat([s[n].float() for n in names]), requires_grad=False)
+            return nn.Parameter(torch.cat([s[n].to(dtype) for n in names]), requires_grad=False)
 
         def ln(prefix: str) -> nn.Parameter:
-            return nn.Parameter(torch.stack([s[f"{prefix}.weight"], s[f"{prefix}.bias"]]).float(), requires_grad=False)
+            return nn.Parameter(torch.stack([s[f"{prefix}.weight"], s[f"{prefix}.bias"]]).to(dtype),
+                                requires_grad=False)
 
         model.embed = p("embed_tokens.weight")
         for i in range(arch.num_layers):
@@ -257,7 +259,8 @@ class FastESM2(nn.Module):
         qk = self._rotate(qkv[:, :2], *b.rot)  # T x 2 x H x D
         q, k, v = qk[:, 0], qk[:, 1], qkv[:, 2]
         if self.attention == "varlen":
-            return _varlen_attn()(q, k, v.contiguous(), b.cu_seqlens, b.cu_seqlens, b.max_len, b.max_len)
+            return _varlen_attn()(q.contiguous(), k.contiguous(), v.contiguous(), b.cu_seqlens, b.cu_seqlens,
+                                  b.max_len, b.max_len)  # flash wants dense T x H x D rows
         out = torch.empty_like(q)
         cu = b.cu_host
         for i in range(len(cu) - 1):
