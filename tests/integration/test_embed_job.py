@@ -142,3 +142,19 @@ def test_cli_embed_kill_and_resume_then_search(tmp_path):
     assert lines[0].split("\t")[:3] == ["query_id", "rank", "hit_id"] and lines[1].split("\t")[2] == "s7"
     manifest = json.loads((tmp_path / "store" / "manifest.json").read_text())
     assert manifest["n_sequences"] == n and not (tmp_path / "store" / "_work").exists()
+
+
+def test_bad_model_files_are_clear_errors(fasta, tmp_path, inline_rt, monkeypatch):
+    from biogen.protein.models import CheckpointError
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no cached weights, whatever this machine has
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+
+    path, _ = fasta
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint at all" * 100)
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+        embed_proteins(str(path), tmp_path / "s1", model=str(junk), runtime=inline_rt)
+    with pytest.raises(CheckpointError, match="esm2_t6_8M_UR50D"):
+        embed_proteins(str(path), tmp_path / "s2", model="esm2_t6_8M_UR50D", cache_dir=str(tmp_path / "empty"),
+                       runtime=inline_rt)

@@ -249,7 +249,7 @@ def _torch_load(path: Path) -> object:
             f"{refused.group(1)}. biogen never unpickles arbitrary objects; besides tensors only argparse.Namespace "
             "(fair-esm's cfg) is allowed. Re-save it as {'model': state_dict, 'cfg': {'model': {...}}} or as a "
             "Hugging Face directory (safetensors)") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+    except Exception as exc:  # RuntimeError, EOFError, KeyError (random bytes), ...: all mean "not a checkpoint"
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: "
                               f"{str(exc)[:200]}); expected a fair-esm ESM-2 .pt file") from None
 
