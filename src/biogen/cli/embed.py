@@ -33,7 +33,8 @@ def embed(cfg: DictConfig) -> None:
     except TypeError as exc:
         raise ConfigError(f"invalid embedding settings ({exc})") from None
     report = embed_proteins(_inputs(cfg.input), cfg.output, model=str(cfg.model), spec=spec, device=_device(cfg.device),
-                            shard_size=int(cfg.shard_size), cache_dir=cfg.model_cache_dir, overwrite=bool(cfg.overwrite),
+                            shard_size=int(cfg.shard_size), cache_dir=cfg.model_cache_dir, download=bool(cfg.download),
+                            overwrite=bool(cfg.overwrite),
                             runtime=_typed(RuntimeSpec, cfg.runtime, "runtime"))
     log.info("%s", report.summary())
     run_dir = Path(HydraConfig.get().runtime.output_dir)

@@ -67,10 +67,10 @@ def _vector_names(result: dict) -> dict[str, np.ndarray]:
 class EmbedWorker:
     """Holds one model (on its GPU or the CPU) and embeds one shard at a time."""
 
-    def __init__(self, model: str, spec, device: str, out_dir: str, cache_dir: str | None):
+    def __init__(self, model: str, spec, device: str, out_dir: str, cache_dir: str | None, download: bool = False):
         from biogen.protein.embed import Embedder
 
-        self.embedder = Embedder(model, spec, device=device, cache_dir=cache_dir)
+        self.embedder = Embedder(model, spec, device=device, cache_dir=cache_dir, download=download)
         self.pooling = spec.pooling
         self.per_residue = spec.per_residue
         self.out_dir = Path(out_dir)
@@ -118,7 +118,8 @@ class EmbedWorker:
 
 
 def embed_proteins(inputs, output: str | Path, *, model: str, spec=None, device: str = "cpu",
-                   shard_size: int = 1000, cache_dir: str | None = None, overwrite: bool = False,
+                   shard_size: int = 1000, cache_dir: str | None = None, download: bool = False,
+                   overwrite: bool = False,
                    runtime: RuntimeSpec = RuntimeSpec()) -> EmbedReport:
     """Embed the proteins of FASTA ``inputs`` into an embedding store at ``output``."""
     from biogen.protein.embed import EmbedSpec
@@ -133,6 +134,11 @@ def embed_proteins(inputs, output: str | Path, *, model: str, spec=None, device:
             raise InputError(f"output={out} already holds an embedding store; choose another output or "
                              "overwrite=true")
         shutil.rmtree(out)
+    from biogen.protein.models import resolve_checkpoint
+
+    # fail here, with the whole message (where weights were looked for, how to get them),
+    # not in every worker; workers on other nodes resolve the same path or name again
+    resolve_checkpoint(model, cache_dir, download=download)
     pset = read_proteins(inputs)
     if not len(pset):
         raise InputError(f"no usable protein sequence in {inputs} ({len(pset.rejects)} record(s) rejected: "
@@ -160,7 +166,7 @@ def embed_proteins(inputs, output: str | Path, *, model: str, spec=None, device:
             n_gpus = int(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 1
             slots = max(1, min(slots, n_gpus))  # one actor per GPU, each holding the model
         results = run_shards_on_actors(
-            EmbedWorker, (str(model), spec, "cuda" if gpus else "cpu", str(out), cache_dir),
+            EmbedWorker, (str(model), spec, "cuda" if gpus else "cpu", str(out), cache_dir, download),
             shards, ledger=ledger, spec=runtime,
             slots=min(slots, len(shards)), desc="embed", total=len(shards), num_gpus=gpus)
     first = results[shards[0][0]]
