@@ -16,11 +16,6 @@ from biogen.protein.embed import Embedder, EmbedSpec  # noqa: E402
 pytestmark = pytest.mark.gpu
 
 
-@pytest.fixture(scope="module")
-def cuda():
-    if not torch.cuda.is_available():
-        pytest.skip(f"no CUDA GPU visible to PyTorch (torch {torch.__version__}, CUDA build: "
-                    f"{torch.version.cuda or 'none'})")
 
 
 @pytest.fixture(scope="module")

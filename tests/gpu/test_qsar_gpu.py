@@ -12,11 +12,6 @@ from biogen.models.qsar import QSARPredictor, QSARSpec, fit_qsar
 pytestmark = pytest.mark.gpu
 
 
-@pytest.fixture(scope="module")
-def cuda():
-    if not torch.cuda.is_available():
-        pytest.skip(f"no CUDA GPU visible to PyTorch (torch {torch.__version__}, CUDA build: "
-                    f"{torch.version.cuda or 'none'})")
 
 
 @pytest.mark.parametrize("task", ["regression", "classification"])

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from biogen.errors import ConfigError, InputError
+from biogen.runtime.ledger import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -217,12 +218,6 @@ def _download_fair_esm(name: str) -> Path:
 
 # --------------------------------------------------------------------------- loading
 
-def sha256_file(path: Path, chunk: int = 1 << 23) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _torch_load(path: Path) -> object:
