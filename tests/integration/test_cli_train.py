@@ -66,11 +66,11 @@ def test_train_on_a_csv_rejects_bad_records(tmp_path):
 def test_train_help_and_errors(tmp_path):
     out = run(["train", "--help"], tmp_path).stdout
     assert "biogen train: train a fingerprint MLP QSAR model" in out
-    assert "model: qsar_mlp, qsar_mlp_classifier" in out and "trainer: cpu, gpu" in out
+    assert "model=qsar_mlp|qsar_mlp_classifier" in out and "trainer=cpu|gpu" in out
     p = run(["train", "train_data.target=CHEMBL1_Ki"], tmp_path, check=False)
     assert p.returncode == 2 and "unknown MoleculeACE data set 'CHEMBL1_Ki'; known: CHEMBL1862_Ki" in p.stderr
     p = run(["train", "model.hiden=[64]"], tmp_path, check=False)
-    assert p.returncode != 0 and "hiden" in p.stderr  # Hydra's struct mode names the typo
+    assert p.returncode == 2 and "'model.hiden' is not a setting" in p.stderr and "hidden" in p.stderr
     p = run(["train", "model=qsar_mpl"], tmp_path, check=False)
     assert p.returncode != 0 and "qsar_mlp_classifier" in p.stderr  # Hydra lists the options
     p = run(["train", "train_data=file"], tmp_path, check=False)
