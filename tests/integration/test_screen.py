@@ -130,6 +130,14 @@ def test_screen_with_qsar_trained_in_the_run(lib_spec, tmp_path, inline_rt):
     assert q.shape == (LIMIT + 215,) and np.isfinite(q).all() and q.std() > 0
     assert res.summary["qsar_train_metrics"]["qsar"]  # validation metrics of the model trained here
     assert set(res.hits.column_names) >= {"similarity", "qsar", "score", "rank"}
+    # a rerun in the same directory reuses that model and resumes every shard
+    ckpt = next((tmp_path / "run" / "model").glob("*.ckpt"))
+    mtime = ckpt.stat().st_mtime_ns
+    again = run_screen(lib_spec, THROMBIN, [], [SimilarityScorer(name="similarity"),
+                                                QSARScorer(model={"max_epochs": 3, "patience": 2}, name="qsar")],
+                       selection=SelectionSpec(n=20, top_m=200), runtime=inline_rt, run_dir=tmp_path / "run",
+                       report=False)
+    assert ckpt.stat().st_mtime_ns == mtime and again.hits.equals(res.hits)
 
 
 def test_qsar_checkpoint_refusals(lib_spec, tmp_path, inline_rt):

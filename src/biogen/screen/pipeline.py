@@ -132,10 +132,14 @@ def _write_sdf(hits: pa.Table, path: Path) -> None:
             writer.write(mol)
 
 
-def _job_key(library: Library, stages: list[Stage], selection: SelectionSpec, fusion: FusionSpec) -> str:
-    # the ledger records per-shard stage outputs: they depend on the library and the stages
+def _job_key(library: Library, stages: list[Stage]) -> str:
+    # the ledger records per-shard stage outputs: they depend on the library, the stages and
+    # the content of any model file (a model retrained in a rerun must not mix with old shards)
+    from biogen.runtime.ledger import sha256_file
+
+    models = [sha256_file(Path(st.checkpoint)) for st in stages if getattr(st, "checkpoint", None)]
     desc = {"library": [(s.name, s.rows) for s in library.shards], "n_rows": library.n_rows,
-            "stages": [st.describe() for st in stages]}
+            "stages": [st.describe() for st in stages], "models": models}
     return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -210,7 +214,7 @@ def run_screen(
             log.info("stage %s", st.describe())
 
         t0 = time.perf_counter()
-        ledger = Ledger(run_dir / "ledger.jsonl", _job_key(lib, stages, selection, fusion))
+        ledger = Ledger(run_dir / "ledger.jsonl", _job_key(lib, stages))
         shard_keys = [(f"shard-{s.name}", (i,)) for i, s in enumerate(lib.shards)]
         results = run_shards_on_actors(
             ScreenWorker, (str(lib.path), stages, str(run_dir)), shard_keys, ledger=ledger, spec=runtime,

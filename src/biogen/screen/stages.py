@@ -331,6 +331,15 @@ class QSARScorer(_Base):
             except TypeError as exc:
                 raise ConfigError(f"invalid scoring.scorers.{self.name}.model settings ({exc})") from None
             out = ctx.run_dir / "model"
+            earlier = out / "model.ckpt"
+            if earlier.is_file():  # a resumed screen keeps the model its finished shards were scored with
+                log.info("reusing the QSAR model trained by an earlier run of this screen: %s", earlier)
+                self.checkpoint = str(earlier)
+                self._predictor = QSARPredictor.load(earlier)
+                self.train_metrics = dict(self._predictor.metrics)
+                self._predictor.check_featurizer(ctx.featurizer, "library")
+                self.task = self._predictor.task
+                return
             log.info("training the QSAR model on %d %s compounds (%s)", len(ctx.training.y),
                      ctx.training.name, spec.task)
             predictor = fit_qsar(ctx.training.fps, np.asarray(ctx.training.y), spec, ctx.featurizer,
