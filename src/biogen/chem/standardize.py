@@ -45,6 +45,8 @@ class Standardizer:
 
     def __init__(self, spec: StandardizeSpec):
         self.spec = spec
+        if not spec.enabled:  # nothing to build (RDKit logs a line per helper it creates)
+            return
         self._metal = rdMolStandardize.MetalDisconnector()
         self._normalizer = rdMolStandardize.Normalizer()
         self._reionizer = rdMolStandardize.Reionizer()
