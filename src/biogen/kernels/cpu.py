@@ -32,6 +32,22 @@ def popcnt64(typingctx, x):
     return sig, codegen
 
 
+@intrinsic
+def cttz64(typingctx, x):
+    """Index of the lowest set bit of a nonzero uint64 (``llvm.cttz.i64``)."""
+    if x != types.uint64:
+        return None
+    sig = types.uint64(types.uint64)
+
+    def codegen(context, builder, signature, args):
+        i64 = ir.IntType(64)
+        fnty = ir.FunctionType(i64, [i64, ir.IntType(1)])
+        fn = builder.module.declare_intrinsic("llvm.cttz", [i64], fnty)
+        return builder.call(fn, [args[0], ir.Constant(ir.IntType(1), 1)])
+
+    return sig, codegen
+
+
 @njit(nogil=True, cache=True)
 def row_popcounts(fps):
     """int32[N] popcounts of an N x W uint64 array."""

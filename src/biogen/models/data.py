@@ -12,15 +12,14 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from numba import njit, types
-from numba.extending import intrinsic
-from llvmlite import ir
+from numba import njit
 
 from biogen.chem.fingerprints import FingerprintSpec
 from biogen.chem.pipeline import MoleculeProcessor, ProcessorSpec
 from biogen.chem.records import RawRecord, Reject
 from biogen.chem.standardize import StandardizeSpec
 from biogen.errors import ConfigError, InputError
+from biogen.kernels.cpu import cttz64
 
 SPLITS = ("scaffold", "random")
 VALUE_UNITS = ("pActivity", "nM", "uM", "label")
@@ -272,22 +271,6 @@ def split_indices(n: int, kind: str, val_fraction: float, seed: int,
 # --- packed words -> set-bit lists (sparse first layer on CPU) -----------------------------
 
 
-@intrinsic
-def _cttz64(typingctx, x):
-    """Index of the lowest set bit of a nonzero uint64 (``llvm.cttz.i64``)."""
-    if x != types.uint64:
-        return None
-    sig = types.uint64(types.uint64)
-
-    def codegen(context, builder, signature, args):
-        i64 = ir.IntType(64)
-        fnty = ir.FunctionType(i64, [i64, ir.IntType(1)])
-        fn = builder.module.declare_intrinsic("llvm.cttz", [i64], fnty)
-        return builder.call(fn, [args[0], ir.Constant(ir.IntType(1), 1)])
-
-    return sig, codegen
-
-
 @njit(nogil=True, cache=True)
 def _fill_bit_indices(words, offsets, out):
     n, w = words.shape
@@ -298,7 +281,7 @@ def _fill_bit_indices(words, offsets, out):
             x = words[i, j]
             base = j * 64
             while x:
-                out[k] = base + np.int64(_cttz64(x))
+                out[k] = base + np.int64(cttz64(x))
                 k += 1
                 x &= x - one
 
