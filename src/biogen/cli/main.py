@@ -135,7 +135,7 @@ def unknown_key_hint(config_name: str, overrides: list[str]) -> str | None:
         full_key = getattr(cause, "full_key", None) if cause is not None else None
         if not full_key:
             return None
-    parent, _, key = str(full_key).rpartition(".")
+    parent = str(full_key).rpartition(".")[0]
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
             base = compose(config_name=config_name, overrides=job_overrides(config_name))
