@@ -129,14 +129,11 @@ def iter_fasta(path: str | Path) -> Iterator[ProteinRecord | Reject]:
 
 
 def iter_inputs(paths: str | Path | Iterable[str | Path]) -> Iterator[ProteinRecord | Reject]:
-    """Records of one or several FASTA files (a path, a list or a glob pattern)."""
-    import glob
+    """Records of one or several FASTA files (a path, a list or a glob pattern; the same
+    expansion as every other biogen input, ``biogen.chem.readers.resolve_inputs``)."""
+    from biogen.chem.readers import resolve_inputs
 
-    if isinstance(paths, (str, Path)):
-        paths = sorted(glob.glob(str(paths))) if any(c in str(paths) for c in "*?[") else [paths]
-        if not paths:
-            raise InputError("the FASTA glob matched no file")
-    for p in paths:
+    for p in resolve_inputs(paths):
         yield from iter_fasta(p)
 
 

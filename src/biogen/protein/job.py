@@ -24,7 +24,7 @@ from biogen.chem.records import write_rejects
 from biogen.errors import ConfigError, InputError
 from biogen.library.manifest import now_iso, tool_versions
 from biogen.protein.fasta import read_proteins
-from biogen.protein.store import FORMAT, SCHEMA_VERSION, EmbeddingStore
+from biogen.protein.store import FORMAT, SCHEMA_VERSION, EmbeddingStore, pooled_vectors
 from biogen.runtime import Ledger, RuntimeSpec, hash_files, ray_session, run_shards_on_actors
 from biogen.runtime.ledger import sha256_file
 
@@ -52,18 +52,6 @@ class EmbedReport:
                 f"in {self.seconds:.1f} s -> {self.store}")
 
 
-def _vector_names(result: dict) -> dict[str, np.ndarray]:
-    """Flatten an Embedder result's pooled dict into file-name -> vector."""
-    out = {}
-    for layer, value in result["pooled"].items():
-        if isinstance(value, dict):  # pooling=both: {"mean": v, "bos": v}
-            for kind, v in value.items():
-                out[f"{kind}_L{layer}"] = v
-        else:
-            out[f"{result.get('pooling', 'mean')}_L{layer}"] = value
-    return out
-
-
 class EmbedWorker:
     """Holds one model (on its GPU or the CPU) and embeds one shard at a time."""
 
@@ -84,8 +72,7 @@ class EmbedWorker:
         tmp.mkdir(parents=True)
         vectors: dict[str, list[np.ndarray]] = {}
         for r in results:
-            r.setdefault("pooling", self.pooling)
-            for k, v in _vector_names(r).items():
+            for k, v in pooled_vectors(r, self.pooling).items():
                 vectors.setdefault(k, []).append(np.asarray(v, dtype=np.float32))
         files = []
         for k, rows in vectors.items():
@@ -143,8 +130,9 @@ def embed_proteins(inputs, output: str | Path, *, model: str, spec=None, device:
     if not len(pset):
         raise InputError(f"no usable protein sequence in {inputs} ({len(pset.rejects)} record(s) rejected: "
                          f"{', '.join(sorted({r.reason for r in pset.rejects})) or 'empty input'})")
-    in_paths = [r for r in ([inputs] if isinstance(inputs, (str, Path)) else inputs)]
-    input_hashes = {str(p): sha256_file(Path(p)) for p in in_paths if Path(p).is_file()}
+    from biogen.chem.readers import resolve_inputs
+
+    input_hashes = {str(p): sha256_file(p) for p in resolve_inputs(inputs)}  # globs expanded: all in the job key
     job = {"inputs": sorted(input_hashes.values()), "model": str(model), "spec": asdict(spec),
            "shard_size": shard_size, "format": SCHEMA_VERSION}
     job_key = hashlib.sha256(json.dumps(job, sort_keys=True, default=str).encode()).hexdigest()

@@ -13,7 +13,7 @@ import pyarrow as pa
 import torch
 
 from biogen.errors import ConfigError, InputError
-from biogen.protein.store import EmbeddingStore
+from biogen.protein.store import EmbeddingStore, pooled_vectors
 
 BLOCK_ROWS = 65536
 
@@ -104,12 +104,6 @@ def _embed_queries(db: EmbeddingStore, paths, vector: str):
     if emb.info.get("sha256") != info.get("sha256"):
         raise InputError(f"the model found for {model!r} is not the checkpoint the store was embedded with "
                          f"(sha256 {emb.info.get('sha256')} vs {info.get('sha256')})")
-    from biogen.protein.job import _vector_names
-
-    res = emb.embed(pset.sequences)
-    vecs = []
-    for r in res:
-        r.setdefault("pooling", spec.pooling)
-        vecs.append(_vector_names(r)[vector])
+    vecs = [pooled_vectors(r, spec.pooling)[vector] for r in emb.embed(pset.sequences)]
     qids = [pset.ids[k][0] for k in pset.keys]
     return np.stack(vecs), qids

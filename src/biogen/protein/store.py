@@ -32,6 +32,16 @@ FORMAT = "biogen-embeddings"
 SCHEMA_VERSION = 1
 
 
+def pooled_vectors(result: dict, pooling: str) -> dict[str, np.ndarray]:
+    """An ``Embedder`` result's pooled vectors by store name: ``<pooling>_L<layer>`` (with
+    pooling=both the result holds {"mean": v, "bos": v} per layer)."""
+    out = {}
+    for layer, value in result["pooled"].items():
+        for kind, v in (value.items() if isinstance(value, dict) else [(pooling, value)]):
+            out[f"{kind}_L{layer}"] = v
+    return out
+
+
 @dataclass(frozen=True)
 class EmbeddingShard:
     path: Path

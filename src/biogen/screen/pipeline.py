@@ -32,7 +32,7 @@ from biogen.runtime.ray_runtime import prewarm
 from biogen.screen.presets import LibrarySpec, preset_library
 from biogen.screen.selection import SelectionSpec, fuse_scores, select_hits
 from biogen.screen.stages import MoleculeBatch, QSARScorer, ScreenContext, Stage
-from biogen.screen.target import TargetSpec, load_target
+from biogen.screen.target import TargetSpec, held_out_actives, load_target
 
 log = logging.getLogger(__name__)
 PROPERTY_COLUMNS = ("mw", "clogp", "tpsa")
@@ -187,11 +187,7 @@ def run_screen(
         t0 = time.perf_counter()
         lib_path = Path(library.path) if library.path else None
         if lib_path is None:
-            from biogen.chem.fingerprints import FingerprintSpec
-            from biogen.chem.standardize import StandardizeSpec
-
-            pre = load_target(target, FingerprintSpec.from_dict(dict(library.featurizer)), StandardizeSpec(enabled=False))
-            lib_path = preset_library(library, target.name, pre.held_out_smiles, runtime)
+            lib_path = preset_library(library, target.name, held_out_actives(target), runtime)
         lib = Library.open(lib_path)
         seconds["library"] = time.perf_counter() - t0
 

@@ -137,6 +137,18 @@ def _read_activities(path: str, spec: TargetSpec) -> tuple[list[str], list[float
     return smiles, values, rejects
 
 
+def held_out_actives(spec: TargetSpec) -> list[str]:
+    """SMILES of the MoleculeACE test-split actives (the held-out labels); [] for file targets.
+
+    Cheap (no featurization): a preset library needs them before it is built."""
+    if not spec.moleculeace:
+        return []
+    from biogen.datasets import load_moleculeace
+
+    test = load_moleculeace(spec.moleculeace).subset("test")
+    return [s for s, p in zip(test.smiles, test.pactivity) if p >= spec.active_threshold]
+
+
 def load_target(spec: TargetSpec, featurizer: FingerprintSpec, standardize: StandardizeSpec,
                 reader: ReaderOptions = ReaderOptions()) -> TargetData:
     """Known actives, training data and labels of ``spec``, featurized like the library."""
@@ -150,10 +162,9 @@ def load_target(spec: TargetSpec, featurizer: FingerprintSpec, standardize: Stan
     if spec.moleculeace:
         from biogen.datasets import load_moleculeace
 
-        data = load_moleculeace(spec.moleculeace)
-        train, test = data.subset("train"), data.subset("test")
+        train = load_moleculeace(spec.moleculeace).subset("train")
         train_smiles, train_y = list(train.smiles), list(train.pactivity)
-        held_out = [s for s, p in zip(test.smiles, test.pactivity) if p >= spec.active_threshold]
+        held_out = held_out_actives(spec)
         label_keys = {k for k in inchikeys(held_out) if k}
         label_name = (f"held-out {spec.moleculeace} test actives (pActivity >= {spec.active_threshold:g}), "
                       "not used for training")
