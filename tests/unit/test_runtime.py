@@ -7,6 +7,7 @@ import pytest
 
 from biogen.errors import BiogenError, ConfigError, LibraryError
 from biogen.runtime import Ledger, RuntimeSpec, ray_session, run_shards, run_shards_on_actors
+from biogen.runtime.status import format_status, job_status
 
 CALLS = []
 
@@ -72,9 +73,13 @@ def test_ray_runner_two_workers_and_failure_keeps_finished(tmp_path, ray_rt):
         led_b = Ledger(tmp_path / "b" / "ledger.jsonl", "job")
         with pytest.raises(BiogenError, match="shard s3 failed.*bad shard.*rerun the same command"):
             run_shards(fail_on_three, shards(tmp_path / "b", 6), ledger=led_b, spec=ray_rt, slots=slots, desc="t")
-    lines = (tmp_path / "ledger.jsonl").read_text().splitlines()
-    assert json.loads(lines[0]) == {"job_key": "job"} and len(lines) == 8
+    lines = [json.loads(x) for x in (tmp_path / "ledger.jsonl").read_text().splitlines()]
+    assert lines[0] == {"job_key": "job"}
+    assert sorted(x["key"] for x in lines if "outputs" in x) == [f"s{i}" for i in range(7)]
+    assert [x["event"] for x in lines if "event" in x] == ["start", "plan"]
     assert "s3" not in led_b.entries
+    failed = [e for e in led_b.events if e["event"] == "failed"]
+    assert len(failed) == 1 and failed[0]["key"] == "s3" and "bad shard" in failed[0]["error"]
 
 
 class CountingWorker:
@@ -122,8 +127,16 @@ def test_actor_runner_on_ray_replaces_a_lost_actor(tmp_path, ray_rt):
     assert (tmp_path / "died-once").exists()  # shard 4 killed its actor once and was retried on a new one
     assert max(v["seen"] for v in res.values()) >= 2  # actors keep their state across shards
     assert len({v["pid"] for v in res.values()}) >= 2
-    lines = (tmp_path / "ledger.jsonl").read_text().splitlines()
-    assert len(lines) == 9
+    lines = [json.loads(x) for x in (tmp_path / "ledger.jsonl").read_text().splitlines()]
+    assert sorted(x["key"] for x in lines if "outputs" in x) == [f"s{i}" for i in range(8)]
+    # the lost actor is on record: s4 and the shard queued behind it on the same actor, if any
+    retries = [x for x in lines if x.get("event") == "retry"]
+    assert "s4" in [r["key"] for r in retries] and len(retries) <= 2
+    assert all("ActorDiedError" in r["error"] for r in retries)
+    st = job_status(tmp_path / "ledger.jsonl")
+    assert st.state == "running" and st.retries == [  # this process is the driver
+        {k: r.get(k) for k in ("key", "phase", "error", "attempt", "t")} for r in retries]
+    assert "s4" in format_status(st)
 
 
 class BrokenWorker:
@@ -159,3 +172,59 @@ def test_cluster_connect_failure_is_clear():
 
     with pytest.raises(BiogenError, match="could not connect to the Ray cluster at runtime.address='127.0.0.1:1'"):
         _probe("127.0.0.1:1")
+
+
+def test_status_phases_failures_and_states(tmp_path, inline_rt, monkeypatch):
+    """biogen status reads the ledger: done/total and rows per phase, throughput, the failed
+    shard with its error, and the state: running (driver alive), failed, stopped, complete."""
+    led = Ledger(tmp_path / "ledger.jsonl", "job")
+    run_shards(write_square, shards(tmp_path, 3), ledger=led, spec=inline_rt, slots=1, desc="phase one", total=3)
+    two = [(f"t{i}", (str(tmp_path), i)) for i in range(6)]
+    with pytest.raises(ValueError, match="bad shard"):
+        run_shards(fail_on_three, two, ledger=led, spec=inline_rt, slots=1, desc="phase two", total=6)
+    st = job_status(tmp_path / "ledger.jsonl")
+    assert [(p.name, p.done, p.total) for p in st.phases] == [("phase one", 3, 3), ("phase two", 3, 6)]
+    assert st.state == "running" and st.exit_code == 3  # this test process is the driver, alive
+    assert [f["key"] for f in st.failed] == ["t3"] and "bad shard" in st.failed[0]["error"]
+    # the driver gone: failed (exit 1), with the command to resume
+    import biogen.runtime.status as status
+
+    monkeypatch.setattr(status, "_driver_alive", lambda host, pid: False)
+    st = job_status(tmp_path / "ledger.jsonl")
+    assert (st.state, st.exit_code) == ("failed", 1)
+    text = format_status(st)
+    assert "FAILED" in text and "t3  ValueError: bad shard" in text and "rerun the same command" in text
+    # rerun with the shard fixed: a second driver session resumes and completes
+    led = Ledger(tmp_path / "ledger.jsonl", "job")
+    run_shards(write_square, two, ledger=led, spec=inline_rt, slots=1, desc="phase two", total=6)
+    st = job_status(tmp_path / "ledger.jsonl")
+    assert (st.state, st.sessions, st.resumed_shards, st.failed) == ("stopped", 2, 6, [])
+    assert st.exit_code == 4 and st.phases[1].done == 6
+    led.complete()
+    assert job_status(tmp_path / "ledger.jsonl").exit_code == 0
+
+
+def test_status_of_a_running_job_has_throughput_and_eta(tmp_path, inline_rt):
+    import time as _time
+
+    led = Ledger(tmp_path / "ledger.jsonl", "job")
+
+    def slow(root, i):
+        _time.sleep(0.05)
+        return [], {"rows": 100}
+
+    run_shards(slow, shards(tmp_path, 4), ledger=led, spec=inline_rt, slots=1, desc="embed", total=10)
+    st = job_status(tmp_path / "ledger.jsonl")
+    ph = st.phases[0]
+    assert (ph.done, ph.total, ph.rows) == (4, 10, 400)
+    assert 100 < ph.rows_per_s < 2000 and ph.eta_s > 0  # 6 shards left at ~20 shards/s
+    assert "ETA" in format_status(st)
+
+
+def test_status_of_something_else_is_exit_2(tmp_path):
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "biogen.cli.main", "status", str(tmp_path)],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "holds no biogen job" in p.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import shlex
 import sys
 from collections.abc import Callable
 
@@ -43,6 +44,7 @@ sweep with -m. Each run writes its composed config and log to its run directory
 
 jobs:
 {jobs}
+  biogen status <dir>{pad}  progress, failures and ETA of a job (from its ledger)
 
 example: biogen library build input=deposit.sdf.gz output=mylib
 """
@@ -51,7 +53,8 @@ example: biogen library build input=deposit.sdf.gz output=mylib
 def _usage(prefix: tuple[str, ...] = ()) -> str:
     rows = [(" ".join(w), d) for w, (_, _, d) in JOBS.items() if w[: len(prefix)] == prefix]
     width = max(len(w) for w, _ in rows)
-    return USAGE.format(jobs="\n".join(f"  biogen {w:<{width}}  {d}" for w, d in rows))
+    return USAGE.format(jobs="\n".join(f"  biogen {w:<{width}}  {d}" for w, d in rows),
+                        pad=" " * max(0, width - len("status <dir>")))
 
 
 def _register_resolvers() -> None:
@@ -72,10 +75,16 @@ def _multirun() -> bool:
 
 def _user_error(exc: BaseException) -> BiogenError | None:
     """The ``BiogenError`` behind ``exc`` (OmegaConf wraps errors raised by resolvers)."""
+    from pathlib import Path
+
+    from biogen.runtime.ledger import STORAGE_ERRNOS, storage_error
+
     seen = set()
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, BiogenError):
             return exc
+        if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+            return storage_error(Path(exc.filename or "the output directory"), exc)  # full disk, quota
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
@@ -178,12 +187,20 @@ def run_job(words: tuple[str, ...], argv: list[str]) -> None:
         if hint:
             print(f"biogen {' '.join(words)}: error: {hint}", file=sys.stderr)
             sys.exit(2)
+    from biogen.runtime import ledger
+
+    ledger.COMMAND = shlex.join(["biogen", *words, *argv])  # recorded in the job's ledger for `biogen status`
     sys.argv = [f"biogen-{'-'.join(words)}", *job_overrides(config_name), *argv]
     _app()
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "status":
+        from biogen.cli.status import main as status_main
+
+        status_main(argv[1:])
+        return
     words: tuple[str, ...] = ()
     while argv and not argv[0].startswith("-") and "=" not in argv[0] and words + (argv[0],) in {
         w[: len(words) + 1] for w in JOBS

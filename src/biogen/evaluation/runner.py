@@ -136,4 +136,5 @@ def run_benchmark(root: str | Path, out_dir: str | Path, *, datasets: list[str],
     for ds, t in plan:
         rows += _read_rows(out_dir / f"targets/{ds}_{t}.csv")
         notes += results[f"{ds}/{t}"]["notes"]
+    ledger.complete(rows=len(rows))
     return RunResult(rows, notes, results, time.perf_counter() - t0)

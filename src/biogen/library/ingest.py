@@ -421,6 +421,7 @@ def _run(lib_dir: Path, manifest: dict, infos: list[InputInfo], opts: ReaderOpti
         "duplicates": report.duplicates, "rejected": report.rejected, "rejected_by_reason": report.by_reason,
         "rejects_file": report.rejects_file, "shards": report.shards_added, "seconds": report.seconds,
         "stage_seconds": report.stage_seconds, "resumed_shard_steps": resumed,
+        "run": ledger.run_summary(),  # driver sessions, workers or nodes lost (the ledger goes with _work)
     })
     manifest["rejected_total"] = sum(h["rejected"] for h in manifest["history"])
     write_manifest(lib_dir, manifest)

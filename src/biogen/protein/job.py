@@ -147,6 +147,10 @@ def embed_proteins(inputs, output: str | Path, *, model: str, spec=None, device:
                                          [pset.ids[k] for k in keys])))
     done_before = sum(ledger.done(k) is not None for k, _ in shards)
     with ray_session(runtime) as slots:
+        if device in ("auto", "gpu", "cuda") and runtime.mode == "ray_cluster":
+            from biogen.device import cluster_accelerator
+
+            device = "cuda" if cluster_accelerator(device) == "gpu" else "cpu"
         gpus = 1.0 if device in ("cuda", "gpu") else 0.0
         if gpus:
             import ray
@@ -168,6 +172,7 @@ def embed_proteins(inputs, output: str | Path, *, model: str, spec=None, device:
                     "sha256": hash_files(out, [f"shards/{n}/{f}" for f in sorted(p.name for p in (out / "shards" / n).iterdir())])}
                    for n in names],
         "versions": {**tool_versions(), "torch": __import__("torch").__version__},
+        "run": ledger.run_summary(),  # driver sessions, workers or nodes lost (the ledger goes with _work)
     }
     write_rejects(pset.rejects, out / "rejects.csv")
     tmp = out / "manifest.json.tmp"

@@ -6,16 +6,53 @@ to a temporary name and renamed), the runner appends ``{"key", "outputs", "sha25
 recorded shard and skips it only when they still match; so a kill at any point neither
 repeats a finished shard nor keeps a half-written one. The first line holds the job key
 (a hash of the parameters and inputs); a ledger of another job is refused.
+
+Besides shard entries the ledger holds *events* (``{"event": ...}``) that ``biogen status``
+reads: ``start`` (a driver began or resumed the job: host, pid, command), ``plan`` (a phase
+and its number of shards), ``retry`` (a shard's worker or node was lost; it runs again),
+``failed`` (a shard's own error stopped the job) and ``complete``. Shard entries carry the
+phase, the time they were recorded and their row count.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import os
+import socket
+import time
 from pathlib import Path
 
-from biogen.errors import LibraryError
+from biogen.errors import BiogenError, LibraryError
+
+log = logging.getLogger(__name__)
+ROW_KEYS = ("rows", "n_in", "n_rows")  # how a shard's result states its row count
+COMMAND: str | None = None  # the command line of this job, set by the CLI (shown by `biogen status`)
+
+
+def shard_rows(result: dict) -> int | None:
+    """The number of rows a shard's result reports, if it reports one."""
+    for k in ROW_KEYS:
+        if isinstance(result.get(k), int):
+            return result[k]
+    shard = result.get("shard")
+    return shard.get("rows") if isinstance(shard, dict) and isinstance(shard.get("rows"), int) else None
+
+
+class StorageError(BiogenError):
+    """Writing to the output directory failed (full disk, quota, read-only mount)."""
+
+
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def storage_error(path: Path, exc: OSError) -> StorageError:
+    why = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+           errno.EROFS: "read-only filesystem"}.get(exc.errno, exc.strerror or str(exc))
+    return StorageError(f"could not write {path}: {why}. Everything finished before this is kept; "
+                        "free space (or raise the quota) and rerun the same command to resume")
 
 
 def sha256_file(path: Path, block: int = 1 << 20) -> str:
@@ -41,11 +78,14 @@ class Ledger:
         self.root = Path(root) if root is not None else self.path.parent
         self.job_key = job_key
         self.entries: dict[str, dict] = {}
+        self.events: list[dict] = []
         if self.path.exists():
             self._load()
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._append({"job_key": job_key})
+        self.event("start", host=socket.gethostname(), pid=os.getpid(), command=COMMAND, cwd=os.getcwd(),
+                   resumed=len(self.entries))
 
     def _load(self) -> None:
         with open(self.path) as fh:
@@ -72,13 +112,43 @@ class Ledger:
                 entry = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a kill: that shard is simply redone
-            self.entries[entry["key"]] = entry
+            if "event" in entry:
+                self.events.append(entry)
+            elif "key" in entry:
+                self.entries[entry["key"]] = entry
 
     def _append(self, obj: dict) -> None:
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(obj, sort_keys=True) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        try:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(obj, sort_keys=True, default=str) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            raise storage_error(self.path, exc) from exc
+
+    def event(self, kind: str, **fields) -> None:
+        """Append an event for ``biogen status``. Best effort: an event that cannot be written
+        (the disk that just failed a shard is full) is logged, never raised."""
+        obj = {"event": kind, "t": round(time.time(), 3), **{k: v for k, v in fields.items() if v is not None}}
+        try:
+            self._append(obj)
+        except StorageError as exc:
+            log.warning("ledger event %s not recorded: %s", kind, exc)
+            return
+        self.events.append(obj)
+
+    def run_summary(self) -> dict:
+        """What happened while the job ran (kept in the manifest of jobs whose ledger is removed
+        when they commit): driver sessions, shards resumed, workers or nodes lost."""
+        starts = [e for e in self.events if e["event"] == "start"]
+        retries = [{k: e.get(k) for k in ("key", "phase", "error", "attempt", "t")}
+                   for e in self.events if e["event"] == "retry"]
+        return {"driver_sessions": len(starts), "resumed_shards": starts[-1].get("resumed", 0) if starts else 0,
+                "retries": retries}
+
+    def complete(self, **fields) -> None:
+        """Mark the job complete (for jobs whose ledger stays in the output directory)."""
+        self.event("complete", **fields)
 
     def done(self, key: str) -> dict | None:
         """The recorded result of ``key`` if its outputs are still intact, else ``None``."""
@@ -92,8 +162,13 @@ class Ledger:
             return None
         return entry["result"]
 
-    def record(self, key: str, outputs: list[str], result: dict) -> None:
+    def record(self, key: str, outputs: list[str], result: dict, phase: str | None = None) -> None:
         entry = {"key": key, "outputs": outputs, "sha256": hash_files(self.root, outputs),
-                 "result": result}
+                 "result": result, "t": round(time.time(), 3)}
+        if phase:
+            entry["phase"] = phase
+        rows = shard_rows(result)
+        if rows is not None:
+            entry["rows"] = rows
         self._append(entry)
         self.entries[key] = entry

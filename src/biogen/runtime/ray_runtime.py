@@ -14,11 +14,12 @@ import socket
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from biogen.errors import BiogenError, ConfigError
-from biogen.runtime.ledger import Ledger
+from biogen.runtime.ledger import STORAGE_ERRNOS, Ledger, storage_error
 
 log = logging.getLogger(__name__)
 MODES = ("local", "ray_cluster", "inline")
@@ -107,16 +108,37 @@ def _shard_error(key: str, exc: Exception) -> BiogenError:
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
         return BiogenError(f"the workers could not start (shard {key}): {lines[-1] if lines else exc}")
     cause = getattr(exc, "cause", None) or exc  # RayTaskError wraps the task's own error
+    if isinstance(cause, OSError) and cause.errno in STORAGE_ERRNOS:
+        err = storage_error(Path(cause.filename or "the output directory"), cause)
+        return type(err)(f"shard {key}: {err}")
     return BiogenError(f"shard {key} failed: {type(cause).__name__}: {cause}. Finished shards are "
                        "kept; rerun the same command to resume.")
 
 
+def _lost(exc: Exception) -> bool:
+    """A failure of the machinery (a worker process or node died, an object was lost), not of
+    the shard's own code: worth running the shard again elsewhere."""
+    from ray.exceptions import (
+        NodeDiedError, ObjectLostError, OutOfMemoryError, RayActorError, WorkerCrashedError,
+    )
+
+    if isinstance(exc, RayActorError):
+        return not exc.actor_init_failed  # a constructor that fails fails again: not retried
+    return isinstance(exc, (WorkerCrashedError, NodeDiedError, ObjectLostError, OutOfMemoryError))
+
+
+def _why(exc: Exception) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
+
+
 def _drive(submit: Callable, release: Callable, shards: Iterable[tuple[str, tuple]], *, ledger: Ledger,
-           capacity: int, bar, retry: Callable | None = None) -> dict[str, dict]:
+           capacity: int, bar, phase: str, retry: Callable, max_tries: int = 3) -> dict[str, dict]:
     """Submit not-yet-done shards with at most ``capacity`` in flight; record each in the ledger.
 
-    ``retry(token, args, exc)`` may resubmit a failed shard (returns ``(ref, token)``) or
-    return None to fail the job.
+    A shard whose worker or node was lost is resubmitted through ``retry(token, args, exc)``
+    (returns ``(ref, token)``) up to ``max_tries`` times, each loss recorded in the ledger;
+    an error of the shard's own code fails the job at once (recorded too).
     """
     import ray
 
@@ -130,16 +152,19 @@ def _drive(submit: Callable, release: Callable, shards: Iterable[tuple[str, tupl
             try:
                 outputs, result = ray.get(ref)
             except Exception as exc:
-                again = retry(token, args, exc) if retry is not None and tries < 2 else None
-                if again is not None:
-                    log.warning("shard %s: %s; retrying on a new worker", key, type(exc).__name__)
+                if _lost(exc) and tries < max_tries:
+                    log.warning("shard %s: %s; running it again", key, _why(exc))
+                    ledger.event("retry", key=key, phase=phase, error=_why(exc), attempt=tries + 1)
+                    again = retry(token, args, exc)
                     pending[again[0]] = (key, again[1], args, tries + 1)
                     continue
                 for other in pending:
                     ray.cancel(other)
-                raise _shard_error(key, exc) from exc
+                err = _shard_error(key, exc)
+                ledger.event("failed", key=key, phase=phase, error=str(err))
+                raise err from exc
             release(token)
-            ledger.record(key, outputs, result)
+            ledger.record(key, outputs, result, phase=phase)
             results[key] = result
             bar.update(1)
 
@@ -158,16 +183,31 @@ def _drive(submit: Callable, release: Callable, shards: Iterable[tuple[str, tupl
     return results
 
 
-def _inline(call: Callable, shards: Iterable[tuple[str, tuple]], ledger: Ledger, bar) -> dict[str, dict]:
+def _inline(call: Callable, shards: Iterable[tuple[str, tuple]], ledger: Ledger, bar, phase: str) -> dict[str, dict]:
     results: dict[str, dict] = {}
     for key, args in shards:
         prev = ledger.done(key)
         if prev is None:
-            outputs, prev = call(*args)
-            ledger.record(key, outputs, prev)
+            try:
+                outputs, prev = call(*args)
+            except Exception as exc:
+                ledger.event("failed", key=key, phase=phase, error=_why(exc))
+                if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+                    raise _shard_error(key, exc) from exc  # full disk: the same message as on Ray
+                raise
+            ledger.record(key, outputs, prev, phase=phase)
         results[key] = prev
         bar.update(1)
     return results
+
+
+@contextmanager
+def _phase(ledger: Ledger, desc: str, total: int | None, spec: RuntimeSpec):
+    """The progress bar of one phase, and its ``plan`` event in the ledger."""
+    ledger.event("plan", phase=desc, total=total)
+    with tqdm(total=total, desc=desc, unit="shard", disable=not spec.progress, leave=True,
+              dynamic_ncols=True) as bar:
+        yield bar
 
 
 def run_shards(
@@ -186,15 +226,17 @@ def run_shards(
     memory is never materialized. Each finished shard is recorded in the ledger at once.
     Returns ``{key: result}`` for all shards, finished now or before.
     """
-    with tqdm(total=total, desc=desc, unit="shard", disable=not spec.progress, leave=True,
-              dynamic_ncols=True) as bar:
+    with _phase(ledger, desc, total, spec) as bar:
         if spec.mode == "inline":
-            return _inline(fn, shards, ledger, bar)
+            return _inline(fn, shards, ledger, bar, desc)
         import ray
 
-        remote = ray.remote(num_cpus=1, max_retries=2)(fn)
+        # Ray's own retries are off: the runner retries a shard whose worker or node was
+        # lost itself, so that the loss is recorded in the ledger for `biogen status`
+        remote = ray.remote(num_cpus=1, max_retries=0)(fn)
         return _drive(lambda args: (remote.remote(*args), None), lambda token: None, shards,
-                      ledger=ledger, capacity=2 * slots, bar=bar)
+                      ledger=ledger, capacity=2 * slots, bar=bar, phase=desc,
+                      retry=lambda token, args, exc: (remote.remote(*args), None))
 
 
 def run_shards_on_actors(
@@ -219,14 +261,11 @@ def run_shards_on_actors(
     raised by the shard's own code fails the job (finished shards stay in the ledger).
     Inline mode builds one worker in this process.
     """
-    with tqdm(total=total, desc=desc, unit="shard", disable=not spec.progress, leave=True,
-              dynamic_ncols=True) as bar:
+    with _phase(ledger, desc, total, spec) as bar:
         if spec.mode == "inline":
             worker = worker_cls(*worker_args)
-            return _inline(worker.run, shards, ledger, bar)
+            return _inline(worker.run, shards, ledger, bar, desc)
         import ray
-
-        from ray.exceptions import RayActorError
 
         n_actors = max(1, slots)
         if num_gpus > 0:
@@ -253,8 +292,6 @@ def run_shards_on_actors(
             load[token[0]] -= 1
 
         def retry(token, args, exc):
-            if not isinstance(exc, RayActorError) or exc.actor_init_failed:
-                return None  # an error of the shard's own code, or a constructor that fails: not retried
             a, gen = token
             if gen == generation[a]:  # the first of this actor's lost shards replaces it
                 actors[a] = actor_cls.remote(*shared)
@@ -262,7 +299,8 @@ def run_shards_on_actors(
             return actors[a].run.remote(*args), (a, generation[a])
 
         try:
-            return _drive(submit, release, shards, ledger=ledger, capacity=2 * len(actors), bar=bar, retry=retry)
+            return _drive(submit, release, shards, ledger=ledger, capacity=2 * len(actors), bar=bar, phase=desc,
+                          retry=retry)
         finally:
             for a in actors:
                 ray.kill(a)

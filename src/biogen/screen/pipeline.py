@@ -337,6 +337,7 @@ def run_screen(
     summary["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     (run_dir / "funnel.json").write_text(json.dumps(dict(funnel), indent=2) + "\n")
+    ledger.complete(hits=len(hits))
     return ScreenResult(run_dir, hits, funnel, metrics, seconds, report_path, summary)
 
 
