@@ -28,3 +28,29 @@ def resolve_accelerator(device: str) -> str:
         log.info("device=auto: %s (%s)", choice,
                  torch.cuda.get_device_name(0) if has_cuda else "torch sees no CUDA device")
     return choice
+
+
+def cluster_accelerator(device: str) -> str:
+    """``gpu`` or ``cpu`` for work that runs on the nodes of a Ray cluster, decided by the
+    cluster's GPUs, not the driver's (a login or head node often has none). Call it inside
+    a Ray session; ``gpu`` on a cluster without GPUs is refused with the fix, ``auto`` falls
+    back to the CPU (logged)."""
+    if device == "cuda":
+        device = "gpu"
+    if device not in DEVICES:
+        raise ConfigError(f"device={device!r} is not valid; choose one of {', '.join(DEVICES)}")
+    if device == "cpu":
+        return "cpu"
+    import ray
+
+    if not ray.is_initialized():
+        return resolve_accelerator(device)
+    gpus = float(ray.cluster_resources().get("GPU", 0))
+    if device == "gpu" and gpus <= 0:
+        raise ConfigError("device=gpu but no node of the Ray cluster has a GPU (the Ray nodes were started "
+                          "without GPUs, or CUDA_VISIBLE_DEVICES hides them); use device=auto (falls back to "
+                          "the CPU) or device=cpu, or start the Ray workers on GPU nodes with --num-gpus")
+    choice = "gpu" if gpus > 0 else "cpu"
+    if device == "auto":
+        log.info("device=auto: %s (%g GPU(s) in the Ray cluster)", choice, gpus)
+    return choice

@@ -32,10 +32,12 @@ def embed(cfg: DictConfig) -> None:
                          chunk_overlap=int(cfg.chunk_overlap), token_budget=int(cfg.token_budget), dtype=str(cfg.dtype))
     except TypeError as exc:
         raise ConfigError(f"invalid embedding settings ({exc})") from None
-    report = embed_proteins(_inputs(cfg.input), cfg.output, model=str(cfg.model), spec=spec, device=_device(cfg.device),
+    runtime = _typed(RuntimeSpec, cfg.runtime, "runtime")
+    # on a cluster the workers' GPUs count, not the driver's: decided once connected
+    device = str(cfg.device) if runtime.mode == "ray_cluster" else _device(cfg.device)
+    report = embed_proteins(_inputs(cfg.input), cfg.output, model=str(cfg.model), spec=spec, device=device,
                             shard_size=int(cfg.shard_size), cache_dir=cfg.model_cache_dir, download=bool(cfg.download),
-                            overwrite=bool(cfg.overwrite),
-                            runtime=_typed(RuntimeSpec, cfg.runtime, "runtime"))
+                            overwrite=bool(cfg.overwrite), runtime=runtime)
     log.info("%s", report.summary())
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     (run_dir / "report.json").write_text(json.dumps(report.__dict__, indent=2, default=str) + "\n")
