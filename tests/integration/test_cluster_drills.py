@@ -1,0 +1,181 @@
+"""Failure drills on a real multi-node Ray cluster on this machine (a head and two worker
+nodes, `ray start` on loopback, token authentication on): a worker node killed in the
+middle of a library build, the driver killed and the job rerun, a wrong token, no cluster,
+GPUs asked of a cluster without any. Every disturbed build must end with exactly the rows
+and shard hashes of an undisturbed one, and `biogen status` must tell what happened."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from biogen.runtime.local_cluster import LocalCluster
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+N_MOLECULES = 6000
+CHUNK = 150  # 40 shards per phase: a kill always lands in the middle
+
+
+def biogen(*args: str, env: dict, cwd: Path, timeout: float = 600, wait: bool = True):
+    cmd = [sys.executable, "-m", "biogen.cli.main", *args]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def shard_signature(lib: Path) -> tuple[int, list]:
+    m = json.loads((lib / "manifest.json").read_text())
+    return m["n_rows"], [(s["name"], s["rows"], {f: v["sha256"] for f, v in s["files"].items()}) for s in m["shards"]]
+
+
+def ledger_shards(lib: Path) -> int:
+    ledger = lib / "_work" / "000-build" / "ledger.jsonl"
+    if not ledger.exists():
+        return 0
+    return sum('"outputs"' in line for line in ledger.read_text().splitlines())
+
+
+def wait_for_shards(lib: Path, n: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while ledger_shards(lib) < n:
+        if proc.poll() is not None:
+            pytest.fail(f"the build ended before {n} shards were recorded: {proc.stderr.read()[-2000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"fewer than {n} shards recorded in {timeout} s")
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def smiles(tmp_path_factory) -> Path:
+    from biogen.datasets import dataset_path
+
+    try:
+        src = dataset_path("moses_test")
+    except Exception as exc:  # molsets is installed by the README's test command
+        pytest.skip(f"MOSES test set not installed: {exc}")
+    out = tmp_path_factory.mktemp("drill") / "deposit.smi"
+    with gzip.open(src, "rt") as fh, open(out, "w") as w:
+        next(fh)
+        for i, line in zip(range(N_MOLECULES), fh):
+            w.write(f"{line.strip().split(',')[0]} M{i}\n")
+    return out
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict:
+    return {**os.environ, "BIOGEN_RUNS_DIR": str(tmp_path_factory.mktemp("runs")), "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+@pytest.fixture(scope="module")
+def reference(smiles, env, tmp_path_factory) -> tuple[int, list]:
+    """The undisturbed build (in-process runtime: the output does not depend on where shards run)."""
+    cwd = tmp_path_factory.mktemp("ref")
+    p = biogen("library", "build", f"input={smiles}", "output=lib", f"chunk_size={CHUNK}", "runtime=inline",
+               "runtime.progress=false", env=env, cwd=cwd)
+    assert p.returncode == 0, p.stderr
+    return shard_signature(cwd / "lib")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with LocalCluster(head_cpus=0, worker_cpus=[1, 1]) as c:
+        yield c
+
+
+def test_wrong_token_no_token_mode_and_no_cluster_are_clear_errors(cluster, smiles, env, tmp_path):
+    args = ["library", "build", f"input={smiles}", "output=lib", "runtime=ray_cluster"]
+    wrong = {**env, **cluster.env, "RAY_AUTH_TOKEN": "0" * 64}
+    wrong.pop("RAY_AUTH_TOKEN_PATH")
+    t0 = time.monotonic()
+    p = biogen(*args, f"runtime.address={cluster.address}", env=wrong, cwd=tmp_path, timeout=180)
+    assert p.returncode == 2, p.stderr
+    assert "could not connect to the Ray cluster" in p.stderr and "token" in p.stderr
+    no_token_mode = {**env, **cluster.env, "RAY_AUTH_MODE": "disabled"}
+    p = biogen(*args, f"runtime.address={cluster.address}", env=no_token_mode, cwd=tmp_path, timeout=180)
+    assert p.returncode == 2 and "RAY_AUTH_MODE=token" in p.stderr
+    p = biogen(*args, "runtime.address=127.0.0.1:1", env={**env, **cluster.env}, cwd=tmp_path, timeout=60)
+    assert p.returncode == 2 and "could not connect to the Ray cluster at runtime.address='127.0.0.1:1'" in p.stderr
+    assert time.monotonic() - t0 < 150  # refused, never a hang
+    assert not (tmp_path / "lib" / "manifest.json").exists()
+
+
+def test_gpus_asked_of_a_cluster_without_gpus(cluster, env, tmp_path):
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from esm_fixtures import build, random_sequences
+
+    model = build(tmp_path, "tiny", 2, 32, 4, formats=("fair-esm",)).pt_path
+    fasta = tmp_path / "p.fasta"
+    fasta.write_text("".join(f">p{i}\n{s}\n" for i, s in enumerate(random_sequences([40, 60, 80], seed=1))))
+    run_env = {**env, **cluster.env}
+    common = ["embed", f"input={fasta}", f"model={model}", "runtime=ray_cluster", f"runtime.address={cluster.address}",
+              "runtime.progress=false"]
+    p = biogen(*common, "output=emb_gpu", "device=gpu", env=run_env, cwd=tmp_path, timeout=240)
+    assert p.returncode == 2, p.stderr
+    assert "device=gpu but no node of the Ray cluster has a GPU" in p.stderr and "device=auto" in p.stderr
+    p = biogen(*common, "output=emb_auto", "device=auto", env=run_env, cwd=tmp_path, timeout=300)
+    assert p.returncode == 0, p.stderr  # auto: falls back to the CPU actors
+    assert json.loads((tmp_path / "emb_auto" / "manifest.json").read_text())["device"] == "cpu"
+
+
+def test_driver_killed_then_rerun_resumes(cluster, smiles, env, reference, tmp_path):
+    args = ["library", "build", f"input={smiles}", "output=lib", f"chunk_size={CHUNK}", "runtime=ray_cluster",
+            f"runtime.address={cluster.address}", "runtime.progress=false"]
+    run_env = {**env, **cluster.env}
+    proc = biogen(*args, env=run_env, cwd=tmp_path, wait=False)
+    wait_for_shards(tmp_path / "lib", 6, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    done_at_kill = ledger_shards(tmp_path / "lib")
+
+    st = biogen("status", "lib", env=env, cwd=tmp_path, timeout=60)
+    assert st.returncode == 4, st.stdout + st.stderr  # stopped: killed, resumable
+    assert "STOPPED" in st.stdout and "not running" in st.stdout
+    assert "resume:    rerun the same command: biogen library build" in st.stdout
+    assert f"build: featurize" in st.stdout
+
+    p = biogen(*args, env=run_env, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert shard_signature(tmp_path / "lib") == reference  # same rows, same bytes, no duplicates
+    hist = json.loads((tmp_path / "lib" / "manifest.json").read_text())["history"][-1]
+    assert hist["run"]["driver_sessions"] == 2 and hist["resumed_shard_steps"] >= done_at_kill - 1 > 0
+    st = biogen("status", "lib", "--json", env=env, cwd=tmp_path, timeout=60)
+    info = json.loads(st.stdout)
+    assert st.returncode == 0 and info["state"] == "complete" and info["rows"] == reference[0]
+    assert info["sessions"] == 2 and info["resumed_shards"] > 0
+
+
+def test_worker_node_killed_mid_build(cluster, smiles, env, reference, tmp_path):
+    """Last in this module: it leaves the cluster with one worker node."""
+    args = ["library", "build", f"input={smiles}", "output=lib", f"chunk_size={CHUNK}", "runtime=ray_cluster",
+            f"runtime.address={cluster.address}", "runtime.progress=false"]
+    proc = biogen(*args, env={**env, **cluster.env}, cwd=tmp_path, wait=False)
+    wait_for_shards(tmp_path / "lib", 6, proc)
+    cluster.kill_worker(0)  # raylet, object store and workers of that node, at once
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert cluster.alive_nodes() == 2  # the head and the surviving worker
+
+    rows, shards = shard_signature(tmp_path / "lib")
+    assert (rows, shards) == reference  # exactly the undisturbed rows and bytes
+    import pyarrow.parquet as pq
+
+    ids = [i for s in shards for i in pq.read_table(tmp_path / "lib" / "shards" / s[0] / "meta.parquet",
+                                                     columns=["id"]).column("id").to_pylist()]
+    assert len(ids) == len(set(ids)) == rows  # no duplicates
+
+    hist = json.loads((tmp_path / "lib" / "manifest.json").read_text())["history"][-1]
+    lost = hist["run"]["retries"]
+    assert lost, "the killed node was running shards: their loss must be on record"
+    assert all(any(w in r["error"] for w in ("NodeDied", "WorkerCrashed", "ObjectLost", "Died")) for r in lost)
+    st = biogen("status", "lib", env=env, cwd=tmp_path, timeout=60)
+    assert st.returncode == 0 and "COMPLETE" in st.stdout
+    assert f"retries:   {len(lost)} shard run(s) lost with their worker or node" in st.stdout
+    assert lost[0]["key"] in st.stdout
