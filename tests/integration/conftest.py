@@ -73,3 +73,15 @@ def browser(chromium_executable):
             _unavailable(f"{chromium_executable} did not start under playwright: {exc}")
         yield instance
         instance.close()
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A real single-node SLURM on this machine for the whole session (tests/slurm_support.py):
+    ``.conf``, ``.env`` (SLURM_CONF set), ``.partition``, ``.sbatch(args, cwd) -> job id``,
+    ``.wait(job_id, timeout) -> (state, exit_code)``, ``.output(job_id)``. Installs Debian's
+    slurm-wlm and munge when missing (root); fails under CI / skips elsewhere when it cannot."""
+    from slurm_support import start_slurm
+
+    with start_slurm() as cluster:
+        yield cluster
