@@ -50,7 +50,7 @@ def _connect_error(address: str, exc: Exception) -> BiogenError:
         f"could not connect to the Ray cluster at runtime.address={address!r} ({exc}); "
         "start it with `ray start --head` (see slurm/) or use runtime=local. A cluster "
         "with token authentication needs RAY_AUTH_MODE=token and its token "
-        "(~/.ray/auth_token or RAY_AUTH_TOKEN) in this shell too"
+        "(~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN) in this shell too"
     )
 
 
