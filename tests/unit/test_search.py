@@ -284,6 +284,11 @@ def test_sharded_search_on_ray_actors_equals_one_index(moses_lib, ray_local):
         for k in (1, 10, 1000):
             assert sharded.top_k(QUERIES, k).equals(one.top_k(QUERIES, k))
         assert sharded.threshold(QUERIES, 0.4).equals(one.threshold(QUERIES, 0.4))
+    # more actors than the cluster can place would wait forever: refused at once
+    with pytest.raises(ConfigError, match=r"actors=8 with engine=cpu needs 8 CPUs but the Ray cluster has 2"):
+        ShardedSearch(moses_lib["path"], actors=8, engine="cpu", workers=1)
+    with pytest.raises(ConfigError, match=r"actors=2 with engine=cpu needs 6 CPUs"):
+        ShardedSearch(moses_lib["path"], actors=2, engine="cpu", workers=3)
 
 
 def test_popcount_starts():

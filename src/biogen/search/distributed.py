@@ -81,6 +81,15 @@ class ShardedSearch:
         self.engine = resolve_engine(engine)
         slices = split_shards([s.rows for s in self.library.shards], actors)
         per_actor = {"num_gpus": 1, "num_cpus": 1} if self.engine == "cuda" else {"num_cpus": workers or 1}
+        have = ray.cluster_resources()
+        for res, each in per_actor.items():  # more than the cluster has would wait forever: refuse
+            key = "GPU" if res == "num_gpus" else "CPU"
+            if actors * each > have.get(key, 0):
+                raise ConfigError(
+                    f"actors={actors} with engine={self.engine} needs {actors * each:g} {key}s but the Ray "
+                    f"cluster has {have.get(key, 0):g}; use fewer actors"
+                    + (", engine=cpu, or Ray nodes started with GPUs" if key == "GPU" else
+                       " or fewer workers per actor, or add nodes"))
         cls = ray.remote(**per_actor)(_IndexActor)
         path = str(Path(path).absolute())
         self.actors = [cls.remote(path, [s.name for s in self.library.shards[a:b]], self.engine, workers)
