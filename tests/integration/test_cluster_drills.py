@@ -6,7 +6,6 @@ and shard hashes of an undisturbed one, and `biogen status` must tell what happe
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import signal
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from biogen.runtime.local_cluster import LocalCluster
+from tests_support import moses_subset
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 N_MOLECULES = 6000
@@ -55,18 +55,7 @@ def wait_for_shards(lib: Path, n: int, proc: subprocess.Popen, timeout: float = 
 
 @pytest.fixture(scope="module")
 def smiles(tmp_path_factory) -> Path:
-    from biogen.datasets import dataset_path
-
-    try:
-        src = dataset_path("moses_test")
-    except Exception as exc:  # molsets is installed by the README's test command
-        pytest.skip(f"MOSES test set not installed: {exc}")
-    out = tmp_path_factory.mktemp("drill") / "deposit.smi"
-    with gzip.open(src, "rt") as fh, open(out, "w") as w:
-        next(fh)
-        for i, line in zip(range(N_MOLECULES), fh):
-            w.write(f"{line.strip().split(',')[0]} M{i}\n")
-    return out
+    return moses_subset(N_MOLECULES, tmp_path_factory.mktemp("drill") / "deposit.smi")
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import pytest
 from biogen.errors import BiogenError
 from biogen.library.ingest import build_library
 from biogen.runtime import RuntimeSpec
-from tests_support import unavailable
+from tests_support import moses_subset, unavailable
 
 MOLECULES = 2000
 
@@ -32,20 +32,7 @@ def shard_signature(lib: Path) -> tuple[int, list]:
 
 @pytest.fixture(scope="module")
 def deposit(tmp_path_factory) -> Path:
-    import gzip
-
-    from biogen.datasets import dataset_path
-
-    try:
-        src = dataset_path("moses_test")
-    except Exception as exc:
-        pytest.skip(f"MOSES test set not installed: {exc}")
-    out = tmp_path_factory.mktemp("dep") / "deposit.smi"
-    with gzip.open(src, "rt") as fh, open(out, "w") as w:
-        next(fh)
-        for i, line in zip(range(MOLECULES), fh):
-            w.write(f"{line.strip()} D{i}\n")
-    return out
+    return moses_subset(MOLECULES, tmp_path_factory.mktemp("dep") / "deposit.smi", id_prefix="D")
 
 
 @pytest.fixture(scope="module")
