@@ -310,3 +310,17 @@ def test_random_split_is_stratified_for_classification():
     assert labels[va].sum() == 1 and labels[tr].sum() == 11  # round(0.1 * 12) = 1 active validates
     tr2, va2 = split_indices(400, "random", 0.1, 0, labels=np.array([1] * 3 + [0] * 397))
     assert np.array([1] * 3 + [0] * 397)[va2].sum() == 1  # at least one when a class has >= 2
+
+
+def test_training_inside_a_multi_node_slurm_job_stays_single_process(thrombin, monkeypatch):
+    """In `slurm/ray_cluster.sbatch` the driver runs in a batch step of a multi-node job
+    (SLURM_NTASKS = nodes). Lightning would take that for a SLURM-launched DDP job and wait
+    for the other ranks; biogen trains in one process, whatever SLURM says."""
+    for k, v in {"SLURM_NTASKS": "4", "SLURM_JOB_NAME": "ray_cluster.sbatch", "SLURM_JOB_ID": "4242",
+                 "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NNODES": "4",
+                 "SLURM_NTASKS_PER_NODE": "1"}.items():
+        monkeypatch.setenv(k, v)
+    tr = thrombin.subset("train")
+    p = fit_qsar(tr.fps[:64], tr.y[:64], QSARSpec(**FAST), ECFP4, smiles=tr.smiles[:64],
+                 trainer_kwargs={"fast_dev_run": True})
+    assert np.isfinite(p.predict(tr.fps[:8])).all()
