@@ -53,3 +53,14 @@ def embed_search(cfg: DictConfig) -> None:
     keep_lists = cfg.output is not None and str(cfg.output).endswith(".parquet")  # CSV/TSV hold no lists
     where = write_table(table if keep_lists else table.drop(["hit_ids"]), cfg.output)
     log.info("%d hits -> %s", table.num_rows, where)
+
+
+def merge(cfg: DictConfig) -> None:
+    from biogen.protein.merge import merge_stores
+
+    report = merge_stores(_inputs(cfg.parts), cfg.output, overwrite=bool(cfg.overwrite), progress=bool(cfg.progress))
+    log.info("%s", report.summary())
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    data = {k: v for k, v in report.__dict__.items() if k != "manifest"}
+    (run_dir / "report.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+    print(report.summary())

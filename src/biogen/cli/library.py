@@ -90,3 +90,14 @@ def verify(cfg: DictConfig) -> None:
     raise CorruptLibraryError(
         f"{report.path}: {len(report.problems)} problem(s) in {report.shards_checked} shards "
         "(listed above); restore the named shards from a backup or rebuild the library")
+
+
+def merge(cfg: DictConfig) -> None:
+    from biogen.library.merge import merge_libraries
+
+    report = merge_libraries(
+        _inputs(cfg.parts), cfg.output, overwrite=bool(cfg.overwrite), exact=bool(cfg.exact),
+        runtime=_typed(RuntimeSpec, cfg.runtime, "runtime"),
+    )
+    log.info("%s", report.summary())
+    _save_report(report)

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pac
 import pyarrow.parquet as pq
 
 from biogen.chem.descriptors import validate_descriptor_names
@@ -162,6 +163,8 @@ def finalize_part(work: str, lib_dir: str, part: int, shard_name: str, keep: np.
             "source": kept.column("source").take(order),
             "record": kept.column("record").take(order),
             "duplicate_of": pa.array([dup_of[idx[i]] for i in order], pa.string()),
+            # the record came without an id and got {id_prefix}{serial:09d} (library merge renumbers those)
+            "id_generated": pac.is_null(kept.column("id")).take(order),
             **{c: kept.column(c).take(order) for c in kept.column_names
                if c not in ("id", "smiles", "inchikey", "source", "record", "props")},
             "props": kept.column("props").take(order),
@@ -262,6 +265,11 @@ def _existing_keys(lib_dir: Path, manifest: dict) -> tuple[dict[str, str], set[s
     return first, ids
 
 
+def duplicate_detail(inchikey: str, kept_id: str) -> str:
+    """The rejects-file detail of a ``duplicate_inchikey`` reject (``library merge`` parses it back)."""
+    return f"same compound (InChIKey {inchikey}) as library id {kept_id}"
+
+
 @dataclass
 class _Dedupe:
     """Driver-side dedupe state, carried across parts in input order."""
@@ -297,8 +305,7 @@ def _plan_dedupe(work: Path, parts: list[int], st: _Dedupe) -> Iterator[tuple]:
             if seen is not None:
                 st.duplicates += 1
                 if st.mode == "keep_first":
-                    drops.append((i, "duplicate_inchikey",
-                                  f"same compound (InChIKey {key}) as library id {seen}"))
+                    drops.append((i, "duplicate_inchikey", duplicate_detail(key, seen)))
                     continue
             if rid is None:  # a registry id from the ordinal; skip numbers taken by given ids
                 serial = st.ordinal + 1
@@ -429,6 +436,15 @@ def _run(lib_dir: Path, manifest: dict, infos: list[InputInfo], opts: ReaderOpti
     return report
 
 
+def clear_for_overwrite(out: Path) -> None:
+    """overwrite=true: empty a library directory (or an unfinished job's) under its lock."""
+    if (out / MANIFEST).exists() or (out / WORK).exists():
+        log.warning("overwrite=true: removing the library at %s", out)
+        for child in out.iterdir():
+            if child.name != ".lock":
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
 def build_library(
     inputs: str | Sequence[str],
     output: str | Path,
@@ -479,11 +495,8 @@ def build_library(
             )
     manifest = new_manifest(featurizer.to_dict(), standardize.to_dict(), list(descriptors), dedupe, id_prefix)
     with _locked(out):
-        if overwrite and ((out / MANIFEST).exists() or (out / WORK).exists()):
-            log.warning("overwrite=true: removing the library at %s", out)
-            for child in out.iterdir():
-                if child.name != ".lock":
-                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+        if overwrite:
+            clear_for_overwrite(out)
         try:
             return _run(out, manifest, infos, reader, action="build", spec=spec, chunk_size=chunk_size,
                         runtime=runtime, job_key=key)
