@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import shlex
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from biogen.errors import BiogenError
 
@@ -20,6 +22,8 @@ JOBS: dict[tuple[str, ...], tuple[str, str, str]] = {
                           "counts, parameters, size and history of a library"),
     ("library", "verify"): ("library_verify", "biogen.cli.library:verify",
                             "re-hash every shard; exit 1 naming any corrupted shard"),
+    ("library", "merge"): ("library_merge", "biogen.cli.library:merge",
+                           "merge libraries built from pieces of one input (array jobs) into one"),
     ("search",): ("search", "biogen.cli.search:search",
                   "similarity (top-k, threshold) or substructure search of a library"),
     ("screen",): ("screen", "biogen.cli.screen:screen",
@@ -28,6 +32,8 @@ JOBS: dict[tuple[str, ...], tuple[str, str, str]] = {
                  "train a Lightning QSAR model (fingerprint MLP) for screening"),
     ("embed",): ("embed", "biogen.cli.embed:embed",
                  "protein language model (ESM-2) embeddings of a FASTA set, resumable"),
+    ("embed", "merge"): ("embed_merge", "biogen.cli.embed:merge",
+                         "merge embedding stores of pieces of one FASTA set (array jobs) into one"),
     ("embed-search",): ("embed_search", "biogen.cli.embed:embed_search",
                         "cosine top-k of query proteins against an embedding store"),
     ("evaluate",): ("evaluate", "biogen.cli.evaluate:evaluate",
@@ -107,17 +113,44 @@ def quote_literals(argv: list[str]) -> list[str]:
     return out
 
 
+HYDRA_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--info", "-i", "--config-path", "-cp", "--config-name",
+                     "-cn", "--config-dir", "-cd", "--experimental-rerun", "--shell-completion", "-sc"}
+
+
+def split_flags(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Hydra's flags (with their values) and the key=value overrides, so that flags can go
+    first: Hydra's parser takes no override after a flag (``biogen screen -m a=1,2 b=3``)."""
+    flags, overrides = [], []
+    it = iter(range(len(argv)))
+    for i in it:
+        arg = argv[i]
+        if arg.startswith("-"):  # an override never starts with "-" (~key deletes, +key adds)
+            flags.append(arg)
+            if arg in HYDRA_VALUE_FLAGS and i + 1 < len(argv) and "=" not in argv[i + 1] \
+                    and not argv[i + 1].startswith("-"):
+                flags.append(argv[i + 1])
+                next(it, None)
+        else:
+            overrides.append(arg)
+    return flags, overrides
+
+
 def job_overrides(config_name: str) -> list[str]:
     """Hydra overrides every run of a job needs: its own config groups' folder on the search path.
 
     A job's groups live in ``configs/<job>/`` (e.g. ``configs/screen/library/``), not at the
     root, so that a group name of one job (the screen's ``library`` group) does not turn the
     same key of another job (``biogen search library=mylib``) into a group override.
+    ``$BIOGEN_CONFIG_DIR`` (site settings: ``local/default.yaml``) is searched too.
     """
     from biogen.resources import config_dir
 
     groups = config_dir() / config_name
-    return [f"hydra.searchpath=[file://{groups}]"] if groups.is_dir() else []
+    paths = [str(groups)] if groups.is_dir() else []
+    site = os.environ.get("BIOGEN_CONFIG_DIR")  # site settings (local/default.yaml) outside the package
+    if site:
+        paths.append(str(Path(site).expanduser().absolute()))
+    return [f"hydra.searchpath=[{','.join(f'file://{p}' for p in paths)}]"] if paths else []
 
 
 def unknown_key_hint(config_name: str, overrides: list[str]) -> str | None:
@@ -190,7 +223,8 @@ def run_job(words: tuple[str, ...], argv: list[str]) -> None:
     from biogen.runtime import ledger
 
     ledger.COMMAND = shlex.join(["biogen", *words, *argv])  # recorded in the job's ledger for `biogen status`
-    sys.argv = [f"biogen-{'-'.join(words)}", *job_overrides(config_name), *argv]
+    flags, overrides = split_flags(argv)
+    sys.argv = [f"biogen-{'-'.join(words)}", *flags, *job_overrides(config_name), *overrides]
     _app()
 
 
