@@ -4,7 +4,6 @@ codes, and a build killed mid-way that a rerun finishes identically."""
 import gzip
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys

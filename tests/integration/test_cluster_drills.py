@@ -128,7 +128,7 @@ def test_driver_killed_then_rerun_resumes(cluster, smiles, env, reference, tmp_p
     assert st.returncode == 4, st.stdout + st.stderr  # stopped: killed, resumable
     assert "STOPPED" in st.stdout and "not running" in st.stdout
     assert "resume:    rerun the same command: biogen library build" in st.stdout
-    assert f"build: featurize" in st.stdout
+    assert "build: featurize" in st.stdout
 
     p = biogen(*args, env=run_env, cwd=tmp_path)
     assert p.returncode == 0, p.stderr

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 
 from biogen.chem.fingerprints import popcounts
 from biogen.library.ingest import WORK
-from biogen.library.manifest import SHARD_FILES, read_manifest
+from biogen.library.manifest import SHARD_FILES
 from biogen.library.store import Library
 from biogen.runtime.ledger import sha256_file
 

@@ -19,7 +19,6 @@ Rows are ordered by query, then score descending, then hit id: ties are determin
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -261,7 +260,6 @@ class SimilarityIndex:
         if k < 1:
             raise ConfigError(f"k={k} must be >= 1")
         q = self.queries(query)
-        nbits = self.spec.stored_bits
         floor = np.zeros(len(q))  # k-th best score found so far, per query (over parts)
         found = []
         for part, engine in self._parts():
