@@ -118,3 +118,23 @@ def test_failing_job_exits_with_its_status_and_leaves_nothing(slurm, tmp_path):
     assert leftovers(job) == ([], []), leftovers(job)
     # on failure Ray's logs are copied beside the job's output
     assert list((tmp_path / f"ray-logs-{job}").glob("*/logs/raylet.out")), log
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({"SLURM_CPUS_ON_NODE": "16", "SLURM_GPUS_ON_NODE": "4"}, "16 CPUs, 4 GPUs"),
+    ({"SLURM_CPUS_PER_TASK": "8", "SLURM_JOB_GPUS": "0,1"}, "8 CPUs, 2 GPUs"),
+    ({"SLURM_CPUS_ON_NODE": "8", "SLURM_STEP_GPUS": "2,3,5", "SLURM_JOB_GPUS": "0,1,2,3,4,5"}, "8 CPUs, 3 GPUs"),
+    ({"SLURM_CPUS_ON_NODE": "4", "CUDA_VISIBLE_DEVICES": "0,1,2"}, "4 CPUs, 3 GPUs"),
+    ({"SLURM_CPUS_ON_NODE": "4", "CUDA_VISIBLE_DEVICES": "NoDevFiles"}, "4 CPUs, 0 GPUs"),
+    ({"SLURM_CPUS_ON_NODE": "4"}, "4 CPUs, 0 GPUs"),
+    ({"SLURM_CPUS_ON_NODE": "4", "SLURM_GPUS_ON_NODE": "4", "BIOGEN_RAY_GPUS": "1", "BIOGEN_RAY_CPUS": "2"},
+     "2 CPUs, 1 GPUs"),
+])
+def test_ray_node_resources_come_from_slurm(env, expected):
+    """No GPU here: what the script gives `ray start --num-gpus` is checked from SLURM's variables."""
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith(("SLURM_", "BIOGEN_RAY_")) and k != "CUDA_VISIBLE_DEVICES"}
+    p = subprocess.run(["bash", str(SCRIPT), "--print-resources"], env={**clean, **env}, capture_output=True,
+                       text=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == expected
