@@ -60,9 +60,14 @@ def test_screen_inline_outputs_and_resume(lib_spec, tmp_path, inline_rt):
     sdf = (d / "hits.sdf").read_text()
     assert sdf.count("$$$$") == 20 and ">  <similarity>" in sdf
     # a rerun in the same directory resumes: every shard is taken from the ledger
-    before = (d / "ledger.jsonl").read_text()
+    def shard_lines():
+        return [x for x in (d / "ledger.jsonl").read_text().splitlines() if '"outputs"' in x]
+
+    before = shard_lines()
     again = _screen(lib_spec, tmp_path / "run", inline_rt)
-    assert (d / "ledger.jsonl").read_text() == before
+    assert shard_lines() == before  # no shard run again
+    starts = [json.loads(x) for x in (d / "ledger.jsonl").read_text().splitlines() if '"start"' in x]
+    assert [s["resumed"] for s in starts] == [0, len(before)]
     assert again.hits.equals(res.hits)
 
 
