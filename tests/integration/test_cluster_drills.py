@@ -168,3 +168,49 @@ def test_worker_node_killed_mid_build(cluster, smiles, env, reference, tmp_path)
     assert st.returncode == 0 and "COMPLETE" in st.stdout
     assert f"retries:   {len(lost)} shard run(s) lost with their worker or node" in st.stdout
     assert lost[0]["key"] in st.stdout
+
+
+def test_worker_node_killed_mid_embed(cluster, env, tmp_path):
+    """Actors (one per CPU, each holding the model) and a node that dies under them: its
+    actors cannot be replaced there, the others are full, so the job must go on with the
+    actors left (never wait forever for room), redo the lost shards, and finish complete."""
+    deadline = time.monotonic() + 120
+    while cluster.alive_nodes() > 2 and time.monotonic() < deadline:  # the node killed above, declared dead
+        time.sleep(1)
+    cluster.add_worker(1)  # two worker nodes again
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    import numpy as np
+
+    from biogen.protein.embed import EmbedSpec, Embedder
+    from biogen.protein.store import EmbeddingStore
+    from esm_fixtures import build, random_sequences
+
+    model = build(tmp_path, "esm2_t6_8M_UR50D", 6, 320, 20, formats=("fair-esm",))
+    n = 120
+    seqs = random_sequences([int(x) for x in np.random.default_rng(5).integers(100, 300, size=n)], seed=11)
+    fasta = tmp_path / "p.fasta"
+    fasta.write_text("".join(f">s{i}\n{s}\n" for i, s in enumerate(seqs)))
+    args = ["embed", f"input={fasta}", "output=store", f"model={model.pt_path}", "shard_size=2", "device=cpu",
+            "token_budget=2048", "runtime=ray_cluster", f"runtime.address={cluster.address}", "runtime.progress=false"]
+    proc = biogen(*args, env={**env, **cluster.env}, cwd=tmp_path, wait=False)
+    ledger = tmp_path / "store" / "_work" / "ledger.jsonl"
+    deadline = time.monotonic() + 300
+    while not ledger.exists() or ledger.read_text().count('"outputs"') < 4:
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, "fewer than 4 shards in 300 s"
+        time.sleep(0.1)
+    victim = next(i for i, w in enumerate(cluster.workers) if w is not None)
+    cluster.kill_worker(victim)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert "lost with its node; going on with 1 worker(s)" in err  # no room for a replacement: no wait
+
+    store = EmbeddingStore.open(tmp_path / "store")
+    assert len(store) == n and sorted(store.keys) == sorted(set(store.keys))
+    ref = Embedder(str(model.pt_path), EmbedSpec()).embed(seqs[:4])
+    layer = next(iter(ref[0]["pooled"]))
+    assert np.allclose(store.vectors()[:4], np.stack([r["pooled"][layer] for r in ref]), atol=1e-5)
+    run = json.loads((tmp_path / "store" / "manifest.json").read_text())["run"]
+    assert run["retries"], "the actors of the killed node were running shards: their loss must be on record"
+    st = biogen("status", "store", env=env, cwd=tmp_path, timeout=60)
+    assert st.returncode == 0 and "retries:" in st.stdout

@@ -90,16 +90,21 @@ class LocalCluster:
                                  "--disable-usage-stats", f"--temp-dir={self.tmp}"], "head.log")
         try:
             self._wait(1)
-            for i, cpus in enumerate(self.worker_cpus):  # one at a time: raylets starting together
-                # on one host can time out registering with the GCS
-                self.workers.append(self._spawn([f"--address={self.address}", "--node-ip-address=127.0.0.1",
-                                                 f"--num-cpus={cpus}", "--num-gpus=0", f"--temp-dir={self.tmp}"],
-                                                f"worker{i}.log"))
-                self._wait(2 + i)
+            for cpus in self.worker_cpus:  # one at a time: raylets starting together on one
+                self.add_worker(cpus)      # host can time out registering with the GCS
         except BaseException:
             self.stop()
             raise
         return self
+
+    def add_worker(self, cpus: int = 1) -> int:
+        """Start one more worker node (e.g. to replace a killed one); returns its index."""
+        i = len(self.workers)
+        self.workers.append(self._spawn([f"--address={self.address}", "--node-ip-address=127.0.0.1",
+                                         f"--num-cpus={cpus}", "--num-gpus=0", f"--temp-dir={self.tmp}"],
+                                        f"worker{i}.log"))
+        self._wait(1 + sum(w is not None for w in self.workers))
+        return i
 
     def alive_nodes(self) -> int:
         """Nodes the cluster counts as alive (asked of the head's GCS, without joining)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -257,8 +258,9 @@ def run_shards_on_actors(
 
     Actors take 1 CPU and ``num_gpus`` GPUs each (a fraction when there are more actors
     than GPUs, so that they share them instead of waiting); when an actor dies (its process or node
-    is lost) a new one replaces it and its shard is retried (twice at most); an error
-    raised by the shard's own code fails the job (finished shards stay in the ledger).
+    is lost) a new one replaces it if the cluster has room (else the job goes on with the
+    actors left) and its shards run again (up to three times each); an error raised by the
+    shard's own code fails the job (finished shards stay in the ledger).
     Inline mode builds one worker in this process.
     """
     with _phase(ledger, desc, total, spec) as bar:
@@ -291,11 +293,42 @@ def run_shards_on_actors(
         def release(token):
             load[token[0]] -= 1
 
+        dead = [False] * len(actors)  # slots whose actor was lost and could not be replaced
+
+        def can_place(wait_s: float = 10.0) -> bool:
+            """Room for one more actor? A lost actor's CPU/GPU comes back a moment after its
+            death on a live node, never when its node is gone: wait a little, then decide."""
+            deadline = time.monotonic() + wait_s
+            while True:
+                free = ray.available_resources()
+                if free.get("CPU", 0) >= 1 and free.get("GPU", 0) >= num_gpus:
+                    return True
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.5)
+
         def retry(token, args, exc):
             a, gen = token
-            if gen == generation[a]:  # the first of this actor's lost shards replaces it
-                actors[a] = actor_cls.remote(*shared)
+            if gen == generation[a]:  # the first of this actor's lost shards decides its slot
                 generation[a] += 1
+                try:
+                    ray.kill(actors[a])  # unreachable but maybe alive: free what it holds
+                except Exception:
+                    pass
+                if can_place():
+                    actors[a] = actor_cls.remote(*shared)
+                else:  # its node is gone and the others are full: waiting would hang the job
+                    dead[a] = True
+                    load[a] = 1 << 30  # never chosen again
+                    log.warning("worker slot %d lost with its node; going on with %d worker(s)", a,
+                                dead.count(False))
+            if dead[a]:
+                live = [i for i in range(len(actors)) if not dead[i]]
+                if not live:
+                    raise BiogenError("every worker of this job was lost (nodes died); finished shards are "
+                                      "kept: rerun the same command when the cluster has nodes again")
+                a = min(live, key=load.__getitem__)
+                load[a] += 1
             return actors[a].run.remote(*args), (a, generation[a])
 
         try:
