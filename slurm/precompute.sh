@@ -62,6 +62,8 @@ split_kind() {  # split_kind FILE BIOGEN_ARGS... -> lines | header | sdf | fasta
 
 count_records() {  # count_records FILE KIND
     gzip -cdf -- "$1" | awk -v kind="$2" '
+        kind == "lines" && /^[ \t\r]*(#|$)/ { next }  # blank lines, comments
+        kind == "header" && /^[ \t\r]*$/ { next }
         kind == "lines" { n++ } kind == "header" && NR > 1 { n++ }
         kind == "sdf" && /^\$\$\$\$[ \t\r]*$/ { n++ } kind == "fasta" && /^>/ { n++ }
         END { print n + 0 }'
@@ -78,8 +80,15 @@ split_input() {  # split_input FILE KIND PER DIR EXT -> chunk paths, one a line,
         }
         BEGIN { part = 0; n = 0; out = ""; start = 1 }
         kind == "header" && NR == 1 { header = $0; next }
+        # a blank or comment line is no record: it never opens a chunk (a chunk of only blank
+        # lines would fail its task, and with it the merge)
+        (kind == "lines" && /^[ \t\r]*(#|$)/) || (kind == "header" && NR > 1 && /^[ \t\r]*$/) {
+            if (out != "") print > out
+            next
+        }
         kind == "lines" || kind == "header" { if (out == "" || n == per) next_chunk(); print > out; n++; next }
         kind == "sdf" {
+            if (start && /^[ \t\r]*$/) { if (out != "") print > out; next }
             if (start) { if (out == "" || n == per) next_chunk(); start = 0 }
             print > out
             if ($0 ~ /^\$\$\$\$[ \t\r]*$/) { n++; start = 1 }

@@ -171,3 +171,22 @@ def test_array_embed_and_merge_equal_one_embed(slurm, tmp_path):
     q = tmp_path / "q.fa"
     q.write_text(f">q\n{seqs[7]}\n")
     assert search_store(str(tmp_path / "emb"), str(q), k=1).column("hit_id").to_pylist() == ["s7"]
+
+
+@pytest.mark.parametrize("kind, ext, body, per, chunks", [
+    # blank lines and comments at a chunk boundary go with the chunk before: no chunk without records
+    ("lines", "smi", "CCO a\nCCN b\n\n# note\nCCC c\n\n", 2, [["CCO a", "CCN b", "", "# note"], ["CCC c", ""]]),
+    ("lines", "smi", "CCO a\nCCN b\n\n\n", 2, [["CCO a", "CCN b", "", ""]]),
+    ("header", "csv", "smiles,id\nCCO,a\nCCN,b\n\n", 2, [["smiles,id", "CCO,a", "CCN,b", ""]]),
+    ("sdf", "sdf", "m1\n$$$$\nm2\n$$$$\n\n", 1, [["m1", "$$$$"], ["m2", "$$$$", ""]]),
+])
+def test_precompute_split_makes_no_chunk_without_records(tmp_path, kind, ext, body, per, chunks):
+    src = tmp_path / f"in.{ext}"
+    src.write_text(body)
+    (tmp_path / "out").mkdir()
+    funcs = re.findall(r"^(?:count_records|split_input)\(\) \{.*?^\}", PRECOMPUTE.read_text(), re.S | re.M)
+    script = "\n".join(funcs) + f'\nsplit_input "{src}" {kind} {per} "{tmp_path / "out"}" {ext}\n'
+    p = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    paths = p.stdout.split()
+    assert [Path(x).read_text().split("\n")[:-1] for x in paths] == chunks

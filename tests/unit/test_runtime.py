@@ -7,6 +7,7 @@ import pytest
 
 from biogen.errors import BiogenError, ConfigError, LibraryError
 from biogen.runtime import Ledger, RuntimeSpec, ray_session, run_shards, run_shards_on_actors
+from biogen.runtime.ledger import process_start as status_process_start
 from biogen.runtime.status import format_status, job_status
 
 CALLS = []
@@ -189,7 +190,7 @@ def test_status_phases_failures_and_states(tmp_path, inline_rt, monkeypatch):
     # the driver gone: failed (exit 1), with the command to resume
     import biogen.runtime.status as status
 
-    monkeypatch.setattr(status, "_driver_alive", lambda host, pid: False)
+    monkeypatch.setattr(status, "_driver_alive", lambda *a: False)
     st = job_status(tmp_path / "ledger.jsonl")
     assert (st.state, st.exit_code) == ("failed", 1)
     text = format_status(st)
@@ -228,3 +229,39 @@ def test_status_of_something_else_is_exit_2(tmp_path):
     p = subprocess.run([sys.executable, "-m", "biogen.cli.main", "status", str(tmp_path)],
                        capture_output=True, text=True)
     assert p.returncode == 2 and "holds no biogen job" in p.stderr
+
+
+def _ledger_lines(path, *lines):
+    path.mkdir()
+    path = path / "ledger.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in [{"job_key": "j"}, *lines]) + "\n")
+    return path
+
+
+def test_status_judges_the_latest_session_and_knows_a_reused_pid(tmp_path):
+    import os
+    import socket
+    import time as _time
+
+    now = _time.time()
+    host = socket.gethostname()
+    # session 1 failed on s3; session 2 runs on a compute node (not checkable from here), active
+    led = _ledger_lines(tmp_path / "a",
+                        {"event": "start", "t": now - 600, "host": "login1", "pid": 1},
+                        {"event": "failed", "t": now - 590, "key": "s3", "error": "ValueError: bad"},
+                        {"event": "start", "t": now - 60, "host": "node7", "pid": 2, "resumed": 2},
+                        {"key": "s3", "outputs": [], "sha256": "", "result": {}, "t": now - 5})
+    st = job_status(led)
+    assert (st.state, st.failed) == ("running", [])
+    # a finished screen run again: the old `complete` does not make the new run complete
+    led = _ledger_lines(tmp_path / "b",
+                        {"event": "start", "t": now - 600, "host": host, "pid": 1},
+                        {"event": "complete", "t": now - 500},
+                        {"event": "start", "t": now - 10, "host": host, "pid": os.getpid(),
+                         "pid_start": status_process_start(os.getpid())})
+    assert job_status(led).state == "running"
+    # this process's pid but another start time: the driver is gone, the pid reused
+    led = _ledger_lines(tmp_path / "c",
+                        {"event": "start", "t": now - 10, "host": host, "pid": os.getpid(), "pid_start": "x:1"})
+    st = job_status(led)
+    assert st.state == "stopped" and st.driver["alive"] is False

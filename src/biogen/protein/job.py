@@ -147,7 +147,7 @@ def embed_proteins(inputs, output: str | Path, *, model: str, spec=None, device:
                                          [pset.ids[k] for k in keys])))
     done_before = sum(ledger.done(k) is not None for k, _ in shards)
     with ray_session(runtime) as slots:
-        if device in ("auto", "gpu", "cuda") and runtime.mode == "ray_cluster":
+        if runtime.mode == "ray_cluster":  # validates the name too
             from biogen.device import cluster_accelerator
 
             device = "cuda" if cluster_accelerator(device) == "gpu" else "cpu"

@@ -168,7 +168,15 @@ def _concat_rejects(stores: list[EmbeddingStore], out: Path) -> None:
 
 def merge_stores(parts, output: str | Path, *, overwrite: bool = False, progress: bool = True) -> MergeReport:
     """Merge embedding stores (a list in the order given, or a glob in natural order) into a new
-    store at ``output`` (module docstring)."""
+    store at ``output`` (module docstring). One merge at a time per output (a lock file): a
+    second one, e.g. a precompute rerun while the first merge job still runs, is refused."""
+    from biogen.library.ingest import _locked
+
+    with _locked(Path(output).absolute()):
+        return _merge_stores(parts, output, overwrite=overwrite, progress=progress)
+
+
+def _merge_stores(parts, output: str | Path, *, overwrite: bool, progress: bool) -> MergeReport:
     t0 = time.perf_counter()
     pieces = resolve_pieces(parts, "embedding store")
     stores = [_open_piece(p) for p in pieces]
@@ -185,8 +193,10 @@ def merge_stores(parts, output: str | Path, *, overwrite: bool = False, progress
             return MergeReport(str(out), len(pieces), already_done=True, manifest=done)
         if not overwrite:
             raise InputError(f"output={out} already holds an embedding store; choose another output or overwrite=true")
-        shutil.rmtree(out)
-    elif out.exists() and not (out / WORK).exists() and any(out.iterdir()):
+        for child in out.iterdir():
+            if child.name != ".lock":  # ours, held
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+    elif out.exists() and not (out / WORK).exists() and any(p.name != ".lock" for p in out.iterdir()):
         raise InputError(f"output={out} is a non-empty directory that is not an embedding store; choose a new one")
 
     # plan (driver): the first piece holding a sequence keeps its row; every piece adds its ids

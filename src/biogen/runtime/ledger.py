@@ -41,6 +41,17 @@ def shard_rows(result: dict) -> int | None:
     return shard.get("rows") if isinstance(shard, dict) and isinstance(shard.get("rows"), int) else None
 
 
+def process_start(pid: int) -> str | None:
+    """When process ``pid`` started (boot id + clock ticks since boot; Linux): with the pid it
+    names one process, so a reused pid is not taken for the driver."""
+    try:
+        ticks = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19]
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except (OSError, IndexError):
+        return None
+    return f"{boot}:{ticks}"
+
+
 class StorageError(BiogenError):
     """Writing to the output directory failed (full disk, quota, read-only mount)."""
 
@@ -84,8 +95,8 @@ class Ledger:
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._append({"job_key": job_key})
-        self.event("start", host=socket.gethostname(), pid=os.getpid(), command=COMMAND, cwd=os.getcwd(),
-                   resumed=len(self.entries))
+        self.event("start", host=socket.gethostname(), pid=os.getpid(), pid_start=process_start(os.getpid()),
+                   command=COMMAND, cwd=os.getcwd(), resumed=len(self.entries))
 
     def _load(self) -> None:
         with open(self.path) as fh:

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from biogen.errors import BiogenError
+from biogen.runtime.ledger import process_start
 
 EXIT = {"complete": 0, "failed": 1, "running": 3, "stopped": 4}
 
@@ -78,7 +79,7 @@ def _read_jsonl(path: Path) -> list[dict]:
     return out
 
 
-def _driver_alive(host: str | None, pid: int | None) -> bool | None:
+def _driver_alive(host: str | None, pid: int | None, pid_start: str | None = None) -> bool | None:
     """True/False when the driver ran on this host; None when it cannot be checked from here."""
     if host != socket.gethostname() or not pid:
         return None
@@ -88,7 +89,9 @@ def _driver_alive(host: str | None, pid: int | None) -> bool | None:
         return False
     except PermissionError:
         pass  # another user's process: alive
-    try:  # a reused pid is some other program
+    if pid_start is not None:  # the same pid, but started later: a reused pid, another program
+        return process_start(pid) == pid_start
+    try:  # older ledgers: judge by the command line
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
         return b"biogen" in cmdline or b"python" in cmdline
     except OSError:
@@ -134,11 +137,14 @@ def _from_ledger(path: Path, ledger: Path, job: str, now: float) -> JobStatus:
 
     st.retries = [{k: e.get(k) for k in ("key", "phase", "error", "attempt", "t")}
                   for e in events if e["event"] == "retry"]
+    # failures and completion count for the latest driver session only (a rerun after a
+    # failure, or of a finished job, is judged by what it does)
+    current = [e for e in events if e.get("t", 0) >= session_t0]
     st.failed = [{k: e.get(k) for k in ("key", "phase", "error", "t")}
-                 for e in events if e["event"] == "failed" and e.get("key") not in entries]
-    alive = _driver_alive(last.get("host"), last.get("pid"))
+                 for e in current if e["event"] == "failed" and e.get("key") not in entries]
+    alive = _driver_alive(last.get("host"), last.get("pid"), last.get("pid_start"))
     st.driver = {"host": last.get("host"), "pid": last.get("pid"), "alive": alive}
-    if any(e["event"] == "complete" for e in events):
+    if any(e["event"] == "complete" for e in current):
         st.state = "complete"
     elif alive or (alive is None and st.failed == []):
         # on another host: running unless the ledger went quiet for long (then: probably stopped)
