@@ -275,7 +275,10 @@ def start_slurm(nodes: int = 1, partition: str = "debug", timeout: float = 60) -
         yield cluster
     finally:
         if cluster is not None:
-            _cancel_all(cluster)
+            try:
+                _cancel_all(cluster)
+            except (subprocess.SubprocessError, OSError) as exc:  # the daemons are stopped regardless
+                print(f"[biogen tests] could not cancel the remaining SLURM jobs: {exc}", flush=True)
         for p in reversed(procs):
             _stop(p)
         shutil.rmtree(root, ignore_errors=True)
