@@ -324,3 +324,28 @@ def test_training_inside_a_multi_node_slurm_job_stays_single_process(thrombin, m
     p = fit_qsar(tr.fps[:64], tr.y[:64], QSARSpec(**FAST), ECFP4, smiles=tr.smiles[:64],
                  trainer_kwargs={"fast_dev_run": True})
     assert np.isfinite(p.predict(tr.fps[:8])).all()
+
+
+def test_inference_needs_no_lightning(tmp_path, thrombin):
+    """Screen workers only load and predict: biogen.models.predictor must not import
+    Lightning (~4 s per worker), and a checkpoint loads there with the same predictions."""
+    import subprocess
+    import sys
+
+    tr = thrombin.subset("train")
+    p = fit_qsar(tr.fps[:200], tr.y[:200], QSARSpec(**FAST), ECFP4, smiles=tr.smiles[:200], out_dir=tmp_path)
+    assert type(p.module).__name__ == "QSARNet"  # no Lightning module past training
+    np.save(tmp_path / "fps.npy", tr.fps[:50])
+    np.save(tmp_path / "ref.npy", p.predict(tr.fps[:50]))
+    code = f"""
+import sys, numpy as np
+from biogen.models.predictor import QSARPredictor
+q = QSARPredictor.load({str(tmp_path / 'model.ckpt')!r})
+out = q.predict(np.load({str(tmp_path / 'fps.npy')!r}))
+assert np.allclose(out, np.load({str(tmp_path / 'ref.npy')!r}), atol=1e-6), "predictions differ"
+bad = sorted(m for m in sys.modules if m.split('.')[0] in ('pytorch_lightning', 'lightning', 'lightning_fabric'))
+assert not bad, bad
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

@@ -181,7 +181,7 @@ def run_screen(
         # the workers import torch & co. while the driver prepares the library, target and model
         modules = ["biogen.screen.pipeline", "biogen.search.fused"]
         if any(isinstance(st, QSARScorer) for st in scorers):
-            modules += ["torch", "biogen.models.qsar"]
+            modules += ["torch", "biogen.models.predictor"]
         warming = prewarm(runtime, slots, modules)  # noqa: F841 - runs in the background
         # target first: a preset library mixes in the target's held-out actives
         t0 = time.perf_counter()

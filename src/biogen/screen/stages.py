@@ -317,7 +317,7 @@ class QSARScorer(_Base):
         return {**self.__dict__, "_predictor": None}  # workers load the checkpoint themselves
 
     def prepare(self, ctx: ScreenContext) -> None:
-        from biogen.models.qsar import QSARPredictor, QSARSpec, fit_qsar
+        from biogen.models.predictor import QSARPredictor, QSARSpec
 
         self.accelerator = ctx.accelerator
         if self.checkpoint is None:
@@ -342,6 +342,8 @@ class QSARScorer(_Base):
                 return
             log.info("training the QSAR model on %d %s compounds (%s)", len(ctx.training.y),
                      ctx.training.name, spec.task)
+            from biogen.models.qsar import fit_qsar  # Lightning: only here, in the driver
+
             predictor = fit_qsar(ctx.training.fps, np.asarray(ctx.training.y), spec, ctx.featurizer,
                                  smiles=ctx.training.smiles, accelerator=ctx.accelerator, out_dir=out,
                                  progress=False)
@@ -358,7 +360,7 @@ class QSARScorer(_Base):
 
     def load(self) -> None:
         if self._predictor is None:
-            from biogen.models.qsar import QSARPredictor
+            from biogen.models.predictor import QSARPredictor  # torch only: workers never import Lightning
 
             self._predictor = QSARPredictor.load(self.checkpoint)
             if self.accelerator != "cpu":
