@@ -156,7 +156,13 @@ def _drive(submit: Callable, release: Callable, shards: Iterable[tuple[str, tupl
                 if _lost(exc) and tries < max_tries:
                     log.warning("shard %s: %s; running it again", key, _why(exc))
                     ledger.event("retry", key=key, phase=phase, error=_why(exc), attempt=tries + 1)
-                    again = retry(token, args, exc)
+                    try:
+                        again = retry(token, args, exc)
+                    except BiogenError as err:  # nowhere left to run it (every worker lost)
+                        for other in pending:
+                            ray.cancel(other)
+                        ledger.event("failed", key=key, phase=phase, error=str(err))
+                        raise
                     pending[again[0]] = (key, again[1], args, tries + 1)
                     continue
                 for other in pending:
