@@ -58,3 +58,25 @@ def moses_subset(n: int, path, id_prefix: str = "M"):
         for i, line in zip(range(n), fh):
             out.write(f"{line.strip().split(',')[0]} {id_prefix}{i}\n")
     return path
+
+
+def run_biogen(*args: str, cwd, env: dict | None = None, timeout: float = 600, wait: bool = True):
+    """``biogen ARGS`` in a subprocess (run directories under ``cwd/runs`` unless ``env`` says
+    otherwise): the finished ``CompletedProcess``, or with ``wait=False`` the running ``Popen``."""
+    import subprocess
+    from pathlib import Path
+
+    env = env if env is not None else {**os.environ, "BIOGEN_RUNS_DIR": str(Path(cwd) / "runs")}
+    cmd = [sys.executable, "-m", "biogen.cli.main", *args]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def shard_signature(lib) -> tuple[int, list]:
+    """A library's rows and every shard file's sha256 (equal only for byte-identical shards)."""
+    import json
+    from pathlib import Path
+
+    m = json.loads((Path(lib) / "manifest.json").read_text())
+    return m["n_rows"], [(s["name"], s["rows"], {f: v["sha256"] for f, v in s["files"].items()}) for s in m["shards"]]

@@ -17,23 +17,12 @@ from pathlib import Path
 import pytest
 
 from biogen.runtime.local_cluster import LocalCluster
-from tests_support import moses_subset
+from tests_support import moses_subset, shard_signature
+from tests_support import run_biogen as biogen
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 N_MOLECULES = 6000
 CHUNK = 150  # 40 shards per phase: a kill always lands in the middle
-
-
-def biogen(*args: str, env: dict, cwd: Path, timeout: float = 600, wait: bool = True):
-    cmd = [sys.executable, "-m", "biogen.cli.main", *args]
-    if not wait:
-        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def shard_signature(lib: Path) -> tuple[int, list]:
-    m = json.loads((lib / "manifest.json").read_text())
-    return m["n_rows"], [(s["name"], s["rows"], {f: v["sha256"] for f, v in s["files"].items()}) for s in m["shards"]]
 
 
 def ledger_shards(lib: Path) -> int:

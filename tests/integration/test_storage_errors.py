@@ -12,7 +12,6 @@ import errno
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,14 +19,10 @@ import pytest
 from biogen.errors import BiogenError
 from biogen.library.ingest import build_library
 from biogen.runtime import RuntimeSpec
-from tests_support import moses_subset, unavailable
+from tests_support import moses_subset, shard_signature, unavailable
+from tests_support import run_biogen as biogen
 
 MOLECULES = 2000
-
-
-def shard_signature(lib: Path) -> tuple[int, list]:
-    m = json.loads((lib / "manifest.json").read_text())
-    return m["n_rows"], [(s["name"], s["rows"], {f: v["sha256"] for f, v in s["files"].items()}) for s in m["shards"]]
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +35,6 @@ def reference(deposit, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "lib"
     build_library(str(deposit), out, chunk_size=100, runtime=RuntimeSpec(mode="inline", progress=False))
     return shard_signature(out)
-
-
-def biogen(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "biogen.cli.main", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "BIOGEN_RUNS_DIR": str(cwd / "runs")})
 
 
 @pytest.fixture
