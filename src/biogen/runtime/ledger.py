@@ -52,6 +52,11 @@ def process_start(pid: int) -> str | None:
     return f"{boot}:{ticks}"
 
 
+def retries(events: list[dict]) -> list[dict]:
+    """The ``retry`` events (a shard lost with its worker or node, run again), as reported."""
+    return [{k: e.get(k) for k in ("key", "phase", "error", "attempt", "t")} for e in events if e["event"] == "retry"]
+
+
 class StorageError(BiogenError):
     """Writing to the output directory failed (full disk, quota, read-only mount)."""
 
@@ -152,10 +157,8 @@ class Ledger:
         """What happened while the job ran (kept in the manifest of jobs whose ledger is removed
         when they commit): driver sessions, shards resumed, workers or nodes lost."""
         starts = [e for e in self.events if e["event"] == "start"]
-        retries = [{k: e.get(k) for k in ("key", "phase", "error", "attempt", "t")}
-                   for e in self.events if e["event"] == "retry"]
         return {"driver_sessions": len(starts), "resumed_shards": starts[-1].get("resumed", 0) if starts else 0,
-                "retries": retries}
+                "retries": retries(self.events)}
 
     def complete(self, **fields) -> None:
         """Mark the job complete (for jobs whose ledger stays in the output directory)."""

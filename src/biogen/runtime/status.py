@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from biogen.errors import BiogenError
-from biogen.runtime.ledger import process_start
+from biogen.runtime.ledger import process_start, retries
 
 EXIT = {"complete": 0, "failed": 1, "running": 3, "stopped": 4}
 
@@ -135,8 +135,7 @@ def _from_ledger(path: Path, ledger: Path, job: str, now: float) -> JobStatus:
             ph.rows_per_s = sum(e.get("rows", 0) for e in mine if e.get("t", 0) >= session_t0) / span
         st.phases.append(ph)
 
-    st.retries = [{k: e.get(k) for k in ("key", "phase", "error", "attempt", "t")}
-                  for e in events if e["event"] == "retry"]
+    st.retries = retries(events)
     # failures and completion count for the latest driver session only (a rerun after a
     # failure, or of a finished job, is judged by what it does)
     current = [e for e in events if e.get("t", 0) >= session_t0]
