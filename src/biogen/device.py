@@ -35,8 +35,6 @@ def cluster_accelerator(device: str) -> str:
     cluster's GPUs, not the driver's (a login or head node often has none). Call it inside
     a Ray session; ``gpu`` on a cluster without GPUs is refused with the fix, ``auto`` falls
     back to the CPU (logged)."""
-    if device == "cuda":
-        device = "gpu"
     if device not in DEVICES:
         raise ConfigError(f"device={device!r} is not valid; choose one of {', '.join(DEVICES)}")
     if device == "cpu":
@@ -54,3 +52,12 @@ def cluster_accelerator(device: str) -> str:
     if device == "auto":
         log.info("device=auto: %s (%g GPU(s) in the Ray cluster)", choice, gpus)
     return choice
+
+
+def torch_device(device: str, cluster: bool = False) -> str:
+    """``cuda`` or ``cpu`` for a job's torch workers from device=auto|cpu|gpu (``cuda`` is read
+    as ``gpu``): by the Ray cluster's GPUs when the workers run on a cluster (call it inside
+    the session), else by what torch sees on this machine."""
+    device = "gpu" if device == "cuda" else device
+    choice = cluster_accelerator(device) if cluster else resolve_accelerator(device)
+    return "cuda" if choice == "gpu" else "cpu"

@@ -10,16 +10,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from biogen.cli.library import _inputs, _typed
+from biogen.device import torch_device
 from biogen.errors import ConfigError
 from biogen.runtime import RuntimeSpec
 
 log = logging.getLogger("biogen")
-
-
-def _device(name: str) -> str:
-    from biogen.device import resolve_accelerator
-
-    return "cuda" if resolve_accelerator(name) == "gpu" else "cpu"
 
 
 def embed(cfg: DictConfig) -> None:
@@ -33,9 +28,7 @@ def embed(cfg: DictConfig) -> None:
     except TypeError as exc:
         raise ConfigError(f"invalid embedding settings ({exc})") from None
     runtime = _typed(RuntimeSpec, cfg.runtime, "runtime")
-    # on a cluster the workers' GPUs count, not the driver's: decided once connected
-    device = str(cfg.device) if runtime.mode == "ray_cluster" else _device(cfg.device)
-    report = embed_proteins(_inputs(cfg.input), cfg.output, model=str(cfg.model), spec=spec, device=device,
+    report = embed_proteins(_inputs(cfg.input), cfg.output, model=str(cfg.model), spec=spec, device=str(cfg.device),
                             shard_size=int(cfg.shard_size), cache_dir=cfg.model_cache_dir, download=bool(cfg.download),
                             overwrite=bool(cfg.overwrite), runtime=runtime)
     log.info("%s", report.summary())
@@ -49,7 +42,7 @@ def embed_search(cfg: DictConfig) -> None:
     from biogen.protein.search import search_store
 
     query = _inputs(cfg.query)
-    table = search_store(str(cfg.store), query, k=int(cfg.k), vector=cfg.vector, device=_device(cfg.device))
+    table = search_store(str(cfg.store), query, k=int(cfg.k), vector=cfg.vector, device=torch_device(str(cfg.device)))
     keep_lists = cfg.output is not None and str(cfg.output).endswith(".parquet")  # CSV/TSV hold no lists
     where = write_table(table if keep_lists else table.drop(["hit_ids"]), cfg.output)
     log.info("%d hits -> %s", table.num_rows, where)

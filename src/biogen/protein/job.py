@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from biogen.chem.records import write_rejects
+from biogen.device import torch_device
 from biogen.errors import ConfigError, InputError
 from biogen.library.manifest import now_iso, tool_versions
 from biogen.protein.fasta import read_proteins
@@ -108,8 +109,15 @@ def embed_proteins(inputs, output: str | Path, *, model: str, spec=None, device:
                    shard_size: int = 1000, cache_dir: str | None = None, download: bool = False,
                    overwrite: bool = False,
                    runtime: RuntimeSpec = RuntimeSpec()) -> EmbedReport:
-    """Embed the proteins of FASTA ``inputs`` into an embedding store at ``output``."""
+    """Embed the proteins of FASTA ``inputs`` into an embedding store at ``output``.
+
+    device: auto | cpu | gpu (``cuda`` too); on ``runtime=ray_cluster`` decided by the
+    cluster's GPUs once connected, else by what torch sees here, before anything starts."""
     from biogen.protein.embed import EmbedSpec
+
+    cluster = runtime.mode == "ray_cluster"  # there the workers' GPUs count, not this machine's
+    if not cluster:
+        device = torch_device(device)
 
     spec = spec or EmbedSpec()
     if shard_size < 1:
@@ -147,11 +155,9 @@ def embed_proteins(inputs, output: str | Path, *, model: str, spec=None, device:
                                          [pset.ids[k] for k in keys])))
     done_before = sum(ledger.done(k) is not None for k, _ in shards)
     with ray_session(runtime) as slots:
-        if runtime.mode == "ray_cluster":  # validates the name too
-            from biogen.device import cluster_accelerator
-
-            device = "cuda" if cluster_accelerator(device) == "gpu" else "cpu"
-        gpus = 1.0 if device in ("cuda", "gpu") else 0.0
+        if cluster:
+            device = torch_device(device, cluster=True)
+        gpus = 1.0 if device == "cuda" else 0.0
         if gpus:
             import ray
 
