@@ -107,7 +107,9 @@ class LocalCluster:
         return i
 
     def alive_nodes(self) -> int:
-        """Nodes the cluster counts as alive (asked of the head's GCS, without joining)."""
+        """Nodes the cluster counts as alive (asked of the head's GCS, without joining). In a
+        subprocess: Ray reads its token settings once, at import, so the caller never imports
+        ray with this cluster's environment (or any other) fixed in."""
         code = ("import ray, sys\n"
                 "from ray._raylet import GcsClient\n"
                 f"c = GcsClient(address={self.address!r})\n"

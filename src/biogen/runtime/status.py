@@ -89,13 +89,8 @@ def _driver_alive(host: str | None, pid: int | None, pid_start: str | None = Non
         return False
     except PermissionError:
         pass  # another user's process: alive
-    if pid_start is not None:  # the same pid, but started later: a reused pid, another program
-        return process_start(pid) == pid_start
-    try:  # older ledgers: judge by the command line
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-        return b"biogen" in cmdline or b"python" in cmdline
-    except OSError:
-        return True
+    # the same pid but another start time: the pid was reused by another program
+    return pid_start is None or process_start(pid) == pid_start
 
 
 def _from_ledger(path: Path, ledger: Path, job: str, now: float) -> JobStatus:
