@@ -54,5 +54,6 @@ hydra:
     tasks = sorted(p.name for p in (sweep / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", p.name))
     assert len(tasks) == 2  # one SLURM array job, a task per sweep point
     for task in tasks:
-        info = slurm.job(task)
-        assert info["JobState"] == "COMPLETED" and info["JobName"] == "biogen-sweep-test", info
+        # submitit has the result once the task's Python is done; SLURM may still be ending the job
+        assert slurm.wait(task, timeout=120) == ("COMPLETED", 0)
+        assert slurm.job(task)["JobName"] == "biogen-sweep-test"
