@@ -14,7 +14,7 @@ from rdkit.Chem import rdFingerprintGenerator
 from biogen.chem.fingerprints import FingerprintSpec, popcounts
 from biogen.datasets import dataset_path
 from biogen.errors import ConfigError, InputError, LibraryError
-from biogen.kernels.cpu import row_popcounts, threshold_candidates
+from biogen.kernels.cpu import block_sketch, query_blocks, row_popcounts, threshold_candidates
 from biogen.library.ingest import build_library
 from biogen.library.store import Library
 from biogen.search import Metric, Queries, SimilarityIndex
@@ -68,6 +68,13 @@ def test_min_common_is_the_exact_float_threshold_test(metric, t):
             assert table[b] == expected, (a, b, t)
 
 
+def test_metric_codes_are_the_kernels_codes():
+    import biogen.kernels.cpu as kcpu
+
+    for name in ("tanimoto", "dice", "tversky"):
+        assert Metric(name).code == getattr(kcpu, f"METRIC_{name.upper()}")
+
+
 def test_metric_config_errors():
     with pytest.raises(ConfigError, match="valid: tanimoto, dice, tversky"):
         Metric("cosine")
@@ -94,10 +101,29 @@ def brute(queries, mc, lo, hi, fps, pcs):
     return out
 
 
-@pytest.mark.parametrize("w", [3, 16, 32])
-def test_numba_kernel_matches_plain_python(w):
+def test_block_sketch_layout_and_saturation():
+    rng = np.random.default_rng(7)
+    fps, _ = random_db(200, 5, rng, density=0.15)  # 16-bit blocks of ~2.4 bits: many saturate
+    fps[3, 2] = np.uint64(0xFFFF_0000_0003_0001)  # blocks of 1, 2, 0 and 16 bits
+    sk = block_sketch(fps)
+    assert sk.shape == (4, 5, 64) and not sk[3, :, 200 - 192:].any()  # padding rows are zero
+    blocks = np.bitwise_count(fps.view("<u2")).reshape(200, 5, 4)
+    flat = sk.transpose(0, 2, 1).reshape(-1, 5)[:200]
+    for j in range(4):
+        assert np.array_equal((flat >> 2 * j) & 3, np.minimum(blocks[:, :, j], 3))
+    assert flat[3, 2] == 1 | 2 << 2 | 0 << 4 | 3 << 6 and (blocks > 3).any()
+    assert np.array_equal(query_blocks(fps), blocks)
+
+
+@pytest.mark.parametrize("w,density", [(3, 0.02), (16, 0.02), (32, 0.02), (2, 0.3), (8, 0.45)],
+                         ids=["w3", "w16", "w32", "saturated", "over-255-bits"])
+def test_numba_kernel_matches_plain_python(w, density):
+    """Sparse fingerprints (the block bound), dense ones (saturated sketch codes) and
+    queries of more than 255 bits (counted directly) give the plain-Python answer."""
     rng = np.random.default_rng(w)
-    fps, pcs = random_db(3000, w, rng)
+    fps, pcs = random_db(3000, w, rng, density)
+    if w == 8:
+        assert (pcs > 255).any() and (pcs <= 255).any()
     nbits = w * 64
     assert np.array_equal(row_popcounts(fps), pcs)
     queries = fps[rng.integers(0, len(fps), 40)]
@@ -108,8 +134,8 @@ def test_numba_kernel_matches_plain_python(w):
     hi = lo + rng.integers(0, 1500, len(queries))  # includes empty ranges
     expected = brute(queries, mc, lo, hi, fps, pcs)
     for win in [(0, len(fps)), (700, 2100)]:
-        qi, r, c = threshold_candidates(queries, np.bitwise_count(queries), mc, lo, hi, fps,
-                                        np.bitwise_count(fps), pcs, *win)
+        qi, r, c = threshold_candidates(queries, query_blocks(queries), mc, lo, hi, fps,
+                                        block_sketch(fps), pcs, *win)
         got = set(zip(qi.tolist(), r.tolist(), c.tolist()))
         assert got == {x for x in expected if win[0] <= x[1] < win[1]}
     for workers in (1, 2):
@@ -201,6 +227,24 @@ def test_top_k_equals_rdkit_with_ties_by_id(index, moses_lib, metric):
         check_top_k(moses_lib, index.top_k(queries, k, metric), queries, metric, k)
     tab = index.top_k(moses_lib["smiles"][5], 1)
     assert tab.column("score").to_pylist() == [1.0]  # a library member finds itself
+
+
+@pytest.mark.parametrize("margin", [1, 4])
+def test_top_k_speculative_scan_is_exact_whether_it_completes_or_not(moses_lib, monkeypatch, margin):
+    """Small rounds make every query speculate; margin 1 makes many speculations fail."""
+    import biogen.search.index as index_mod
+
+    monkeypatch.setattr(index_mod, "FIRST_ROUND_ROWS", 16)
+    monkeypatch.setattr(index_mod, "SPECULATE_ROWS", 64)
+    monkeypatch.setattr(index_mod, "SPECULATE_MARGIN", margin)
+    queries = QUERIES + moses_lib["smiles"][100:140:2]
+    idx = SimilarityIndex.open(moses_lib["path"], engine="cpu", workers=2)
+    for k in (1, 3, 10):
+        check_top_k(moses_lib, idx.top_k(queries, k), queries, Metric(), k)
+    assert idx.speculation["complete"] > 0
+    if margin == 1:
+        assert idx.speculation["failed"] > 0
+    idx.close()
 
 
 def test_edge_cases(moses_lib):

@@ -15,7 +15,7 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 TILE_ROWS = 4096  # rows per cache tile in multi-query scans: 4096 x 256 B = 1 MiB (fits L2)
-BOUND_PROBE = 256  # rows of a tile that decide whether the per-word bound is worth using
+BOUND_PROBE = 256  # rows of a tile that decide whether the block bound is worth using
 
 
 @intrinsic
@@ -78,24 +78,130 @@ def common_counts(q, fps, r0, r1, out):
         out[r - r0] = np.int32(c)
 
 
-@njit(nogil=True, cache=True)
-def word_bound_select(qwc, wc, pcs, mc, r0, r1, sel, base, m):
-    """Rows of [r0, r1) that may pass: sum_k min(qwc[k], wc[r, k]) >= mc[pcs[r]].
+SKETCH_ROWS = 64  # rows per sketch tile: one 64-byte column per word, one byte per row
+CODE_MAX = 3  # a sketch code of 3 means "3 or more bits" in that 16-bit block (saturated)
+SKETCH_MAX_POPCOUNT = 255  # the bound is summed in uint8: queries with more bits count directly
 
-    ``wc`` holds each row's per-word popcounts (N x W uint8, 1/8 of the fingerprint
-    bytes); the sum is an upper bound of popcount(q AND row), so rows failing it are
-    skipped without reading their fingerprint. Offsets (r - base) are appended to ``sel``
-    after its first ``m`` entries; returns the new count.
+
+@njit(nogil=True, cache=True)
+def block_sketch(fps):
+    """uint8[ceil(N/64), W, 64]: each row's 16-bit block popcounts, 2 bits each, tile-major.
+
+    Byte ``[t, k, i]`` describes row ``64 t + i``, word ``k``: bits ``2j, 2j + 1`` hold
+    the popcount of the word's j-th 16-bit block, saturated at ``CODE_MAX`` (sparse
+    fingerprints rarely put 3 bits in 16: ECFP4 about 1% of occupied blocks). The sketch
+    is 1/8 of the fingerprint bytes, and its layout puts 64 rows of one word side by side
+    so the bound below runs down columns in SIMD byte lanes. Rows past N are zero.
     """
-    w = qwc.shape[0]
-    for r in range(r0, r1):
-        row = wc[r]
-        bound = 0
+    n, w = fps.shape
+    nt = (n + SKETCH_ROWS - 1) // SKETCH_ROWS
+    sk = np.zeros((nt, w, SKETCH_ROWS), dtype=np.uint8)
+    m16 = np.uint64(0xFFFF)
+    top = np.uint64(CODE_MAX)
+    for r in range(n):
+        t = r // SKETCH_ROWS
+        i = r - t * SKETCH_ROWS
         for k in range(w):
-            bound += min(qwc[k], row[k])
-        if bound >= mc[pcs[r]]:
-            sel[m] = r - base
-            m += 1
+            x = fps[r, k]
+            code = np.uint64(0)
+            for j in range(4):
+                c = min(popcnt64((x >> np.uint64(16 * j)) & m16), top)
+                code |= c << np.uint64(2 * j)
+            sk[t, k, i] = np.uint8(code)
+    return sk
+
+
+def query_blocks(queries: np.ndarray) -> np.ndarray:
+    """uint8[Q, W, 4]: exact popcounts of each query word's four 16-bit blocks."""
+    q = np.ascontiguousarray(queries, dtype="<u8")
+    return np.bitwise_count(q.view("<u2")).astype(np.uint8).reshape(q.shape[0], q.shape[1], 4)
+
+
+@njit(nogil=True, cache=True)
+def sketch_select(qb, sk, pcs, mc, r0, r1, sel, base, m):
+    """Rows of [r0, r1) that may pass: a bound on popcount(q AND row) reaches mc[pcs[row]].
+
+    The bound is the sum over 16-bit blocks of min(popcount(q_block), popcount(row_block)),
+    an upper bound of the common bits read from the sketch (1/8 of the row's bytes); a
+    saturated row code stands for "any", so the bound stays safe. ``qb`` is the query's
+    ``query_blocks`` (W x 4); its popcount must be <= ``SKETCH_MAX_POPCOUNT`` (the sum is
+    kept in uint8 lanes). Tiles whose popcounts cannot reach the threshold at all are
+    skipped unread. Offsets (row - base) are appended to ``sel`` after its first ``m``
+    entries; returns the new count.
+    """
+    w = qb.shape[0]
+    acc = np.empty(SKETCH_ROWS, dtype=np.uint8)
+    c3 = np.uint8(CODE_MAX)
+    s2 = np.uint8(2)
+    s4 = np.uint8(4)
+    s6 = np.uint8(6)
+    one = np.uint64(1)
+    for t in range(r0 // SKETCH_ROWS, (r1 + SKETCH_ROWS - 1) // SKETCH_ROWS):
+        b0 = t * SKETCH_ROWS
+        lo = max(r0, b0)
+        hi = min(r1, b0 + SKETCH_ROWS)
+        if hi <= lo:
+            continue
+        p0 = pcs[lo]
+        p1 = pcs[hi - 1]
+        th = mc[p0]
+        for p in range(p0 + 1, p1 + 1):
+            th = min(th, mc[p])
+        if th > SKETCH_MAX_POPCOUNT:  # no popcount of this tile can reach the threshold
+            continue
+        acc[:] = 0
+        for k in range(w):
+            q0 = qb[k, 0]
+            q1 = qb[k, 1]
+            q2 = qb[k, 2]
+            q3 = qb[k, 3]
+            if q0 == 0 and q1 == 0 and q2 == 0 and q3 == 0:
+                continue
+            col = sk[t, k]
+            # every value is cast back to uint8: Numba widens small-int arithmetic to int64,
+            # which would stop LLVM from running the loop in byte lanes (vpminub/vpaddb)
+            if q0 <= c3 and q1 <= c3 and q2 <= c3 and q3 <= c3:  # min(q, saturated code) is exact
+                for i in range(SKETCH_ROWS):
+                    x = col[i]
+                    a0 = np.uint8(x & c3)
+                    a1 = np.uint8((x >> s2) & c3)
+                    a2 = np.uint8((x >> s4) & c3)
+                    a3 = np.uint8(x >> s6)
+                    a0 = a0 if a0 < q0 else q0
+                    a1 = a1 if a1 < q1 else q1
+                    a2 = a2 if a2 < q2 else q2
+                    a3 = a3 if a3 < q3 else q3
+                    acc[i] = np.uint8(acc[i] + np.uint8(np.uint8(a0 + a1) + np.uint8(a2 + a3)))
+            else:  # a query block of 4+ bits: a saturated row code contributes the query's count
+                for i in range(SKETCH_ROWS):
+                    x = col[i]
+                    a0 = np.uint8(x & c3)
+                    a1 = np.uint8((x >> s2) & c3)
+                    a2 = np.uint8((x >> s4) & c3)
+                    a3 = np.uint8(x >> s6)
+                    a0 = q0 if a0 == c3 or q0 < a0 else a0
+                    a1 = q1 if a1 == c3 or q1 < a1 else a1
+                    a2 = q2 if a2 == c3 or q2 < a2 else a2
+                    a3 = q3 if a3 == c3 or q3 < a3 else a3
+                    acc[i] = np.uint8(acc[i] + np.uint8(np.uint8(a0 + a1) + np.uint8(a2 + a3)))
+        if p0 == p1:  # one popcount in the tile: one threshold, a bit mask of survivors
+            thb = np.uint8(th)
+            mask = np.uint64(0)
+            for i in range(SKETCH_ROWS):
+                mask |= np.uint64(acc[i] >= thb) << np.uint64(i)
+            if lo > b0:
+                mask &= ~((one << np.uint64(lo - b0)) - one)
+            if hi < b0 + SKETCH_ROWS:
+                mask &= (one << np.uint64(hi - b0)) - one
+            while mask:
+                sel[m] = b0 + np.int64(cttz64(mask)) - base
+                m += 1
+                mask &= mask - one
+        else:
+            for r in range(lo, hi):
+                if acc[r - b0] >= mc[pcs[r]]:
+                    sel[m] = r - base
+                    m += 1
     return m
 
 
@@ -119,24 +225,25 @@ def _resize(buf, n, cap):
 
 
 @njit(nogil=True, cache=True)
-def threshold_candidates(queries, query_wc, min_common, row_lo, row_hi, fps, wc, pcs, win_lo, win_hi):
+def threshold_candidates(queries, query_b, min_common, row_lo, row_hi, fps, sketch, pcs, win_lo, win_hi):
     """Pairs (query, row) whose common-bit count passes the query's integer test.
 
     queries     Q x W uint64     query fingerprints (sorted by popcount for locality)
-    query_wc    Q x W uint8      their per-word popcounts
+    query_b     Q x W x 4 uint8  their 16-bit block popcounts (``query_blocks``)
     min_common  Q x (B+1) int32  least common-bit count per target popcount (``Metric.min_common``)
     row_lo/hi   Q int64          each query's candidate rows [lo, hi) (popcount bound)
     fps         N x W uint64     database, rows sorted by popcount
-    wc          N x W uint8      database per-word popcounts (``np.bitwise_count(fps)``)
+    sketch      uint8[T, W, 64]  database block popcount codes (``block_sketch(fps)``)
     pcs         N int32          database popcounts
     win_lo/hi   int              the row window this call covers (work split)
 
     Returns ``(query_index int32[M], row int64[M], common int32[M])``. Rows are scanned in
     tiles of ``TILE_ROWS`` and every query visits the tile while it is in cache. Per
-    tile and query: (1) the per-word bound sum_k min(q_k, row_k) >= min_common drops most
-    rows after reading 1/8 of their bytes (when it keeps more than half of the first
-    ``BOUND_PROBE`` rows, the tile is counted directly instead); (2) exact
-    popcount(q AND row) of the rest; (3) the exact test, appending survivors.
+    tile and query: (1) the block bound (``sketch_select``) drops most rows after
+    reading 1/8 of their bytes (when it keeps more than half of the first
+    ``BOUND_PROBE`` rows, or the query has more than ``SKETCH_MAX_POPCOUNT`` bits, the
+    tile is counted directly instead); (2) exact popcount(q AND row) of the rest;
+    (3) the exact test, appending survivors.
     """
     nq = queries.shape[0]
     cnt = np.empty(TILE_ROWS, dtype=np.int32)
@@ -147,27 +254,38 @@ def threshold_candidates(queries, query_wc, min_common, row_lo, row_hi, fps, wc,
     n = 0
     lo_all = win_hi
     hi_all = win_lo
+    sketchable = np.empty(nq, dtype=np.bool_)
     for j in range(nq):
         lo_all = min(lo_all, max(row_lo[j], win_lo))
         hi_all = max(hi_all, min(row_hi[j], win_hi))
+        a = 0
+        for k in range(query_b.shape[1]):
+            for h in range(4):
+                a += query_b[j, k, h]
+        sketchable[j] = a <= SKETCH_MAX_POPCOUNT
+    lo_all -= lo_all % SKETCH_ROWS  # tiles start on sketch tiles (TILE_ROWS is a multiple)
     for t0 in range(lo_all, hi_all, TILE_ROWS):
         t1 = min(t0 + TILE_ROWS, hi_all)
         for j in range(nq):
-            r0 = max(row_lo[j], t0)
+            r0 = max(row_lo[j], t0, win_lo)
             r1 = min(row_hi[j], t1)
             if r1 <= r0:
                 continue
             mc = min_common[j]
-            probe = min(r1 - r0, BOUND_PROBE)
-            m = word_bound_select(query_wc[j], wc, pcs, mc, r0, r0 + probe, sel, r0, 0)
-            if 2 * m > probe:
+            m = 0
+            probe = r1 - r0
+            if sketchable[j]:  # probe up to a sketch tile boundary, so no tile is read twice
+                pe = min(r1, max(r0 + 1, (r0 + BOUND_PROBE) // SKETCH_ROWS * SKETCH_ROWS))
+                probe = pe - r0
+                m = sketch_select(query_b[j], sketch, pcs, mc, r0, pe, sel, r0, 0)
+            if 2 * m > probe or not sketchable[j]:
                 # the bound keeps most rows here (low threshold): count every row directly
                 m = r1 - r0
                 common_counts(queries[j], fps, r0, r1, cnt)
                 for i in range(m):
                     sel[i] = i
             else:
-                m = word_bound_select(query_wc[j], wc, pcs, mc, r0 + probe, r1, sel, r0, m)
+                m = sketch_select(query_b[j], sketch, pcs, mc, r0 + probe, r1, sel, r0, m)
                 if m == 0:
                     continue
                 common_counts_at(queries[j], fps, r0, sel, m, cnt)
@@ -218,6 +336,57 @@ def _pair_score(c, a, b, metric, alpha, beta):
     if den == 0.0:
         return 1.0
     return num / den
+
+
+@njit(nogil=True, cache=True)
+def _real_min_common(a, b, t, metric, alpha, beta):
+    """The real ``c`` where the score equals ``t`` (a starting guess; nan where none)."""
+    if metric == METRIC_TANIMOTO:  # c / (a + b - c) >= t  <=>  c >= t (a + b) / (1 + t)
+        return t * (a + b) / (1.0 + t)
+    if metric == METRIC_DICE:  # 2c / (a + b) >= t
+        return t * (a + b) / 2.0
+    gain = 1.0 - t * (1.0 - alpha - beta)  # c gain >= t (alpha a + beta b)
+    if gain > 0.0:
+        return t * (alpha * a + beta * b) / gain
+    return np.nan
+
+
+@njit(nogil=True, cache=True)
+def min_common_table(a, t, nbits, metric, alpha, beta, never):
+    """int32[Q, nbits + 1]: least ``c`` with ``_pair_score(c, a[j], b) >= t[j]`` per ``b``.
+
+    ``never`` where even ``c = min(a, b)`` falls short. The search starts from the real
+    solution and is confirmed (or redone by bisection) with the float64 score itself, so
+    the integer test agrees exactly with the scores returned (``Metric.min_common``).
+    """
+    nq = a.shape[0]
+    out = np.empty((nq, nbits + 1), dtype=np.int32)
+    for j in range(nq):
+        aj = a[j]
+        tj = t[j]
+        for b in range(nbits + 1):
+            cmax = min(aj, b)
+            if _pair_score(cmax, aj, b, metric, alpha, beta) < tj:
+                out[j, b] = never
+                continue
+            lo = 0
+            hi = cmax
+            g = _real_min_common(np.float64(aj), np.float64(b), tj, metric, alpha, beta)
+            if np.isfinite(g):
+                glo = min(max(np.int64(np.floor(g)) - 1, 0), cmax)
+                ghi = min(max(np.int64(np.ceil(g)) + 1, 0), cmax)
+                if (glo == 0 or _pair_score(glo - 1, aj, b, metric, alpha, beta) < tj) and \
+                        _pair_score(ghi, aj, b, metric, alpha, beta) >= tj:
+                    lo = glo
+                    hi = ghi
+            while lo < hi:  # scores are non-decreasing in c
+                mid = (lo + hi) // 2
+                if _pair_score(mid, aj, b, metric, alpha, beta) >= tj:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            out[j, b] = lo
+    return out
 
 
 @njit(nogil=True, cache=True)

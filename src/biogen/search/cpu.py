@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from biogen.kernels.cpu import threshold_candidates
+from biogen.kernels.cpu import block_sketch, query_blocks, threshold_candidates
 
 QUERY_BLOCK = 32  # queries per task: they share each cache tile of database rows
 
@@ -29,7 +29,7 @@ class CpuEngine:
     def __init__(self, fps: np.ndarray, pcs: np.ndarray, workers: int | None = None):
         self.fps = np.ascontiguousarray(fps, dtype=np.uint64)  # N x W
         self.pcs = np.ascontiguousarray(pcs, dtype=np.int32)  # N
-        self.wc = np.bitwise_count(self.fps)  # N x W uint8 per-word popcounts: the bound's sketch
+        self.sketch = block_sketch(self.fps)  # 16-bit block popcounts in 1/8 of the bytes: the bound
         self.n_rows = int(self.fps.shape[0])
         self.workers = max(1, int(workers or default_workers()))
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="biogen-search") if self.workers > 1 else None
@@ -47,7 +47,7 @@ class CpuEngine:
 
     def candidates(self, queries, min_common, row_lo, row_hi):
         queries = np.ascontiguousarray(queries, dtype=np.uint64)
-        query_wc = np.bitwise_count(queries)
+        query_b = query_blocks(queries)
         min_common = np.ascontiguousarray(min_common, dtype=np.int32)
         row_lo = np.ascontiguousarray(row_lo, dtype=np.int64)
         row_hi = np.ascontiguousarray(row_hi, dtype=np.int64)
@@ -55,8 +55,8 @@ class CpuEngine:
         def run(task):
             s, e, w0, w1 = task
             qi, rows, common = threshold_candidates(
-                queries[s:e], query_wc[s:e], min_common[s:e], row_lo[s:e], row_hi[s:e],
-                self.fps, self.wc, self.pcs, w0, w1
+                queries[s:e], query_b[s:e], min_common[s:e], row_lo[s:e], row_hi[s:e],
+                self.fps, self.sketch, self.pcs, w0, w1
             )
             return qi + np.int32(s), rows, common
 

@@ -15,7 +15,6 @@ from biogen.kernels import cpu as kcpu
 from biogen.search.metrics import Metric
 
 FUSIONS = {"max": kcpu.FUSE_MAX, "mean": kcpu.FUSE_MEAN, "top_n": kcpu.FUSE_TOPN}
-_METRIC_CODES = {"tanimoto": kcpu.METRIC_TANIMOTO, "dice": kcpu.METRIC_DICE, "tversky": kcpu.METRIC_TVERSKY}
 
 
 def check_fusion(fusion: str, top_n: int) -> None:
@@ -43,6 +42,6 @@ def fused_similarity(queries: np.ndarray, query_popcounts: np.ndarray, fps: np.n
     if fps.shape[0]:
         kcpu.fused_scores(queries, np.ascontiguousarray(query_popcounts, dtype=np.int32),
                           np.ascontiguousarray(fps, dtype=np.uint64), np.ascontiguousarray(popcounts, dtype=np.int32),
-                          0, fps.shape[0], _METRIC_CODES[metric.name], float(metric.alpha), float(metric.beta),
+                          0, fps.shape[0], metric.code, float(metric.alpha), float(metric.beta),
                           FUSIONS[fusion], int(top_n), out)
     return out

@@ -44,6 +44,8 @@ RESULT_SCHEMA = pa.schema([
     ("library_row", pa.int64()),
 ])
 FIRST_ROUND_ROWS = 4096  # rows scanned by the first top-k round (at least 4k)
+SPECULATE_ROWS = 32768  # rows scanned exactly around a query before its speculative scan
+SPECULATE_MARGIN = 4  # speculative threshold: the score ranked 4x the expected share of k
 
 
 def resolve_engine(engine: str) -> str:
@@ -120,6 +122,7 @@ class SimilarityIndex:
             log.warning("%s: %d rows exceed the %s engine's memory budget of %.1f GiB: searches "
                         "stream %d parts (set part_bytes to change the budget)", name, self.n_rows,
                         self.engine_name, budget / 2**30, len(self._groups))
+        self.speculation = {"complete": 0, "failed": 0}  # top-k speculative scans, by outcome
         self._resident: list[tuple[_Part, object]] | None = None
         if not self.streamed:
             self._resident = [self._load(g) for g in self._groups]
@@ -275,10 +278,18 @@ class SimilarityIndex:
         """Top-k of one part by threshold scans whose threshold tightens as hits are found.
 
         Rows are scanned outward from each query's own popcount (the highest bounds) in
-        windows growing 4x per round; after each round the threshold becomes the k-th
+        windows growing 2x per round; after each round the threshold becomes the k-th
         best score so far, which narrows both the popcount range still worth scanning and
-        the per-word bound test inside the kernel. Exact: a row skipped in a later round
+        the block bound inside the kernel. Exact: a row skipped in a later round
         scores below a threshold that k rows already reach (ties kept by ``>=``).
+
+        Once ``SPECULATE_ROWS`` rows around a query are scanned, the rest of its range is
+        scanned once at a *speculative* threshold: the score that ranks
+        ``SPECULATE_MARGIN`` times the expected share of the k hits among the rows seen
+        (well below the final k-th score for most queries, and far above the k-th score so
+        far). If k rows reach it, the answer is complete (every row not found scores below
+        it). Otherwise the speculative hits are dropped and the exact rounds go on from
+        where they were, with the k-th best of everything seen as the threshold.
         """
         nbits, nq = self.spec.stored_bits, len(q)
         centre = part.starts[np.minimum(q.popcount, nbits)]
@@ -286,25 +297,56 @@ class SimilarityIndex:
         t = floor.copy()
         size = max(4 * k, FIRST_ROUND_ROWS)
         best = _concat([])
-        fps2 = np.concatenate([q.fps, q.fps])  # each query twice: a left and a right window
+        done = np.zeros(nq, bool)  # finished by a speculative scan
+        tried = np.zeros(nq, bool)  # speculation tried (once per query)
         while True:
             plan = threshold_plan(metric, q.popcount, t, nbits, part.starts)
-            none = plan.row_hi <= plan.row_lo  # nothing in this part can reach t
-            lo = np.where(none, centre, np.minimum(plan.row_lo, centre))
-            hi = np.where(none, centre, np.maximum(plan.row_hi, centre))
-            todo = (left > lo) | (right < hi)
+            lo, hi = _clip_to_centre(plan, centre)
+            todo = ~done & ((left > lo) | (right < hi))
             if not todo.any():
                 return best
+            spec = todo & ~tried & (right - left >= SPECULATE_ROWS)
+            if spec.any():
+                tried |= spec
+                rank = np.ceil(SPECULATE_MARGIN * k * (right - left) / np.maximum(hi - lo, 1)).astype(np.int64)
+                t_spec = np.maximum(_kth_best(best[0], best[2], nq, np.minimum(rank, k), per_query=True), t)
+                spec &= (rank < k) & (t_spec > t)
+            if spec.any():
+                s_plan = threshold_plan(metric, q.popcount, np.where(spec, t_spec, 1.0), nbits, part.starts)
+                s_lo, s_hi = _clip_to_centre(s_plan, centre)
+                idx = np.flatnonzero(spec)
+                found = self._scan_outside(part, engine, q, metric, idx, s_plan.min_common[idx],
+                                           s_lo[idx], left[idx], right[idx], s_hi[idx])
+                union = _concat([best, found])
+                kth = _kth_best(union[0], union[2], nq, k)
+                ok = spec & (kth >= t_spec)
+                failed = spec & ~ok
+                kept = tuple(x[~failed[found[0]]] for x in found)  # failed: re-found by rounds
+                best = _select_top_k(_concat([best, kept]), k)
+                done |= ok
+                self.speculation["complete"] += int(ok.sum())
+                self.speculation["failed"] += int(failed.sum())
+                t = np.maximum(t, np.where(failed, kth, t))  # k rows seen reach it: still exact
+                continue
             new_left = np.where(todo, np.maximum(lo, left - size // 2), left)
             new_right = np.where(todo, np.minimum(hi, right + size // 2), right)
-            qi, r, c = engine.candidates(
-                fps2, np.concatenate([plan.min_common, plan.min_common]),
-                np.concatenate([new_left, right]), np.concatenate([left, new_right]))
-            qi = np.where(qi >= nq, qi - nq, qi).astype(np.int32)
-            best = _select_top_k(_concat([best, self._scored(part, q, metric, qi, r, c)]), k)
-            t = np.maximum(_kth_best(best[0], best[2], nq, k), floor)
+            idx = np.flatnonzero(todo)
+            found = self._scan_outside(part, engine, q, metric, idx, plan.min_common[idx],
+                                       new_left[idx], left[idx], right[idx], new_right[idx])
+            best = _select_top_k(_concat([best, found]), k)
+            t = np.maximum(t, _kth_best(best[0], best[2], nq, k))
             left, right = new_left, new_right
-            size *= 4
+            size *= 2
+
+    def _scan_outside(self, part: _Part, engine, q: Queries, metric: Metric, idx, min_common,
+                      lo, left, right, hi):
+        """Hits of queries ``idx`` in rows [lo, left) and [right, hi): two windows per query."""
+        n = len(idx)
+        qi, r, c = engine.candidates(np.concatenate([q.fps[idx], q.fps[idx]]),
+                                     np.concatenate([min_common, min_common]),
+                                     np.concatenate([lo, right]), np.concatenate([left, hi]))
+        qi = idx[np.where(qi >= n, qi - n, qi)].astype(np.int32)
+        return self._scored(part, q, metric, qi, r, c)
 
     def search(self, query, mode: str = "topk", k: int = 10, threshold: float = 0.7,
                metric: Metric | None = None) -> pa.Table:
@@ -369,15 +411,28 @@ def _select_top_k(found, k: int | None):
     return qi[keep], pos[keep], score[keep], key[keep]
 
 
-def _kth_best(qi: np.ndarray, score: np.ndarray, nq: int, k: int) -> np.ndarray:
-    """Per query, the k-th best score among (qi, score) pairs; 0.0 where fewer than k."""
+def _kth_best(qi: np.ndarray, score: np.ndarray, nq: int, k, per_query: bool = False) -> np.ndarray:
+    """Per query, the k-th best score among (qi, score) pairs; 0.0 where fewer than k.
+
+    ``k`` is one rank for all queries, or one per query with ``per_query=True``.
+    """
     out = np.zeros(nq)
     if not len(qi):
         return out
+    kk = np.asarray(k, dtype=np.int64) if per_query else np.full(nq, k, dtype=np.int64)
     order = np.lexsort((-score, qi))
     qs, ss = qi[order], score[order]
     starts = np.searchsorted(qs, np.arange(nq), side="left")
     ends = np.searchsorted(qs, np.arange(nq), side="right")
-    has = ends - starts >= k
-    out[has] = ss[starts[has] + k - 1]
+    has = (kk >= 1) & (ends - starts >= kk)
+    out[has] = ss[starts[has] + kk[has] - 1]
     return out
+
+
+def _clip_to_centre(plan, centre: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's rows worth scanning [lo, hi), widened to contain its centre row
+    (a query whose popcount range is empty gets the empty range at its centre)."""
+    none = plan.row_hi <= plan.row_lo
+    lo = np.where(none, centre, np.minimum(plan.row_lo, centre))
+    hi = np.where(none, centre, np.maximum(plan.row_hi, centre))
+    return lo, hi

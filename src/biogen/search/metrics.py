@@ -74,23 +74,18 @@ class Metric:
         """``int32[Q, nbits + 1]``: least ``c`` with ``score(c, a, b) >= threshold`` per ``b``.
 
         ``a`` and ``threshold`` are scalars or length-Q arrays (one row per query);
-        ``NEVER`` marks target popcounts where no ``c <= min(a, b)`` reaches it. A
-        vectorized binary search over ``c`` (scores are non-decreasing in ``c``) using
-        the float64 score itself, so the integer test agrees with RDKit's scores.
+        ``NEVER`` marks target popcounts where no ``c <= min(a, b)`` reaches it. Found
+        per entry from the real solution and confirmed with the float64 score (Numba
+        kernel ``min_common_table``, same expressions as ``score``), so the integer test
+        agrees with RDKit's scores.
         """
-        a = np.atleast_1d(np.asarray(a, dtype=np.int64))[:, None]  # Q x 1
-        t = np.broadcast_to(np.atleast_1d(np.asarray(threshold, dtype=np.float64)), (a.shape[0],))[:, None]
-        b = np.arange(nbits + 1, dtype=np.int64)[None, :]  # 1 x (B+1)
-        cmax = np.minimum(a, b)  # Q x (B+1)
-        reach = self.score(cmax, a, b) >= t
-        lo = np.zeros_like(cmax)  # the answer, where it exists, stays in [lo, hi]
-        hi = cmax.copy()
-        while True:
-            active = lo < hi
-            if not active.any():
-                break
-            mid = (lo + hi) // 2
-            ok = self.score(mid, a, b) >= t
-            hi = np.where(active & ok, mid, hi)
-            lo = np.where(active & ~ok, mid + 1, lo)
-        return np.where(reach, lo, NEVER).astype(np.int32)
+        from biogen.kernels.cpu import min_common_table
+
+        a = np.atleast_1d(np.asarray(a, dtype=np.int64))
+        t = np.ascontiguousarray(np.broadcast_to(np.atleast_1d(np.asarray(threshold, dtype=np.float64)), a.shape))
+        return min_common_table(a, t, int(nbits), self.code, float(self.alpha), float(self.beta), NEVER)
+
+    @property
+    def code(self) -> int:
+        """The metric's code in the Numba kernels (``METRIC_*`` of ``biogen.kernels.cpu``)."""
+        return METRICS.index(self.name)
