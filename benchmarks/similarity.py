@@ -32,7 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-from rdkit import Chem, DataStructs, rdBase
+from rdkit import DataStructs, rdBase
 
 from biogen.chem.fingerprints import FingerprintSpec
 from biogen.chem.standardize import StandardizeSpec
@@ -40,7 +40,7 @@ from biogen.datasets import dataset_path
 from biogen.library import Library
 from biogen.library.ingest import build_library
 from biogen.runtime import RuntimeSpec
-from biogen.search import Metric, SimilarityIndex
+from biogen.search import SimilarityIndex
 from biogen.kernels.cpu import common_counts
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -151,7 +151,6 @@ def main() -> None:
     if len(q_all) < len(qsmiles):
         raise SystemExit(f"{len(qsmiles) - len(q_all)} query SMILES failed to featurize")
     single = q_all.fps[: args.queries]
-    ids = idx1.ids
     id_rank = idx1._id_rank  # position -> rank of the id (tie order)
     lib_fps = lib.fingerprints()  # positions in library order == index positions here
     print("building RDKit bit vectors of the library ...", flush=True)
@@ -186,21 +185,10 @@ def main() -> None:
             checked += 1
     res["correctness"] = {"queries_checked": checked, "equal_to_rdkit": True}
 
-    # --- anchors: RDKit BulkTanimoto (+argpartition), one core
+    # --- single queries: every contender times the same query back to back (interleaved,
+    # so machine noise hits all alike), over several repeats; medians per mode
     r = res["results"]
-    for name, mode, p in modes:
-        times = []
-        for i in range(args.queries):
-            t = time.perf_counter()
-            if mode == "threshold":
-                rdkit_threshold(q_ebvs[i], ebvs, p)
-            else:
-                rdkit_top_k(q_ebvs[i], ebvs, int(p), id_rank)
-            times.append(time.perf_counter() - t)
-        r.setdefault(name, {})["rdkit"] = stats(times)
-        print(f"rdkit {name}: {statistics.median(times) * 1e3:.1f} ms/query", flush=True)
-
-    # --- anchor: FPSim2 CPU engine on a database of the same molecules
+    fe = None
     if not args.skip_fpsim2:
         from FPSim2 import FPSim2Engine
         from FPSim2.io import create_db_file
@@ -212,70 +200,77 @@ def main() -> None:
             create_db_file([[s, i] for i, s in enumerate(smi)], str(h5), "smiles", "Morgan",
                            {"radius": 2, "fpSize": nbits})
         fe = FPSim2Engine(str(h5))
-        agree = {}
-        for name, mode, p in modes:
-            times, same = [], 0
-            for i in range(args.queries):
-                t = time.perf_counter()
-                out = fe.similarity(q_ebvs[i], p, n_workers=1) if mode == "threshold" else \
-                    fe.top_k(q_ebvs[i], int(p), 0.0, n_workers=1)
-                times.append(time.perf_counter() - t)
-                if mode == "threshold":
-                    exp, _ = rdkit_threshold(q_ebvs[i], ebvs, p)
-                    same += set(out["mol_id"].tolist()) == set(exp.tolist())
-            r[name]["fpsim2_cpu"] = stats(times)
-            agree[name] = same if mode == "threshold" else None
-            print(f"fpsim2 {name}: {statistics.median(times) * 1e3:.1f} ms/query", flush=True)
-        res["fpsim2_threshold_sets_equal_rdkit"] = agree
-    del ebvs
-
-    # --- biogen engines
+    indexes = {}
     for engine in args.engines:
         for w in args.workers if engine == "cpu" else [1]:
             label = f"biogen_{engine}" + (f"_w{w}" if engine == "cpu" else "")
-            idx = idx1 if (engine == "cpu" and w == 1) else SimilarityIndex.open(lib.path, engine=engine, workers=w)
-            for name, mode, p in modes:
-                qs = [qset(single[i:i + 1], [f"q{i}"]) for i in range(args.queries)]
-                for q in qs[:2]:  # warm up (JIT, caches)
-                    idx.search(q, mode=mode, k=int(p) if mode == "topk" else 10, threshold=p if mode == "threshold" else 0.7)
-                times = []
-                for _ in range(args.repeats):
-                    for q in qs:
-                        t = time.perf_counter()
-                        idx.search(q, mode=mode, k=int(p) if mode == "topk" else 10,
-                                   threshold=p if mode == "threshold" else 0.7)
-                        times.append(time.perf_counter() - t)
-                r[name][label] = stats(times)
-                print(f"{label} {name}: {statistics.median(times) * 1e3:.2f} ms/query", flush=True)
-            # batch top-100
-            batch = qset(q_all.fps[: args.batch], [f"b{i}"] * args.batch)
-            idx.top_k(qset(q_all.fps[:8], ["w"] * 8), 100)
-            times = []
-            for _ in range(max(1, args.repeats - 1)):
-                t = time.perf_counter()
-                out = idx.top_k(batch, 100)
-                times.append(time.perf_counter() - t)
-            assert out.num_rows == 100 * args.batch
-            r.setdefault("batch_top_100", {})[label] = {**stats(times), "pairs_per_s": n_lib * args.batch / statistics.median(times)}
-            print(f"{label} batch of {args.batch} top-100: {statistics.median(times):.2f} s "
-                  f"({n_lib * args.batch / statistics.median(times) / 1e6:.0f} M pairs/s)", flush=True)
-            if engine == "cpu" and w == 1:
-                # brute-force scan: popcount(q AND row) of every row, no bound, no selection
-                part, _ = idx._resident[0]
-                out = np.empty(len(part.fps), np.int32)
-                common_counts(single[0], part.fps, 0, len(part.fps), out)
-                assert np.array_equal(out, np.bitwise_count(part.fps & single[0]).sum(axis=1))
-                scan = []
-                for _ in range(5):
+            indexes[label] = idx1 if (engine == "cpu" and w == 1) else \
+                SimilarityIndex.open(lib.path, engine=engine, workers=w)
+    qs = [qset(single[i:i + 1], [f"q{i}"]) for i in range(args.queries)]
+    agree = {}
+    for name, mode, p in modes:
+        kw = {"mode": mode, "k": int(p) if mode == "topk" else 10, "threshold": p if mode == "threshold" else 0.7}
+        runs = {"rdkit": (lambda i, e=ebvs: rdkit_threshold(q_ebvs[i], e, p)) if mode == "threshold" else
+                (lambda i, e=ebvs: rdkit_top_k(q_ebvs[i], e, int(p), id_rank))}
+        if fe is not None:
+            runs["fpsim2_cpu"] = (lambda i: fe.similarity(q_ebvs[i], p, n_workers=1)) if mode == "threshold" else \
+                (lambda i: fe.top_k(q_ebvs[i], int(p), 0.0, n_workers=1))
+        for label, idx in indexes.items():
+            runs[label] = lambda i, idx=idx: idx.search(qs[i], **kw)
+            idx.speculation = {"complete": 0, "failed": 0}
+            for q in qs[:2]:  # warm up (JIT, caches)
+                idx.search(q, **kw)
+        if fe is not None and mode == "threshold":  # FPSim2's agreement with RDKit (reported)
+            agree[name] = sum(set(fe.similarity(q_ebvs[i], p, n_workers=1)["mol_id"].tolist())
+                              == set(runs["rdkit"](i)[0].tolist()) for i in range(args.queries))
+        times = {label: [] for label in runs}
+        for _ in range(args.repeats):
+            for i in range(args.queries):
+                for label, fn in runs.items():
                     t = time.perf_counter()
-                    common_counts(single[0], part.fps, 0, len(part.fps), out)
-                    scan.append(time.perf_counter() - t)
-                bw = memory_bandwidth(part.fps, 5)
-                rate = part.fps.nbytes / min(scan)
-                res["brute_force_scan"] = {"seconds": min(scan), "bytes_per_s": rate, "pairs_per_s": n_lib / min(scan),
-                                           "numpy_read_bandwidth_bytes_per_s": bw, "fraction_of_bandwidth": rate / bw}
-                print(f"brute-force scan: {rate / 1e9:.1f} GB/s = {rate / bw:.0%} of numpy's read bandwidth "
-                      f"({bw / 1e9:.1f} GB/s)", flush=True)
+                    fn(i)
+                    times[label].append(time.perf_counter() - t)
+        for label, ts in times.items():
+            r.setdefault(name, {})[label] = stats(ts)
+            print(f"{label} {name}: {statistics.median(ts) * 1e3:.2f} ms/query", flush=True)
+        for label, idx in indexes.items():
+            if mode == "topk":
+                r[name][label]["speculative_scans"] = dict(idx.speculation)
+    if fe is not None:
+        res["fpsim2_threshold_sets_equal_rdkit"] = agree
+    del ebvs
+
+    # --- batch and brute-force scan
+    for label, idx in indexes.items():
+        # batch top-100
+        batch = qset(q_all.fps[: args.batch], [f"b{i}"] * args.batch)
+        idx.top_k(qset(q_all.fps[:8], ["w"] * 8), 100)
+        times = []
+        for _ in range(max(1, args.repeats - 1)):
+            t = time.perf_counter()
+            out = idx.top_k(batch, 100)
+            times.append(time.perf_counter() - t)
+        assert out.num_rows == 100 * args.batch
+        r.setdefault("batch_top_100", {})[label] = {**stats(times), "pairs_per_s": n_lib * args.batch / statistics.median(times)}
+        print(f"{label} batch of {args.batch} top-100: {statistics.median(times):.2f} s "
+              f"({n_lib * args.batch / statistics.median(times) / 1e6:.0f} M pairs/s)", flush=True)
+        if label == "biogen_cpu_w1":
+            # brute-force scan: popcount(q AND row) of every row, no bound, no selection
+            part, _ = idx._resident[0]
+            out = np.empty(len(part.fps), np.int32)
+            common_counts(single[0], part.fps, 0, len(part.fps), out)
+            assert np.array_equal(out, np.bitwise_count(part.fps & single[0]).sum(axis=1))
+            scan = []
+            for _ in range(5):
+                t = time.perf_counter()
+                common_counts(single[0], part.fps, 0, len(part.fps), out)
+                scan.append(time.perf_counter() - t)
+            bw = memory_bandwidth(part.fps, 5)
+            rate = part.fps.nbytes / min(scan)
+            res["brute_force_scan"] = {"seconds": min(scan), "bytes_per_s": rate, "pairs_per_s": n_lib / min(scan),
+                                       "numpy_read_bandwidth_bytes_per_s": bw, "fraction_of_bandwidth": rate / bw}
+            print(f"brute-force scan: {rate / 1e9:.1f} GB/s = {rate / bw:.0%} of numpy's read bandwidth "
+                  f"({bw / 1e9:.1f} GB/s)", flush=True)
 
     # --- ratios against the anchors of this run
     ratios = {}

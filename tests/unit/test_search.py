@@ -101,6 +101,22 @@ def brute(queries, mc, lo, hi, fps, pcs):
     return out
 
 
+def test_select_top_k_matches_a_full_sort():
+    from biogen.kernels.cpu import select_top_k
+
+    rng = np.random.default_rng(3)
+    n, nq = 5000, 40
+    qi = rng.integers(0, nq, n).astype(np.int32)
+    qi[qi == 7] = 8  # a query without candidates
+    score = rng.integers(0, 20, n) / 19.0  # many ties
+    key = rng.permutation(n).astype(np.int64)
+    order = np.lexsort((key, -score, qi))
+    for k in (1, 5, 200, n):  # 200: more than some queries have
+        got = select_top_k(qi, score, key, nq, k)
+        first = np.arange(n) - np.searchsorted(qi[order], qi[order]) < k
+        assert np.array_equal(got, order[first])
+
+
 def test_block_sketch_layout_and_saturation():
     rng = np.random.default_rng(7)
     fps, _ = random_db(200, 5, rng, density=0.15)  # 16-bit blocks of ~2.4 bits: many saturate

@@ -311,6 +311,44 @@ def threshold_candidates(queries, query_b, min_common, row_lo, row_hi, fps, sket
     return out_q[:n], out_r[:n], out_c[:n]
 
 
+@njit(nogil=True, cache=True)
+def select_top_k(qi, score, key, nq, k):
+    """Indices of the ``k`` best pairs per query, in (query, score descending, key) order.
+
+    ``qi`` int32 query of each pair (0 <= qi < nq), ``score`` float64, ``key`` int64 tie
+    order (unique per row: the hit id's rank). O(n) grouping by query plus a partition
+    per query, so a round of top-k over millions of candidate pairs is not a global sort.
+    """
+    n = qi.shape[0]
+    starts = np.zeros(nq + 1, dtype=np.int64)
+    for i in range(n):
+        starts[qi[i] + 1] += 1
+    for q in range(nq):
+        starts[q + 1] += starts[q]
+    order = np.empty(n, dtype=np.int64)
+    fill = starts[:nq].copy()
+    for i in range(n):
+        q = qi[i]
+        order[fill[q]] = i
+        fill[q] += 1
+    out = np.empty(n, dtype=np.int64)
+    m = 0
+    for q in range(nq):
+        g = order[starts[q]:starts[q + 1]]
+        if g.size == 0:
+            continue
+        if g.size > k:  # keep the pairs at or above the k-th best score (ties included)
+            neg = -score[g]
+            kth = -np.partition(neg, k - 1)[k - 1]
+            g = g[score[g] >= kth]
+        g = g[np.argsort(key[g], kind="mergesort")]  # by key, then stably by score
+        g = g[np.argsort(-score[g], kind="mergesort")]
+        take = min(k, g.size)
+        out[m:m + take] = g[:take]
+        m += take
+    return out[:m]
+
+
 FUSE_MAX, FUSE_MEAN, FUSE_TOPN = 0, 1, 2  # fusion codes of fused_scores
 METRIC_TANIMOTO, METRIC_DICE, METRIC_TVERSKY = 0, 1, 2
 FUSE_TILE = 1024  # rows per tile: 1024 x 256 B = 256 KiB of a 2048-bit library, next to the queries in L2

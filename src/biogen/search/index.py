@@ -31,6 +31,7 @@ from biogen.chem.fingerprints import FingerprintSpec
 from biogen.chem.readers import ReaderOptions
 from biogen.chem.standardize import StandardizeSpec
 from biogen.errors import ConfigError
+from biogen.kernels.cpu import select_top_k
 from biogen.search.metrics import Metric
 from biogen.search.plan import popcount_starts, rows_of, threshold_plan
 from biogen.search.queries import Queries, as_queries, check_compatible
@@ -317,7 +318,7 @@ class SimilarityIndex:
                 idx = np.flatnonzero(spec)
                 found = self._scan_outside(part, engine, q, metric, idx, s_plan.min_common[idx],
                                            s_lo[idx], left[idx], right[idx], s_hi[idx])
-                union = _concat([best, found])
+                union = _select_top_k(_concat([best, found]), k)
                 kth = _kth_best(union[0], union[2], nq, k)
                 ok = spec & (kth >= t_spec)
                 failed = spec & ~ok
@@ -401,27 +402,27 @@ def _sort(found):
     return qi[order], pos[order], score[order], key[order]
 
 
-def _select_top_k(found, k: int | None):
-    """The first ``k`` rows per query in (score desc, id) order, from a candidate set."""
-    qi, pos, score, key = _sort(found)
-    if k is None or not len(qi):
-        return qi, pos, score, key
-    starts = np.searchsorted(qi, qi, side="left")
-    keep = (np.arange(len(qi)) - starts) < k
-    return qi[keep], pos[keep], score[keep], key[keep]
+def _select_top_k(found, k: int):
+    """The first ``k`` rows per query in (query, score desc, id) order, from a candidate set."""
+    qi, pos, score, key = found
+    if not len(qi):
+        return found
+    take = select_top_k(np.ascontiguousarray(qi, dtype=np.int32), np.ascontiguousarray(score, dtype=np.float64),
+                        np.ascontiguousarray(key, dtype=np.int64), int(qi.max()) + 1, int(k))
+    return qi[take], pos[take], score[take], key[take]
 
 
 def _kth_best(qi: np.ndarray, score: np.ndarray, nq: int, k, per_query: bool = False) -> np.ndarray:
     """Per query, the k-th best score among (qi, score) pairs; 0.0 where fewer than k.
 
-    ``k`` is one rank for all queries, or one per query with ``per_query=True``.
+    The pairs come in ``_select_top_k`` order (query, then score descending). ``k`` is
+    one rank for all queries, or one per query with ``per_query=True``.
     """
     out = np.zeros(nq)
     if not len(qi):
         return out
     kk = np.asarray(k, dtype=np.int64) if per_query else np.full(nq, k, dtype=np.int64)
-    order = np.lexsort((-score, qi))
-    qs, ss = qi[order], score[order]
+    qs, ss = qi, score
     starts = np.searchsorted(qs, np.arange(nq), side="left")
     ends = np.searchsorted(qs, np.arange(nq), side="right")
     has = (kk >= 1) & (ends - starts >= kk)
