@@ -101,7 +101,7 @@ def brute(queries, mc, lo, hi, fps, pcs):
     return out
 
 
-def test_select_top_k_matches_a_full_sort():
+def test_select_top_k_matches_a_full_sort(monkeypatch):
     from biogen.kernels.cpu import select_top_k
 
     rng = np.random.default_rng(3)
@@ -112,9 +112,16 @@ def test_select_top_k_matches_a_full_sort():
     key = rng.permutation(n).astype(np.int64)
     order = np.lexsort((key, -score, qi))
     for k in (1, 5, 200, n):  # 200: more than some queries have
-        got = select_top_k(qi, score, key, nq, k)
+        got = select_top_k(qi, score, key, 0, nq, k)
         first = np.arange(n) - np.searchsorted(qi[order], qi[order]) < k
         assert np.array_equal(got, order[first])
+        halves = np.concatenate([select_top_k(qi, score, key, 0, 13, k), select_top_k(qi, score, key, 13, nq, k)])
+        assert np.array_equal(halves, got)  # disjoint query ranges (the threaded split)
+    import biogen.search.index as index_mod
+
+    monkeypatch.setattr(index_mod, "SELECT_PARALLEL_PAIRS", 1000)  # split 5000 pairs over 3 threads
+    threaded = index_mod._select_top_k((qi, np.arange(n), score, key), 5, workers=3)
+    assert np.array_equal(threaded[1], order[np.arange(n) - np.searchsorted(qi[order], qi[order]) < 5])
 
 
 def test_block_sketch_layout_and_saturation():

@@ -312,26 +312,31 @@ def threshold_candidates(queries, query_b, min_common, row_lo, row_hi, fps, sket
 
 
 @njit(nogil=True, cache=True)
-def select_top_k(qi, score, key, nq, k):
+def select_top_k(qi, score, key, q0, q1, k):
     """Indices of the ``k`` best pairs per query, in (query, score descending, key) order.
 
-    ``qi`` int32 query of each pair (0 <= qi < nq), ``score`` float64, ``key`` int64 tie
-    order (unique per row: the hit id's rank). O(n) grouping by query plus a partition
-    per query, so a round of top-k over millions of candidate pairs is not a global sort.
+    ``qi`` int32 query of each pair, ``score`` float64, ``key`` int64 tie order (unique
+    per row: the hit id's rank); only queries ``q0 <= qi < q1`` are selected (so disjoint
+    query ranges can run in parallel threads). O(n) grouping by query plus a partition per
+    query, so a round of top-k over millions of candidate pairs is not a global sort.
     """
     n = qi.shape[0]
+    nq = q1 - q0
     starts = np.zeros(nq + 1, dtype=np.int64)
     for i in range(n):
-        starts[qi[i] + 1] += 1
+        q = qi[i] - q0
+        if 0 <= q < nq:
+            starts[q + 1] += 1
     for q in range(nq):
         starts[q + 1] += starts[q]
-    order = np.empty(n, dtype=np.int64)
+    order = np.empty(starts[nq], dtype=np.int64)
     fill = starts[:nq].copy()
     for i in range(n):
-        q = qi[i]
-        order[fill[q]] = i
-        fill[q] += 1
-    out = np.empty(n, dtype=np.int64)
+        q = qi[i] - q0
+        if 0 <= q < nq:
+            order[fill[q]] = i
+            fill[q] += 1
+    out = np.empty(starts[nq], dtype=np.int64)
     m = 0
     for q in range(nq):
         g = order[starts[q]:starts[q + 1]]

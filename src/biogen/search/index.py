@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from biogen.chem.readers import ReaderOptions
 from biogen.chem.standardize import StandardizeSpec
 from biogen.errors import ConfigError
 from biogen.kernels.cpu import select_top_k
+from biogen.search.cpu import default_workers
 from biogen.search.metrics import Metric
 from biogen.search.plan import popcount_starts, rows_of, threshold_plan
 from biogen.search.queries import Queries, as_queries, check_compatible
@@ -101,6 +103,7 @@ class SimilarityIndex:
         self.name = name
         self.engine_name = resolve_engine(engine)
         self.workers = workers
+        self._host_workers = max(1, int(workers or default_workers()))  # threads for host-side selection
         self.device = device
         self.ids = ids
         self.smiles = smiles
@@ -270,7 +273,7 @@ class SimilarityIndex:
             if not len(q):
                 break
             best = self._top_k_part(part, engine, q, k, metric, floor)
-            merged = _select_top_k(_concat(found + [best]), k)
+            merged = _select_top_k(_concat(found + [best]), k, self._host_workers)
             found = [merged]
             floor = _kth_best(merged[0], merged[2], len(q), k)
         return self._table(q, _concat(found))
@@ -318,12 +321,12 @@ class SimilarityIndex:
                 idx = np.flatnonzero(spec)
                 found = self._scan_outside(part, engine, q, metric, idx, s_plan.min_common[idx],
                                            s_lo[idx], left[idx], right[idx], s_hi[idx])
-                union = _select_top_k(_concat([best, found]), k)
+                union = _select_top_k(_concat([best, found]), k, self._host_workers)
                 kth = _kth_best(union[0], union[2], nq, k)
                 ok = spec & (kth >= t_spec)
                 failed = spec & ~ok
                 kept = tuple(x[~failed[found[0]]] for x in found)  # failed: re-found by rounds
-                best = _select_top_k(_concat([best, kept]), k)
+                best = _select_top_k(_concat([best, kept]), k, self._host_workers)
                 done |= ok
                 self.speculation["complete"] += int(ok.sum())
                 self.speculation["failed"] += int(failed.sum())
@@ -334,7 +337,7 @@ class SimilarityIndex:
             idx = np.flatnonzero(todo)
             found = self._scan_outside(part, engine, q, metric, idx, plan.min_common[idx],
                                        new_left[idx], left[idx], right[idx], new_right[idx])
-            best = _select_top_k(_concat([best, found]), k)
+            best = _select_top_k(_concat([best, found]), k, self._host_workers)
             t = np.maximum(t, _kth_best(best[0], best[2], nq, k))
             left, right = new_left, new_right
             size *= 2
@@ -402,14 +405,35 @@ def _sort(found):
     return qi[order], pos[order], score[order], key[order]
 
 
-def _select_top_k(found, k: int):
+SELECT_PARALLEL_PAIRS = 1 << 18  # candidate sets this large are selected by query ranges in threads
+
+
+def _select_top_k(found, k: int, workers: int = 1):
     """The first ``k`` rows per query in (query, score desc, id) order, from a candidate set."""
     qi, pos, score, key = found
     if not len(qi):
         return found
-    take = select_top_k(np.ascontiguousarray(qi, dtype=np.int32), np.ascontiguousarray(score, dtype=np.float64),
-                        np.ascontiguousarray(key, dtype=np.int64), int(qi.max()) + 1, int(k))
+    args = (np.ascontiguousarray(qi, dtype=np.int32), np.ascontiguousarray(score, dtype=np.float64),
+            np.ascontiguousarray(key, dtype=np.int64))
+    nq = int(qi.max()) + 1
+    if workers > 1 and len(qi) >= SELECT_PARALLEL_PAIRS and nq > 1:
+        edges = np.linspace(0, nq, min(workers, nq) + 1).astype(np.int64)
+        parts = _selection_pool(workers).map(
+            lambda r: select_top_k(*args, int(r[0]), int(r[1]), int(k)), zip(edges[:-1], edges[1:]))
+        take = np.concatenate(list(parts))
+    else:
+        take = select_top_k(*args, 0, nq, int(k))
     return qi[take], pos[take], score[take], key[take]
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _selection_pool(workers: int) -> ThreadPoolExecutor:
+    """A shared thread pool for the selection kernel (it releases the GIL)."""
+    if workers not in _POOLS:
+        _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="biogen-select")
+    return _POOLS[workers]
 
 
 def _kth_best(qi: np.ndarray, score: np.ndarray, nq: int, k, per_query: bool = False) -> np.ndarray:
