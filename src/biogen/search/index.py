@@ -110,7 +110,8 @@ class SimilarityIndex:
         self.n_rows = len(ids)
         self._id_rank = np.empty(self.n_rows, np.int64)
         self._id_rank[np.asarray(pc.sort_indices(ids))] = np.arange(self.n_rows)
-        row_bytes = spec.n_words * 8 + 12
+        # fingerprint words + popcount + library row; the CPU engine adds its block sketch (1/8)
+        row_bytes = spec.n_words * (9 if self.engine_name == "cpu" else 8) + 12
         budget = part_bytes or self._default_part_bytes()
         groups: list[list] = [[]]
         size = 0
