@@ -9,8 +9,10 @@ interval (for Tanimoto ``[t*a, a/t]``), and only those rows are scanned.
 Top-k (``SimilarityIndex._top_k_part``) is a series of threshold scans whose threshold
 is the k-th best score found so far (the k-NN bound): windows of rows grow outward from
 the query's own popcount, and each round's threshold narrows the popcount interval
-still worth scanning. Engines thus only ever run one fused scan-and-select primitive;
-the final k are selected from the small candidate set, never from a dense score matrix.
+still worth scanning, and one speculative scan at a higher threshold may finish the
+search early (exact either way; see ``_top_k_part``). Engines thus only ever run one
+fused scan-and-select primitive; the final k are selected from the small candidate set,
+never from a dense score matrix.
 """
 
 from __future__ import annotations
