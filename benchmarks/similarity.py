@@ -12,8 +12,9 @@ top-10 and top-100 for single queries, and one batch of 1,000 queries top-100.
 
 Correctness first: for every query of every mode, biogen's hits (ids and float64 scores)
 must equal RDKit's exactly (threshold: the same set; top-k: the same ordered list with
-ties by id); FPSim2's agreement is reported. Then each measurement is repeated and the
-median reported with the spread. pairs/s counts library size x queries (a full scan's
+ties by id); FPSim2's agreement is reported. Then, for every single query, all contenders run back
+to back (interleaved, so machine noise hits them alike), the whole set is repeated, and
+the median is reported with the spread. pairs/s counts library size x queries (a full scan's
 pairs), whatever the bounds pruned. The brute-force scan rate (no pruning, one query)
 is compared with this machine's memory read bandwidth measured in the same run.
 
