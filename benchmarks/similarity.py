@@ -201,6 +201,11 @@ def main() -> None:
             create_db_file([[s, i] for i, s in enumerate(smi)], str(h5), "smiles", "Morgan",
                            {"radius": 2, "fpSize": nbits})
         fe = FPSim2Engine(str(h5))
+    fce = None
+    if fe is not None and "cuda" in args.engines:  # FPSim2's CUDA engine: threshold search only
+        from FPSim2 import FPSim2CudaEngine
+
+        fce = FPSim2CudaEngine(str(h5))
     indexes = {}
     for engine in args.engines:
         for w in args.workers if engine == "cpu" else [1]:
@@ -216,6 +221,8 @@ def main() -> None:
         if fe is not None:
             runs["fpsim2_cpu"] = (lambda i: fe.similarity(q_ebvs[i], p, n_workers=1)) if mode == "threshold" else \
                 (lambda i: fe.top_k(q_ebvs[i], int(p), 0.0, n_workers=1))
+        if fce is not None and mode == "threshold":
+            runs["fpsim2_cuda"] = lambda i: fce.similarity(q_ebvs[i], p)
         for label, idx in indexes.items():
             runs[label] = lambda i, idx=idx: idx.search(qs[i], **kw)
             idx.speculation = {"complete": 0, "failed": 0}
@@ -282,6 +289,7 @@ def main() -> None:
             ratios.setdefault(name, {})[label] = {
                 "vs_rdkit": row["rdkit"]["median_s"] / ours,
                 **({"vs_fpsim2_cpu": row["fpsim2_cpu"]["median_s"] / ours} if "fpsim2_cpu" in row else {}),
+                **({"vs_fpsim2_cuda": row["fpsim2_cuda"]["median_s"] / ours} if "fpsim2_cuda" in row else {}),
             }
     if "biogen_cpu_w2" in r.get("batch_top_100", {}) and "biogen_cpu_w1" in r["batch_top_100"]:
         ratios["batch_top_100"] = {"w2_vs_w1": r["batch_top_100"]["biogen_cpu_w1"]["median_s"]
