@@ -170,6 +170,8 @@ def test_numba_kernel_matches_plain_python(w, density):
         eng.close()
     qi, r, c = CpuEngine(fps, pcs, 2).candidates(queries[:0], mc[:0], lo[:0], hi[:0])
     assert len(qi) == len(r) == len(c) == 0
+    with pytest.raises(ValueError, match="sorted by popcount"):  # the engine contract
+        CpuEngine(fps[::-1], pcs[::-1])
 
 
 # ----------------------------------------------------------------------------- real library

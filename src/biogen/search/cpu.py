@@ -29,6 +29,8 @@ class CpuEngine:
     def __init__(self, fps: np.ndarray, pcs: np.ndarray, workers: int | None = None):
         self.fps = np.ascontiguousarray(fps, dtype=np.uint64)  # N x W
         self.pcs = np.ascontiguousarray(pcs, dtype=np.int32)  # N
+        if len(self.pcs) > 1 and (np.diff(self.pcs) < 0).any():  # the sketch's tile skips rely on it
+            raise ValueError("CpuEngine: rows must be sorted by popcount (see biogen.search.engine)")
         self.sketch = block_sketch(self.fps)  # 16-bit block popcounts in 1/8 of the bytes: the bound
         self.n_rows = int(self.fps.shape[0])
         self.workers = max(1, int(workers or default_workers()))
