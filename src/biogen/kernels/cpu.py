@@ -117,6 +117,29 @@ def query_blocks(queries: np.ndarray) -> np.ndarray:
     return np.bitwise_count(q.view("<u2")).astype(np.uint8).reshape(q.shape[0], q.shape[1], 4)
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _block_min(code, q, exact):
+    """min(query block count, row code); unless ``exact``, a saturated code (``CODE_MAX``)
+    stands for any count and contributes the query's own."""
+    if not exact and code == np.uint8(CODE_MAX):
+        return q
+    return code if code < q else q
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _add_block_bounds(acc, col, q0, q1, q2, q3, exact):
+    """acc[i] += the block bound of row i of a sketch column (its four 2-bit codes).
+
+    Every value is cast back to uint8: Numba widens small-int arithmetic to int64, which
+    would stop LLVM from running the loop in byte lanes (vpminub/vpaddb)."""
+    c3 = np.uint8(CODE_MAX)
+    for i in range(SKETCH_ROWS):
+        x = col[i]
+        lo = np.uint8(_block_min(np.uint8(x & c3), q0, exact) + _block_min(np.uint8((x >> np.uint8(2)) & c3), q1, exact))
+        hi = np.uint8(_block_min(np.uint8((x >> np.uint8(4)) & c3), q2, exact) + _block_min(np.uint8(x >> np.uint8(6)), q3, exact))
+        acc[i] = np.uint8(acc[i] + np.uint8(lo + hi))
+
+
 @njit(nogil=True, cache=True)
 def sketch_select(qb, sk, pcs, mc, r0, r1, sel, base, m):
     """Rows of [r0, r1) that may pass: a bound on popcount(q AND row) reaches mc[pcs[row]].
@@ -132,9 +155,6 @@ def sketch_select(qb, sk, pcs, mc, r0, r1, sel, base, m):
     w = qb.shape[0]
     acc = np.empty(SKETCH_ROWS, dtype=np.uint8)
     c3 = np.uint8(CODE_MAX)
-    s2 = np.uint8(2)
-    s4 = np.uint8(4)
-    s6 = np.uint8(6)
     one = np.uint64(1)
     for t in range(r0 // SKETCH_ROWS, (r1 + SKETCH_ROWS - 1) // SKETCH_ROWS):
         b0 = t * SKETCH_ROWS
@@ -158,32 +178,13 @@ def sketch_select(qb, sk, pcs, mc, r0, r1, sel, base, m):
             if q0 == 0 and q1 == 0 and q2 == 0 and q3 == 0:
                 continue
             col = sk[t, k]
-            # every value is cast back to uint8: Numba widens small-int arithmetic to int64,
-            # which would stop LLVM from running the loop in byte lanes (vpminub/vpaddb)
-            if q0 <= c3 and q1 <= c3 and q2 <= c3 and q3 <= c3:  # min(q, saturated code) is exact
-                for i in range(SKETCH_ROWS):
-                    x = col[i]
-                    a0 = np.uint8(x & c3)
-                    a1 = np.uint8((x >> s2) & c3)
-                    a2 = np.uint8((x >> s4) & c3)
-                    a3 = np.uint8(x >> s6)
-                    a0 = a0 if a0 < q0 else q0
-                    a1 = a1 if a1 < q1 else q1
-                    a2 = a2 if a2 < q2 else q2
-                    a3 = a3 if a3 < q3 else q3
-                    acc[i] = np.uint8(acc[i] + np.uint8(np.uint8(a0 + a1) + np.uint8(a2 + a3)))
-            else:  # a query block of 4+ bits: a saturated row code contributes the query's count
-                for i in range(SKETCH_ROWS):
-                    x = col[i]
-                    a0 = np.uint8(x & c3)
-                    a1 = np.uint8((x >> s2) & c3)
-                    a2 = np.uint8((x >> s4) & c3)
-                    a3 = np.uint8(x >> s6)
-                    a0 = q0 if a0 == c3 or q0 < a0 else a0
-                    a1 = q1 if a1 == c3 or q1 < a1 else a1
-                    a2 = q2 if a2 == c3 or q2 < a2 else a2
-                    a3 = q3 if a3 == c3 or q3 < a3 else a3
-                    acc[i] = np.uint8(acc[i] + np.uint8(np.uint8(a0 + a1) + np.uint8(a2 + a3)))
+            # min(q, code) is exact while every query block has <= 3 bits; otherwise a
+            # saturated row code stands for "any". One loop body, specialized both ways
+            # (a loop-invariant test inside the loop would stop its vectorization)
+            if q0 <= c3 and q1 <= c3 and q2 <= c3 and q3 <= c3:
+                _add_block_bounds(acc, col, q0, q1, q2, q3, True)
+            else:
+                _add_block_bounds(acc, col, q0, q1, q2, q3, False)
         if p0 == p1:  # one popcount in the tile: one threshold, a bit mask of survivors
             thb = np.uint8(th)
             mask = np.uint64(0)
