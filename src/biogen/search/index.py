@@ -447,11 +447,10 @@ def _kth_best(qi: np.ndarray, score: np.ndarray, nq: int, k, per_query: bool = F
     if not len(qi):
         return out
     kk = np.asarray(k, dtype=np.int64) if per_query else np.full(nq, k, dtype=np.int64)
-    qs, ss = qi, score
-    starts = np.searchsorted(qs, np.arange(nq), side="left")
-    ends = np.searchsorted(qs, np.arange(nq), side="right")
+    starts = np.searchsorted(qi, np.arange(nq), side="left")
+    ends = np.searchsorted(qi, np.arange(nq), side="right")
     has = (kk >= 1) & (ends - starts >= kk)
-    out[has] = ss[starts[has] + kk[has] - 1]
+    out[has] = score[starts[has] + kk[has] - 1]
     return out
 
 

@@ -52,13 +52,8 @@ def rows_of(min_common: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.
     return lo.astype(np.int64), hi.astype(np.int64)
 
 
-def threshold_plan(metric: Metric, qpop: np.ndarray, threshold, nbits: int,
-                   starts: np.ndarray, block: int = 256) -> ScanPlan:
+def threshold_plan(metric: Metric, qpop: np.ndarray, threshold, nbits: int, starts: np.ndarray) -> ScanPlan:
     """Plan of a threshold search; ``threshold`` is a scalar or one value per query."""
-    qpop = np.asarray(qpop, dtype=np.int64)
-    t = np.broadcast_to(np.asarray(threshold, dtype=np.float64), qpop.shape)
-    tables = [metric.min_common(qpop[s:s + block], t[s:s + block], nbits)
-              for s in range(0, len(qpop), block)]
-    mc = np.concatenate(tables) if tables else np.zeros((0, nbits + 1), np.int32)
+    mc = metric.min_common(qpop, threshold, nbits)
     lo, hi = rows_of(mc, starts)
     return ScanPlan(mc, lo, hi)
