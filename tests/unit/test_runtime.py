@@ -7,6 +7,7 @@ import pytest
 
 from biogen.errors import BiogenError, ConfigError, LibraryError
 from biogen.runtime import Ledger, RuntimeSpec, ray_session, run_shards, run_shards_on_actors
+from biogen.runtime.ray_runtime import start_actors
 from biogen.runtime.ledger import process_start as status_process_start
 from biogen.runtime.status import format_status, job_status
 
@@ -159,6 +160,38 @@ def test_actor_runner_constructor_error_is_reported_not_retried(tmp_path, ray_rt
     with ray_session(ray_rt) as slots, pytest.raises(BiogenError, match="workers could not start.*damaged; retrain"):
         run_shards_on_actors(BrokenWorker, (str(tmp_path),), ((f"s{i}", (i,)) for i in range(3)),
                              ledger=led, spec=ray_rt, slots=slots, desc="t")
+
+
+class ImportCheckingWorker:
+    """Reports whether its process had imported a module before the worker was built."""
+
+    def __init__(self, module: str):
+        import os
+        import sys
+
+        self.had, self.pid = module in sys.modules, os.getpid()
+
+    def run(self, i: int):
+        return [], {"had": self.had, "pid": self.pid}
+
+
+@pytest.mark.ray
+def test_actors_started_early_import_modules_and_run_the_shards(tmp_path, ray_rt):
+    import sys
+
+    import ray
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    led = Ledger(tmp_path / "ledger.jsonl", "job")
+    with ray_session(ray_rt) as slots:
+        hosts = start_actors(ray_rt, slots, modules=["wave"])  # a module nothing else imports
+        pids = set(ray.get([h.__ray_call__.remote(lambda self: __import__("os").getpid()) for h in hosts.handles]))
+        res = run_shards_on_actors(ImportCheckingWorker, ("wave",), ((f"s{i}", (i,)) for i in range(6)),
+                                   ledger=led, spec=ray_rt, slots=slots, desc="t", actors=hosts)
+    assert sorted(res) == [f"s{i}" for i in range(6)]
+    assert all(r["had"] for r in res.values())  # imported when the host started, before the worker
+    assert {r["pid"] for r in res.values()} <= pids  # the shards ran on the hosts started early
 
 
 def test_runtime_spec_validation():

@@ -108,6 +108,24 @@ def test_similarity_scorer_needs_actives(tmp_path):
         SimilarityScorer().prepare(ScreenContext(FingerprintSpec(), None, None, tmp_path))
 
 
+@pytest.mark.parametrize("kind", ["ties", "distinct", "one", "all_equal", "empty"])
+def test_fractional_ranks_equal_scipy_rankdata(kind):
+    from scipy.stats import rankdata
+
+    from biogen.screen.selection import _ranks
+
+    rng = np.random.default_rng(7)
+    x = {"ties": rng.integers(0, 20, 500).astype(float), "distinct": rng.random(500), "one": np.array([0.3]),
+         "all_equal": np.full(9, 2.0), "empty": np.zeros(0)}[kind]
+    expect = rankdata(x, method="average") / max(len(x), 1)
+    assert np.allclose(_ranks(x), expect, rtol=0, atol=1e-15)
+    y = x.copy()
+    if len(y) > 1:
+        y[1] = np.nan  # no rank for a NaN score
+        r = _ranks(y)
+        assert np.isnan(r[1]) and np.isfinite(np.delete(r, 1)).all()
+
+
 def test_fuse_scores_rank_and_zscore():
     a = np.array([0.9, 0.1, 0.5, 0.5])
     b = np.array([1.0, 3.0, 2.0, 0.0])
@@ -132,11 +150,16 @@ def test_select_hits_scaffold_cap_and_maxmin():
               "c1ccc2ccccc2c1C", "CCO", "CCCO", "c1ccncc1C"]
     _, fps, _ = _fps(smiles)
     order = np.arange(len(smiles))
-    chosen, scaff = select_hits(order, smiles.__getitem__, lambda idx: fps[idx], SelectionSpec(n=5, top_m=5, diversity="none",
+    chosen, scaff = select_hits(order, lambda idx: [smiles[i] for i in idx], lambda idx: fps[idx], SelectionSpec(n=5, top_m=5, diversity="none",
                                                                                     scaffold_cap=2))
     assert chosen.tolist() == [0, 1, 4, 5, 6]  # at most 2 benzene-scaffold molecules, rank order kept
     assert scaff[0] == murcko_scaffold("c1ccccc1CC") == "c1ccccc1"
-    chosen, _ = select_hits(order, smiles.__getitem__, lambda idx: fps[idx], SelectionSpec(n=4, top_m=10, scaffold_cap=None))
+    # candidates are fetched in blocks: the block size changes nothing
+    for block in (1, 3):
+        again = select_hits(order, lambda idx: [smiles[i] for i in idx], lambda idx: fps[idx],
+                            SelectionSpec(n=5, top_m=5, diversity="none", scaffold_cap=2), block=block)
+        assert again[0].tolist() == chosen.tolist() and again[1] == scaff
+    chosen, _ = select_hits(order, lambda idx: [smiles[i] for i in idx], lambda idx: fps[idx], SelectionSpec(n=4, top_m=10, scaffold_cap=None))
     assert len(chosen) == 4 and chosen[0] == 0 and list(chosen) == sorted(chosen)
     # MaxMin spreads the pick: not simply the 4 best (3 of which share the benzene scaffold)
     assert chosen.tolist() != [0, 1, 2, 3]

@@ -17,6 +17,7 @@ from numba import njit
 from biogen.chem.fingerprints import FingerprintSpec
 from biogen.chem.pipeline import MoleculeProcessor, ProcessorSpec
 from biogen.chem.records import RawRecord, Reject
+from biogen.chem.scaffolds import murcko_scaffolds
 from biogen.chem.standardize import StandardizeSpec
 from biogen.errors import ConfigError, InputError
 from biogen.kernels.cpu import cttz64
@@ -200,18 +201,6 @@ def training_source(d: dict) -> MoleculeACESource | ActivityFileSource:
 
 
 # --- splits ---------------------------------------------------------------------------
-
-
-def murcko_scaffolds(smiles: list[str]) -> list[str]:
-    """Bemis-Murcko scaffold SMILES of each molecule ('' for acyclic or unreadable ones)."""
-    from rdkit import Chem
-    from rdkit.Chem.Scaffolds import MurckoScaffold
-
-    out = []
-    for s in smiles:
-        mol = Chem.MolFromSmiles(s)
-        out.append(MurckoScaffold.MurckoScaffoldSmiles(mol=mol) if mol is not None else "")
-    return out
 
 
 def split_indices(n: int, kind: str, val_fraction: float, seed: int,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -67,18 +68,34 @@ def _probe(address: str, timeout: float = 5.0) -> None:
         raise _connect_error(address, exc) from None
 
 
+_SHUTDOWN: threading.Thread | None = None
+
+
+def wait_for_ray_shutdown() -> None:
+    """Wait until a Ray instance that ``ray_session(..., shutdown_in_background=True)`` is
+    stopping has stopped (a no-op when none is)."""
+    global _SHUTDOWN
+    if _SHUTDOWN is not None:
+        _SHUTDOWN.join()
+        _SHUTDOWN = None
+
+
 @contextmanager
-def ray_session(spec: RuntimeSpec) -> Iterator[int]:
+def ray_session(spec: RuntimeSpec, *, shutdown_in_background: bool = False) -> Iterator[int]:
     """Start or join Ray for the duration of a job; yields the number of parallel slots.
 
     A Ray session already initialized by the caller (a notebook, the test suite) is reused
-    and left running.
+    and left running. ``shutdown_in_background``: a Ray instance this call started is
+    stopped in a thread (about 1.5 s locally) while the caller goes on with work that no
+    longer needs Ray; the caller must call ``wait_for_ray_shutdown()`` before it returns.
     """
+    global _SHUTDOWN
     if spec.mode == "inline":
         yield 1
         return
     import ray
 
+    wait_for_ray_shutdown()  # an earlier job's instance may still be stopping
     owned = False
     if not ray.is_initialized():
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -100,7 +117,11 @@ def ray_session(spec: RuntimeSpec) -> Iterator[int]:
             slots = min(slots, spec.workers)
         yield max(slots, 1)
     finally:
-        if owned:
+        if owned and shutdown_in_background:
+            # not a daemon: interpreter exit waits for it (before Ray's own atexit shutdown)
+            _SHUTDOWN = threading.Thread(target=ray.shutdown, name="ray-shutdown")
+            _SHUTDOWN.start()
+        elif owned:
             ray.shutdown()
 
 
@@ -109,6 +130,8 @@ def _shard_error(key: str, exc: Exception) -> BiogenError:
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
         return BiogenError(f"the workers could not start (shard {key}): {lines[-1] if lines else exc}")
     cause = getattr(exc, "cause", None) or exc  # RayTaskError wraps the task's own error
+    if isinstance(cause, WorkerInitError):  # the worker's constructor raised inside its host actor
+        return BiogenError(f"the workers could not start (shard {key}): {cause}")
     if isinstance(cause, OSError) and cause.errno in STORAGE_ERRNOS:
         err = storage_error(Path(cause.filename or "the output directory"), cause)
         return type(err)(f"shard {key}: {err}")
@@ -257,10 +280,14 @@ def run_shards_on_actors(
     desc: str,
     total: int | None = None,
     num_gpus: float = 0.0,
+    actors: ActorHosts | None = None,
 ) -> dict[str, dict]:
     """Like ``run_shards``, on ``slots`` actors of ``worker_cls(*worker_args)`` that keep
     their state (a model, a device-resident index) across shards; each actor's
     ``run(*args) -> (output relpaths, result)`` handles one shard at a time.
+
+    ``actors``: host actors started earlier with ``start_actors`` (their processes and
+    imports ready while the driver prepared ``worker_args``); else they are started here.
 
     Actors take 1 CPU and ``num_gpus`` GPUs each (a fraction when there are more actors
     than GPUs, so that they share them instead of waiting); when an actor dies (its process or node
@@ -275,17 +302,16 @@ def run_shards_on_actors(
             return _inline(worker.run, shards, ledger, bar, desc)
         import ray
 
-        n_actors = max(1, slots)
-        if num_gpus > 0:
-            gpus = float(ray.cluster_resources().get("GPU", 0))
-            if gpus <= 0:
-                raise BiogenError("this job asks for GPUs but the Ray cluster has none; use device=cpu "
-                                  "or start Ray workers on GPU nodes")
-            # several actors share a GPU when there are more CPU slots than GPUs
-            num_gpus = min(num_gpus, gpus / n_actors)
-        actor_cls = ray.remote(num_cpus=1, num_gpus=num_gpus)(worker_cls)
+        hosts = actors if actors is not None else start_actors(spec, slots, num_gpus=num_gpus)
         shared = [ray.put(a) for a in worker_args]  # one copy in the object store for all actors
-        actors = [actor_cls.remote(*shared) for _ in range(n_actors)]
+        actors = list(hosts.handles)
+
+        def configure(actor):
+            actor.init.remote(worker_cls, *shared)  # runs before any shard sent to it (actor order)
+            return actor
+
+        for a in actors:
+            configure(a)
         load = [0] * len(actors)  # shards queued or running per actor
         generation = [0] * len(actors)  # bumped when an actor is replaced
 
@@ -301,7 +327,7 @@ def run_shards_on_actors(
 
         dead = [False] * len(actors)  # slots whose actor was lost and could not be replaced
 
-        def can_place(wait_s: float = 10.0) -> bool:
+        def can_place(num_gpus: float, wait_s: float = 10.0) -> bool:
             """Room for one more actor? A lost actor's CPU/GPU comes back a moment after its
             death on a live node, never when its node is gone: wait a little, then decide."""
             deadline = time.monotonic() + wait_s
@@ -321,8 +347,8 @@ def run_shards_on_actors(
                     ray.kill(actors[a])  # unreachable but maybe alive: free what it holds
                 except Exception:
                     pass
-                if can_place():
-                    actors[a] = actor_cls.remote(*shared)
+                if can_place(hosts.num_gpus):
+                    actors[a] = configure(hosts.new())
                 else:  # its node is gone and the others are full: waiting would hang the job
                     dead[a] = True
                     load[a] = 1 << 30  # never chosen again
@@ -354,14 +380,68 @@ def _import_modules(modules: list[str]) -> int:
     return os.getpid()
 
 
-def prewarm(spec: RuntimeSpec, slots: int, modules: list[str]) -> list:
-    """Import ``modules`` (torch, a model package...) in ``slots`` Ray worker processes now,
-    in the background; actors created later reuse these idle workers, so the import cost
-    (seconds for torch + Lightning) overlaps with the driver's own set-up instead of
-    delaying the first shard. Returns the pending refs (nothing to wait for)."""
+class WorkerInitError(BiogenError):
+    """A worker's constructor raised inside its host actor (not retried: it would raise again)."""
+
+
+class _Host:
+    """A Ray actor that imports ``modules`` when it starts and later holds one worker object.
+
+    Starting these before a job's set-up is finished takes the process start and the heavy
+    imports (torch: seconds) off the critical path. Ray does not hand idle task workers to
+    new actors, so warming task workers up would not help them.
+    """
+
+    def __init__(self, modules: list[str]):
+        _import_modules(modules)
+        self._worker = None
+        self._error = "the worker was never initialized"
+
+    def init(self, worker_cls: type, *args) -> None:
+        try:
+            self._worker = worker_cls(*args)
+        except Exception as exc:
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+            self._error = f"{type(exc).__name__}: {lines[-1] if lines else ''}"
+            raise
+
+    def run(self, *args):
+        if self._worker is None:
+            raise WorkerInitError(self._error)
+        return self._worker.run(*args)
+
+
+@dataclass
+class ActorHosts:
+    """Host actors for ``run_shards_on_actors`` and how to start one more like them."""
+
+    handles: list
+    modules: list[str]
+    num_gpus: float
+    _cls: object = None
+
+    def new(self):
+        return self._cls.remote(self.modules)
+
+
+def start_actors(spec: RuntimeSpec, slots: int, *, modules: Iterable[str] = (), num_gpus: float = 0.0
+                 ) -> ActorHosts | None:
+    """Start ``slots`` host actors now (1 CPU and ``num_gpus`` GPUs each; a fraction when
+    there are more actors than GPUs, so that they share them); each imports ``modules``
+    in the background. Pass the result to ``run_shards_on_actors(..., actors=)``. None
+    in inline mode."""
     if spec.mode == "inline":
-        return []
+        return None
     import ray
 
-    task = ray.remote(num_cpus=1)(_import_modules)
-    return [task.remote(modules) for _ in range(max(1, slots))]
+    n = max(1, slots)
+    if num_gpus > 0:
+        gpus = float(ray.cluster_resources().get("GPU", 0))
+        if gpus <= 0:
+            raise BiogenError("this job asks for GPUs but the Ray cluster has none; use device=cpu "
+                              "or start Ray workers on GPU nodes")
+        num_gpus = min(num_gpus, gpus / n)
+    cls = ray.remote(num_cpus=1, num_gpus=num_gpus)(_Host)
+    hosts = ActorHosts([], list(modules), num_gpus, cls)
+    hosts.handles = [hosts.new() for _ in range(n)]
+    return hosts

@@ -11,11 +11,13 @@ writes the outputs and the report.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,11 +30,11 @@ from biogen.chem.records import write_rejects
 from biogen.errors import ConfigError
 from biogen.library.store import Library
 from biogen.runtime import Ledger, RuntimeSpec, ray_session, run_shards_on_actors
-from biogen.runtime.ray_runtime import prewarm
-from biogen.screen.presets import LibrarySpec, preset_library
+from biogen.runtime.ray_runtime import start_actors, wait_for_ray_shutdown
+from biogen.screen.presets import LibrarySpec, cached_preset, preset_library
 from biogen.screen.selection import SelectionSpec, fuse_scores, select_hits
 from biogen.screen.stages import MoleculeBatch, QSARScorer, ScreenContext, Stage
-from biogen.screen.target import TargetSpec, held_out_actives, load_target
+from biogen.screen.target import TargetData, TargetSpec, held_out_actives, load_target
 
 log = logging.getLogger(__name__)
 PROPERTY_COLUMNS = ("mw", "clogp", "tpsa")
@@ -152,7 +154,7 @@ def _metric_summary(scores: np.ndarray, labels: np.ndarray) -> dict:
     return out
 
 
-def run_screen(
+def _run_screen(
     library: LibrarySpec,
     target: TargetSpec,
     filters: list[Stage],
@@ -177,20 +179,12 @@ def run_screen(
         raise ConfigError("the screen has no scorer: set scoring=similarity, scoring=qsar or scoring=similarity_qsar")
     seconds: dict[str, float] = {}
     t_start = time.perf_counter()
-    with ray_session(runtime) as slots:
-        # the workers import torch & co. while the driver prepares the library, target and model
-        modules = ["biogen.screen.pipeline", "biogen.search.fused"]
-        if any(isinstance(st, QSARScorer) for st in scorers):
-            modules += ["torch", "biogen.models.predictor"]
-        warming = prewarm(runtime, slots, modules)  # noqa: F841 - runs in the background
-        # target first: a preset library mixes in the target's held-out actives
-        t0 = time.perf_counter()
-        lib_path = Path(library.path) if library.path else None
-        if lib_path is None:
-            lib_path = preset_library(library, target.name, held_out_actives(target), runtime)
-        lib = Library.open(lib_path)
-        seconds["library"] = time.perf_counter() - t0
 
+    def setup(lib_path: Path) -> tuple[Library, TargetData, ScreenContext]:
+        """Library, target compounds, stage preparation (QSAR training): no Ray needed."""
+        t0 = time.perf_counter()
+        lib = Library.open(lib_path)
+        seconds["library"] = seconds.get("library", 0.0) + time.perf_counter() - t0
         t0 = time.perf_counter()
         tdata = load_target(target, lib.featurizer, lib.standardize)
         write_rejects(tdata.rejects, run_dir / "target_rejects.csv")
@@ -206,6 +200,32 @@ def run_screen(
             st.prepare(ctx)
             if time.perf_counter() - t0 > 0.5:
                 seconds[f"prepare {st.name}"] = time.perf_counter() - t0
+        return lib, tdata, ctx
+
+    # A local Ray instance takes ~4 s to start: when the library is known without Ray (a path
+    # or a cached preset), the set-up runs in a thread meanwhile. A preset that must be built
+    # first needs Ray, so then the set-up follows the build.
+    t0 = time.perf_counter()
+    lib_path = (Path(library.path) if library.path
+                else cached_preset(library, target.name, held_out_actives(target)))
+    seconds["library"] = time.perf_counter() - t0
+    early = None
+    if lib_path is not None and runtime.mode == "local":
+        pool = ThreadPoolExecutor(1, thread_name_prefix="screen-setup")
+        early = pool.submit(setup, lib_path)
+        pool.shutdown(wait=False)
+    with ray_session(runtime, shutdown_in_background=True) as slots:
+        if lib_path is None:  # target first: a preset library mixes in the target's held-out actives
+            t0 = time.perf_counter()
+            lib_path = preset_library(library, target.name, held_out_actives(target), runtime)
+            seconds["library"] += time.perf_counter() - t0
+        # the worker actors start and import torch & co. while the driver prepares the
+        # library, target and model (after a preset build: they would hold its CPUs)
+        modules = ["biogen.screen.pipeline", "biogen.search.fused"]
+        if any(isinstance(st, QSARScorer) for st in scorers):
+            modules += ["torch", "biogen.models.predictor"]
+        actors = start_actors(runtime, slots, modules=modules, num_gpus=1.0 if accelerator == "gpu" else 0.0)
+        lib, tdata, ctx = early.result() if early is not None else setup(lib_path)
         for st in stages:
             log.info("stage %s", st.describe())
 
@@ -214,13 +234,14 @@ def run_screen(
         shard_keys = [(f"shard-{s.name}", (i,)) for i, s in enumerate(lib.shards)]
         results = run_shards_on_actors(
             ScreenWorker, (str(lib.path), stages, str(run_dir)), shard_keys, ledger=ledger, spec=runtime,
-            slots=min(slots, max(1, len(lib.shards))), desc="screen", total=len(shard_keys),
-            num_gpus=1.0 if accelerator == "gpu" else 0.0)
+            slots=slots, desc="screen", total=len(shard_keys), actors=actors)
         seconds["shards (wall)"] = time.perf_counter() - t0
+    # Ray stops in a background thread from here on: fusion, selection and outputs need none
     stage_cpu = {n: sum(r["seconds"].get(n, 0.0) for r in results.values()) for n in names}
 
     t0 = time.perf_counter()
-    table = pa.concat_tables([pq.read_table(run_dir / f"shards/{s.name}.parquet") for s in lib.shards])
+    with ThreadPoolExecutor(4) as pool:  # pyarrow reads without the GIL
+        table = pa.concat_tables(pool.map(lambda s: pq.read_table(run_dir / f"shards/{s.name}.parquet"), lib.shards))
     n_total = table.num_rows
     alive = np.ones(n_total, dtype=bool)
     funnel = [("library", n_total)]
@@ -252,13 +273,20 @@ def run_screen(
     def fps_of(idx: np.ndarray) -> np.ndarray:
         return np.stack([lib.shards[int(shard_of[i])].fingerprints[int(row_of[i])] for i in idx])
 
-    shard_smiles: dict[int, list[str]] = {}
+    shard_smiles: dict[int, pa.ChunkedArray] = {}
 
-    def smiles_of(i: int) -> str:
-        sh = int(shard_of[i])
-        if sh not in shard_smiles:
-            shard_smiles[sh] = lib.shards[sh].metadata(["smiles"]).column("smiles").to_pylist()
-        return shard_smiles[sh][int(row_of[i])]
+    def smiles_of(idx: np.ndarray) -> list[str]:
+        """SMILES of library rows ``idx``: each shard's column is read once (in threads), then taken from."""
+        sh, rows = shard_of[idx], row_of[idx]
+        need = [int(x) for x in np.unique(sh) if int(x) not in shard_smiles]
+        with ThreadPoolExecutor(min(8, max(1, len(need)))) as pool:
+            for x, col in zip(need, pool.map(lambda x: lib.shards[x].metadata(["smiles"]).column("smiles"), need)):
+                shard_smiles[x] = col
+        out = np.empty(len(idx), dtype=object)
+        for x in np.unique(sh):
+            m = sh == x
+            out[m] = shard_smiles[int(x)].take(pa.array(rows[m])).to_pylist()
+        return out.tolist()
 
     chosen, scaffolds = (select_hits(order, smiles_of, fps_of, selection) if len(order)
                          else (np.zeros(0, dtype=np.int64), []))
@@ -290,7 +318,7 @@ def run_screen(
     t0 = time.perf_counter()
     hit_cols = {"rank": pa.array(np.arange(1, len(chosen) + 1)), "id": ids.take(pa.array(chosen)).combine_chunks()
                 if len(chosen) else pa.array([], pa.string()),
-                "smiles": pa.array([smiles_of(i) for i in chosen], pa.string()), "score": pa.array(fused[chosen]),
+                "smiles": pa.array(smiles_of(chosen), pa.string()), "score": pa.array(fused[chosen]),
                 "score_rank": pa.array(rank_of[chosen])}
     for k, v in score_cols.items():
         hit_cols[k] = pa.array(v[chosen])
@@ -339,6 +367,14 @@ def run_screen(
     (run_dir / "funnel.json").write_text(json.dumps(dict(funnel), indent=2) + "\n")
     ledger.complete(hits=len(hits))
     return ScreenResult(run_dir, hits, funnel, metrics, seconds, report_path, summary)
+
+
+@functools.wraps(_run_screen)
+def run_screen(*args, **kwargs) -> ScreenResult:
+    try:
+        return _run_screen(*args, **kwargs)
+    finally:
+        wait_for_ray_shutdown()  # the local Ray instance stopped while the outputs were written
 
 
 def _write_report(run_dir, target, lib, summary, funnel, seconds, score_cols, alive, fused, hits, labels,

@@ -62,11 +62,10 @@ def _file_key(path: Path) -> str:
     return f"{path}:{st.st_size}:{int(st.st_mtime)}"
 
 
-def preset_library(spec: LibrarySpec, target_name: str, held_out: list[str], runtime: RuntimeSpec) -> Path:
-    """Build (or find in the cache) the preset library; returns its directory."""
+def _preset_root(spec: LibrarySpec, target_name: str, held_out: list[str]) -> tuple[Path, Path]:
+    """The preset's cache directory (keyed by everything that decides its content) and its base input."""
     from biogen import __version__
     from biogen.datasets import dataset_path
-    from biogen.library.ingest import build_library
 
     base = Path(dataset_path(spec.base))
     featurizer = FingerprintSpec.from_dict(dict(spec.featurizer))
@@ -75,10 +74,27 @@ def preset_library(spec: LibrarySpec, target_name: str, held_out: list[str], run
                           "featurizer": featurizer.to_dict(), "descriptors": list(spec.descriptors),
                           "chunk_size": spec.chunk_size, "biogen": __version__}, sort_keys=True)
     key = hashlib.sha256(key_src.encode()).hexdigest()[:12]
-    root = Path(os.path.expanduser(spec.cache_dir)) / f"{spec.preset}-{target_name}-{key}"
+    return Path(os.path.expanduser(spec.cache_dir)) / f"{spec.preset}-{target_name}-{key}", base
+
+
+def cached_preset(spec: LibrarySpec, target_name: str, held_out: list[str]) -> Path | None:
+    """The preset library's directory if a complete build of it is in the cache, else None."""
+    root, _ = _preset_root(spec, target_name, held_out)
     if (root / "library" / "manifest.json").exists() and not (root / "library" / "_work").exists():
         log.info("library preset %s (cached): %s", spec.preset, root / "library")
         return root / "library"
+    return None
+
+
+def preset_library(spec: LibrarySpec, target_name: str, held_out: list[str], runtime: RuntimeSpec) -> Path:
+    """Build (or find in the cache) the preset library; returns its directory."""
+    from biogen.library.ingest import build_library
+
+    cached = cached_preset(spec, target_name, held_out)
+    if cached is not None:
+        return cached
+    root, base = _preset_root(spec, target_name, held_out)
+    featurizer = FingerprintSpec.from_dict(dict(spec.featurizer))
     inputs_dir = root / "inputs"
     inputs_dir.mkdir(parents=True, exist_ok=True)
     base_input = base

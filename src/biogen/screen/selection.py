@@ -6,21 +6,35 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from rdkit import Chem, DataStructs, RDLogger
-from rdkit.Chem.Scaffolds import MurckoScaffold
+from rdkit import DataStructs
 from rdkit.SimDivFilters import rdSimDivPickers
 
 from biogen.chem.fingerprints import unpack_bits
+from biogen.chem.scaffolds import murcko_scaffold, murcko_scaffolds  # noqa: F401 - murcko_scaffold re-exported
 from biogen.errors import ConfigError
 
 FUSION_METHODS = ("rank", "zscore")
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:
-    """Fractional ranks in (0, 1], higher score -> higher rank; ties share their mean rank."""
-    from scipy.stats import rankdata
-
-    return rankdata(x, method="average") / max(len(x), 1)
+    """Fractional ranks in (0, 1], higher score -> higher rank; ties share their mean rank
+    (scipy's ``rankdata(method="average") / n``; one sort, and no scipy.stats import, ~1 s).
+    A NaN score has no rank: the fused score of that molecule is NaN."""
+    n = len(x)
+    if n == 0:
+        return np.zeros(0, dtype=np.float64)
+    order = np.argsort(x)  # the order inside a run of ties does not change its mean rank
+    xs = x[order]
+    first = np.empty(n, dtype=bool)  # first of a run of equal scores
+    first[0] = True
+    np.not_equal(xs[1:], xs[:-1], out=first[1:])
+    starts = np.flatnonzero(first)
+    ends = np.append(starts[1:], n)
+    mean_rank = (starts + ends + 1) / 2.0  # ranks start+1 .. end, 1-based
+    ranks = np.empty(n, dtype=np.float64)
+    ranks[order] = mean_rank[np.cumsum(first) - 1]
+    ranks[np.isnan(x)] = np.nan
+    return ranks / n
 
 
 def fuse_scores(scores: Mapping[str, np.ndarray], weights: Mapping[str, float] | None = None,
@@ -84,18 +98,6 @@ class SelectionSpec:
             raise ConfigError(f"selection.scaffold_cap={self.scaffold_cap} must be >= 1 or null")
 
 
-def murcko_scaffold(smiles: str) -> str:
-    """Canonical Bemis-Murcko scaffold SMILES ('' for acyclic or unparsable molecules)."""
-    RDLogger.DisableLog("rdApp.*")
-    try:
-        mol = Chem.MolFromSmiles(smiles)
-    finally:
-        RDLogger.EnableLog("rdApp.*")
-    if mol is None:
-        return ""
-    return MurckoScaffold.MurckoScaffoldSmiles(mol=mol)
-
-
 def _bitvects(fps: np.ndarray) -> list:
     bits = unpack_bits(fps)
     out = []
@@ -106,30 +108,37 @@ def _bitvects(fps: np.ndarray) -> list:
     return out
 
 
-def select_hits(order: np.ndarray, smiles_of, fps_of, spec: SelectionSpec) -> tuple[np.ndarray, list[str]]:
+def select_hits(order: np.ndarray, smiles_of, fps_of, spec: SelectionSpec,
+                block: int = 512) -> tuple[np.ndarray, list[str]]:
     """Pick hits from candidates ranked best first.
 
-    order: candidate indices, best first; smiles_of(index) -> SMILES; fps_of(indices) ->
-    packed fingerprints of those candidates. Returns (chosen indices in rank order, the
-    scaffold of every chosen index). Walks down the ranking keeping at most
+    order: candidate indices, best first; smiles_of(indices) -> their SMILES (a list);
+    fps_of(indices) -> packed fingerprints of those candidates. Returns (chosen indices in
+    rank order, the scaffold of every chosen index). Walks down the ranking keeping at most
     ``scaffold_cap`` per scaffold until ``top_m`` candidates, then (diversity=maxmin)
     picks ``n`` of them with MaxMin seeded by the best one; the result is re-ordered by
-    score.
+    score. SMILES are fetched and scaffolds computed ``block`` candidates at a time.
     """
+    want = spec.top_m if spec.diversity == "maxmin" else spec.n
     pool: list[int] = []
     scaffolds: dict[int, str] = {}
     per_scaffold: dict[str, int] = {}
-    for i in order:
-        i = int(i)
-        if spec.scaffold_cap is not None:
-            sc = murcko_scaffold(smiles_of(i))
+    start = 0
+    while len(pool) < want and start < len(order):
+        # the next block: at least what is still missing (most candidates pass the cap)
+        idx = np.asarray(order[start:start + max(block, want - len(pool))], dtype=np.int64)
+        start += len(idx)
+        if spec.scaffold_cap is None:
+            pool.extend(int(i) for i in idx[: want - len(pool)])
+            continue
+        for i, sc in zip(idx.tolist(), murcko_scaffolds(smiles_of(idx))):
             scaffolds[i] = sc
             if per_scaffold.get(sc, 0) >= spec.scaffold_cap:
                 continue
             per_scaffold[sc] = per_scaffold.get(sc, 0) + 1
-        pool.append(i)
-        if len(pool) >= (spec.top_m if spec.diversity == "maxmin" else spec.n):
-            break
+            pool.append(i)
+            if len(pool) >= want:
+                break
     if spec.diversity == "maxmin" and len(pool) > spec.n:
         bvs = _bitvects(fps_of(np.asarray(pool)))
         picker = rdSimDivPickers.MaxMinPicker()
@@ -137,4 +146,7 @@ def select_hits(order: np.ndarray, smiles_of, fps_of, spec: SelectionSpec) -> tu
         chosen = sorted(int(p) for p in picked)  # pool positions; pool is in rank order
         pool = [pool[p] for p in chosen]
     pool = pool[: spec.n]
-    return np.asarray(pool, dtype=np.int64), [scaffolds.get(i) or murcko_scaffold(smiles_of(i)) for i in pool]
+    missing = [i for i in pool if i not in scaffolds]
+    if missing:
+        scaffolds.update(zip(missing, murcko_scaffolds(smiles_of(np.asarray(missing, dtype=np.int64)))))
+    return np.asarray(pool, dtype=np.int64), [scaffolds[i] for i in pool]
