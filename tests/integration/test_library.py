@@ -16,7 +16,7 @@ from biogen.chem.standardize import StandardizeSpec
 from biogen.errors import ConfigError, InputError, LibraryError
 from biogen.library import Library
 from biogen.library.ingest import append_library, build_library
-from biogen.library.verify import library_info, verify_library
+from biogen.library.verify import format_info, library_info, verify_library
 
 pytestmark = pytest.mark.ray
 
@@ -93,6 +93,35 @@ def test_keep_all_flags_duplicates(tmp_path, data_dir, ray_rt):
     meta = Library.open(tmp_path / "lib").read_metadata(["id", "duplicate_of"]).to_pylist()
     dups = {r["id"]: r["duplicate_of"] for r in meta if r["duplicate_of"]}
     assert dups == {"ethanol-again": "ethanol", "aspirin-sodium": "aspirin"}
+
+
+def test_dedupe_by_canonical_smiles_without_inchikeys(tmp_path, data_dir, inline_rt):
+    """dedupe_key=smiles: the same duplicates as by InChIKey on these deposits (salts and
+    charges are standardized away first), no InChIKey computed, the key used by appends too."""
+    inputs = [str(data_dir / "mixed.smi"), str(data_dir / "compounds.csv"), str(data_dir / "small.sdf")]
+    by_key = build_library(inputs, tmp_path / "ik", chunk_size=4, runtime=inline_rt)
+    rep = build_library(inputs, tmp_path / "smi", chunk_size=4, dedupe_key="smiles", runtime=inline_rt)
+    lib = Library.open(tmp_path / "smi")
+    assert lib.manifest["dedupe"] == {"key": "smiles", "mode": "keep_first"}
+    meta = lib.read_metadata()
+    assert meta.column("inchikey").null_count == meta.num_rows  # never computed
+    assert rep.rows_added == by_key.rows_added and rep.duplicates == by_key.duplicates == 3
+    assert meta.column("smiles").to_pylist() == Library.open(tmp_path / "ik").read_metadata().column("smiles").to_pylist()
+    rej = {(r["id"], r["reason"]): r for r in rejects(tmp_path / "smi")}
+    assert {k for k in rej if k[1] in ("duplicate_smiles", "duplicate_inchikey")} == {
+        ("ethanol-again", "duplicate_smiles"), ("aspirin-sodium", "duplicate_smiles"), ("aspirin", "duplicate_smiles")}
+    assert rej[("ethanol-again", "duplicate_smiles")]["detail"] == "same compound (canonical SMILES CCO) as library id ethanol"
+    assert lib.manifest["history"][0]["rejected_by_reason"]["duplicate_smiles"] == 3
+    assert "dedupe       keep_first by smiles" in format_info(library_info(tmp_path / "smi"))
+    # an append dedupes against the stored canonical SMILES (other spellings of the same molecules)
+    new = tmp_path / "deposit2.smi"
+    new.write_text("OCC ethanol-3\nC(C)O ethanol-4\nCCN(CC)CC triethylamine\n")
+    add = append_library(tmp_path / "smi", str(new), runtime=inline_rt)
+    assert add.rows_added == 1 and add.duplicates == 2
+    assert {r["id"] for r in rejects(tmp_path / "smi", "001-append")} == {"ethanol-3", "ethanol-4"}
+    assert verify_library(tmp_path / "smi").ok
+    with pytest.raises(ConfigError, match="dedupe_key='inchi' is not valid; choose one of inchikey, smiles"):
+        build_library(inputs, tmp_path / "bad", dedupe_key="inchi", runtime=inline_rt)
 
 
 def test_append_dedupes_against_library_and_records_history(tmp_path, data_dir, ray_rt):

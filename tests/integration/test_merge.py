@@ -149,6 +149,31 @@ def test_rejects_hold_the_cross_piece_duplicates(built, inline_rt):
     assert by_id[("Z00010", "duplicate_id")]["raw"] == ""
 
 
+def test_merge_of_pieces_deduplicated_by_smiles(tmp_path, inline_rt):
+    """dedupe_key=smiles pieces merge into what one build makes: duplicates across pieces are
+    found by canonical SMILES and their rejects name the merged library's kept ids."""
+    inputs = write_pieces(tmp_path)
+    for path, name in zip(inputs, PIECES):
+        build_library(str(path), tmp_path / "parts" / name, chunk_size=400, dedupe_key="smiles", runtime=inline_rt)
+    build_library([str(p) for p in inputs], tmp_path / "single", chunk_size=400, dedupe_key="smiles",
+                  runtime=inline_rt)
+    merge_libraries(str(tmp_path / "parts" / "part-*"), tmp_path / "lib", runtime=inline_rt)
+    assert_same_rows(tmp_path / "lib", tmp_path / "single")
+    assert Library.open(tmp_path / "lib").manifest["dedupe"] == {"key": "smiles", "mode": "keep_first"}
+    merged = read_rejects(tmp_path / "lib" / "rejects" / "000-merge.csv")
+    single = read_rejects(tmp_path / "single" / "rejects" / "000-build.csv")
+    strip = [{k: v for k, v in r.items() if k != "raw"} for r in merged]
+    assert strip == [{k: v for k, v in r.items() if k != "raw"} for r in single]
+    dups = {r["id"]: r["detail"] for r in merged if r["reason"] == "duplicate_smiles"}
+    assert set(dups) == {"again5", "", "again1500", "Z00007-again", "Z02500"}
+    assert dups["again5"].startswith("same compound (canonical SMILES ") and dups["again5"].endswith("library id Z00005")
+    # pieces keyed differently cannot be merged
+    build_library(str(inputs[0]), tmp_path / "other" / "a", chunk_size=400, runtime=inline_rt)
+    with pytest.raises(LibraryError, match="dedupe.key='inchikey'"):
+        merge_libraries([str(tmp_path / "parts" / PIECES[0]), str(tmp_path / "other" / "a")], tmp_path / "bad",
+                        runtime=inline_rt)
+
+
 KILLER = """
 import os, signal, sys
 import biogen.library.merge as merge

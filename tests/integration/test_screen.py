@@ -71,6 +71,25 @@ def test_screen_inline_outputs_and_resume(lib_spec, tmp_path, inline_rt):
     assert again.hits.equals(res.hits)
 
 
+def test_labels_of_a_library_deduplicated_by_smiles(lib_spec, tmp_path, inline_rt):
+    """A library built with dedupe_key=smiles has no InChIKeys: held-out actives are matched by
+    canonical SMILES and the screen's enrichment equals the InChIKey-keyed preset's."""
+    from biogen.library import Library
+    from biogen.library.ingest import build_library
+    from biogen.screen.presets import preset_library
+    from biogen.screen.target import held_out_actives
+
+    preset = Library.open(preset_library(lib_spec, THROMBIN.name, held_out_actives(THROMBIN), inline_rt))
+    m = preset.manifest
+    build_library([i["path"] for i in m["history"][0]["inputs"]], tmp_path / "lib", chunk_size=500,
+                  featurizer=preset.featurizer, standardize=preset.standardize, descriptors=m["descriptors"],
+                  dedupe_key="smiles", runtime=inline_rt)
+    ours = _screen(LibrarySpec(path=str(tmp_path / "lib")), tmp_path / "smi", inline_rt).metrics
+    theirs = _screen(lib_spec, tmp_path / "ik", inline_rt).metrics
+    assert ours["actives_in_library"] == theirs["actives_in_library"] == 215
+    assert ours == theirs
+
+
 @pytest.mark.ray
 def test_screen_on_ray_actors_matches_inline(lib_spec, tmp_path, inline_rt, ray_rt):
     lib_spec_small = LibrarySpec(limit=LIMIT, cache_dir=lib_spec.cache_dir, chunk_size=400)  # several shards

@@ -173,6 +173,7 @@ def test_target_from_moleculeace_and_files(tmp_path, moleculeace):
     assert len(t.training.y) == 2201 and t.training.fps.shape == (2201, 32)
     assert len(t.actives) == int((t.training.y >= 7.0).sum()) == 985
     assert len(t.held_out_smiles) == 215 and 200 <= len(t.label_keys) <= 215
+    assert len(t.label_smiles) == len(t.label_keys)  # the same molecules, keyed by canonical SMILES
     f = tmp_path / "actives.smi"
     f.write_text("CC(=O)Oc1ccccc1C(=O)O a1\nnot_a_smiles a2\nCCN(CC)CC a3\n")
     t2 = load_target(TargetSpec(name="x", actives=str(f)), spec, StandardizeSpec(enabled=False))

@@ -46,7 +46,7 @@ def build(cfg: DictConfig) -> None:
         standardize=_typed(StandardizeSpec, cfg.standardize, "standardize"),
         descriptors=list(cfg.descriptors),
         reader=_typed(ReaderOptions, cfg.reader, "reader"),
-        dedupe=cfg.dedupe, id_prefix=str(cfg.id_prefix), chunk_size=int(cfg.chunk_size),
+        dedupe=cfg.dedupe, dedupe_key=cfg.dedupe_key, id_prefix=str(cfg.id_prefix), chunk_size=int(cfg.chunk_size),
         overwrite=bool(cfg.overwrite), runtime=_typed(RuntimeSpec, cfg.runtime, "runtime"),
     )
     log.info("%s", report.summary())

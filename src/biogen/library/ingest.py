@@ -6,7 +6,8 @@ records ``[i*chunk_size, (i+1)*chunk_size)`` in input order):
 1. map (Ray tasks, ledgered): parse, standardize, identify, featurize one chunk and
    write it as a *part* (Parquet + ``.npy``) under ``_work/<action>/``.
 2. dedupe (driver, in input order, cheap): decide for every row whether it is kept
-   (first occurrence of its InChIKey, unused id), and give it its library ordinal and id.
+   (first occurrence of its InChIKey, or of its canonical SMILES with ``dedupe_key=smiles``;
+   unused id), and give it its library ordinal and id.
 3. finalize (Ray tasks, ledgered): write each part's kept rows as a shard sorted by
    popcount (``shards/.tmp-*`` renamed into place), and the dropped rows as rejects.
 
@@ -51,6 +52,11 @@ from biogen.runtime.ledger import sha256_file
 
 log = logging.getLogger(__name__)
 DEDUPE_MODES = ("keep_first", "keep_all")
+# what identifies a compound: InChIKey (standard, ~230 us per molecule to compute, more than
+# parsing and fingerprinting together) or the canonical SMILES (no InChIKey column)
+DEDUPE_KEYS = ("inchikey", "smiles")
+KEY_NAMES = {"inchikey": "InChIKey", "smiles": "canonical SMILES"}
+DUPLICATE_REASONS = tuple(f"duplicate_{k}" for k in DEDUPE_KEYS)
 WORK = "_work"
 
 
@@ -83,13 +89,13 @@ class IngestReport:
 
 
 # ----------------------------------------------------------------------------- phase 1: map
-_PROCESSORS: dict[ProcessorSpec, MoleculeProcessor] = {}
+_PROCESSORS: dict[tuple[ProcessorSpec, bool], MoleculeProcessor] = {}
 
 
-def _processor(spec: ProcessorSpec) -> MoleculeProcessor:
-    proc = _PROCESSORS.get(spec)
+def _processor(spec: ProcessorSpec, inchikey: bool) -> MoleculeProcessor:
+    proc = _PROCESSORS.get((spec, inchikey))
     if proc is None:
-        proc = _PROCESSORS[spec] = MoleculeProcessor(spec)
+        proc = _PROCESSORS[spec, inchikey] = MoleculeProcessor(spec, identity=inchikey)
     return proc
 
 
@@ -99,11 +105,12 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
             fh.write(json.dumps(r) + "\n")
 
 
-def map_part(work: str, part: int, records: list[RawRecord], spec: ProcessorSpec):
-    """Phase-1 task: one chunk of raw records -> part files. Returns (outputs, result)."""
+def map_part(work: str, part: int, records: list[RawRecord], spec: ProcessorSpec, inchikey: bool = True):
+    """Phase-1 task: one chunk of raw records -> part files. Returns (outputs, result).
+    inchikey=False (``dedupe_key=smiles``): the InChIKey column is left empty."""
     work = Path(work)
     t0 = time.perf_counter()
-    chunk = _processor(spec).process(records)
+    chunk = _processor(spec, inchikey).process(records)
     t1 = time.perf_counter()
     cols = {
         "source": pa.array(chunk.source, pa.string()),
@@ -235,9 +242,10 @@ def _preflight(inputs: str | Sequence[str], opts: ReaderOptions) -> list[InputIn
 
 
 def _job_key(action: str, spec: ProcessorSpec, infos: list[InputInfo], opts: ReaderOptions,
-             chunk_size: int, dedupe: str, id_prefix: str, base: dict | None) -> str:
+             chunk_size: int, dedupe: str, id_prefix: str, base: dict | None, dedupe_key: str = "inchikey") -> str:
     state = {"action": action, "spec": spec.to_dict(), "reader": asdict(opts), "chunk_size": chunk_size,
              "dedupe": dedupe, "id_prefix": id_prefix,
+             **({} if dedupe_key == "inchikey" else {"dedupe_key": dedupe_key}),  # keys of older builds stay
              "inputs": [(i.path, i.sha256) for i in infos],
              "base": None if base is None else [base["n_rows"], [s["name"] for s in base["shards"]]],
              "versions": tool_versions()}  # never resume with parts made by another RDKit
@@ -251,13 +259,15 @@ def _deposit_key(infos: list[InputInfo], opts: ReaderOptions) -> str:
 
 
 def _existing_keys(lib_dir: Path, manifest: dict) -> tuple[dict[str, str], set[str]]:
-    """InChIKey -> id of its first occurrence, and all ids, over the library's shards."""
+    """Dedupe key (InChIKey or canonical SMILES) -> id of its first occurrence, and all
+    ids, over the library's shards."""
     first: dict[str, str] = {}
     ids: set[str] = set()
+    column = manifest["dedupe"]["key"]
     for s in manifest["shards"]:
         t = pq.read_table(lib_dir / "shards" / s["name"] / "meta.parquet",
-                          columns=["id", "inchikey", "duplicate_of"])
-        for key, rid, dup in zip(t.column("inchikey").to_pylist(), t.column("id").to_pylist(),
+                          columns=["id", column, "duplicate_of"])
+        for key, rid, dup in zip(t.column(column).to_pylist(), t.column("id").to_pylist(),
                                  t.column("duplicate_of").to_pylist()):
             ids.add(rid)
             if dup is None:
@@ -265,20 +275,21 @@ def _existing_keys(lib_dir: Path, manifest: dict) -> tuple[dict[str, str], set[s
     return first, ids
 
 
-def duplicate_detail(inchikey: str, kept_id: str) -> str:
-    """The rejects-file detail of a ``duplicate_inchikey`` reject (``library merge`` parses it back)."""
-    return f"same compound (InChIKey {inchikey}) as library id {kept_id}"
+def duplicate_detail(key: str, kept_id: str, key_kind: str = "inchikey") -> str:
+    """The rejects-file detail of a ``duplicate_<key_kind>`` reject (``library merge`` parses it back)."""
+    return f"same compound ({KEY_NAMES[key_kind]} {key}) as library id {kept_id}"
 
 
 @dataclass
 class _Dedupe:
     """Driver-side dedupe state, carried across parts in input order."""
 
-    first: dict[str, str]  # InChIKey -> id of its first occurrence
+    first: dict[str, str]  # dedupe key -> id of its first occurrence
     ids: set[str]
     ordinal: int
     mode: str
     id_prefix: str
+    key: str = "inchikey"  # the parts' column that identifies a compound (DEDUPE_KEYS)
     duplicates: int = 0
     reasons: Counter = field(default_factory=Counter)
     seconds: float = 0.0
@@ -292,8 +303,8 @@ def _plan_dedupe(work: Path, parts: list[int], st: _Dedupe) -> Iterator[tuple]:
     """
     for part in parts:
         t0 = time.perf_counter()
-        t = pq.read_table(work / f"parts/{part:06d}.parquet", columns=["inchikey", "id"])
-        keys, given = t.column("inchikey").to_pylist(), t.column("id").to_pylist()
+        t = pq.read_table(work / f"parts/{part:06d}.parquet", columns=[st.key, "id"])
+        keys, given = t.column(st.key).to_pylist(), t.column("id").to_pylist()
         n = len(keys)
         keep = np.zeros(n, dtype=bool)
         out_ids: list[str] = [""] * n
@@ -305,7 +316,7 @@ def _plan_dedupe(work: Path, parts: list[int], st: _Dedupe) -> Iterator[tuple]:
             if seen is not None:
                 st.duplicates += 1
                 if st.mode == "keep_first":
-                    drops.append((i, "duplicate_inchikey", duplicate_detail(key, seen)))
+                    drops.append((i, f"duplicate_{st.key}", duplicate_detail(key, seen, st.key)))
                     continue
             if rid is None:  # a registry id from the ordinal; skip numbers taken by given ids
                 serial = st.ordinal + 1
@@ -381,7 +392,9 @@ def _run(lib_dir: Path, manifest: dict, infos: list[InputInfo], opts: ReaderOpti
     n_parts_est = max(1, -(-est // chunk_size))
     report = IngestReport(library=str(lib_dir), action=action, resumed_shards=resumed)
     with ray_session(runtime) as slots:
-        shards = ((f"map-{p:06d}", (str(work), p, recs, spec)) for p, recs in _chunks(infos, opts, chunk_size))
+        key = manifest["dedupe"]["key"]
+        shards = ((f"map-{p:06d}", (str(work), p, recs, spec, key == "inchikey"))
+                  for p, recs in _chunks(infos, opts, chunk_size))
         mapped = run_shards(map_part, shards, ledger=ledger, spec=runtime, slots=slots,
                             desc=f"{action}: featurize", total=n_parts_est)
         parts = sorted(int(k.split("-")[1]) for k in mapped)
@@ -391,7 +404,7 @@ def _run(lib_dir: Path, manifest: dict, infos: list[InputInfo], opts: ReaderOpti
                              + " (only empty lines or comments)")
         t0 = time.perf_counter()
         dd = _Dedupe(*_existing_keys(lib_dir, manifest), ordinal=manifest["n_rows"],
-                     mode=manifest["dedupe"]["mode"], id_prefix=manifest["id_prefix"])
+                     mode=manifest["dedupe"]["mode"], id_prefix=manifest["id_prefix"], key=key)
         dd.seconds = time.perf_counter() - t0
         fin_shards = ((f"final-{p:06d}", (str(work), str(lib_dir), p, f"{hist:03d}-{p:06d}", keep, rid, dup, ords, drops))
                       for p, keep, rid, dup, ords, drops in _plan_dedupe(work, parts, dd))
@@ -455,6 +468,7 @@ def build_library(
                                   "aromatic_rings", "heavy_atoms", "formal_charge", "qed", "fsp3"),
     reader: ReaderOptions = ReaderOptions(),
     dedupe: str = "keep_first",
+    dedupe_key: str = "inchikey",
     id_prefix: str = "BG",
     chunk_size: int = 10_000,
     overwrite: bool = False,
@@ -463,13 +477,15 @@ def build_library(
     """Build a new library at ``output`` from deposit files (see module docstring)."""
     if dedupe not in DEDUPE_MODES:
         raise ConfigError(f"dedupe={dedupe!r} is not valid; choose one of {', '.join(DEDUPE_MODES)}")
+    if dedupe_key not in DEDUPE_KEYS:
+        raise ConfigError(f"dedupe_key={dedupe_key!r} is not valid; choose one of {', '.join(DEDUPE_KEYS)}")
     if chunk_size < 1:
         raise ConfigError(f"chunk_size={chunk_size} must be >= 1")
     spec = ProcessorSpec(featurizer, standardize, validate_descriptor_names(descriptors))
     infos = _preflight(inputs, reader)
     out = Path(output).absolute()  # tasks may run on other nodes with another cwd
     created = not out.exists()
-    key = _job_key("build", spec, infos, reader, chunk_size, dedupe, id_prefix, None)
+    key = _job_key("build", spec, infos, reader, chunk_size, dedupe, id_prefix, None, dedupe_key)
     if out.exists():
         if not out.is_dir():
             raise LibraryError(f"output={out} exists and is a file; choose a directory path")
@@ -493,7 +509,8 @@ def build_library(
                 f"output={out} is a non-empty directory that is not a biogen library; "
                 "choose a new or empty directory (overwrite=true only replaces libraries)"
             )
-    manifest = new_manifest(featurizer.to_dict(), standardize.to_dict(), list(descriptors), dedupe, id_prefix)
+    manifest = new_manifest(featurizer.to_dict(), standardize.to_dict(), list(descriptors), dedupe, id_prefix,
+                            dedupe_key)
     with _locked(out):
         if overwrite:
             clear_for_overwrite(out)
@@ -542,7 +559,7 @@ def append_library(
                             "(%s, %s); nothing to do", n, h["action"], h["time"])
                 return IngestReport(library=str(lib), action="append", already_done=True)
         key = _job_key("append", spec, infos, reader, chunk_size, manifest["dedupe"]["mode"],
-                       manifest["id_prefix"], manifest)
+                       manifest["id_prefix"], manifest, manifest["dedupe"]["key"])
         try:
             return _run(lib, manifest, infos, reader, action="append", spec=spec,
                         chunk_size=chunk_size, runtime=runtime, job_key=key)

@@ -82,7 +82,7 @@ def read_manifest(lib_dir: Path) -> dict:
 
 
 def new_manifest(featurizer: dict, standardize: dict, descriptors: list[str], dedupe: str,
-                 id_prefix: str) -> dict:
+                 id_prefix: str, dedupe_key: str = "inchikey") -> dict:
     from rdkit import rdBase
 
     return {
@@ -93,7 +93,7 @@ def new_manifest(featurizer: dict, standardize: dict, descriptors: list[str], de
         "featurizer": {**featurizer, "rdkit_version": rdBase.rdkitVersion},
         "standardize": standardize,
         "descriptors": descriptors,
-        "dedupe": {"key": "inchikey", "mode": dedupe},
+        "dedupe": {"key": dedupe_key, "mode": dedupe},
         "id_prefix": id_prefix,
         "layout": {
             "shard_files": list(SHARD_FILES),

@@ -13,7 +13,8 @@ It reuses the build's own machinery (``biogen.library.ingest``), in three steps:
    shard's ``id_generated`` column says which), so they are numbered again from the merged
    ordinal. The piece's rejects are carried into the part their records fall in.
 2. dedupe + write (the build's ``_plan_dedupe`` and ``finalize_part``): across pieces, by
-   InChIKey (``keep_first`` drops later duplicates as ``duplicate_inchikey`` naming the kept
+   InChIKey, or canonical SMILES for ``dedupe_key=smiles`` libraries (``keep_first`` drops
+   later duplicates as ``duplicate_inchikey`` / ``duplicate_smiles`` naming the kept
    id; ``keep_all`` keeps them with ``duplicate_of``), ids used twice -> ``duplicate_id``,
    contiguous ordinals, one popcount-sorted shard per piece shard.
 3. commit: one rejects file (the pieces' rejects and the merge's own, in input order; the
@@ -57,8 +58,8 @@ from biogen.chem.pipeline import descriptor_arrow_types
 from biogen.chem.records import Reject
 from biogen.errors import ConfigError, LibraryError
 from biogen.library.ingest import (
-    WORK, IngestReport, _clean_committed_work, _Dedupe, _locked, _plan_dedupe, _write_jsonl, _write_rejects,
-    clear_for_overwrite, duplicate_detail, finalize_part,
+    DUPLICATE_REASONS, KEY_NAMES, WORK, IngestReport, _clean_committed_work, _Dedupe, _locked, _plan_dedupe,
+    _write_jsonl, _write_rejects, clear_for_overwrite, duplicate_detail, finalize_part,
 )
 from biogen.library.manifest import (
     MANIFEST, atomic_path, new_manifest, now_iso, read_manifest, tool_versions, write_manifest,
@@ -72,7 +73,9 @@ WORK_DIR = f"000-{ACTION}"  # a merge makes a new library: its only history entr
 # settings every piece must share (manifest key, its name in messages)
 SETTINGS = (("featurizer", "featurizer"), ("standardize", "standardize"), ("descriptors", "descriptors"),
             ("dedupe", "dedupe"), ("id_prefix", "id_prefix"))
-_DUP_KEY = re.compile(re.escape(duplicate_detail("KEYqzx", "IDqzx")).replace("KEYqzx", r"(\S+)").replace("IDqzx", ".*"))
+_DUP_KEY = re.compile("|".join(
+    re.escape(duplicate_detail("KEYqzx", "IDqzx", k)).replace("KEYqzx", r"(?P<key_%s>\S+)" % k).replace("IDqzx", ".*")
+    for k in KEY_NAMES))
 SHOWN = 5  # inexact records named in a message
 
 
@@ -259,7 +262,7 @@ def _carried(work: Path, parts: Sequence[int]) -> Iterator[tuple[int, dict]]:
 
 def _dup_key(detail: str | None) -> str | None:
     m = _DUP_KEY.fullmatch(detail or "")
-    return m.group(1) if m else None
+    return next((v for v in m.groupdict().values() if v is not None), None) if m else None
 
 
 class _Exactness:
@@ -287,7 +290,7 @@ class _Exactness:
     def piece_done(self, parts: Sequence[int]) -> None:
         st = self.dd
         for p, r in _carried(self.work, parts):
-            if r["reason"] == "duplicate_inchikey":
+            if r["reason"] in DUPLICATE_REASONS:
                 key = _dup_key(r["detail"])
                 ok = key is not None and key in st.first
             elif r["reason"] == "duplicate_id":  # the id is taken before the record in one build too
@@ -327,9 +330,9 @@ def _rewrite_rejects(work: Path, parts: Sequence[int], first: dict[str, str]) ->
     for p in parts:
         rows = [r for _, r in _carried(work, [p])]
         for r in rows:
-            key = _dup_key(r["detail"]) if r["reason"] == "duplicate_inchikey" else None
+            key = _dup_key(r["detail"]) if r["reason"] in DUPLICATE_REASONS else None
             if key in first:
-                r["detail"] = duplicate_detail(key, first[key])
+                r["detail"] = duplicate_detail(key, first[key], r["reason"].removeprefix("duplicate_"))
         _write_jsonl(work / f"parts/{p:06d}.rejects.jsonl", rows)
 
 
@@ -411,7 +414,8 @@ def merge_libraries(
                     log.warning("piece %s was built before shards recorded which ids were generated: ids of the "
                                 "form %s000000123 at or above their row's ordinal+1 are taken as generated",
                                 p, m0["id_prefix"])
-            dd = _Dedupe({}, set(), ordinal=0, mode=m0["dedupe"]["mode"], id_prefix=m0["id_prefix"])
+            dd = _Dedupe({}, set(), ordinal=0, mode=m0["dedupe"]["mode"], id_prefix=m0["id_prefix"],
+                         key=m0["dedupe"]["key"])
             check = _Exactness(work, dd, pieces, part_piece)
             fin = ((f"final-{p:06d}", (str(work), str(out), p, f"000-{p:06d}", keep, rid, dup, ords, drops))
                    for p, keep, rid, dup, ords, drops in _plans(work, pieces_parts, dd, check))
@@ -436,8 +440,8 @@ def merge_libraries(
         report.rejected = sum(reasons.values())
         report.rows_added = sum(s["rows"] for s in new_shards)
         report.shards_added = [s["name"] for s in new_shards]
-        # keep_first: the pieces' duplicates are their duplicate_inchikey rejects; keep_all: rows the merge flags
-        report.duplicates = dd.duplicates + sum(r["reasons"].get("duplicate_inchikey", 0) for r in results)
+        # keep_first: the pieces' duplicates are their duplicate_<key> rejects; keep_all: rows the merge flags
+        report.duplicates = dd.duplicates + sum(r["reasons"].get(c, 0) for r in results for c in DUPLICATE_REASONS)
         report.rejects_file = _write_rejects(out, work, parts_all, [SimpleNamespace(path=i["path"]) for i in inputs],
                                              WORK_DIR)
         report.stage_seconds = {"read_pieces": round(sum(r["seconds"] for r in results), 3),
@@ -448,7 +452,7 @@ def merge_libraries(
         assert report.rows_added + report.rejected == report.records_read, "row accounting broken"
 
         manifest = new_manifest(m0["featurizer"], m0["standardize"], list(m0["descriptors"]), m0["dedupe"]["mode"],
-                                m0["id_prefix"])
+                                m0["id_prefix"], m0["dedupe"]["key"])
         manifest["featurizer"] = m0["featurizer"]  # the pieces' RDKit made these fingerprints, not this one
         manifest["shards"] = new_shards
         manifest["n_rows"] = report.rows_added

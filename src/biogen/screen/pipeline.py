@@ -293,12 +293,15 @@ def _run_screen(
     ids = table.column("id")
     seconds["selection"] = time.perf_counter() - t0
 
-    # labels (held-out or given actives), matched by InChIKey
+    # labels (held-out or given actives), matched by the library's dedupe key: InChIKey, or
+    # canonical SMILES for a library built with dedupe_key=smiles
     metrics = None
     labels = None
-    if tdata.label_keys:
-        keys = pa.concat_arrays([s.metadata(["inchikey"]).column("inchikey").combine_chunks() for s in lib.shards])
-        labels = pc.is_in(keys, value_set=pa.array(sorted(tdata.label_keys))).to_numpy(zero_copy_only=False)
+    key = lib.manifest["dedupe"]["key"]
+    label_set = tdata.label_keys if key == "inchikey" else tdata.label_smiles
+    if label_set:
+        keys = pa.concat_arrays([s.metadata([key]).column(key).combine_chunks() for s in lib.shards])
+        labels = pc.is_in(keys, value_set=pa.array(sorted(label_set))).to_numpy(zero_copy_only=False)
         labels = labels.astype(bool)
         table = table.append_column("label", pa.array(labels))
         if labels.any() and (~labels).any():

@@ -86,6 +86,9 @@ class TargetData:
     label_name: str = ""
     held_out_smiles: list[str] = field(default_factory=list)  # MoleculeACE test actives (spiked into presets)
     rejects: list[Reject] = field(default_factory=list)
+    # canonical SMILES of the same molecules, standardized like the library: the labels of a
+    # library deduplicated by SMILES (dedupe_key=smiles), which stores no InChIKeys
+    label_smiles: set[str] = field(default_factory=set)
 
 
 def _to_pactivity(value: float, unit: str) -> float:
@@ -155,6 +158,7 @@ def load_target(spec: TargetSpec, featurizer: FingerprintSpec, standardize: Stan
     rejects: list[Reject] = []
     actives = training = None
     label_keys: set[str] = set()
+    label_smiles: set[str] = set()
     label_name = ""
     held_out: list[str] = []
     train_smiles: list[str] = []
@@ -166,6 +170,7 @@ def load_target(spec: TargetSpec, featurizer: FingerprintSpec, standardize: Stan
         train_smiles, train_y = list(train.smiles), list(train.pactivity)
         held_out = held_out_actives(spec)
         label_keys = {k for k in inchikeys(held_out) if k}
+        label_smiles = {s for s in Queries.from_smiles(held_out, featurizer, standardize).smiles if s} if held_out else set()
         label_name = (f"held-out {spec.moleculeace} test actives (pActivity >= {spec.active_threshold:g}), "
                       "not used for training")
     if spec.activities:
@@ -192,6 +197,7 @@ def load_target(spec: TargetSpec, featurizer: FingerprintSpec, standardize: Stan
         lab = Queries.from_files(spec.labels, featurizer, standardize, reader)
         rejects += lab.rejects
         label_keys |= {k for k in inchikeys([s for s in lab.smiles if s]) if k}
+        label_smiles |= {s for s in lab.smiles if s}
         label_name = label_name or f"known actives from {Path(spec.labels).name}"
     if actives is not None and len(actives) == 0:
         raise InputError(
@@ -199,4 +205,4 @@ def load_target(spec: TargetSpec, featurizer: FingerprintSpec, standardize: Stan
             + (f" reach pActivity >= {spec.active_threshold:g}" if not spec.actives else " could be parsed")
             + "); lower target.active_threshold or give target.actives=<file>. "
             + (f"{len(rejects)} record(s) were rejected (see target_rejects.csv)" if rejects else ""))
-    return TargetData(spec, actives, training, label_keys, label_name, held_out, rejects)
+    return TargetData(spec, actives, training, label_keys, label_name, held_out, rejects, label_smiles)
