@@ -398,12 +398,14 @@ class _Host:
         self._error = "the worker was never initialized"
 
     def init(self, worker_cls: type, *args) -> None:
+        """Build the worker. Its error is not raised here (nobody waits on this call, and Ray
+        would print it as unhandled) but by every ``run``, which the driver does wait on."""
         try:
             self._worker = worker_cls(*args)
         except Exception as exc:
+            log.error("%s could not start", worker_cls.__name__, exc_info=True)  # the traceback, in the worker log
             lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
             self._error = f"{type(exc).__name__}: {lines[-1] if lines else ''}"
-            raise
 
     def run(self, *args):
         if self._worker is None:
