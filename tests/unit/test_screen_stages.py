@@ -6,9 +6,10 @@ from rdkit import Chem, DataStructs
 from rdkit.Chem import Descriptors, rdFingerprintGenerator
 
 from biogen.chem.fingerprints import FingerprintSpec, pack_bits, popcounts
+from biogen.chem.scaffolds import murcko_scaffold
 from biogen.chem.standardize import StandardizeSpec
 from biogen.errors import ConfigError, InputError
-from biogen.screen.selection import SelectionSpec, fuse_scores, murcko_scaffold, select_hits
+from biogen.screen.selection import SelectionSpec, fuse_scores, select_hits
 from biogen.screen.stages import AlertFilter, MoleculeBatch, PropertyFilter, SimilarityScorer, SmartsFilter
 from biogen.screen.target import TargetSpec, load_target
 from biogen.search.fused import fused_similarity

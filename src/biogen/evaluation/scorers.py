@@ -28,6 +28,7 @@ import numpy as np
 from biogen.chem.fingerprints import FingerprintSpec, popcounts, unpack_bits
 from biogen.errors import ConfigError
 from biogen.kernels.cpu import common_counts
+from biogen.screen.metrics import average_ranks
 from biogen.search.metrics import Metric
 
 FUSIONS = ("max", "mean", "topk")
@@ -180,10 +181,8 @@ class QSARScorer:
 
 def _percentile_ranks(s: np.ndarray) -> np.ndarray:
     """Mid-rank of each score in [0, 1] (ties share their mean rank)."""
-    from scipy.stats import rankdata
-
     s = np.where(np.isnan(s), -np.inf, s)
-    return (rankdata(s, method="average") - 1) / max(s.size - 1, 1)
+    return (average_ranks(s) - 1) / max(s.size - 1, 1)
 
 
 @dataclass(frozen=True)

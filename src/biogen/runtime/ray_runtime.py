@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -417,13 +417,13 @@ class _Host:
 class ActorHosts:
     """Host actors for ``run_shards_on_actors`` and how to start one more like them."""
 
-    handles: list
+    cls: object  # the Ray actor class of _Host with these resources
     modules: list[str]
     num_gpus: float
-    _cls: object = None
+    handles: list = field(default_factory=list)
 
     def new(self):
-        return self._cls.remote(self.modules)
+        return self.cls.remote(self.modules)
 
 
 def start_actors(spec: RuntimeSpec, slots: int, *, modules: Iterable[str] = (), num_gpus: float = 0.0
@@ -443,7 +443,6 @@ def start_actors(spec: RuntimeSpec, slots: int, *, modules: Iterable[str] = (), 
             raise BiogenError("this job asks for GPUs but the Ray cluster has none; use device=cpu "
                               "or start Ray workers on GPU nodes")
         num_gpus = min(num_gpus, gpus / n)
-    cls = ray.remote(num_cpus=1, num_gpus=num_gpus)(_Host)
-    hosts = ActorHosts([], list(modules), num_gpus, cls)
+    hosts = ActorHosts(ray.remote(num_cpus=1, num_gpus=num_gpus)(_Host), list(modules), num_gpus)
     hosts.handles = [hosts.new() for _ in range(n)]
     return hosts

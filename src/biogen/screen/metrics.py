@@ -40,6 +40,29 @@ __all__ = [
 ]
 
 
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks of ``x`` (ascending); ties share their mean rank; NaN gets NaN.
+
+    The same as ``scipy.stats.rankdata(x, method="average")`` for finite scores, in one
+    sort and without importing ``scipy.stats`` (~1 s)."""
+    x = np.asarray(x, dtype=np.float64)
+    n = len(x)
+    if n == 0:
+        return np.zeros(0, dtype=np.float64)
+    order = np.argsort(x)  # the order inside a run of ties does not change its mean rank
+    xs = x[order]
+    first = np.empty(n, dtype=bool)  # first of a run of equal scores
+    first[0] = True
+    np.not_equal(xs[1:], xs[:-1], out=first[1:])
+    starts = np.flatnonzero(first)
+    ends = np.append(starts[1:], n)
+    mean_rank = (starts + ends + 1) / 2.0  # ranks start+1 .. end
+    ranks = np.empty(n, dtype=np.float64)
+    ranks[order] = mean_rank[np.cumsum(first) - 1]
+    ranks[np.isnan(x)] = np.nan
+    return ranks
+
+
 def _check(scores, labels) -> tuple[np.ndarray, np.ndarray]:
     s = np.asarray(scores, dtype=np.float64).ravel()
     y = np.asarray(labels)

@@ -10,31 +10,17 @@ from rdkit import DataStructs
 from rdkit.SimDivFilters import rdSimDivPickers
 
 from biogen.chem.fingerprints import unpack_bits
-from biogen.chem.scaffolds import murcko_scaffold, murcko_scaffolds  # noqa: F401 - murcko_scaffold re-exported
+from biogen.chem.scaffolds import murcko_scaffolds
 from biogen.errors import ConfigError
+from biogen.screen.metrics import average_ranks
 
 FUSION_METHODS = ("rank", "zscore")
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:
-    """Fractional ranks in (0, 1], higher score -> higher rank; ties share their mean rank
-    (scipy's ``rankdata(method="average") / n``; one sort, and no scipy.stats import, ~1 s).
+    """Fractional ranks in (0, 1], higher score -> higher rank; ties share their mean rank.
     A NaN score has no rank: the fused score of that molecule is NaN."""
-    n = len(x)
-    if n == 0:
-        return np.zeros(0, dtype=np.float64)
-    order = np.argsort(x)  # the order inside a run of ties does not change its mean rank
-    xs = x[order]
-    first = np.empty(n, dtype=bool)  # first of a run of equal scores
-    first[0] = True
-    np.not_equal(xs[1:], xs[:-1], out=first[1:])
-    starts = np.flatnonzero(first)
-    ends = np.append(starts[1:], n)
-    mean_rank = (starts + ends + 1) / 2.0  # ranks start+1 .. end, 1-based
-    ranks = np.empty(n, dtype=np.float64)
-    ranks[order] = mean_rank[np.cumsum(first) - 1]
-    ranks[np.isnan(x)] = np.nan
-    return ranks / n
+    return average_ranks(x) / max(len(x), 1)
 
 
 def fuse_scores(scores: Mapping[str, np.ndarray], weights: Mapping[str, float] | None = None,

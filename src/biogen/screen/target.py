@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from rdkit import Chem, RDLogger
+from rdkit import Chem, rdBase
 
 from biogen.chem.fingerprints import FingerprintSpec
 from biogen.chem.readers import ReaderOptions
@@ -101,15 +101,12 @@ def _to_pactivity(value: float, unit: str) -> float:
 
 
 def inchikeys(smiles: list[str]) -> list[str | None]:
-    RDLogger.DisableLog("rdApp.*")
-    try:
-        out = []
+    out = []
+    with rdBase.BlockLogs():  # not RDLogger.Disable/EnableLog: that re-enabled every level afterwards
         for s in smiles:
             m = Chem.MolFromSmiles(s)
             out.append(Chem.MolToInchiKey(m) if m is not None else None)
-        return out
-    finally:
-        RDLogger.EnableLog("rdApp.*")
+    return out
 
 
 def _read_activities(path: str, spec: TargetSpec) -> tuple[list[str], list[float], list[Reject]]:
