@@ -15,6 +15,10 @@ thread — so glue = wall - (library + training) - (per-stage compute / workers)
 measured, not assumed. Correctness first: the pipeline's scores for a sample of rows
 equal the kernels' scores computed directly.
 
+The VM's speed drifts: the large screen runs ``--repeats`` times (3) and the run with
+the median glue fraction is reported, all runs listed; the glue is split into the
+workers' time around the stages, dispatch/worker start/tail, and the post-processing.
+
     python benchmarks/screen.py --library /path/to/moses_train_lib
     python benchmarks/screen.py --skip-default --library lib --limit-shards 40
 """
@@ -32,7 +36,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
+import pyarrow.feather as feather
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, versions  # noqa: E402
@@ -107,7 +111,7 @@ def run_large(library: str, out: Path, workers: int, limit_shards: int | None) -
     qs = predictor.predict(fps)
     qsar_rate = len(fps) / (time.perf_counter() - t)
     # correctness: the pipeline's scores of shard 0 equal the kernels' own
-    table = pq.read_table(run_dir / f"shards/{shard.name}.parquet")
+    table = feather.read_table(run_dir / f"shards/{shard.name}.arrow")
     assert np.array_equal(table.column("similarity").to_numpy(), sim), "pipeline similarity differs from the kernel"
     assert np.allclose(table.column("qsar").to_numpy(), qs, rtol=0, atol=1e-5), "pipeline QSAR differs from predict"
 
@@ -115,6 +119,12 @@ def run_large(library: str, out: Path, workers: int, limit_shards: int | None) -
     compute = (s["stage similarity (cpu)"] + s["stage qsar (cpu)"]) / workers
     after_setup = wall - setup
     glue = after_setup - compute
+    # where the glue goes: in the workers around the stages (reading, writing a shard's
+    # scores), the driver's dispatch and the last shard's tail, and after the shards
+    done = [json.loads(x) for x in (run_dir / "ledger.jsonl").read_text().splitlines() if '"sha256"' in x]
+    worker_wall = sum(r["result"]["wall"] for r in done)
+    stage_sum = sum(sum(r["result"]["seconds"].values()) for r in done)
+    after_shards = sum(s[k] for k in ("fusion + ranking", "selection", "outputs", "report"))
     return {
         "library": library, "molecules": n, "shards": len(lib.shards), "workers": workers,
         "wall_s": round(wall, 1), "seconds": {k: round(v, 2) for k, v in s.items()},
@@ -123,6 +133,13 @@ def run_large(library: str, out: Path, workers: int, limit_shards: int | None) -
         "molecules_per_s_after_setup": round(n / after_setup, 0),
         "stage_compute_per_worker_s": round(compute, 1),
         "glue_s": round(glue, 1), "glue_fraction_of_screen": round(glue / after_setup, 3),
+        "glue_parts_s": {
+            "workers, around the stages (per worker)": round((worker_wall - stage_sum) / workers, 2),
+            "dispatch, worker start and last-shard tail": round(s["shards (wall)"] - worker_wall / workers, 2),
+            "fusion, selection, outputs, report": round(after_shards, 2),
+            "other (ledger, ids/labels, Ray stop not hidden)": round(glue - (worker_wall - stage_sum) / workers
+                                                                    - (s["shards (wall)"] - worker_wall / workers)
+                                                                    - after_shards, 2)},
         "anchor_similarity_kernel_rows_per_s_1thread": round(sim_rate, 0),
         "anchor_qsar_predict_rows_per_s_1thread": round(qsar_rate, 0),
         "pipeline_similarity_rows_per_s_per_worker": round(n / s["stage similarity (cpu)"], 0),
@@ -137,6 +154,7 @@ def main() -> None:
     ap.add_argument("--library", help="a large library (MOSES train) for the 1M-molecule screen")
     ap.add_argument("--limit-shards", type=int, default=None, help="use only the first N shards of --library")
     ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--repeats", type=int, default=3, help="large screens run (the median one is reported)")
     ap.add_argument("--skip-default", action="store_true")
     ap.add_argument("--warm-cache", help="a BIOGEN_CACHE_DIR that already holds the default preset")
     ap.add_argument("--out", default=str(RESULTS / "screen.json"))
@@ -158,7 +176,17 @@ def main() -> None:
             if not args.warm_cache:
                 result["default_warm_cache"] = run_default(cache, tmp / "default2")
         if args.library:
-            result["large"] = run_large(args.library, tmp, args.workers, args.limit_shards)
+            # the VM's speed drifts by +-10-20%: the run with the median glue fraction stands,
+            # every run is listed
+            runs = [run_large(args.library, tmp / f"large{i}", args.workers, args.limit_shards)
+                    for i in range(args.repeats)]
+            for r in runs:
+                print(f"large screen: wall {r['wall_s']} s, glue {r['glue_s']} s ({r['glue_fraction_of_screen']:.1%})",
+                      flush=True)
+            order = sorted(range(len(runs)), key=lambda i: runs[i]["glue_fraction_of_screen"])
+            result["large"] = {**runs[order[len(runs) // 2]], "repeats": [
+                {k: r[k] for k in ("wall_s", "screen_after_setup_s", "stage_compute_per_worker_s", "glue_s",
+                                   "glue_fraction_of_screen")} for r in runs]}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(json.dumps(result, indent=2, default=str))

@@ -7,10 +7,13 @@ import subprocess
 import sys
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from biogen.chem.scaffolds import murcko_scaffolds
 from biogen.errors import ConfigError
+from biogen.library import Library
 from biogen.screen.pipeline import run_screen
 from biogen.screen.presets import LibrarySpec
 from biogen.screen.selection import SelectionSpec
@@ -59,6 +62,14 @@ def test_screen_inline_outputs_and_resume(lib_spec, tmp_path, inline_rt):
     assert summary["known_actives"] == 985 and summary["metrics"]["ef1"] == m["ef1"]
     sdf = (d / "hits.sdf").read_text()
     assert sdf.count("$$$$") == 20 and ">  <similarity>" in sdf
+    # rows in library order with the library's ids (the driver joins them to the shards'
+    # scores); hits carry the library's SMILES and their scaffolds by RDKit's full path
+    lib = Library.open(summary["library"])
+    meta = pa.concat_tables([sh.metadata(["id", "smiles"]) for sh in lib.shards])
+    assert scores.column("id").to_pylist() == meta.column("id").to_pylist()
+    smiles_of = dict(zip(meta.column("id").to_pylist(), meta.column("smiles").to_pylist()))
+    assert hits.column("smiles").to_pylist() == [smiles_of[i] for i in hits.column("id").to_pylist()]
+    assert hits.column("scaffold").to_pylist() == murcko_scaffolds(hits.column("smiles").to_pylist())
     # a rerun in the same directory resumes: every shard is taken from the ledger
     def shard_lines():
         return [x for x in (d / "ledger.jsonl").read_text().splitlines() if '"outputs"' in x]

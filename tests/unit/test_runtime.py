@@ -169,10 +169,12 @@ class ImportCheckingWorker:
         import os
         import sys
 
-        self.had, self.pid = module in sys.modules, os.getpid()
+        import tracemalloc
+
+        self.had, self.pid, self.warmed = module in sys.modules, os.getpid(), tracemalloc.is_tracing()
 
     def run(self, i: int):
-        return [], {"had": self.had, "pid": self.pid}
+        return [], {"had": self.had, "pid": self.pid, "warmed": self.warmed}
 
 
 @pytest.mark.ray
@@ -185,12 +187,14 @@ def test_actors_started_early_import_modules_and_run_the_shards(tmp_path, ray_rt
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     led = Ledger(tmp_path / "ledger.jsonl", "job")
     with ray_session(ray_rt) as slots:
-        hosts = start_actors(ray_rt, slots, modules=["wave"])  # a module nothing else imports
+        # a module nothing else imports, and a warm-up call whose effect the worker can see
+        hosts = start_actors(ray_rt, slots, modules=["wave", "tracemalloc:start"])
         pids = set(ray.get([h.__ray_call__.remote(lambda self: __import__("os").getpid()) for h in hosts.handles]))
         res = run_shards_on_actors(ImportCheckingWorker, ("wave",), ((f"s{i}", (i,)) for i in range(6)),
                                    ledger=led, spec=ray_rt, slots=slots, desc="t", actors=hosts)
     assert sorted(res) == [f"s{i}" for i in range(6)]
     assert all(r["had"] for r in res.values())  # imported when the host started, before the worker
+    assert all(r["warmed"] for r in res.values())  # and "module:function" called the function
     assert {r["pid"] for r in res.values()} <= pids  # the shards ran on the hosts started early
 
 

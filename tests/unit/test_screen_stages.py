@@ -6,10 +6,10 @@ from rdkit import Chem, DataStructs
 from rdkit.Chem import Descriptors, rdFingerprintGenerator
 
 from biogen.chem.fingerprints import FingerprintSpec, pack_bits, popcounts
-from biogen.chem.scaffolds import murcko_scaffold
+from biogen.chem.scaffolds import murcko_scaffold, murcko_scaffolds
 from biogen.chem.standardize import StandardizeSpec
 from biogen.errors import ConfigError, InputError
-from biogen.screen.selection import SelectionSpec, fuse_scores, select_hits
+from biogen.screen.selection import SelectionSpec, best_first, fuse_scores, select_hits
 from biogen.screen.stages import AlertFilter, MoleculeBatch, PropertyFilter, SimilarityScorer, SmartsFilter
 from biogen.screen.target import TargetSpec, load_target
 from biogen.search.fused import fused_similarity
@@ -34,7 +34,7 @@ def _fps(smiles, nbits=2048):
 
 def _batch(smiles):
     _, fps, pc = _fps(smiles)
-    return MoleculeBatch(np.arange(len(smiles)), [f"m{i}" for i in range(len(smiles))], list(smiles), fps, pc)
+    return MoleculeBatch(np.arange(len(smiles)), list(smiles), fps, pc)
 
 
 @pytest.mark.parametrize("metric", [Metric("tanimoto"), Metric("dice"), Metric("tversky", 0.7, 0.3)])
@@ -98,7 +98,7 @@ def test_alert_and_smarts_filters():
     with pytest.raises(ConfigError, match="invalid SMARTS"):
         SmartsFilter(include=["C(("])
     # a molecule that cannot be parsed fails the filter instead of crashing it
-    bad = MoleculeBatch(np.arange(1), ["x"], ["C1CC"], np.zeros((1, 32), np.uint64), np.zeros(1, np.int32))
+    bad = MoleculeBatch(np.arange(1), ["C1CC"], np.zeros((1, 32), np.uint64), np.zeros(1, np.int32))
     assert AlertFilter()(bad).tolist() == [False]
 
 
@@ -146,21 +146,79 @@ def test_fuse_scores_rank_and_zscore():
         fuse_scores({"a": a}, method="borda")
 
 
+def test_best_first_is_a_stable_descending_argsort():
+    """Ties in index order, NaN last, -0.0 tied with 0.0: exactly np.argsort(-x, kind="stable")."""
+    rng = np.random.default_rng(0)
+    for n in (0, 1, 2, 7, 1000, 50_000):
+        for _ in range(5):
+            x = rng.integers(0, max(1, n // 3) + 1, n).astype(float)  # many ties
+            x[rng.random(n) < 0.1] = np.nan
+            x[rng.random(n) < 0.05] = -0.0
+            assert np.array_equal(best_first(x), np.argsort(-x, kind="stable"))
+    x = rng.random(10_000)  # no ties
+    assert np.array_equal(best_first(x), np.argsort(-x, kind="stable"))
+
+
+def test_fuse_scores_in_threads_equals_one_scorer_at_a_time():
+    """A large screen ranks each scorer in its own thread: same fused scores as computed serially."""
+    from biogen.screen.metrics import average_ranks
+
+    rng = np.random.default_rng(1)
+    n = 150_000  # over the threading threshold
+    a, b = rng.random(n).round(3), rng.normal(size=n)
+    a[::97] = np.nan
+    want = (2.0 * average_ranks(a) / n + 1.0 * average_ranks(b) / n) / 3.0
+    got = fuse_scores({"a": a, "b": b}, {"a": 2.0, "b": 1.0})
+    assert np.array_equal(np.isnan(got), np.isnan(want)) and np.allclose(got, want, equal_nan=True)
+
+
+def test_scaffolds_of_canonical_smiles_equal_rdkits_full_path():
+    """The fast path (canonical SMILES read without re-sanitizing) gives RDKit's
+    MurckoScaffoldSmiles for molecules with stereo, charges, isotopes, aromatic heteroatoms,
+    fused and bridged rings, from RDKit's own shipped data sets."""
+    import gzip
+    import os
+
+    from rdkit import RDConfig
+
+    smiles = []
+    for name in ("NCI/first_200.props.sdf", "NCI/first_5K.smi"):
+        path = os.path.join(RDConfig.RDDataDir, name)
+        if name.endswith(".sdf"):
+            smiles += [Chem.MolToSmiles(m) for m in Chem.SDMolSupplier(path) if m is not None]
+        else:
+            with (gzip.open if path.endswith(".gz") else open)(path, "rt") as fh:
+                for line in fh:
+                    m = Chem.MolFromSmiles(line.split()[0]) if line.strip() else None
+                    if m is not None:
+                        smiles.append(Chem.MolToSmiles(m))
+    smiles += [Chem.MolToSmiles(Chem.MolFromSmiles(s)) for s in (
+        "C[C@H](N)C(=O)O", "[NH3+]CCc1ccc(O)cc1", "[2H]c1ccccc1C1CC1", "c1ccc2[nH]ccc2c1", "C1CC2CCC1C2",
+        "O=S(=O)(c1ccccc1)c1ccccc1", "c1cc[se]c1", "C/C=C/c1ccccc1", "CCO", "[Na+].[O-]C(=O)c1ccccc1")]
+    assert len(smiles) > 1000
+    assert murcko_scaffolds(smiles, canonical=True) == murcko_scaffolds(smiles)
+    assert murcko_scaffolds(["not a smiles", "CCO"], canonical=True) == ["", ""]
+
+
 def test_select_hits_scaffold_cap_and_maxmin():
     smiles = ["c1ccccc1CC", "c1ccccc1CCC", "c1ccccc1CCCC", "c1ccccc1CCCCC", "C1CCNCC1C", "C1CCNCC1CC",
               "c1ccc2ccccc2c1C", "CCO", "CCCO", "c1ccncc1C"]
     _, fps, _ = _fps(smiles)
     order = np.arange(len(smiles))
-    chosen, scaff = select_hits(order, lambda idx: [smiles[i] for i in idx], lambda idx: fps[idx], SelectionSpec(n=5, top_m=5, diversity="none",
-                                                                                    scaffold_cap=2))
+
+    def scaffolds_of(idx):
+        return murcko_scaffolds([smiles[i] for i in idx])
+
+    chosen, scaff = select_hits(order, scaffolds_of, lambda idx: fps[idx],
+                                SelectionSpec(n=5, top_m=5, diversity="none", scaffold_cap=2))
     assert chosen.tolist() == [0, 1, 4, 5, 6]  # at most 2 benzene-scaffold molecules, rank order kept
     assert scaff[0] == murcko_scaffold("c1ccccc1CC") == "c1ccccc1"
     # candidates are fetched in blocks: the block size changes nothing
     for block in (1, 3):
-        again = select_hits(order, lambda idx: [smiles[i] for i in idx], lambda idx: fps[idx],
+        again = select_hits(order, scaffolds_of, lambda idx: fps[idx],
                             SelectionSpec(n=5, top_m=5, diversity="none", scaffold_cap=2), block=block)
         assert again[0].tolist() == chosen.tolist() and again[1] == scaff
-    chosen, _ = select_hits(order, lambda idx: [smiles[i] for i in idx], lambda idx: fps[idx], SelectionSpec(n=4, top_m=10, scaffold_cap=None))
+    chosen, _ = select_hits(order, scaffolds_of, lambda idx: fps[idx], SelectionSpec(n=4, top_m=10, scaffold_cap=None))
     assert len(chosen) == 4 and chosen[0] == 0 and list(chosen) == sorted(chosen)
     # MaxMin spreads the pick: not simply the 4 best (3 of which share the benzene scaffold)
     assert chosen.tolist() != [0, 1, 2, 3]

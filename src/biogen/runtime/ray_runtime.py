@@ -371,13 +371,19 @@ def run_shards_on_actors(
                 ray.kill(a)
 
 
-def _import_modules(modules: list[str]) -> int:
+def _import_modules(modules: list[str]) -> None:
+    """Import each module; ``"module:function"`` also calls ``function()`` (a warm-up: load
+    JIT-compiled kernels, say). A warm-up that fails is logged, not raised: it only saves time."""
     import importlib
-    import os
 
     for m in modules:
-        importlib.import_module(m)
-    return os.getpid()
+        name, _, fn = m.partition(":")
+        mod = importlib.import_module(name)
+        if fn:
+            try:
+                getattr(mod, fn)()
+            except Exception:
+                log.warning("warm-up %s failed", m, exc_info=True)
 
 
 class WorkerInitError(BiogenError):
@@ -430,8 +436,8 @@ def start_actors(spec: RuntimeSpec, slots: int, *, modules: Iterable[str] = (), 
                  ) -> ActorHosts | None:
     """Start ``slots`` host actors now (1 CPU and ``num_gpus`` GPUs each; a fraction when
     there are more actors than GPUs, so that they share them); each imports ``modules``
-    in the background. Pass the result to ``run_shards_on_actors(..., actors=)``. None
-    in inline mode."""
+    in the background (``"module:function"`` also calls that warm-up function). Pass the
+    result to ``run_shards_on_actors(..., actors=)``. None in inline mode."""
     if spec.mode == "inline":
         return None
     import ray

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,7 +12,6 @@ from rdkit import DataStructs
 from rdkit.SimDivFilters import rdSimDivPickers
 
 from biogen.chem.fingerprints import unpack_bits
-from biogen.chem.scaffolds import murcko_scaffolds
 from biogen.errors import ConfigError
 from biogen.screen.metrics import average_ranks
 
@@ -21,6 +22,29 @@ def _ranks(x: np.ndarray) -> np.ndarray:
     """Fractional ranks in (0, 1], higher score -> higher rank; ties share their mean rank.
     A NaN score has no rank: the fused score of that molecule is NaN."""
     return average_ranks(x) / max(len(x), 1)
+
+
+def best_first(scores: np.ndarray) -> np.ndarray:
+    """Indices of ``scores`` from the highest to the lowest, ties in index order, NaN last:
+    ``np.argsort(-scores, kind="stable")``, about twice as fast on a large screen (numpy's
+    SIMD quicksort, then only the runs of tied scores put in index order)."""
+    x = np.asarray(scores, dtype=np.float64)
+    n = len(x)
+    order = np.argsort(-x)
+    if n < 2:
+        return order
+    xs = x[order]
+    same = (xs[1:] == xs[:-1]) | (np.isnan(xs[1:]) & np.isnan(xs[:-1]))  # sorted neighbours tied
+    if not same.any():
+        return order
+    tied = np.zeros(n, dtype=bool)
+    tied[1:] |= same
+    tied[:-1] |= same
+    run = np.cumsum(np.concatenate(([True], ~same)))  # run number of each sorted position
+    pos = np.flatnonzero(tied)
+    key = run[pos].astype(np.int64) * n + order[pos]  # (run, index): unique, so any sort is exact
+    order[pos] = order[pos][np.argsort(key)]
+    return order
 
 
 def fuse_scores(scores: Mapping[str, np.ndarray], weights: Mapping[str, float] | None = None,
@@ -45,15 +69,21 @@ def fuse_scores(scores: Mapping[str, np.ndarray], weights: Mapping[str, float] |
     if len(used) == 1:
         return np.asarray(scores[next(iter(used))], dtype=np.float64)
     total = sum(abs(w) for w in used.values())
-    fused = np.zeros(len(next(iter(scores.values()))), dtype=np.float64)
-    for k, w in used.items():
+    n = len(next(iter(scores.values())))
+
+    def part(k: str) -> np.ndarray:
         x = np.asarray(scores[k], dtype=np.float64)
         if method == "rank":
-            part = _ranks(x)
-        else:
-            sd = x.std()
-            part = (x - x.mean()) / sd if sd > 0 else np.zeros_like(x)
-        fused += w * part
+            return _ranks(x)
+        sd = x.std()
+        return (x - x.mean()) / sd if sd > 0 else np.zeros_like(x)
+
+    # one scorer per thread on large screens: numpy sorts without the GIL
+    with ThreadPoolExecutor(min(len(used), os.cpu_count() or 1) if n >= 100_000 else 1) as pool:
+        parts = dict(zip(used, pool.map(part, used)))
+    fused = np.zeros(n, dtype=np.float64)
+    for k, w in used.items():
+        fused += w * parts[k]
     return fused / total
 
 
@@ -94,37 +124,45 @@ def _bitvects(fps: np.ndarray) -> list:
     return out
 
 
-def select_hits(order: np.ndarray, smiles_of, fps_of, spec: SelectionSpec,
+def select_hits(order: np.ndarray, scaffolds_of, fps_of, spec: SelectionSpec,
                 block: int = 512) -> tuple[np.ndarray, list[str]]:
     """Pick hits from candidates ranked best first.
 
-    order: candidate indices, best first; smiles_of(indices) -> their SMILES (a list);
-    fps_of(indices) -> packed fingerprints of those candidates. Returns (chosen indices in
-    rank order, the scaffold of every chosen index). Walks down the ranking keeping at most
-    ``scaffold_cap`` per scaffold until ``top_m`` candidates, then (diversity=maxmin)
-    picks ``n`` of them with MaxMin seeded by the best one; the result is re-ordered by
-    score. SMILES are fetched and scaffolds computed ``block`` candidates at a time.
+    order: candidate indices, best first; scaffolds_of(indices) -> their Bemis-Murcko
+    scaffold SMILES (a list; ``murcko_scaffolds`` of their SMILES, computed wherever the
+    caller likes: the screen has its workers do it); fps_of(indices) -> packed
+    fingerprints of those candidates. Returns (chosen indices in rank order, the scaffold
+    of every chosen index). Walks down the ranking keeping at most ``scaffold_cap`` per
+    scaffold until ``top_m`` candidates, then (diversity=maxmin) picks ``n`` of them with
+    MaxMin seeded by the best one; the result is re-ordered by score. Scaffolds are asked
+    for in blocks: first ``top_m``, then what is still missing scaled by the share that
+    passed the cap so far (``block`` at least); the result does not depend on the blocks.
     """
     want = spec.top_m if spec.diversity == "maxmin" else spec.n
     pool: list[int] = []
     scaffolds: dict[int, str] = {}
     per_scaffold: dict[str, int] = {}
-    start = 0
+    start = examined = 0
+    size = max(block, want)
     while len(pool) < want and start < len(order):
-        # the next block: at least what is still missing (most candidates pass the cap)
-        idx = np.asarray(order[start:start + max(block, want - len(pool))], dtype=np.int64)
+        idx = np.asarray(order[start:start + size], dtype=np.int64)
         start += len(idx)
         if spec.scaffold_cap is None:
             pool.extend(int(i) for i in idx[: want - len(pool)])
             continue
-        for i, sc in zip(idx.tolist(), murcko_scaffolds(smiles_of(idx))):
+        for i, sc in zip(idx.tolist(), scaffolds_of(idx)):
             scaffolds[i] = sc
+            examined += 1
             if per_scaffold.get(sc, 0) >= spec.scaffold_cap:
                 continue
             per_scaffold[sc] = per_scaffold.get(sc, 0) + 1
             pool.append(i)
             if len(pool) >= want:
                 break
+        # the next block: what is still missing over the share of candidates the cap let
+        # through so far, plus a margin (each call may cost a pass over many shards)
+        rate = max(len(pool) / examined, 0.05)
+        size = max(block, int(1.2 * (want - len(pool)) / rate) + 1)
     if spec.diversity == "maxmin" and len(pool) > spec.n:
         bvs = _bitvects(fps_of(np.asarray(pool)))
         picker = rdSimDivPickers.MaxMinPicker()
@@ -134,5 +172,5 @@ def select_hits(order: np.ndarray, smiles_of, fps_of, spec: SelectionSpec,
     pool = pool[: spec.n]
     missing = [i for i in pool if i not in scaffolds]
     if missing:
-        scaffolds.update(zip(missing, murcko_scaffolds(smiles_of(np.asarray(missing, dtype=np.int64)))))
+        scaffolds.update(zip(missing, scaffolds_of(np.asarray(missing, dtype=np.int64))))
     return np.asarray(pool, dtype=np.int64), [scaffolds[i] for i in pool]

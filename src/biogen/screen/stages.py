@@ -31,20 +31,20 @@ log = logging.getLogger(__name__)
 class MoleculeBatch:
     """N molecules of one library shard.
 
-    rows: N int64 row numbers in the shard; ids, smiles: N strings; fps: N x W ``<u8``
-    packed fingerprints; popcounts: N int32; descriptors: name -> N float64 (the
-    library's stored columns; a filter computes missing ones from ``mols``).
+    rows: N int64 row numbers in the shard; smiles: N strings (None when no stage parses
+    molecules: the screen does not read them then); fps: N x W ``<u8`` packed
+    fingerprints; popcounts: N int32; descriptors: name -> N float64 (the library's
+    stored columns; a filter computes missing ones from ``mols``).
     """
 
     rows: np.ndarray
-    ids: list[str]
-    smiles: list[str]
+    smiles: list[str | None]
     fps: np.ndarray
     popcounts: np.ndarray
     descriptors: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self.rows)
 
     @cached_property
     def mols(self) -> list[Chem.Mol | None]:
@@ -58,7 +58,7 @@ class MoleculeBatch:
     def take(self, keep: np.ndarray) -> "MoleculeBatch":
         """The molecules where ``keep`` (bool N) is true (parsed molecules carried over)."""
         idx = np.flatnonzero(keep)
-        sub = MoleculeBatch(self.rows[idx], [self.ids[i] for i in idx], [self.smiles[i] for i in idx],
+        sub = MoleculeBatch(self.rows[idx], [self.smiles[i] for i in idx],
                             self.fps[idx], self.popcounts[idx], {k: v[idx] for k, v in self.descriptors.items()})
         if "mols" in self.__dict__:
             sub.__dict__["mols"] = [self.mols[i] for i in idx]

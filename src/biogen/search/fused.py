@@ -45,3 +45,11 @@ def fused_similarity(queries: np.ndarray, query_popcounts: np.ndarray, fps: np.n
                           0, fps.shape[0], metric.code, float(metric.alpha), float(metric.beta),
                           FUSIONS[fusion], int(top_n), out)
     return out
+
+
+def warm_up() -> None:
+    """Load the Numba kernel from its on-disk cache (~0.4 s per process: a screen's worker
+    does it when it starts, not on its first shard)."""
+    q = np.zeros((1, 1), dtype=np.uint64)
+    pc = np.zeros(1, dtype=np.int32)
+    fused_similarity(q, pc, q, pc)
