@@ -124,6 +124,16 @@ def test_screen_refusals(lib_spec, tmp_path, inline_rt):
     with pytest.raises(ConfigError, match="unique"):
         run_screen(lib_spec, THROMBIN, [PropertyFilter("lipinski", name="x")], [SimilarityScorer(name="x")],
                    runtime=inline_rt, run_dir=tmp_path)
+    # a fusion typo fails before any shard runs (it used to surface only after all of them)
+    from biogen.screen.pipeline import FusionSpec
+
+    for fusion, msg in ((FusionSpec(weights={"simlarity": 2.0}), r"weights names \['simlarity'\].*scorers: similarity"),
+                        (FusionSpec(method="borda"), "method='borda' is not valid"),
+                        (FusionSpec(weights={"similarity": 0.0}), "no scorer with a non-zero fusion weight")):
+        with pytest.raises(ConfigError, match=msg):
+            run_screen(lib_spec, THROMBIN, [], [SimilarityScorer(name="similarity")], fusion=fusion,
+                       runtime=inline_rt, run_dir=tmp_path / "typo")
+        assert not (tmp_path / "typo" / "ledger.jsonl").exists()
 
 
 def _biogen(args, cwd, env_extra=None):

@@ -37,7 +37,7 @@ from biogen.library.store import Library
 from biogen.runtime import Ledger, RuntimeSpec, ray_session, run_shards_on_actors
 from biogen.runtime.ray_runtime import start_actors, wait_for_ray_shutdown
 from biogen.screen.presets import LibrarySpec, cached_preset, preset_library
-from biogen.screen.selection import SelectionSpec, best_first, fuse_scores, select_hits
+from biogen.screen.selection import SelectionSpec, best_first, fuse_scores, fusion_weights, select_hits
 from biogen.screen.stages import MoleculeBatch, QSARScorer, ScreenContext, SimilarityScorer, Stage
 from biogen.screen.target import TargetData, TargetSpec, held_out_actives, load_target
 
@@ -237,6 +237,7 @@ def _run_screen(
         raise ConfigError(f"stage names must be unique; got {names}")
     if not scorers:
         raise ConfigError("the screen has no scorer: set scoring=similarity, scoring=qsar or scoring=similarity_qsar")
+    fusion_weights([st.name for st in scorers], fusion.weights, fusion.method)  # a typo fails before any shard
     seconds: dict[str, float] = {}
     t_start = time.perf_counter()
 

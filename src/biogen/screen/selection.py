@@ -47,6 +47,24 @@ def best_first(scores: np.ndarray) -> np.ndarray:
     return order
 
 
+def fusion_weights(scorers: list[str], weights: Mapping[str, float] | None, method: str) -> dict[str, float]:
+    """The non-zero weight of each scorer that takes part in the fusion (default 1), after
+    checking the fusion config against the screen's scorers: a screen calls this before
+    it runs any shard, so that a typo fails at once."""
+    if method not in FUSION_METHODS:
+        raise ConfigError(f"scoring.fusion.method={method!r} is not valid; choose one of {', '.join(FUSION_METHODS)}")
+    weights = dict(weights or {})
+    unknown = sorted(set(weights) - set(scorers))
+    if unknown:
+        raise ConfigError(f"scoring.fusion.weights names {unknown}, which are not scorers of this screen; "
+                          f"scorers: {', '.join(scorers) or '(none)'}")
+    used = {k: float(weights.get(k, 1.0)) for k in scorers if float(weights.get(k, 1.0)) != 0.0}
+    if not used:
+        raise ConfigError("no scorer with a non-zero fusion weight: add a scorer to scoring.scorers "
+                          "or set scoring.fusion.weights")
+    return used
+
+
 def fuse_scores(scores: Mapping[str, np.ndarray], weights: Mapping[str, float] | None = None,
                 method: str = "rank") -> np.ndarray:
     """One fused score per molecule from several scorers (all higher-is-better).
@@ -55,17 +73,7 @@ def fuse_scores(scores: Mapping[str, np.ndarray], weights: Mapping[str, float] |
     fusion); zscore: weighted mean of z-scores. Weights default to 1; a weight of 0 drops
     a scorer. With one scorer the fused score is that scorer's own score (ranks unchanged).
     """
-    if method not in FUSION_METHODS:
-        raise ConfigError(f"scoring.fusion.method={method!r} is not valid; choose one of {', '.join(FUSION_METHODS)}")
-    weights = dict(weights or {})
-    unknown = sorted(set(weights) - set(scores))
-    if unknown:
-        raise ConfigError(f"scoring.fusion.weights names {unknown}, which are not scorers of this screen; "
-                          f"scorers: {', '.join(scores) or '(none)'}")
-    used = {k: float(weights.get(k, 1.0)) for k in scores if float(weights.get(k, 1.0)) != 0.0}
-    if not used:
-        raise ConfigError("no scorer with a non-zero fusion weight: add a scorer to scoring.scorers "
-                          "or set scoring.fusion.weights")
+    used = fusion_weights(list(scores), weights, method)
     if len(used) == 1:
         return np.asarray(scores[next(iter(used))], dtype=np.float64)
     total = sum(abs(w) for w in used.values())
