@@ -137,8 +137,8 @@ def select_hits(order: np.ndarray, scaffolds_of, fps_of, spec: SelectionSpec,
     """Pick hits from candidates ranked best first.
 
     order: candidate indices, best first; scaffolds_of(indices) -> their Bemis-Murcko
-    scaffold SMILES (a list; ``murcko_scaffolds`` of their SMILES, computed wherever the
-    caller likes: the screen has its workers do it); fps_of(indices) -> packed
+    scaffold SMILES (a list: ``murcko_scaffolds`` of their SMILES; the screen reads the
+    library's canonical SMILES and takes the fast path); fps_of(indices) -> packed
     fingerprints of those candidates. Returns (chosen indices in rank order, the scaffold
     of every chosen index). Walks down the ranking keeping at most ``scaffold_cap`` per
     scaffold until ``top_m`` candidates, then (diversity=maxmin) picks ``n`` of them with
