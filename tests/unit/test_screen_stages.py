@@ -6,7 +6,7 @@ from rdkit import Chem, DataStructs
 from rdkit.Chem import Descriptors, rdFingerprintGenerator
 
 from biogen.chem.fingerprints import FingerprintSpec, pack_bits, popcounts
-from biogen.chem.scaffolds import murcko_scaffold, murcko_scaffolds
+from biogen.chem.scaffolds import murcko_scaffolds
 from biogen.chem.standardize import StandardizeSpec
 from biogen.errors import ConfigError, InputError
 from biogen.screen.selection import SelectionSpec, best_first, fuse_scores, select_hits
@@ -212,7 +212,7 @@ def test_select_hits_scaffold_cap_and_maxmin():
     chosen, scaff = select_hits(order, scaffolds_of, lambda idx: fps[idx],
                                 SelectionSpec(n=5, top_m=5, diversity="none", scaffold_cap=2))
     assert chosen.tolist() == [0, 1, 4, 5, 6]  # at most 2 benzene-scaffold molecules, rank order kept
-    assert scaff[0] == murcko_scaffold("c1ccccc1CC") == "c1ccccc1"
+    assert scaff[0] == murcko_scaffolds(["c1ccccc1CC"])[0] == "c1ccccc1"
     # candidates are fetched in blocks: the block size changes nothing
     for block in (1, 3):
         again = select_hits(order, scaffolds_of, lambda idx: fps[idx],

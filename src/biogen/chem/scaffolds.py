@@ -49,8 +49,3 @@ def murcko_scaffolds(smiles: Iterable[str], *, canonical: bool = False) -> list[
             mol = Chem.MolFromSmiles(s)
             out.append(MurckoScaffold.MurckoScaffoldSmiles(mol=mol) if mol is not None else "")
     return out
-
-
-def murcko_scaffold(smiles: str) -> str:
-    """The scaffold of one molecule (see ``murcko_scaffolds``)."""
-    return murcko_scaffolds([smiles])[0]

@@ -241,11 +241,8 @@ def _run_screen(
     seconds: dict[str, float] = {}
     t_start = time.perf_counter()
 
-    def setup(lib_path: Path) -> tuple[Library, TargetData, ScreenContext]:
-        """Library, target compounds, stage preparation (QSAR training): no Ray needed."""
-        t0 = time.perf_counter()
-        lib = Library.open(lib_path)
-        seconds["library"] = seconds.get("library", 0.0) + time.perf_counter() - t0
+    def setup(lib: Library) -> tuple[TargetData, ScreenContext]:
+        """Target compounds, stage preparation (QSAR training): no Ray needed."""
         t0 = time.perf_counter()
         tdata = load_target(target, lib.featurizer, lib.standardize)
         write_rejects(tdata.rejects, run_dir / "target_rejects.csv")
@@ -261,7 +258,7 @@ def _run_screen(
             st.prepare(ctx)
             if time.perf_counter() - t0 > 0.5:
                 seconds[f"prepare {st.name}"] = time.perf_counter() - t0
-        return lib, tdata, ctx
+        return tdata, ctx
 
     # A local Ray instance takes ~4 s to start: when the library is known without Ray (a path
     # or a cached preset), the set-up runs in a thread meanwhile. A preset that must be built
@@ -269,16 +266,17 @@ def _run_screen(
     t0 = time.perf_counter()
     lib_path = (Path(library.path) if library.path
                 else cached_preset(library, target.name, held_out_actives(target)))
+    lib = Library.open(lib_path) if lib_path is not None else None
     seconds["library"] = time.perf_counter() - t0
     early = None
-    if lib_path is not None and runtime.mode == "local":
+    if lib is not None and runtime.mode == "local":
         pool = ThreadPoolExecutor(1, thread_name_prefix="screen-setup")
-        early = pool.submit(setup, lib_path)
+        early = pool.submit(setup, lib)
         pool.shutdown(wait=False)
     with ray_session(runtime, shutdown_in_background=True) as slots:
-        if lib_path is None:  # target first: a preset library mixes in the target's held-out actives
+        if lib is None:  # target first: a preset library mixes in the target's held-out actives
             t0 = time.perf_counter()
-            lib_path = preset_library(library, target.name, held_out_actives(target), runtime)
+            lib = Library.open(preset_library(library, target.name, held_out_actives(target), runtime))
             seconds["library"] += time.perf_counter() - t0
         # the worker actors start and import torch & co. while the driver prepares the
         # library, target and model (after a preset build: they would hold its CPUs)
@@ -287,8 +285,9 @@ def _run_screen(
             modules += ["biogen.search.fused:warm_up"]  # its Numba kernel loads in ~0.4 s
         if any(isinstance(st, QSARScorer) for st in scorers):
             modules += ["torch", "biogen.models.predictor"]
-        actors = start_actors(runtime, slots, modules=modules, num_gpus=1.0 if accelerator == "gpu" else 0.0)
-        lib, tdata, ctx = early.result() if early is not None else setup(lib_path)
+        actors = start_actors(runtime, min(slots, max(1, len(lib.shards))), modules=modules,
+                              num_gpus=1.0 if accelerator == "gpu" else 0.0)  # no more actors than shards
+        tdata, ctx = early.result() if early is not None else setup(lib)
         for st in stages:
             log.info("stage %s", st.describe())
 
