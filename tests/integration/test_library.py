@@ -253,6 +253,7 @@ def test_rdkit_shipped_sdf_and_moses_subset(tmp_path, ray_rt):
 
     rep = build_library(dataset_path("rdkit_egfr"), tmp_path / "egfr", runtime=ray_rt, chunk_size=100)
     assert rep.records_read == 365 == rep.rows_added + rep.rejected
+    assert_scaffolds_stored(tmp_path / "egfr")
     try:
         moses = dataset_path("moses_test")
     except InputError as exc:
@@ -264,6 +265,21 @@ def test_rdkit_shipped_sdf_and_moses_subset(tmp_path, ray_rt):
     rep = build_library(str(head), tmp_path / "moses", runtime=ray_rt, chunk_size=500)
     assert rep.records_read == 2000 and rep.rows_added + rep.rejected == 2000
     assert rep.rows_added > 1990  # MOSES is curated: almost everything is kept
+    assert_scaffolds_stored(tmp_path / "moses")
+
+
+def assert_scaffolds_stored(path):
+    """The stored ``scaffold`` descriptor is RDKit's MurckoScaffoldSmiles of the stored
+    SMILES (full path, sanitized), the value a screen would otherwise compute."""
+    from biogen.chem.scaffolds import murcko_scaffolds
+
+    lib = Library.open(path)
+    assert "scaffold" in lib.manifest["descriptors"]
+    meta = lib.read_metadata(["smiles", "scaffold"])
+    assert meta.schema.field("scaffold").type == "string"
+    stored = meta.column("scaffold").to_pylist()
+    assert stored == murcko_scaffolds(meta.column("smiles").to_pylist())
+    assert "" in stored or len(set(stored)) > 10  # real scaffolds, not one placeholder
 
 
 def test_generated_ids_skip_ids_given_in_the_deposit(tmp_path, ray_rt):

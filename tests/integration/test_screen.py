@@ -82,9 +82,11 @@ def test_screen_inline_outputs_and_resume(lib_spec, tmp_path, inline_rt):
     assert again.hits.equals(res.hits)
 
 
-def test_labels_of_a_library_deduplicated_by_smiles(lib_spec, tmp_path, inline_rt):
+def test_labels_of_a_library_deduplicated_by_smiles(lib_spec, tmp_path, inline_rt, monkeypatch):
     """A library built with dedupe_key=smiles has no InChIKeys: held-out actives are matched by
-    canonical SMILES and the screen's enrichment equals the InChIKey-keyed preset's."""
+    canonical SMILES and the screen's enrichment equals the InChIKey-keyed preset's. Built
+    without the scaffold descriptor, its screen computes the scaffolds that the preset's
+    screen reads: the same hits."""
     from biogen.library import Library
     from biogen.library.ingest import build_library
     from biogen.screen.presets import preset_library
@@ -93,12 +95,55 @@ def test_labels_of_a_library_deduplicated_by_smiles(lib_spec, tmp_path, inline_r
     preset = Library.open(preset_library(lib_spec, THROMBIN.name, held_out_actives(THROMBIN), inline_rt))
     m = preset.manifest
     build_library([i["path"] for i in m["history"][0]["inputs"]], tmp_path / "lib", chunk_size=500,
-                  featurizer=preset.featurizer, standardize=preset.standardize, descriptors=m["descriptors"],
-                  dedupe_key="smiles", runtime=inline_rt)
-    ours = _screen(LibrarySpec(path=str(tmp_path / "lib")), tmp_path / "smi", inline_rt).metrics
-    theirs = _screen(lib_spec, tmp_path / "ik", inline_rt).metrics
-    assert ours["actives_in_library"] == theirs["actives_in_library"] == 215
-    assert ours == theirs
+                  featurizer=preset.featurizer, standardize=preset.standardize,
+                  descriptors=[d for d in m["descriptors"] if d != "scaffold"], dedupe_key="smiles", runtime=inline_rt)
+    assert "scaffold" in m["descriptors"]
+    ours = _screen(LibrarySpec(path=str(tmp_path / "lib")), tmp_path / "smi", inline_rt)
+    import biogen.screen.pipeline
+
+    def no_computing(*a, **k):
+        raise AssertionError("a library that stores scaffolds had them computed")
+
+    monkeypatch.setattr(biogen.screen.pipeline, "murcko_scaffolds", no_computing)
+    theirs = _screen(lib_spec, tmp_path / "ik", inline_rt)
+    assert ours.metrics["actives_in_library"] == theirs.metrics["actives_in_library"] == 215
+    assert ours.metrics == theirs.metrics
+    for col in ("smiles", "scaffold", "score"):
+        assert ours.hits.column(col).to_pylist() == theirs.hits.column(col).to_pylist()
+
+
+def test_prefetch_reads_library_columns_at_idle_priority(lib_spec, inline_rt):
+    """The columns a screen's outputs need are read while the shards run, in a thread that
+    only gets CPU time nothing else wants (Linux SCHED_IDLE): the same table as a plain read."""
+    from biogen.screen.pipeline import _library_columns, _prefetch_library_columns
+    from biogen.screen.presets import preset_library
+    from biogen.screen.target import held_out_actives
+
+    lib = Library.open(preset_library(lib_spec, THROMBIN.name, held_out_actives(THROMBIN), inline_rt))
+    pool, table = _prefetch_library_columns(lib, ["id", "inchikey", "scaffold"])
+    policy = pool.submit(os.sched_getscheduler, 0).result() if hasattr(os, "sched_getscheduler") else None
+    pool.shutdown()
+    assert table.result().equals(_library_columns(lib, ["id", "inchikey", "scaffold"]))
+    assert table.result().num_rows == lib.n_rows == LIMIT + 215
+    if sys.platform.startswith("linux"):
+        assert policy == os.SCHED_IDLE
+
+
+def test_metadata_that_does_not_match_the_fingerprints_is_refused(lib_spec, tmp_path, inline_rt):
+    """A shard whose metadata lost a row (the fingerprints did not): the screen names the
+    library and `biogen library verify` instead of writing misaligned ids."""
+    import shutil
+
+    from biogen.errors import CorruptLibraryError
+    from biogen.screen.presets import preset_library
+    from biogen.screen.target import held_out_actives
+
+    src = Library.open(preset_library(lib_spec, THROMBIN.name, held_out_actives(THROMBIN), inline_rt))
+    shutil.copytree(src.path, tmp_path / "lib")
+    meta = tmp_path / "lib" / "shards" / src.shards[0].name / "meta.parquet"
+    pq.write_table(pq.read_table(meta).slice(1), meta)
+    with pytest.raises(CorruptLibraryError, match="rows of metadata but its shards .* fingerprints.*library verify"):
+        _screen(LibrarySpec(path=str(tmp_path / "lib")), tmp_path / "run", inline_rt, filters=[])
 
 
 @pytest.mark.ray

@@ -82,6 +82,8 @@ def test_property_filter_presets_and_on_the_fly_descriptors():
         PropertyFilter("ro5")
     with pytest.raises(ConfigError):
         PropertyFilter(ranges={"weight": [0, 1]})
+    with pytest.raises(ConfigError, match="numeric descriptors.*scaffold"):
+        PropertyFilter(ranges={"scaffold": [0, 1]})
 
 
 def test_alert_and_smarts_filters():

@@ -1,5 +1,8 @@
 """Molecular descriptors stored with every library row.
 
+All are numbers except ``scaffold`` (text: the Bemis-Murcko scaffold SMILES), which
+property filters refuse.
+
 QED costs about 1 ms per molecule (its structural-alert matching dominates); its
 property vector already holds the Wildman-Crippen logP, which is reused for ``clogp``.
 """
@@ -11,6 +14,7 @@ from collections.abc import Callable, Sequence
 from rdkit import Chem
 from rdkit.Chem import QED, Crippen, Descriptors, rdMolDescriptors
 
+from biogen.chem.scaffolds import scaffold_of_canonical_smiles
 from biogen.errors import ConfigError
 
 # name -> (arrow type, description)
@@ -27,7 +31,10 @@ DESCRIPTORS: dict[str, tuple[str, str]] = {
     "formal_charge": ("int32", "net formal charge"),
     "qed": ("float64", "quantitative estimate of drug-likeness (Bickerton 2012)"),
     "fsp3": ("float64", "fraction of sp3 carbons"),
+    "scaffold": ("string", "Bemis-Murcko scaffold, canonical SMILES without stereo ('' if acyclic); "
+                           "a screen's per-scaffold cap reads it instead of computing it"),
 }
+TEXT_DESCRIPTORS = frozenset(n for n, (typ, _) in DESCRIPTORS.items() if typ == "string")
 
 _SIMPLE: dict[str, Callable[[Chem.Mol], float | int]] = {
     "mw": Descriptors.MolWt,
@@ -61,11 +68,15 @@ class DescriptorCalculator:
         self.names = validate_descriptor_names(names)
         self._need_qed_props = "qed" in self.names
 
-    def __call__(self, mol: Chem.Mol) -> list[float | int]:
+    def __call__(self, mol: Chem.Mol, smiles: str | None = None) -> list[float | int | str]:
+        """smiles: the molecule's canonical SMILES when the caller has it (the scaffold is
+        computed from it, exactly as a screen would from the stored SMILES)."""
         qprops = QED.properties(mol) if self._need_qed_props else None
-        out: list[float | int] = []
+        out: list[float | int | str] = []
         for name in self.names:
-            if name == "qed":
+            if name == "scaffold":
+                out.append(scaffold_of_canonical_smiles(smiles if smiles is not None else Chem.MolToSmiles(mol)))
+            elif name == "qed":
                 out.append(QED.qed(mol, qedProperties=qprops))
             elif name == "clogp":
                 out.append(qprops.ALOGP if qprops is not None else Crippen.MolLogP(mol))

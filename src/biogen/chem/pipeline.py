@@ -180,7 +180,7 @@ class MoleculeProcessor:
             try:
                 self.fingerprinter.fill(mol, bits[n])
                 t4 = clock()
-                values = self.descriptors(mol)
+                values = self.descriptors(mol, smiles)
             except Exception as exc:
                 bits[n] = 0
                 reject(rec, "featurize_error", f"{type(exc).__name__}: {exc}")

@@ -23,6 +23,16 @@ def _scaffold_of_canonical(smiles: str) -> str:
     return Chem.MolToSmiles(Chem.MurckoDecompose(mol), isomericSmiles=False)
 
 
+def scaffold_of_canonical_smiles(smiles: str) -> str:
+    """``murcko_scaffolds([smiles], canonical=True)[0]`` without blocking RDKit's log (the
+    library build stores this for every molecule: the ``scaffold`` descriptor)."""
+    try:
+        return _scaffold_of_canonical(smiles)
+    except Exception:  # noqa: BLE001 - RDKit raises several types; the full path decides
+        mol = Chem.MolFromSmiles(smiles)
+        return MurckoScaffold.MurckoScaffoldSmiles(mol=mol) if mol is not None else ""
+
+
 def murcko_scaffolds(smiles: Iterable[str], *, canonical: bool = False) -> list[str]:
     """Canonical Bemis-Murcko scaffold SMILES of each molecule ('' for acyclic or unreadable ones),
     as RDKit's ``MurckoScaffoldSmiles`` (stereo dropped).
@@ -41,11 +51,8 @@ def murcko_scaffolds(smiles: Iterable[str], *, canonical: bool = False) -> list[
     with rdBase.BlockLogs():
         for s in smiles:
             if canonical:
-                try:
-                    out.append(_scaffold_of_canonical(s))
-                    continue
-                except Exception:  # noqa: BLE001 - RDKit raises several types; the full path decides
-                    pass
+                out.append(scaffold_of_canonical_smiles(s))
+                continue
             mol = Chem.MolFromSmiles(s)
             out.append(MurckoScaffold.MurckoScaffoldSmiles(mol=mol) if mol is not None else "")
     return out

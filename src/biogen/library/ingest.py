@@ -465,7 +465,7 @@ def build_library(
     featurizer: FingerprintSpec = FingerprintSpec(),
     standardize: StandardizeSpec = StandardizeSpec(),
     descriptors: Sequence[str] = ("mw", "clogp", "tpsa", "hbd", "hba", "rotatable_bonds", "rings",
-                                  "aromatic_rings", "heavy_atoms", "formal_charge", "qed", "fsp3"),
+                                  "aromatic_rings", "heavy_atoms", "formal_charge", "qed", "fsp3", "scaffold"),
     reader: ReaderOptions = ReaderOptions(),
     dedupe: str = "keep_first",
     dedupe_key: str = "inchikey",

@@ -16,10 +16,11 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -127,16 +128,22 @@ class ScreenWorker:
 
 class _RowText:
     """SMILES and Bemis-Murcko scaffolds of library rows (by index into the screen's table),
-    each computed once. A request reads the SMILES column of each shard it touches (in
-    threads: pyarrow releases the GIL; the last ``keep`` shards' columns are kept for the
-    next request) and parses only the rows asked for."""
+    each looked up once. A request reads the SMILES column (and the ``scaffold`` column of
+    a library that stores it) of each shard it touches (in threads: pyarrow releases the
+    GIL; the last ``keep`` shards' columns are kept for the next request); a library
+    without stored scaffolds has those of the rows asked for computed from their SMILES."""
 
-    def __init__(self, library: Library, shard_of: np.ndarray, row_of: np.ndarray, keep: int = 256):
+    def __init__(self, library: Library, shard_of: np.ndarray, row_of: np.ndarray, keep: int = 256,
+                 scaffold_column: pa.Array | None = None):
         self.library, self.shard_of, self.row_of, self.keep = library, shard_of, row_of, keep
         self.text: dict[int, tuple[str, str]] = {}
-        self.columns: OrderedDict[int, pa.ChunkedArray] = OrderedDict()
+        self.columns: OrderedDict[int, pa.Table] = OrderedDict()
+        self.stored = "scaffold" in library.manifest.get("descriptors", [])
+        self.scaffold_column = scaffold_column  # the whole library's, in table order, when read already
 
     def scaffolds(self, idx: np.ndarray) -> list[str]:
+        if self.scaffold_column is not None:
+            return self.scaffold_column.take(pa.array(np.asarray(idx, dtype=np.int64))).to_pylist()
         return [t[1] for t in self._get(idx)]
 
     def smiles(self, idx: np.ndarray) -> list[str]:
@@ -148,35 +155,54 @@ class _RowText:
         for i in dict.fromkeys(i for i in idx if i not in self.text):
             groups.setdefault(int(self.shard_of[i]), []).append(i)
 
-        def read(shard: int) -> pa.ChunkedArray:
-            col = self.columns.get(shard)
-            return col if col is not None else self.library.shards[shard].metadata(["smiles"]).column("smiles")
+        columns = ["smiles", "scaffold"] if self.stored and self.scaffold_column is None else ["smiles"]
+
+        def read(shard: int) -> pa.Table:
+            cols = self.columns.get(shard)
+            return cols if cols is not None else self.library.shards[shard].metadata(columns)
 
         with ThreadPoolExecutor(min(8, max(1, len(groups)))) as pool:
-            for shard, col in zip(groups, pool.map(read, groups)):
-                self.columns[shard] = col
+            for shard, cols in zip(groups, pool.map(read, groups)):
+                self.columns[shard] = cols
                 self.columns.move_to_end(shard)
                 if len(self.columns) > self.keep:
                     self.columns.popitem(last=False)
-                smiles = col.take(pa.array(self.row_of[groups[shard]])).to_pylist()
+                rows = cols.take(pa.array(self.row_of[groups[shard]]))
+                smiles = rows.column("smiles").to_pylist()
                 # library SMILES are RDKit's canonical ones: the fast scaffold path applies
-                for i, smi, sc in zip(groups[shard], smiles, murcko_scaffolds(smiles, canonical=True)):
+                scaffolds = (rows.column("scaffold").to_pylist() if "scaffold" in rows.column_names
+                             else self.scaffold_column.take(pa.array(groups[shard], pa.int64())).to_pylist()
+                             if self.scaffold_column is not None else murcko_scaffolds(smiles, canonical=True))
+                for i, smi, sc in zip(groups[shard], smiles, scaffolds):
                     self.text[i] = (smi, sc)
         return [self.text[i] for i in idx]
 
 
-def _library_columns(library: Library, columns: list[str]) -> pa.Table:
-    """Metadata columns of the whole library in shard order: one dataset scan, which reads
-    the shards on Arrow's threads and hardly holds the GIL (a Python loop over the shards
-    in threads held it enough to slow the driver's own work)."""
+def _library_columns(library: Library, columns: list[str], use_threads: bool = True) -> pa.Table:
+    """Metadata columns of the whole library in shard order: one dataset scan, which hardly
+    holds the GIL (a Python loop over the shards in threads held it enough to slow the
+    driver's own work); on Arrow's threads, or only the calling one (``use_threads=False``)."""
     paths = [str(s.path / "meta.parquet") for s in library.shards]
     if not paths:
         return pa.table({c: pa.array([], pa.string()) for c in columns})
-    return pads.dataset(paths, format="parquet").to_table(columns=list(columns))
+    return pads.dataset(paths, format="parquet").to_table(columns=list(columns), use_threads=use_threads)
 
 
-def _library_column(library: Library, column: str) -> pa.Array:
-    return _library_columns(library, [column]).column(column).combine_chunks()
+def _idle_priority() -> None:
+    """Let the calling thread run only on CPU time that nothing else wants (Linux
+    SCHED_IDLE; elsewhere it keeps its priority). The screen's prefetch of library columns
+    runs so while the workers hold the cores, and does not slow them or the fusion."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: this thread
+    except (AttributeError, OSError):  # not Linux, or not permitted
+        pass
+
+
+def _prefetch_library_columns(library: Library, columns: list[str]) -> tuple[ThreadPoolExecutor, Future]:
+    """Read ``columns`` of the whole library in one idle-priority thread (started before the
+    shards run, so that the reads use what CPU the workers leave)."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="screen-prefetch", initializer=_idle_priority)
+    return pool, pool.submit(_library_columns, library, columns, False)
 
 
 def _write_sdf(hits: pa.Table, path: Path) -> None:
@@ -291,6 +317,17 @@ def _run_screen(
         for st in stages:
             log.info("stage %s", st.describe())
 
+        # what the outputs need of the library's metadata (ids, label keys, scaffolds, the
+        # report's properties) is read at idle priority while the shards run
+        key = lib.manifest["dedupe"]["key"]
+        label_set = tdata.label_keys if key == "inchikey" else tdata.label_smiles
+        stored = lib.manifest.get("descriptors", [])
+        props = [c for c in PROPERTY_COLUMNS if c in stored] if report else []
+        wanted = list(dict.fromkeys(["id"] + ([key] if label_set else [])
+                                    + (["scaffold"] if "scaffold" in stored else []) + props))
+        prefetch, library_columns = _prefetch_library_columns(lib, wanted)
+        prefetch.shutdown(wait=False)
+
         t0 = time.perf_counter()
         ledger = Ledger(run_dir / "ledger.jsonl", _job_key(lib, stages))
         shard_keys = [(f"shard-{s.name}", (i,)) for i, s in enumerate(lib.shards)]
@@ -305,12 +342,6 @@ def _run_screen(
     t0 = time.perf_counter()
     table = pa.concat_tables([feather.read_table(run_dir / f"shards/{s.name}.arrow", memory_map=True)
                               for s in lib.shards])
-    # meanwhile, in a thread: the library's ids and label keys (pyarrow reads without the GIL)
-    bg = ThreadPoolExecutor(1, thread_name_prefix="screen-bg")
-    id_column = bg.submit(_library_column, lib, "id")
-    key = lib.manifest["dedupe"]["key"]
-    label_set = tdata.label_keys if key == "inchikey" else tdata.label_smiles
-    key_column = bg.submit(_library_column, lib, key) if label_set else None
     n_total = table.num_rows
     alive = np.ones(n_total, dtype=bool)
     funnel = [("library", n_total)]
@@ -342,23 +373,25 @@ def _run_screen(
     def fps_of(idx: np.ndarray) -> np.ndarray:
         return np.stack([lib.shards[int(shard_of[i])].fingerprints[int(row_of[i])] for i in idx])
 
-    text = _RowText(lib, shard_of, row_of)
+    meta = library_columns.result()
+    if meta.num_rows != n_total:
+        raise CorruptLibraryError(f"the library at {lib.path} has {meta.num_rows} rows of metadata but its "
+                                  f"shards {n_total} fingerprints; run `biogen library verify` on it")
+    text = _RowText(lib, shard_of, row_of, scaffold_column=(meta.column("scaffold").combine_chunks()
+                                                            if "scaffold" in meta.column_names else None))
     chosen, scaffolds = (select_hits(order, text.scaffolds, fps_of, selection) if len(order)
                          else (np.zeros(0, dtype=np.int64), []))
     hit_smiles = text.smiles(chosen)
     seconds["selection"] = time.perf_counter() - t0
-    ids = id_column.result()
-    if len(ids) != n_total:
-        raise CorruptLibraryError(f"the library at {lib.path} has {len(ids)} ids but its shards {n_total} "
-                                  "rows; run `biogen library verify` on it")
+    ids = meta.column("id").combine_chunks()
     table = table.add_column(2, "id", ids)
 
     # labels (held-out or given actives), matched by the library's dedupe key: InChIKey, or
     # canonical SMILES for a library built with dedupe_key=smiles
     metrics = None
     labels = None
-    if key_column is not None:
-        labels = pc.is_in(key_column.result(), value_set=pa.array(sorted(label_set))).to_numpy(zero_copy_only=False)
+    if label_set:
+        labels = pc.is_in(meta.column(key), value_set=pa.array(sorted(label_set))).to_numpy(zero_copy_only=False)
         labels = labels.astype(bool)
         table = table.append_column("label", pa.array(labels))
         if labels.any() and (~labels).any():
@@ -392,6 +425,7 @@ def _run_screen(
     pacsv.write_csv(hits, run_dir / "hits.csv")
     _write_sdf(hits, run_dir / "hits.sdf")
     # the per-molecule table (every library row) is written while the report renders
+    bg = ThreadPoolExecutor(1, thread_name_prefix="screen-bg")
     scores_written = bg.submit(pq.write_table, table, run_dir / "scores.parquet")
     shutil.copy(lib.path / "manifest.json", run_dir / "library_manifest.json")
     if config_yaml:
@@ -418,7 +452,7 @@ def _run_screen(
     report_path = None
     if report:
         t0 = time.perf_counter()
-        report_path = _write_report(run_dir, target, lib, summary, funnel, seconds, score_cols, alive, fused,
+        report_path = _write_report(run_dir, target, meta, summary, funnel, seconds, score_cols, alive, fused,
                                     hits, labels, metrics, tdata.label_name, config_yaml, notes, chosen,
                                     time.perf_counter() - t_start)
         seconds["report"] = time.perf_counter() - t0
@@ -442,14 +476,14 @@ def run_screen(*args, **kwargs) -> ScreenResult:
         wait_for_ray_shutdown()  # the local Ray instance stopped while the outputs were written
 
 
-def _write_report(run_dir, target, lib, summary, funnel, seconds, score_cols, alive, fused, hits, labels,
+def _write_report(run_dir, target, meta, summary, funnel, seconds, score_cols, alive, fused, hits, labels,
                   metrics, label_name, config_yaml, notes, chosen, wall) -> Path:
+    """meta: library metadata columns (rows in table order), with the stored PROPERTY_COLUMNS."""
     from biogen.screen.report import ReportData, write_report
 
     props = None
-    have = [c for c in PROPERTY_COLUMNS if c in lib.manifest.get("descriptors", [])]
+    have = [c for c in PROPERTY_COLUMNS if c in meta.column_names]
     if have:
-        meta = _library_columns(lib, have)
         rng = np.random.default_rng(0)
         sample = rng.choice(meta.num_rows, size=min(20000, meta.num_rows), replace=False)
         cols = {c: meta.column(c).to_numpy(zero_copy_only=False).astype(np.float64) for c in have}
@@ -460,7 +494,7 @@ def _write_report(run_dir, target, lib, summary, funnel, seconds, score_cols, al
                       "label_name": label_name}
     data = ReportData(
         title=f"biogen screen: {target.name} vs {summary['library_name']} ({summary['molecules']:,} molecules)",
-        summary={"target": f"{target.name} {target.description}".strip(), "library": str(lib.path),
+        summary={"target": f"{target.name} {target.description}".strip(), "library": summary["library"],
                  "molecules": f"{summary['molecules']:,}", "known actives": summary["known_actives"],
                  "hits": hits.num_rows, "workers": summary["workers"], "accelerator": summary["accelerator"],
                  "run directory": str(run_dir), "wall time (s)": f"{wall:.1f}"},

@@ -20,7 +20,7 @@ from typing import Protocol
 import numpy as np
 from rdkit import Chem, RDLogger
 
-from biogen.chem.descriptors import DescriptorCalculator, validate_descriptor_names
+from biogen.chem.descriptors import TEXT_DESCRIPTORS, DescriptorCalculator, validate_descriptor_names
 from biogen.chem.fingerprints import FingerprintSpec
 from biogen.errors import ConfigError
 
@@ -147,6 +147,10 @@ class PropertyFilter(_Base):
         if not merged:
             raise ConfigError("a property filter needs a preset or at least one range, e.g. ranges: {mw: [null, 500]}")
         validate_descriptor_names(list(merged))
+        text = sorted(set(merged) & TEXT_DESCRIPTORS)
+        if text:
+            raise ConfigError(f"property ranges need numeric descriptors; {text} hold text (the scaffold is "
+                              "used by selection.scaffold_cap, not by filters)")
         self.ranges = merged
         self.max_violations = base_viol if max_violations is None else int(max_violations)
         self.name = name or preset or "properties"
