@@ -42,6 +42,25 @@ def wait_for_shards(lib: Path, n: int, proc: subprocess.Popen, timeout: float = 
         time.sleep(0.2)
 
 
+def wait_until_running_a_task(cluster: LocalCluster, i: int, timeout: float = 60) -> None:
+    """Until a Ray worker process of worker node ``i`` runs a task (its title is then
+    ``ray::<task>``, not ``ray::IDLE``): a kill right after a shard was recorded could
+    otherwise land while that node waits for its next shard, and lose nothing."""
+    from biogen.runtime.local_cluster import _descendants
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for pid in _descendants(cluster.workers[i].pid):
+            try:
+                title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            except OSError:
+                continue
+            if title.startswith("ray::") and title != "ray::IDLE" and not title.endswith("Agent"):
+                return
+        time.sleep(0.02)
+    pytest.fail(f"worker node {i} ran no task for {timeout} s")
+
+
 @pytest.fixture(scope="module")
 def smiles(tmp_path_factory) -> Path:
     return moses_subset(N_MOLECULES, tmp_path_factory.mktemp("drill") / "deposit.smi")
@@ -136,6 +155,7 @@ def test_worker_node_killed_mid_build(cluster, smiles, env, reference, tmp_path)
             f"runtime.address={cluster.address}", "runtime.progress=false"]
     proc = biogen(*args, env={**env, **cluster.env}, cwd=tmp_path, wait=False)
     wait_for_shards(tmp_path / "lib", 6, proc)
+    wait_until_running_a_task(cluster, 0)
     cluster.kill_worker(0)  # raylet, object store and workers of that node, at once
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
