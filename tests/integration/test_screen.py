@@ -85,8 +85,8 @@ def test_screen_inline_outputs_and_resume(lib_spec, tmp_path, inline_rt):
 def test_labels_of_a_library_deduplicated_by_smiles(lib_spec, tmp_path, inline_rt, monkeypatch):
     """A library built with dedupe_key=smiles has no InChIKeys: held-out actives are matched by
     canonical SMILES and the screen's enrichment equals the InChIKey-keyed preset's. Built
-    without the scaffold descriptor, its screen computes the scaffolds that the preset's
-    screen reads: the same hits."""
+    with the scaffold descriptor, its screen reads the scaffolds that the preset's screen
+    computes: the same hits."""
     from biogen.library import Library
     from biogen.library.ingest import build_library
     from biogen.screen.presets import preset_library
@@ -96,16 +96,16 @@ def test_labels_of_a_library_deduplicated_by_smiles(lib_spec, tmp_path, inline_r
     m = preset.manifest
     build_library([i["path"] for i in m["history"][0]["inputs"]], tmp_path / "lib", chunk_size=500,
                   featurizer=preset.featurizer, standardize=preset.standardize,
-                  descriptors=[d for d in m["descriptors"] if d != "scaffold"], dedupe_key="smiles", runtime=inline_rt)
-    assert "scaffold" in m["descriptors"]
-    ours = _screen(LibrarySpec(path=str(tmp_path / "lib")), tmp_path / "smi", inline_rt)
+                  descriptors=[*m["descriptors"], "scaffold"], dedupe_key="smiles", runtime=inline_rt)
+    assert "scaffold" not in m["descriptors"]
+    theirs = _screen(lib_spec, tmp_path / "ik", inline_rt)
     import biogen.screen.pipeline
 
     def no_computing(*a, **k):
         raise AssertionError("a library that stores scaffolds had them computed")
 
     monkeypatch.setattr(biogen.screen.pipeline, "murcko_scaffolds", no_computing)
-    theirs = _screen(lib_spec, tmp_path / "ik", inline_rt)
+    ours = _screen(LibrarySpec(path=str(tmp_path / "lib")), tmp_path / "smi", inline_rt)
     assert ours.metrics["actives_in_library"] == theirs.metrics["actives_in_library"] == 215
     assert ours.metrics == theirs.metrics
     for col in ("smiles", "scaffold", "score"):
@@ -120,10 +120,10 @@ def test_prefetch_reads_library_columns_at_idle_priority(lib_spec, inline_rt):
     from biogen.screen.target import held_out_actives
 
     lib = Library.open(preset_library(lib_spec, THROMBIN.name, held_out_actives(THROMBIN), inline_rt))
-    pool, table = _prefetch_library_columns(lib, ["id", "inchikey", "scaffold"])
+    pool, table = _prefetch_library_columns(lib, ["id", "inchikey", "mw"])
     policy = pool.submit(os.sched_getscheduler, 0).result() if hasattr(os, "sched_getscheduler") else None
     pool.shutdown()
-    assert table.result().equals(_library_columns(lib, ["id", "inchikey", "scaffold"]))
+    assert table.result().equals(_library_columns(lib, ["id", "inchikey", "mw"]))
     assert table.result().num_rows == lib.n_rows == LIMIT + 215
     if sys.platform.startswith("linux"):
         assert policy == os.SCHED_IDLE
