@@ -128,54 +128,46 @@ class ScreenWorker:
 
 class _RowText:
     """SMILES and Bemis-Murcko scaffolds of library rows (by index into the screen's table),
-    each looked up once. A request reads the SMILES column (and the ``scaffold`` column of
-    a library that stores it) of each shard it touches (in threads: pyarrow releases the
-    GIL; the last ``keep`` shards' columns are kept for the next request); a library
-    without stored scaffolds has those of the rows asked for computed from their SMILES."""
+    each looked up once. SMILES: a request reads the SMILES column of each shard it touches
+    (in threads: pyarrow releases the GIL; the last ``keep`` shards' columns are kept for
+    the next request). Scaffolds: taken from ``scaffold_column`` (the library's stored
+    ones, in table order) when given, else computed from the SMILES."""
 
     def __init__(self, library: Library, shard_of: np.ndarray, row_of: np.ndarray, keep: int = 256,
                  scaffold_column: pa.Array | None = None):
         self.library, self.shard_of, self.row_of, self.keep = library, shard_of, row_of, keep
-        self.text: dict[int, tuple[str, str]] = {}
-        self.columns: OrderedDict[int, pa.Table] = OrderedDict()
-        self.stored = "scaffold" in library.manifest.get("descriptors", [])
-        self.scaffold_column = scaffold_column  # the whole library's, in table order, when read already
+        self.scaffold_column = scaffold_column
+        self._smiles: dict[int, str] = {}
+        self._scaffolds: dict[int, str] = {}
+        self.columns: OrderedDict[int, pa.ChunkedArray] = OrderedDict()
 
     def scaffolds(self, idx: np.ndarray) -> list[str]:
+        idx = [int(i) for i in np.asarray(idx).tolist()]
         if self.scaffold_column is not None:
-            return self.scaffold_column.take(pa.array(np.asarray(idx, dtype=np.int64))).to_pylist()
-        return [t[1] for t in self._get(idx)]
+            return self.scaffold_column.take(pa.array(idx, pa.int64())).to_pylist()
+        missing = [i for i in dict.fromkeys(idx) if i not in self._scaffolds]
+        if missing:  # library SMILES are RDKit's canonical ones: the fast scaffold path applies
+            self._scaffolds.update(zip(missing, murcko_scaffolds(self.smiles(missing), canonical=True)))
+        return [self._scaffolds[i] for i in idx]
 
-    def smiles(self, idx: np.ndarray) -> list[str]:
-        return [t[0] for t in self._get(idx)]
-
-    def _get(self, idx: np.ndarray) -> list[tuple[str, str]]:
+    def smiles(self, idx) -> list[str]:
         idx = [int(i) for i in np.asarray(idx).tolist()]
         groups: dict[int, list[int]] = {}
-        for i in dict.fromkeys(i for i in idx if i not in self.text):
+        for i in dict.fromkeys(i for i in idx if i not in self._smiles):
             groups.setdefault(int(self.shard_of[i]), []).append(i)
 
-        columns = ["smiles", "scaffold"] if self.stored and self.scaffold_column is None else ["smiles"]
-
-        def read(shard: int) -> pa.Table:
-            cols = self.columns.get(shard)
-            return cols if cols is not None else self.library.shards[shard].metadata(columns)
+        def read(shard: int) -> pa.ChunkedArray:
+            col = self.columns.get(shard)
+            return col if col is not None else self.library.shards[shard].metadata(["smiles"]).column("smiles")
 
         with ThreadPoolExecutor(min(8, max(1, len(groups)))) as pool:
-            for shard, cols in zip(groups, pool.map(read, groups)):
-                self.columns[shard] = cols
+            for shard, col in zip(groups, pool.map(read, groups)):
+                self.columns[shard] = col
                 self.columns.move_to_end(shard)
                 if len(self.columns) > self.keep:
                     self.columns.popitem(last=False)
-                rows = cols.take(pa.array(self.row_of[groups[shard]]))
-                smiles = rows.column("smiles").to_pylist()
-                # library SMILES are RDKit's canonical ones: the fast scaffold path applies
-                scaffolds = (rows.column("scaffold").to_pylist() if "scaffold" in rows.column_names
-                             else self.scaffold_column.take(pa.array(groups[shard], pa.int64())).to_pylist()
-                             if self.scaffold_column is not None else murcko_scaffolds(smiles, canonical=True))
-                for i, smi, sc in zip(groups[shard], smiles, scaffolds):
-                    self.text[i] = (smi, sc)
-        return [self.text[i] for i in idx]
+                self._smiles.update(zip(groups[shard], col.take(pa.array(self.row_of[groups[shard]])).to_pylist()))
+        return [self._smiles[i] for i in idx]
 
 
 def _library_columns(library: Library, columns: list[str], use_threads: bool = True) -> pa.Table:
