@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -124,7 +125,7 @@ class MoleculeProcessor:
             return None, self._log.take() or "RDKit could not parse the record"
         return mol, ""
 
-    def process(self, records: list[RawRecord]) -> ProcessedChunk:
+    def process(self, records: Sequence[RawRecord]) -> ProcessedChunk:
         out = ProcessedChunk(n_in=len(records))
         t = dict.fromkeys(STAGES, 0.0)
         names = self.spec.descriptors

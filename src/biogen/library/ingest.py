@@ -41,7 +41,7 @@ from biogen.chem.descriptors import validate_descriptor_names
 from biogen.chem.fingerprints import FingerprintSpec, popcounts
 from biogen.chem.pipeline import MoleculeProcessor, ProcessorSpec, descriptor_arrow_types
 from biogen.chem.readers import InputInfo, ReaderOptions, inspect_input, iter_records, resolve_inputs
-from biogen.chem.records import RawRecord, Reject
+from biogen.chem.records import RawRecord, RecordBatch, Reject
 from biogen.chem.standardize import StandardizeSpec
 from biogen.errors import ConfigError, InputError, LibraryError
 from biogen.library.manifest import (
@@ -105,7 +105,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
             fh.write(json.dumps(r) + "\n")
 
 
-def map_part(work: str, part: int, records: list[RawRecord], spec: ProcessorSpec, inchikey: bool = True):
+def map_part(work: str, part: int, records: Sequence[RawRecord], spec: ProcessorSpec, inchikey: bool = True):
     """Phase-1 task: one chunk of raw records -> part files. Returns (outputs, result).
     inchikey=False (``dedupe_key=smiles``): the InChIKey column is left empty."""
     work = Path(work)
@@ -216,16 +216,18 @@ def _locked(lib_dir: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _chunks(infos: list[InputInfo], opts: ReaderOptions, size: int) -> Iterator[tuple[int, list[RawRecord]]]:
+def _chunks(infos: list[InputInfo], opts: ReaderOptions, size: int) -> Iterator[tuple[int, RecordBatch]]:
+    """The records of all inputs in chunks of ``size``, as batches that cross to the Ray
+    tasks column-wise (a list would be pickled record by record in the driver)."""
     part, buf = 0, []
     for info in infos:
         for rec in iter_records(info, opts):
             buf.append(rec)
             if len(buf) == size:
-                yield part, buf
+                yield part, RecordBatch(buf)
                 part, buf = part + 1, []
     if buf:
-        yield part, buf
+        yield part, RecordBatch(buf)
 
 
 def _preflight(inputs: str | Sequence[str], opts: ReaderOptions) -> list[InputInfo]:
