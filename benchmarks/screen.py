@@ -13,12 +13,15 @@ Two workloads, same run:
 
 Anchors in the same run: the kernels alone on the same data, outside the pipeline —
 fused similarity (Numba, all rows x all actives) and QSAR predict (torch), single
-thread — so glue = wall - (library + training) - (per-stage compute / workers) is
-measured, not assumed. Correctness first: the pipeline's scores for a sample of rows
-equal the kernels' scores computed directly.
+thread — so glue = wall - (library + target + training) - (per-stage compute / workers)
+is measured, not assumed. It is reported as a fraction of the wall time (the target's
+measure) and, stricter, of the time after the set-up (a screen whose model was trained
+beforehand has a short set-up, and Ray's start no longer hides behind it). Correctness
+first: the pipeline's scores for a sample of rows equal the kernels' scores computed
+directly.
 
 The VM's speed drifts: the large screen runs ``--repeats`` times (3) and the run with
-the median glue fraction is reported, all runs listed; the glue is split into the
+the median (stricter) glue fraction is reported, all runs listed; the glue is split into the
 workers' time around the stages, dispatch/worker start/tail, and the post-processing.
 
     python benchmarks/screen.py --library /path/to/moses_train_lib
@@ -150,7 +153,13 @@ def run_large(library: str, out: Path, workers: int, limit_shards: int | None) -
         "screen_after_setup_s": round(after_setup, 1),
         "molecules_per_s_after_setup": round(n / after_setup, 0),
         "stage_compute_per_worker_s": round(compute, 1),
-        "glue_s": round(glue, 1), "glue_fraction_of_screen": round(glue / after_setup, 3),
+        "glue_s": round(glue, 1),
+        # the issue's measure: glue over the screen's whole wall time (set-up included: target
+        # featurization and QSAR training are chemistry and model work, not glue)
+        "glue_fraction_of_wall": round(glue / wall, 3),
+        # stricter: glue over the time after the set-up (what a screen with a model trained
+        # beforehand would see, where Ray's start is no longer hidden behind the training)
+        "glue_fraction_of_screen": round(glue / after_setup, 3),
         "glue_parts_s": {
             "workers, around the stages (per worker)": round((worker_wall - stage_sum) / workers, 2),
             "dispatch, worker start and last-shard tail": round(s["shards (wall)"] - worker_wall / workers, 2),
@@ -199,12 +208,12 @@ def main() -> None:
             runs = [run_large(args.library, tmp / f"large{i}", args.workers, args.limit_shards)
                     for i in range(args.repeats)]
             for r in runs:
-                print(f"large screen: wall {r['wall_s']} s, glue {r['glue_s']} s ({r['glue_fraction_of_screen']:.1%})",
-                      flush=True)
+                print(f"large screen: wall {r['wall_s']} s, glue {r['glue_s']} s ({r['glue_fraction_of_wall']:.1%} of the "
+                      f"wall, {r['glue_fraction_of_screen']:.1%} of the time after set-up)", flush=True)
             order = sorted(range(len(runs)), key=lambda i: runs[i]["glue_fraction_of_screen"])
             result["large"] = {**runs[order[len(runs) // 2]], "repeats": [
                 {k: r[k] for k in ("wall_s", "screen_after_setup_s", "stage_compute_per_worker_s", "glue_s",
-                                   "glue_fraction_of_screen")} for r in runs]}
+                                   "glue_fraction_of_wall", "glue_fraction_of_screen")} for r in runs]}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(json.dumps(result, indent=2, default=str))
