@@ -95,6 +95,10 @@ def write_subset(src: str, dst: Path, start: int, stop: int | None) -> int:
     return n
 
 
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o)) + "\n")
+
+
 def plain_loop(path: Path):
     """The anchor: parse + Morgan fingerprint, one core, nothing else."""
     gen = rdFingerprintGenerator.GetMorganGenerator(radius=2, fpSize=2048)
@@ -238,7 +242,7 @@ def main() -> None:
             "scaling_max_vs_1_workers": round(runs[w_max]["mol_per_s"] / one["mol_per_s"], 3) if w_max > 1 else None}
         print(json.dumps(res["ratios"], indent=2))
         out = args.out or Path("benchmarks/results") / "library_build_scaling-moses_train.json"
-        out.write_text(json.dumps(res, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o)) + "\n")
+        _write_json(out, res)
         print(f"wrote {out}")
         return
 
@@ -293,7 +297,7 @@ def main() -> None:
     print(json.dumps(res["ratios"], indent=2))
     out = args.out or Path("benchmarks/results") / f"library_build-{datetime.now():%Y%m%d}-n{n}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o)) + "\n")
+    _write_json(out, res)
     print(f"wrote {out}")
 
 
@@ -332,7 +336,7 @@ def dedupe_keys_only(args) -> None:
     }
     print(json.dumps(out["ratios"], indent=2))
     dst = args.out or Path("benchmarks/results") / "library_build_dedupe_keys.json"
-    dst.write_text(json.dumps(out, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o)) + "\n")
+    _write_json(dst, out)
     print(f"wrote {dst}")
 
 
@@ -354,7 +358,7 @@ def memory_only(args) -> None:
         print(out["runs"][-1], flush=True)
     out["peak_rss_ratio_4x_input"] = round(out["runs"][1]["peak_rss_mib"] / out["runs"][0]["peak_rss_mib"], 3)
     dst = args.out or Path("benchmarks/results") / "library_build_memory.json"
-    dst.write_text(json.dumps(out, indent=2) + "\n")
+    _write_json(dst, out)
     print(f"wrote {dst}")
 
 

@@ -41,6 +41,16 @@ def test_build_config_groups_instantiate(featurizer, standardize):
     assert cfg.input.endswith("test.csv.gz")  # the default job's data: MOSES test from molsets
 
 
+def test_build_config_default_descriptors_are_the_python_defaults():
+    """`biogen library build` and `build_library()` store the same descriptors by default."""
+    from biogen.chem.descriptors import DEFAULT_DESCRIPTORS
+
+    _register_resolvers()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose(config_name="library_build")
+    assert tuple(cfg.descriptors) == DEFAULT_DESCRIPTORS
+
+
 def test_presets_mean_what_they_say():
     _register_resolvers()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):

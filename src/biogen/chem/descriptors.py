@@ -35,6 +35,7 @@ DESCRIPTORS: dict[str, tuple[str, str]] = {
                            "a screen's per-scaffold cap reads it instead of computing it"),
 }
 TEXT_DESCRIPTORS = frozenset(n for n, (typ, _) in DESCRIPTORS.items() if typ == "string")
+DEFAULT_DESCRIPTORS = tuple(DESCRIPTORS)  # a library build stores all of them unless told otherwise
 
 _SIMPLE: dict[str, Callable[[Chem.Mol], float | int]] = {
     "mw": Descriptors.MolWt,

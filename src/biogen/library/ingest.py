@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pac
 import pyarrow.parquet as pq
 
-from biogen.chem.descriptors import validate_descriptor_names
+from biogen.chem.descriptors import DEFAULT_DESCRIPTORS, validate_descriptor_names
 from biogen.chem.fingerprints import FingerprintSpec, popcounts
 from biogen.chem.pipeline import MoleculeProcessor, ProcessorSpec, descriptor_arrow_types
 from biogen.chem.readers import InputInfo, ReaderOptions, inspect_input, iter_records, resolve_inputs
@@ -466,8 +466,7 @@ def build_library(
     *,
     featurizer: FingerprintSpec = FingerprintSpec(),
     standardize: StandardizeSpec = StandardizeSpec(),
-    descriptors: Sequence[str] = ("mw", "clogp", "tpsa", "hbd", "hba", "rotatable_bonds", "rings",
-                                  "aromatic_rings", "heavy_atoms", "formal_charge", "qed", "fsp3", "scaffold"),
+    descriptors: Sequence[str] = DEFAULT_DESCRIPTORS,
     reader: ReaderOptions = ReaderOptions(),
     dedupe: str = "keep_first",
     dedupe_key: str = "inchikey",
