@@ -20,13 +20,12 @@ def versions(*extra: str) -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     import pyarrow
-    import ray
 
     import biogen
 
     v = {"python": platform.python_version(), "rdkit": rdBase.rdkitVersion, "numpy": np.__version__,
-         "pyarrow": pyarrow.__version__, "ray": ray.__version__, "biogen": biogen.__version__}
-    for name in ("fpsim2", "numba", "cupy-cuda12x", *extra):
+         "pyarrow": pyarrow.__version__, "biogen": biogen.__version__}
+    for name in ("ray", "fpsim2", "numba", "cupy-cuda12x", "cupy-cuda13x", *extra):
         try:
             v[name] = version(name)
         except PackageNotFoundError:

@@ -1,7 +1,8 @@
 """ESM-2 embedding throughput: biogen's packed forward vs fair-esm and Hugging Face, same run.
 
 Workload (PERFORMANCE.md section 2): real UniProt proteins from Debian's mmseqs2-examples
-(``/usr/share/doc/mmseqs2/example-data/DB.fasta.gz``, 20,000 sequences), a seeded random
+(``/usr/share/doc/mmseqs2/example-data/DB.fasta.gz``, 20,000 sequences; or
+``$BIOGEN_DATA_DIR/uniprot_20k.fasta.gz``, see ``biogen.datasets``), a seeded random
 sample of them per model (the CPU cannot run all 20,000 through 150M/650M in a sitting),
 truncated to 1,022 residues; ESM-2 architectures with random weights (speed does not
 depend on weight values), saved as a fair-esm ``.pt`` and a Hugging Face directory by
@@ -21,7 +22,9 @@ Ratios are reported twice: ``speedup`` from the medians and ``speedup_best`` fro
 path's fastest run (the least disturbed one on a shared machine).
 
 Correctness first: for every model, each anchor's pooled vectors are compared with ours
-(max abs difference in fp32, cosine in bf16) before anything is timed. Each path is then
+(max abs difference in fp32, cosine in bf16) before anything is timed. On a GPU,
+``--parity N`` also embeds N sequences with biogen in fp32 and bf16 and reports the
+cosine per sequence (PERFORMANCE.md: >= 0.999). Each path is then
 run ``--repeats`` times, paths interleaved, median and spread reported. tokens/s counts
 residues + BOS + EOS of the (truncated) sequences, the same count for every path; MFU =
 useful FLOPs (no padding, no LM head) / time / peak, the peak being a square matmul
@@ -30,6 +33,7 @@ bf16 peak (790 TFLOP/s for an H100, PERFORMANCE.md).
 
     python benchmarks/embedding.py                                # CPU: 8M, 35M, 150M, 650M
     python benchmarks/embedding.py --device cuda --models 8M,35M,150M,650M,3B
+    python benchmarks/embedding.py --device cuda --paths hf_padded --sample 2000 --parity 200
 """
 
 from __future__ import annotations
@@ -55,11 +59,12 @@ sys.path.insert(0, str(ROOT / "tests"))
 import esm_fixtures as fx  # noqa: E402
 from _common import machine, versions  # noqa: E402
 
+from biogen.datasets import dataset_path  # noqa: E402
 from biogen.protein.embed import Embedder, EmbedSpec  # noqa: E402
 from biogen.protein.models import ESM2_ARCHS, MAX_RESIDUES  # noqa: E402
 from biogen.protein.tokenizer import TOKENS  # noqa: E402
 
-DB = Path("/usr/share/doc/mmseqs2/example-data/DB.fasta.gz")
+ANCHORS = ("fair_esm", "hf_padded", "hf_sorted")
 SHORT = {"8M": "esm2_t6_8M_UR50D", "35M": "esm2_t12_35M_UR50D", "150M": "esm2_t30_150M_UR50D",
          "650M": "esm2_t33_650M_UR50D", "3B": "esm2_t36_3B_UR50D", "15B": "esm2_t48_15B_UR50D"}
 NOMINAL_BF16 = {"H100": 790e12, "H200": 790e12, "A100": 312e12}
@@ -195,13 +200,18 @@ def bench_model(short: str, seqs: list[str], args, tmp: Path, peaks: dict) -> di
     dev, gpu = args.device, args.device == "cuda"
     dtype = torch.bfloat16 if gpu else torch.float32
     print(f"\n== {arch.name}: building random weights ({arch.n_params / 1e6:.0f}M trunk parameters)", flush=True)
-    r = fx.build(tmp, arch.name, arch.num_layers, arch.embed_dim, arch.attention_heads, seed=0)
+    want_hf = any(k.startswith("hf_") for k in args.paths)
+    r = fx.build(tmp, arch.name, arch.num_layers, arch.embed_dim, arch.attention_heads, seed=0,
+                 formats=("fair-esm", "hf") if want_hf else ("fair-esm",))
     layer = arch.num_layers
-    ref_model = r.model.to(dev)
-    if gpu:
-        ref_model = ref_model.to(dtype)  # fair-esm in bf16 weights on GPU (its LayerNorms then run in bf16)
-    hf = EsmModel.from_pretrained(r.hf_dir, attn_implementation="sdpa", dtype=dtype).to(dev).eval()
-    tok = hf_tokenizer(tmp)
+    ref_model = None
+    if "fair_esm" in args.paths:
+        ref_model = r.model.to(dev)
+        if gpu:
+            ref_model = ref_model.to(dtype)  # fair-esm in bf16 weights on GPU (its LayerNorms then run in bf16)
+    r.model = None
+    hf = EsmModel.from_pretrained(r.hf_dir, attn_implementation="sdpa", dtype=dtype).to(dev).eval() if want_hf else None
+    tok = hf_tokenizer(tmp) if want_hf else None
     emb = Embedder(r.pt_path, EmbedSpec(layers=(-1,), token_budget=args.token_budget), device=dev)
 
     lens = np.array([min(len(s), MAX_RESIDUES) for s in seqs])
@@ -225,11 +235,12 @@ def bench_model(short: str, seqs: list[str], args, tmp: Path, peaks: dict) -> di
                                        dev),
         "biogen": lambda s: ours_path(emb, s, layer),
     }
+    paths = {k: f for k, f in paths.items() if k == "biogen" or k in args.paths}
     # correctness first (also the warm-up): every path on the same 6 sequences
     check = seqs[:6]
     got = {k: f(check) for k, f in paths.items()}
     correctness = {}
-    for k in ("fair_esm", "hf_padded", "hf_sorted"):
+    for k in [p for p in paths if p != "biogen"]:
         a, b = got[k], got["biogen"]
         cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
         correctness[k] = {"max_abs_diff": float(np.abs(a - b).max()), "min_cosine": float(cos.min())}
@@ -241,6 +252,17 @@ def bench_model(short: str, seqs: list[str], args, tmp: Path, peaks: dict) -> di
         if not ok:
             print(f"   !!! {arch.name}: {k} disagrees with biogen: {correctness[k]}", flush=True)
     print(f"   correctness vs biogen: {correctness}", flush=True)
+    parity = None
+    if gpu and args.parity:  # biogen bf16 vs biogen fp32, per sequence
+        sub = seqs[: args.parity]
+        fp32 = Embedder(r.pt_path, EmbedSpec(layers=(-1,), token_budget=args.token_budget, dtype="float32"),
+                        device=dev)
+        a, b = ours_path(emb, sub, layer), ours_path(fp32, sub, layer)
+        cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+        parity = {"sequences": len(sub), "min_cosine": float(cos.min()), "median_cosine": float(np.median(cos)),
+                  "below_0.999": int((cos < 0.999).sum()), "fp32_attention": fp32.info.get("attention")}
+        print(f"   bf16 vs fp32 (biogen, {len(sub)} sequences): {parity}", flush=True)
+        del fp32
 
     times: dict[str, list[float]] = {k: [] for k in paths}
     mem: dict[str, float] = {}
@@ -258,7 +280,7 @@ def bench_model(short: str, seqs: list[str], args, tmp: Path, peaks: dict) -> di
             mem[k] = max(mem.get(k, 0), pm.extra_bytes)
             print(f"   repeat {rep}: {k:10s} {dt:8.2f} s  {n_tokens / dt:10.0f} tokens/s", flush=True)
     res = {"model": arch.name, "architecture": arch.as_dict(), "sequences": len(seqs), "tokens": n_tokens,
-           "flops": flops, "correctness": correctness, "paths": {},
+           "flops": flops, "correctness": correctness, "bf16_vs_fp32": parity, "paths": {},
            "padded_tokens": {**padded, "biogen": n_tokens}, "biogen_info": emb.info, "biogen_stats": emb.last_stats}
     for k, ts in times.items():
         med = statistics.median(ts)
@@ -293,8 +315,17 @@ def main(argv=None) -> int:
     ap.add_argument("--toks-per-batch", type=int, default=4096, help="fair-esm extract.py's default")
     ap.add_argument("--hf-batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--paths", default=",".join(ANCHORS), help=f"anchors to run beside biogen: comma list of "
+                                                               f"{','.join(ANCHORS)}")
+    ap.add_argument("--parity", type=int, default=0, help="GPU: sequences embedded in bf16 and fp32 by biogen "
+                                                         "(cosine per sequence)")
+    ap.add_argument("--fasta", default=None, help="proteins (FASTA, gzipped); default: data set uniprot_20k")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    args.paths = [p for p in args.paths.split(",") if p]
+    unknown = sorted(set(args.paths) - set(ANCHORS))
+    if unknown:
+        ap.error(f"--paths: unknown {unknown}; choose from {', '.join(ANCHORS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     gpu = args.device == "cuda"
@@ -307,9 +338,8 @@ def main(argv=None) -> int:
     for kv in args.repeats.split(","):
         k, _, v = kv.rpartition("=")
         repeats[k or "*"] = int(v)
-    if not DB.exists():
-        raise SystemExit(f"{DB} not found: apt-get install -y mmseqs2-examples")
-    allseqs = read_fasta(DB)
+    db = Path(args.fasta or dataset_path("uniprot_20k"))
+    allseqs = read_fasta(db)
     rng = np.random.default_rng(args.seed)
     dtype = torch.bfloat16 if gpu else torch.float32
     peaks = {"measured": matmul_peak(args.device, dtype)}
@@ -320,6 +350,20 @@ def main(argv=None) -> int:
             peaks["nominal"] = nominal
     print(f"matmul peak ({args.device}, {dtype}): {peaks['measured'] / 1e9:.1f} GFLOP/s", flush=True)
     results = []
+    lens = np.array([len(s) for s in allseqs])
+    doc = {"benchmark": "embedding", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "command": " ".join(["python", "benchmarks/embedding.py", *(argv or sys.argv[1:])]),
+           "machine": {**machine(), **({"gpu": torch.cuda.get_device_name(0)} if gpu else {}),
+                       "torch_threads": torch.get_num_threads()},
+           "versions": versions("torch", "fair-esm", "transformers"),
+           "device": args.device, "dtype": str(dtype).removeprefix("torch."),
+           "data": {"source": str(db), "proteins": len(allseqs), "median_length": float(np.median(lens)),
+                    "within_1022": int((lens <= MAX_RESIDUES).sum()), "seed": args.seed},
+           "settings": {"paths": ["biogen", *args.paths], "token_budget": args.token_budget,
+                        "toks_per_batch": args.toks_per_batch, "hf_batch_size": args.hf_batch_size,
+                        "repeats": repeats},
+           "matmul_peak_flops": peaks, "results": results}
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"embedding-{args.device}.json")
     with tempfile.TemporaryDirectory(prefix="esm-bench-") as tmp:
         for short in models:
             n = sample.get(short, len(allseqs))
@@ -329,20 +373,7 @@ def main(argv=None) -> int:
             d.mkdir()
             args.model_repeats = repeats.get(short, repeats["*"])
             results.append(bench_model(short, seqs, args, d, peaks))
-    lens = np.array([len(s) for s in allseqs])
-    doc = {"benchmark": "embedding", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "command": " ".join(["python", "benchmarks/embedding.py", *(argv or sys.argv[1:])]),
-           "machine": {**machine(), **({"gpu": torch.cuda.get_device_name(0)} if gpu else {}),
-                       "torch_threads": torch.get_num_threads()},
-           "versions": versions("torch", "fair-esm", "transformers"),
-           "device": args.device, "dtype": str(dtype).removeprefix("torch."),
-           "data": {"source": str(DB), "proteins": len(allseqs), "median_length": float(np.median(lens)),
-                    "within_1022": int((lens <= MAX_RESIDUES).sum()), "seed": args.seed},
-           "settings": {"token_budget": args.token_budget, "toks_per_batch": args.toks_per_batch,
-                        "hf_batch_size": args.hf_batch_size, "repeats": repeats},
-           "matmul_peak_flops": peaks, "results": results}
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"embedding-{args.device}.json")
-    out.write_text(json.dumps(doc, indent=1, default=float))
+            out.write_text(json.dumps(doc, indent=1, default=float))  # after each model: a killed run keeps them
     print(f"\nwrote {out}")
     print(f"{'model':22s} " + " ".join(f"{k:>12s}" for k in results[0]["paths"]) + "   (tokens/s)")
     for r in results:

@@ -138,3 +138,23 @@ def fair_esm_representations(model, seqs: list[str], layers: list[int]) -> list[
     _, _, toks = conv([(str(i), s) for i, s in enumerate(seqs)])
     reps = model(toks, repr_layers=layers)["representations"]
     return [{la: reps[la][i, :len(s) + 2].float().numpy() for la in layers} for i, s in enumerate(seqs)]
+
+
+def main(argv=None) -> int:
+    """Write a randomly initialized ESM-2 of a real architecture as a fair-esm ``.pt`` file
+    (used by benchmarks/gpu_suite.py to run ``biogen embed`` without downloading weights)."""
+    from biogen.protein.models import ESM2_ARCHS
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("arch", choices=sorted(ESM2_ARCHS))
+    ap.add_argument("out", type=Path, help="the .pt file to write")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    a = ESM2_ARCHS[args.arch]
+    save_fair_esm(random_fair_esm(a.num_layers, a.embed_dim, a.attention_heads, args.seed), args.out)
+    print(f"wrote {args.out} (random {a.name})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

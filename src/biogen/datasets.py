@@ -2,19 +2,27 @@
 
 Used by the default main job (``input: ${dataset:moses_test}``) and by tests and
 benchmarks. Nothing is downloaded; a missing package gets its install command.
+
+``BIOGEN_DATA_DIR`` (or ``BIOGEN_DEVDATA``, the name the offline-bundle script of the
+development machines uses) names a folder searched first for ``<name><suffix>`` (e.g.
+``moses_train.csv.gz``, ``uniprot_20k.fasta.gz``): how a node without the packages (an
+air-gapped GPU node given a small bundle, see ``benchmarks/gpu_bundle.sh``) finds the data.
 """
 
 from __future__ import annotations
 
 import csv
 import math
+import os
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 from biogen.errors import InputError
 
-# name -> (distribution, path inside it, install command, description)
+DATA_DIR_VARS = ("BIOGEN_DATA_DIR", "BIOGEN_DEVDATA")
+# name -> (distribution, path inside it, install command, description); distribution
+# "debian:<package>" means a Debian package's file at that absolute path
 DATASETS: dict[str, tuple[str, str, str, str]] = {
     "moses_train": ("molsets", "moses/dataset/data/train.csv.gz", "pip install --no-deps molsets==0.3.1",
                     "MOSES train: 1,584,663 ZINC drug-like molecules (MIT)"),
@@ -26,7 +34,19 @@ DATASETS: dict[str, tuple[str, str, str, str]] = {
                    "365 DUD EGFR actives (SDF, BSD)"),
     "rdkit_cdk2": ("rdkit", "rdkit/Contrib/Fastcluster/testdata/cdk2.sdf", "pip install rdkit",
                    "47 CDK2 ligands with 3D coordinates (SDF, BSD)"),
+    "uniprot_20k": ("debian:mmseqs2-examples", "/usr/share/doc/mmseqs2/example-data/DB.fasta.gz",
+                    "apt-get install mmseqs2-examples", "20,000 UniProt proteins (FASTA, mmseqs2 examples)"),
 }
+
+
+def _from_data_dir(name: str, rel: str) -> Path | None:
+    """``<name><suffixes of rel>`` in the folder named by BIOGEN_DATA_DIR (or BIOGEN_DEVDATA)."""
+    suffix = "".join(Path(rel).suffixes)
+    for var in DATA_DIR_VARS:
+        folder = os.environ.get(var)
+        if folder and (Path(folder) / f"{name}{suffix}").is_file():
+            return Path(folder) / f"{name}{suffix}"
+    return None
 
 
 MOLECULEACE = ("MoleculeACE", "MoleculeACE/Data/benchmark_data", "pip install --no-deps MoleculeACE==3.0.0")
@@ -104,4 +124,12 @@ def dataset_path(name: str) -> str:
     if name not in DATASETS:
         raise InputError(f"unknown data set {name!r}; known: {', '.join(DATASETS)}")
     dist, rel, install, _ = DATASETS[name]
+    found = _from_data_dir(name, rel)
+    if found is not None:
+        return str(found)
+    if dist.startswith("debian:"):
+        if not Path(rel).is_file():
+            raise InputError(f"data set {name!r} ({rel}) not found; install it ({install}) or put it in the "
+                             f"folder named by BIOGEN_DATA_DIR as {name}{''.join(Path(rel).suffixes)}")
+        return rel
     return str(_locate(dist, rel, install, f"data set {name!r}"))

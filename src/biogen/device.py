@@ -7,14 +7,22 @@ import logging
 from biogen.errors import ConfigError
 
 log = logging.getLogger(__name__)
-DEVICES = ("auto", "cpu", "gpu")
+DEVICES = ("auto", "cpu", "gpu")  # "cuda" is read as "gpu" everywhere
+
+
+def _word(device: str) -> str:
+    device = str(device)
+    if device == "cuda":
+        return "gpu"
+    if device not in DEVICES:
+        raise ConfigError(f"device={device!r} is not valid; choose one of {', '.join(DEVICES)} (cuda = gpu)")
+    return device
 
 
 def resolve_accelerator(device: str) -> str:
     """``auto`` -> ``gpu`` when torch sees a CUDA device, else ``cpu`` (logged);
-    ``gpu`` without CUDA is refused with the fix."""
-    if device not in DEVICES:
-        raise ConfigError(f"device={device!r} is not valid; choose one of {', '.join(DEVICES)}")
+    ``gpu`` (or ``cuda``) without CUDA is refused with the fix."""
+    device = _word(device)
     if device == "cpu":
         return "cpu"
     import torch
@@ -34,13 +42,14 @@ def cluster_accelerator(device: str) -> str:
     """``gpu`` or ``cpu`` for work that runs on the nodes of a Ray cluster, decided by the
     cluster's GPUs, not the driver's (a login or head node often has none). Call it inside
     a Ray session; ``gpu`` on a cluster without GPUs is refused with the fix, ``auto`` falls
-    back to the CPU (logged)."""
-    if device not in DEVICES:
-        raise ConfigError(f"device={device!r} is not valid; choose one of {', '.join(DEVICES)}")
+    back to the CPU (logged). Without a Ray session (or without Ray) it is ``resolve_accelerator``."""
+    device = _word(device)
     if device == "cpu":
         return "cpu"
-    import ray
-
+    try:
+        import ray
+    except ImportError:
+        return resolve_accelerator(device)
     if not ray.is_initialized():
         return resolve_accelerator(device)
     gpus = float(ray.cluster_resources().get("GPU", 0))
@@ -58,6 +67,5 @@ def torch_device(device: str, cluster: bool = False) -> str:
     """``cuda`` or ``cpu`` for a job's torch workers from device=auto|cpu|gpu (``cuda`` is read
     as ``gpu``): by the Ray cluster's GPUs when the workers run on a cluster (call it inside
     the session), else by what torch sees on this machine."""
-    device = "gpu" if device == "cuda" else device
     choice = cluster_accelerator(device) if cluster else resolve_accelerator(device)
     return "cuda" if choice == "gpu" else "cpu"

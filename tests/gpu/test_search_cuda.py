@@ -524,8 +524,9 @@ def test_bad_arguments_are_rejected(library_2048):
     from biogen.search.cuda import CudaEngine
 
     fps, pcs = library_2048
-    gpu = CudaEngine(fps[:100], pcs[:100], device=0)
+    gpu = CudaEngine(fps[-100:], pcs[-100:], device=0)  # the rows of highest popcount (sorted library)
     try:
+        assert pcs[-100:].max() >= 10  # so that a table of 10 columns lacks one this part needs
         q = fps[:2]
         mc = np.zeros((2, 2049), np.int32)
         with pytest.raises(ValueError, match="queries must be Q x 32"):

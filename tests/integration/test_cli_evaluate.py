@@ -18,7 +18,7 @@ SMALL = ["datasets=[DUD]", "targets=[ace,parp]", "n_queries=[5,10]", "repeats=3"
 def test_evaluate_help(tmp_path):
     out = run(["evaluate", "--help"], tmp_path).stdout
     assert "Riniker & Landrum" in out and "repeats: 50" in out
-    assert "runtime=local|ray_cluster|inline" in out
+    assert "runtime=local|ray_cluster|processes|inline" in out
 
 
 def test_small_run_writes_tables_plots_and_resumes(tmp_path, vs_benchmark):

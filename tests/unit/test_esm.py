@@ -129,6 +129,49 @@ def test_cpu_attention_backends_match_fair_esm(tiny, attention):
         np.testing.assert_allclose(out[p.cu_seqlens[i]:p.cu_seqlens[i + 1]], ref[i][2], atol=TOL)
 
 
+def test_varlen_backend_on_the_cpu_through_its_reference(tiny, monkeypatch):
+    """The ``varlen`` branch (rotary on the packed stream, int32 cu_seqlens, dense T x H x D
+    rows) runs on the CPU with flash's varlen_attn replaced by its reference semantics, and
+    matches fair-esm; the reference itself equals one SDPA call per sequence."""
+    from biogen.protein import esm as esm_mod
+
+    calls = []
+
+    def reference(*args):
+        calls.append(args[3].dtype)
+        return esm_mod.varlen_attn_reference(*args)
+
+    monkeypatch.setattr(esm_mod, "_varlen_attn", lambda: reference)
+    seqs = fx.random_sequences([64, 1, 300, 7, 60, 130], seed=11)
+    ref = fx.fair_esm_representations(tiny.model, seqs, [2])
+    model = FastESM2.from_checkpoint(load_checkpoint(tiny.pt_path), attention="varlen")
+    p = encode_packed(seqs)
+    out = model(PackedBatch(p.tokens, p.cu_seqlens, torch.device("cpu")), {2})[2].numpy()
+    assert calls and set(calls) == {torch.int32}  # one launch per layer, flash's offsets dtype
+    for i, s in enumerate(seqs):
+        np.testing.assert_allclose(out[p.cu_seqlens[i]:p.cu_seqlens[i + 1]], ref[i][2], atol=TOL)
+
+
+@pytest.mark.parametrize("cap, dtype, attention", [((9, 0), torch.bfloat16, "varlen"),
+                                                   ((8, 0), torch.bfloat16, "varlen"),
+                                                   ((7, 5), torch.float16, "segments"),
+                                                   ((7, 0), torch.float16, "segments")])
+def test_gpu_dtype_and_attention_follow_the_architecture(monkeypatch, caplog, cap, dtype, attention):
+    """dtype=auto: bf16 from compute capability 8.0 (native), fp16 before; FlashAttention varlen
+    from 8.0, per-sequence SDPA before (logged)."""
+    from biogen.protein import embed as embed_mod
+    from biogen.protein import esm as esm_mod
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU")
+    monkeypatch.setattr(esm_mod, "_varlen_attn", lambda: esm_mod.varlen_attn_reference)
+    with caplog.at_level(logging.INFO):
+        got = embed_mod.resolve_dtype("auto", torch.device("cuda"))
+        assert got == dtype and esm_mod.choose_attention(torch.device("cuda"), got) == attention
+    assert f"compute capability {cap[0]}.{cap[1]}" in caplog.text
+    assert embed_mod.resolve_dtype("float16", torch.device("cuda")) == torch.float16  # explicit wins
+
+
 def test_attention_groups_bound_padding():
     rng = np.random.default_rng(0)
     lens = np.sort(rng.integers(2, 1024, 300))[::-1]

@@ -180,6 +180,21 @@ def test_invalid_smiles_gets_a_placeholder_and_a_note(full_html):
     assert "3 of the top hits could not be drawn" in notes and "MOL00002" in notes
 
 
+def test_without_rdkit_drawing_the_report_says_why_and_renders(monkeypatch):
+    """A node whose image lacks libXrender cannot load RDKit's drawing module (seen on a CUDA
+    node): the screen's report still renders, with the reason and the fix in its notes."""
+    from biogen.screen import report
+
+    why = "RDKit's drawing module could not load (libXrender.so.1); install libxrender1"
+    monkeypatch.setattr(report, "_drawing", lambda: (None, why))
+    text = render_report(make_data(n=500, n_hits=20))
+    notes = text[text.index('id="notes"'):text.index('id="summary"')]
+    assert "Structures are not drawn" in notes and "libxrender1" in notes
+    structures = text[text.index('id="structures"'):text.index('id="hits"')]
+    assert "structures not drawn" in structures and "<img" not in structures
+    assert "could not be drawn (SMILES" not in notes  # not blamed on the hits' SMILES
+
+
 def test_hits_table_rows_columns_and_formatting(full_html):
     table = full_html[full_html.index('<table class="hits">'):]
     table = table[:table.index("</table>")]

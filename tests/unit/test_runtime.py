@@ -199,7 +199,7 @@ def test_actors_started_early_import_modules_and_run_the_shards(tmp_path, ray_rt
 
 
 def test_runtime_spec_validation():
-    with pytest.raises(ConfigError, match="runtime.mode='cluster' is not valid; choose one of local, ray_cluster, inline"):
+    with pytest.raises(ConfigError, match="runtime.mode='cluster' is not valid; choose one of local, ray_cluster, processes, inline"):
         RuntimeSpec(mode="cluster")
     with pytest.raises(ConfigError, match="runtime.workers=0"):
         RuntimeSpec(workers=0)

@@ -237,18 +237,26 @@ def test_max_hits_returns_the_first_matches_in_library_order(library, rows, shar
     assert one.n_checked < one.n_candidates           # and early inside it
 
 
-@pytest.mark.ray
-def test_inline_and_ray_identical(library, tmp_path, ray_rt, inline_rt):
+def _same_as_inline(library, tmp_path, inline_rt, other):
     for smarts, k in [("c1ccccc1", None), ("[Cl,Br,I]", None), ("[$(C=O);!$(C(=O)O)]", None),
                       ("[Sn]C#[Xe]", None), ("C(=O)N", 300), ("c1ccccc1", 1)]:
         a = substructure_search(library, smarts, max_hits=k, runtime=inline_rt, cache_dir=tmp_path / "a")
-        b = substructure_search(library, smarts, max_hits=k, runtime=ray_rt, cache_dir=tmp_path / "b")
+        b = substructure_search(library, smarts, max_hits=k, runtime=other, cache_dir=tmp_path / "b")
         assert a.table.equals(b.table), smarts
         assert b.complete == a.complete and b.n_matches >= len(b)
         if k is None:
             assert (a.n_candidates, a.n_matches, a.n_screened) == (b.n_candidates, b.n_matches, b.n_screened)
-    # the Ray workers wrote the same cache files as the inline run
+    # the workers (Ray's, or the processes') wrote the same cache files as the inline run
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted(p.name for p in (tmp_path / "b").iterdir())
+
+
+@pytest.mark.ray
+def test_inline_and_ray_identical(library, tmp_path, ray_rt, inline_rt):
+    _same_as_inline(library, tmp_path, inline_rt, ray_rt)
+
+
+def test_inline_and_processes_identical(library, tmp_path, inline_rt):
+    _same_as_inline(library, tmp_path, inline_rt, RuntimeSpec(mode="processes", workers=2, progress=False))
 
 
 def test_read_only_library_falls_back_to_user_cache(library, tmp_path, monkeypatch, caplog):

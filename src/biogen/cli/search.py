@@ -70,7 +70,12 @@ def search(cfg: DictConfig) -> None:
         kwargs = dict(mode=cfg.mode, k=int(cfg.k), threshold=float(cfg.threshold), metric=metric)
         reader = _typed(ReaderOptions, cfg.reader, "reader")
         if int(cfg.actors) > 0:
-            from biogen.runtime import ray_session
+            from biogen.runtime import NO_RAY, ray_session
+
+            if runtime.mode in NO_RAY:
+                raise ConfigError(f"actors={int(cfg.actors)} runs search actors on Ray, but runtime.mode="
+                                  f"{runtime.mode} uses no Ray; use actors=0 (one index in this process, "
+                                  "workers=N threads) or runtime=local|ray_cluster")
             from biogen.search.distributed import ShardedSearch
 
             with ray_session(runtime), ShardedSearch(cfg.library, int(cfg.actors), cfg.engine, cfg.workers) as index:

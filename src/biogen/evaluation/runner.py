@@ -26,7 +26,7 @@ from biogen.evaluation.data import CompoundList, Note, list_targets, load_list, 
 from biogen.evaluation.protocol import ProtocolSpec, evaluate_target
 from biogen.evaluation.scorers import NamedScorer, TargetContext
 from biogen.library.manifest import atomic_path
-from biogen.runtime import Ledger, RuntimeSpec, ray_session, run_shards
+from biogen.runtime import NO_RAY, Ledger, RuntimeSpec, ray_session, run_shards
 
 ROW_FIELDS = ("dataset", "target", "scorer", "n_queries", "repeat", "auroc", "ef1", "ef5", "bedroc20",
               "n_actives", "n", "seconds")
@@ -121,7 +121,7 @@ def run_benchmark(root: str | Path, out_dir: str | Path, *, datasets: list[str],
         notes += _notes("ChEMBL", "*", shared.notes)
     with ray_session(runtime) as slots:
         shared_arg = shared
-        if shared is not None and runtime.mode != "inline":
+        if shared is not None and runtime.mode not in NO_RAY:
             import ray
 
             shared_arg = ray.put(shared)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import asdict, dataclass, fields
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -214,7 +215,15 @@ def as_words(fps: np.ndarray, featurizer: FingerprintSpec, what: str = "fingerpr
 
 
 def bytes_tensor(words: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(words).view(np.uint8))  # N x nbytes
+    """N x nbytes uint8 tensor sharing the words' memory. Read-only words (a memory-mapped
+    library shard) are fine: every caller only reads the tensor (copies it to the device,
+    unpacks it), so torch's warning about non-writable arrays is silenced for them."""
+    arr = np.ascontiguousarray(words).view(np.uint8)
+    if arr.flags.writeable:
+        return torch.from_numpy(arr)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(arr)
 
 
 class QSARPredictor:

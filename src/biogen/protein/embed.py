@@ -41,6 +41,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # the 2-core benchmark VM, 8M model, 160 UniProt proteins: 8,200 tokens/s at 4,096 vs 6,700 at
 # 16,384. The CPU plan caps token_budget there (logged and recorded in info).
 CPU_TOKEN_BUDGET = 4096
+BF16_CAPABILITY = (8, 0)  # native bf16 matrix units from Ampere on
 
 
 @dataclass(frozen=True)
@@ -98,8 +99,18 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto``: fp32 on the CPU; on a GPU, bf16 where the architecture has it natively
+    (compute capability >= 8.0: A100, H100/H200, L40...), fp16 before (V100, T4: bf16 would
+    be emulated, slowly); the choice and why is logged."""
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        cap = torch.cuda.get_device_capability(device)
+        choice = torch.bfloat16 if cap >= BF16_CAPABILITY else torch.float16
+        log.info("dtype=auto: %s on %s (compute capability %d.%d%s)", str(choice).removeprefix("torch."),
+                 torch.cuda.get_device_name(device), *cap,
+                 "" if choice == torch.bfloat16 else "; bf16 needs >= 8.0")
+        return choice
     dt = DTYPES[dtype]
     if device.type == "cpu" and dt != torch.float32:
         log.warning("embed.dtype=%s on the CPU: half precision is usually slower than fp32 there", dtype)

@@ -56,20 +56,44 @@ def _varlen_attn():
     return varlen_attn
 
 
+FLASH_CAPABILITY = (8, 0)  # FlashAttention-2 kernels (varlen) need Ampere or later
+
+
 def choose_attention(device: torch.device, dtype: torch.dtype) -> str:
-    """``varlen`` on CUDA in half precision when torch has it; ``grouped`` on the CPU;
-    ``segments`` on CUDA otherwise (with a warning that says why: it costs speed)."""
+    """``varlen`` on CUDA in half precision when torch has it and the GPU runs FlashAttention
+    (compute capability >= 8.0); ``grouped`` on the CPU; ``segments`` on CUDA otherwise
+    (with a warning that says why: it costs speed)."""
     if device.type != "cuda":
         return "grouped"
     if dtype not in (torch.float16, torch.bfloat16):
         log.warning("attention: FlashAttention varlen needs fp16/bf16, the model runs in %s on %s; falling back "
                     "to per-sequence SDPA (slower)", dtype, device)
         return "segments"
+    cap = torch.cuda.get_device_capability(device)
+    if cap < FLASH_CAPABILITY:
+        log.warning("attention: FlashAttention varlen needs compute capability >= 8.0, %s has %d.%d; falling back "
+                    "to per-sequence SDPA (slower)", torch.cuda.get_device_name(device), *cap)
+        return "segments"
     if _varlen_attn() is None:
         log.warning("attention: torch %s has no torch.nn.attention.varlen; falling back to per-sequence SDPA "
                     "(slower; torch >= 2.9 has it)", torch.__version__)
         return "segments"
     return "varlen"
+
+
+def varlen_attn_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seq_q: torch.Tensor,
+                          cu_seq_k: torch.Tensor, max_q: int, max_k: int) -> torch.Tensor:
+    """What ``torch.nn.attention.varlen.varlen_attn`` computes (non-causal, default scale),
+    one SDPA per sequence: q, k, v T x H x D packed, cu_seq_* B+1 int32 offsets -> T x H x D.
+    Any device and dtype: the tests run the ``varlen`` backend through it on the CPU."""
+    out = torch.empty_like(q)
+    cq, ck = cu_seq_q.tolist(), cu_seq_k.tolist()
+    for i in range(len(cq) - 1):
+        qs, ks = slice(cq[i], cq[i + 1]), slice(ck[i], ck[i + 1])
+        o = F.scaled_dot_product_attention(q[qs].transpose(0, 1)[None], k[ks].transpose(0, 1)[None],
+                                           v[ks].transpose(0, 1)[None])
+        out[qs] = o[0].transpose(0, 1)
+    return out
 
 
 def attention_groups(seqlens: np.ndarray, waste: float = GROUP_WASTE) -> list[tuple[int, int]]:

@@ -26,7 +26,7 @@ from biogen.errors import ConfigError, InputError
 from biogen.library.manifest import now_iso, tool_versions
 from biogen.protein.fasta import read_proteins
 from biogen.protein.store import FORMAT, SCHEMA_VERSION, EmbeddingStore, pooled_vectors
-from biogen.runtime import Ledger, RuntimeSpec, hash_files, ray_session, run_shards_on_actors
+from biogen.runtime import NO_RAY, Ledger, RuntimeSpec, hash_files, ray_session, run_shards_on_actors
 from biogen.runtime.ledger import sha256_file
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,14 @@ def embed_proteins(inputs, output: str | Path, *, model: str, spec=None, device:
         if cluster:
             device = torch_device(device, cluster=True)
         gpus = 1.0 if device == "cuda" else 0.0
-        if gpus:
+        if gpus and runtime.mode in NO_RAY:
+            import torch
+
+            if torch.cuda.device_count() > 1:
+                log.warning("runtime.mode=%s uses one GPU of the %d here; runtime=local (Ray) uses them all",
+                            runtime.mode, torch.cuda.device_count())
+            slots = 1  # one process holding the model on the GPU
+        elif gpus:
             import ray
 
             n_gpus = int(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 1

@@ -2,8 +2,9 @@
 
 Local Ray by default (dashboard off, usage stats off; Ray's token authentication is left
 as Ray configures it); ``mode=ray_cluster`` connects to a running cluster
-(``address=auto`` or ``host:port``). ``mode=inline`` runs shards in this process without
-Ray, for debugging and profiling only.
+(``address=auto`` or ``host:port``). ``mode=processes`` runs shards on a pool of local
+processes without Ray (one machine; ``biogen.runtime.processes``). ``mode=inline`` runs
+shards in this process without Ray, for debugging and profiling only.
 """
 
 from __future__ import annotations
@@ -24,15 +25,17 @@ from biogen.errors import BiogenError, ConfigError
 from biogen.runtime.ledger import STORAGE_ERRNOS, Ledger, storage_error
 
 log = logging.getLogger(__name__)
-MODES = ("local", "ray_cluster", "inline")
+MODES = ("local", "ray_cluster", "processes", "inline")
+NO_RAY = ("processes", "inline")  # modes that never import Ray
 
 
 @dataclass(frozen=True)
 class RuntimeSpec:
     """Where shards run (config group ``runtime``).
 
-    workers: CPUs of the local Ray instance (``None``: all cores); for a cluster, the
-    number of shards kept in flight per available CPU is taken from the cluster.
+    workers: CPUs of the local Ray instance, or processes of ``mode=processes`` (``None``:
+    all cores); for a cluster, the number of shards kept in flight per available CPU is
+    taken from the cluster.
     """
 
     mode: str = "local"
@@ -92,6 +95,9 @@ def ray_session(spec: RuntimeSpec, *, shutdown_in_background: bool = False) -> I
     global _SHUTDOWN
     if spec.mode == "inline":
         yield 1
+        return
+    if spec.mode == "processes":
+        yield spec.workers or len(os.sched_getaffinity(0))
         return
     import ray
 
@@ -156,40 +162,74 @@ def _why(exc: Exception) -> str:
     return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
 
 
+@dataclass(frozen=True)
+class Handles:
+    """How a runner waits on, reads and cancels the shards it submitted: Ray object refs
+    (``ray_handles()``) or ``concurrent.futures`` futures (``FUTURES``, runtime=processes)."""
+
+    ready: Callable[[list], list]  # handles in flight -> those finished (at least one; blocks)
+    get: Callable  # handle -> the shard's return value (raises the shard's error)
+    cancel: Callable  # handle -> None
+    lost: Callable[[Exception], bool]  # was the worker lost (worth a retry), not the shard's code?
+
+
+def ray_handles() -> Handles:
+    import ray
+
+    return Handles(lambda p: ray.wait(p, num_returns=1, timeout=None)[0], ray.get, ray.cancel, _lost)
+
+
+def _future_result(fut):
+    return fut.result()
+
+
+def _future_cancel(fut) -> None:
+    fut.cancel()
+
+
+def _ready_futures(pending: list) -> list:
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    return list(wait(pending, return_when=FIRST_COMPLETED)[0])
+
+
+FUTURES = Handles(_ready_futures, _future_result, _future_cancel, lambda exc: False)
+
+
 def _drive(submit: Callable, release: Callable, shards: Iterable[tuple[str, tuple]], *, ledger: Ledger,
-           capacity: int, bar, phase: str, retry: Callable, max_tries: int = 3) -> dict[str, dict]:
+           capacity: int, bar, phase: str, retry: Callable | None, max_tries: int = 3,
+           handles: Handles | None = None) -> dict[str, dict]:
     """Submit not-yet-done shards with at most ``capacity`` in flight; record each in the ledger.
 
     A shard whose worker or node was lost is resubmitted through ``retry(token, args, exc)``
     (returns ``(ref, token)``) up to ``max_tries`` times, each loss recorded in the ledger;
-    an error of the shard's own code fails the job at once (recorded too).
+    an error of the shard's own code fails the job at once (recorded too). ``handles``:
+    Ray's (default) or futures'.
     """
-    import ray
-
+    h = handles or ray_handles()
     results: dict[str, dict] = {}
     pending: dict = {}
 
     def collect() -> None:
-        ready, _ = ray.wait(list(pending), num_returns=1, timeout=None)
-        for ref in ready:
+        for ref in h.ready(list(pending)):
             key, token, args, tries = pending.pop(ref)
             try:
-                outputs, result = ray.get(ref)
+                outputs, result = h.get(ref)
             except Exception as exc:
-                if _lost(exc) and tries < max_tries:
+                if retry is not None and h.lost(exc) and tries < max_tries:
                     log.warning("shard %s: %s; running it again", key, _why(exc))
                     ledger.event("retry", key=key, phase=phase, error=_why(exc), attempt=tries + 1)
                     try:
                         again = retry(token, args, exc)
                     except BiogenError as err:  # nowhere left to run it (every worker lost)
                         for other in pending:
-                            ray.cancel(other)
+                            h.cancel(other)
                         ledger.event("failed", key=key, phase=phase, error=str(err))
                         raise
                     pending[again[0]] = (key, again[1], args, tries + 1)
                     continue
                 for other in pending:
-                    ray.cancel(other)
+                    h.cancel(other)
                 err = _shard_error(key, exc)
                 ledger.event("failed", key=key, phase=phase, error=str(err))
                 raise err from exc
@@ -240,6 +280,11 @@ def _phase(ledger: Ledger, desc: str, total: int | None, spec: RuntimeSpec):
         yield bar
 
 
+def _pool_size(slots: int, total: int | None) -> int:
+    """Processes worth starting: no more than there are shards (when known)."""
+    return max(1, min(slots, total) if total else slots)
+
+
 def run_shards(
     fn: Callable[..., tuple[list[str], dict]],
     shards: Iterable[tuple[str, tuple]],
@@ -259,6 +304,10 @@ def run_shards(
     with _phase(ledger, desc, total, spec) as bar:
         if spec.mode == "inline":
             return _inline(fn, shards, ledger, bar, desc)
+        if spec.mode == "processes":
+            from biogen.runtime.processes import run_in_processes
+
+            return run_in_processes(fn, shards, ledger=ledger, slots=_pool_size(slots, total), bar=bar, phase=desc)
         import ray
 
         # Ray's own retries are off: the runner retries a shard whose worker or node was
@@ -294,12 +343,17 @@ def run_shards_on_actors(
     is lost) a new one replaces it if the cluster has room (else the job goes on with the
     actors left) and its shards run again (up to three times each); an error raised by the
     shard's own code fails the job (finished shards stay in the ledger).
-    Inline mode builds one worker in this process.
+    Inline mode builds one worker in this process; ``processes`` mode one per process.
     """
     with _phase(ledger, desc, total, spec) as bar:
         if spec.mode == "inline":
             worker = worker_cls(*worker_args)
             return _inline(worker.run, shards, ledger, bar, desc)
+        if spec.mode == "processes":
+            from biogen.runtime.processes import run_in_processes
+
+            return run_in_processes(None, shards, ledger=ledger, slots=_pool_size(slots, total), bar=bar,
+                                    phase=desc, worker=(worker_cls, worker_args))
         import ray
 
         hosts = actors if actors is not None else start_actors(spec, slots, num_gpus=num_gpus)
@@ -437,8 +491,8 @@ def start_actors(spec: RuntimeSpec, slots: int, *, modules: Iterable[str] = (), 
     """Start ``slots`` host actors now (1 CPU and ``num_gpus`` GPUs each; a fraction when
     there are more actors than GPUs, so that they share them); each imports ``modules``
     in the background (``"module:function"`` also calls that warm-up function). Pass the
-    result to ``run_shards_on_actors(..., actors=)``. None in inline mode."""
-    if spec.mode == "inline":
+    result to ``run_shards_on_actors(..., actors=)``. None in the modes without Ray."""
+    if spec.mode in NO_RAY:
         return None
     import ray
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import datetime as _dt
+import functools
 import html
 import io
 import math
@@ -114,6 +115,8 @@ def render_report(data: ReportData) -> str:
     _check(data)
     notes = list(data.notes) + _derived_notes(data)
     structures_html, undrawable = _structures_section(data)
+    if _drawing()[0] is None and data.hits.num_rows:
+        notes.append(f"Structures are not drawn: {_drawing()[1]}.")
     if undrawable:
         shown = ", ".join(undrawable[:10]) + (" ..." if len(undrawable) > 10 else "")
         notes.append(f"{len(undrawable)} of the top hits could not be drawn (SMILES RDKit "
@@ -637,12 +640,26 @@ def _placeholder_svg(text: str) -> str:
             f"{html.escape(text)}</text></svg>")
 
 
+@functools.cache
+def _drawing() -> tuple[object | None, str]:
+    """RDKit's 2D drawing module, or (None, why) where it cannot load. Its shared library
+    links the X11 render libraries even for SVG; minimal images (CUDA containers, HPC nodes)
+    often lack them, and a screen must still write its report."""
+    try:
+        from rdkit.Chem.Draw import rdMolDraw2D
+    except ImportError as exc:
+        missing = str(exc).split(":")[0]
+        return None, (f"RDKit's drawing module could not load ({missing}); install the X11 render libraries "
+                      "(Debian/Ubuntu: apt-get install libxrender1 libxext6) to draw structures")
+    return rdMolDraw2D, ""
+
+
 def _mol_svg(smiles: object) -> str | None:
     """A structure as SVG text, or None when RDKit cannot parse or draw it."""
     from rdkit import Chem, rdBase
-    from rdkit.Chem.Draw import rdMolDraw2D
 
-    if not isinstance(smiles, str) or not smiles.strip():
+    rdMolDraw2D, _ = _drawing()
+    if rdMolDraw2D is None or not isinstance(smiles, str) or not smiles.strip():
         return None
     with rdBase.BlockLogs():  # a bad SMILES is reported once in the notes, not per atom on stderr
         mol = Chem.MolFromSmiles(smiles)
@@ -672,6 +689,8 @@ def _structures_section(data: ReportData) -> tuple[str, list[str]]:
         return _section("structures", title, _nodata("no hits to draw")), []
     if n == 0:
         return _section("structures", title, _nodata("n_structures = 0")), []
+    if _drawing()[0] is None:
+        return _section("structures", title, _nodata(f"structures not drawn: {_drawing()[1]}")), []
     top = data.hits.slice(0, n).select(list(REQUIRED_HIT_COLUMNS)).to_pylist()
     cards = []
     bad = []

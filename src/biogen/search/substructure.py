@@ -372,8 +372,9 @@ def substructure_search(
         ``None``: every match.
     use_chirality: passed to ``HasSubstructMatch`` (``[C@H]`` in the query then must
         match the molecule's stereo; the prefilter ignores stereo).
-    runtime: where shards run (default ``RuntimeSpec()``: local Ray); ``mode=inline``
-        searches the shards one after another in this process.
+    runtime: where shards run (default ``RuntimeSpec()``: local Ray); ``mode=processes`` on
+        a pool of local processes without Ray; ``mode=inline`` one shard after another in
+        this process.
     cache_dir: where pattern fingerprints are cached (see the module docstring).
     progress: show a progress bar over shards (also off when ``runtime.progress`` is False).
 
@@ -412,6 +413,8 @@ def substructure_search(
             for task in tasks:
                 if accept(search_shard(task)):
                     break
+        elif runtime.mode == "processes":
+            _run_processes(tasks, runtime, accept)
         else:
             _run_ray(tasks, runtime, accept)
     finally:
@@ -447,35 +450,60 @@ def substructure_search(
     return result
 
 
+def _shard_failed(task: ShardTask, exc: Exception) -> BiogenError:
+    cause = getattr(exc, "cause", None) or exc  # RayTaskError wraps the task's error
+    return BiogenError(f"substructure search of shard {task.name} ({task.path}) failed: "
+                       f"{type(cause).__name__}: {cause}")
+
+
+def _stream(tasks: list[ShardTask], slots: int, submit, handles, accept) -> None:
+    """Submit ``tasks`` in shard order with at most ``2 * slots`` in flight; hand each result
+    to ``accept`` and stop (cancelling the rest) when it returns True."""
+    pending: dict = {}
+    queue = iter(tasks)
+    try:
+        while True:
+            while len(pending) < 2 * slots:
+                task = next(queue, None)
+                if task is None:
+                    break
+                pending[submit(task)] = task
+            if not pending:
+                return
+            for ref in handles.ready(list(pending)):
+                task = pending.pop(ref)
+                try:
+                    res = handles.get(ref)
+                except Exception as exc:
+                    raise _shard_failed(task, exc) from exc
+                if accept(res):
+                    return
+    finally:
+        for ref in pending:
+            handles.cancel(ref)
+
+
+def _run_processes(tasks: list[ShardTask], runtime: RuntimeSpec, accept) -> None:
+    """``search_shard`` over ``tasks`` on a pool of spawned local processes (runtime=processes)."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    from biogen.runtime.ray_runtime import FUTURES
+
+    with ray_session(runtime) as slots:
+        pool = ProcessPoolExecutor(max(1, min(slots, len(tasks))), mp_context=mp.get_context("spawn"))
+        try:
+            _stream(tasks, slots, lambda task: pool.submit(search_shard, task), FUTURES, accept)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _run_ray(tasks: list[ShardTask], runtime: RuntimeSpec, accept) -> None:
-    """Run ``search_shard`` over ``tasks`` as Ray tasks, at most ``2 * slots`` in flight,
-    submitted in shard order; stop (cancelling the rest) when ``accept`` returns True."""
+    """``search_shard`` over ``tasks`` as Ray tasks (retried twice by Ray when a worker dies)."""
+    from biogen.runtime.ray_runtime import ray_handles
+
     with ray_session(runtime) as slots:
         import ray
 
         remote = ray.remote(num_cpus=1, max_retries=2)(search_shard)
-        pending: dict = {}
-        queue = iter(tasks)
-        try:
-            while True:
-                while len(pending) < 2 * slots:
-                    task = next(queue, None)
-                    if task is None:
-                        break
-                    pending[remote.remote(task)] = task
-                if not pending:
-                    return
-                ready, _ = ray.wait(list(pending), num_returns=1)
-                for ref in ready:
-                    task = pending.pop(ref)
-                    try:
-                        res = ray.get(ref)
-                    except Exception as exc:
-                        cause = getattr(exc, "cause", None) or exc  # RayTaskError wraps the task's error
-                        raise BiogenError(f"substructure search of shard {task.name} ({task.path}) failed: "
-                                          f"{type(cause).__name__}: {cause}") from exc
-                    if accept(res):
-                        return
-        finally:
-            for ref in pending:
-                ray.cancel(ref)
+        _stream(tasks, slots, remote.remote, ray_handles(), accept)
