@@ -302,3 +302,21 @@ def test_status_judges_the_latest_session_and_knows_a_reused_pid(tmp_path):
                         {"event": "start", "t": now - 10, "host": host, "pid": os.getpid(), "pid_start": "x:1"})
     st = job_status(led)
     assert st.state == "stopped" and st.driver["alive"] is False
+
+
+def test_rays_token_auth_notice_is_kept_out_of_the_terminal(caplog):
+    """Ray's "token authentication is enabled" notice on every local start goes to the debug
+    log; its other authentication messages still reach the user."""
+    import logging
+
+    from biogen.runtime.ray_runtime import RAY_AUTH_LOGGER, _quiet_token_notice
+
+    _quiet_token_notice()
+    _quiet_token_notice()  # idempotent: one filter
+    logger = logging.getLogger(RAY_AUTH_LOGGER)
+    assert sum(type(f).__name__ == "_TokenAuthNotice" for f in logger.filters) == 1
+    with caplog.at_level(logging.DEBUG):
+        logger.warning("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out.")
+        logger.warning("Token authentication is disabled for this Ray cluster. Anyone with network access ...")
+    texts = [r.getMessage() for r in caplog.records if r.name == RAY_AUTH_LOGGER]
+    assert texts == ["Token authentication is disabled for this Ray cluster. Anyone with network access ..."]

@@ -72,6 +72,30 @@ def _probe(address: str, timeout: float = 5.0) -> None:
 
 
 _SHUTDOWN: threading.Thread | None = None
+RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+class _TokenAuthNotice(logging.Filter):
+    """Ray warns "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled
+    to opt out" on every local start: biogen keeps token auth on and manages the token, so
+    the notice only worries users. It is logged once at debug level instead; Ray's other
+    authentication messages (a disabled cluster, a missing token) still reach the terminal."""
+
+    seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith("Token authentication is enabled"):
+            if not _TokenAuthNotice.seen:
+                _TokenAuthNotice.seen = True
+                log.debug("Ray token authentication is on (biogen leaves Ray's default)")
+            return False
+        return True
+
+
+def _quiet_token_notice() -> None:
+    logger = logging.getLogger(RAY_AUTH_LOGGER)
+    if not any(isinstance(f, _TokenAuthNotice) for f in logger.filters):
+        logger.addFilter(_TokenAuthNotice())
 
 
 def wait_for_ray_shutdown() -> None:
@@ -105,6 +129,7 @@ def ray_session(spec: RuntimeSpec, *, shutdown_in_background: bool = False) -> I
     owned = False
     if not ray.is_initialized():
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        _quiet_token_notice()
         kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
         if spec.mode == "local":
             # address="local": always a fresh instance, never a cluster some other job left running
