@@ -13,7 +13,7 @@ import pytest
 from biogen.screen.report import ReportData, write_report
 
 # the first use may install chromium (conftest: up to 600 s) before the page opens
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]  # a real browser: the second tier
 
 VIEWPORT = {"width": 1280, "height": 900}
 SECTIONS = ("summary", "funnel", "scores", "enrichment", "property-space", "structures",

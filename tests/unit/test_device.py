@@ -14,7 +14,13 @@ def test_words_and_the_cuda_alias(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "a GPU")
     assert [resolve_accelerator(d) for d in ("auto", "cpu", "gpu", "cuda")] == ["gpu", "cpu", "gpu", "gpu"]
     assert [torch_device(d) for d in ("auto", "cpu", "gpu", "cuda")] == ["cuda", "cpu", "cuda", "cuda"]
-    assert cluster_accelerator("cuda") == "gpu"  # no Ray session: what this machine has
+
+def test_cluster_decision_without_ray_is_this_machines(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # Ray not installed (an offline GPU node)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cluster_accelerator("auto") == "cpu"
 
 
 def test_without_cuda(monkeypatch):
