@@ -227,7 +227,7 @@ def commands(args, out: Path, work: Path, full: bool) -> dict[str, list[tuple[st
     else:
         emb += ["--device", "cpu", "--models", "8M", "--sample", "8M=12", "--repeats", "1", "--paths", "hf_padded"]
     cmds["embedding"] = [("embedding", emb, {})]
-    device = "gpu" if full else "auto"
+    device = "cuda" if full else "auto"
     proteins = str(fasta) if fasta_args else "${dataset:uniprot_20k}"
     arch = "esm2_t12_35M_UR50D" if full else "esm2_t6_8M_UR50D"
     model = work / f"{arch}.pt"
@@ -363,7 +363,8 @@ def headline(out: Path, parts: dict) -> list[tuple[str, str, str, str]]:
             if "total" in s:
                 which = "library built" if s.get("library", 0) > 5 else "cached library"
                 cached = which == "cached library"
-                target_ok = cached and (r.get("molecules") or 0) >= 1_000_000 and r.get("accelerator") == "gpu"
+                on_gpu = (r.get("accelerator") or "").startswith("cuda")
+                target_ok = cached and (r.get("molecules") or 0) >= 1_000_000 and on_gpu
                 rows.append((f"screen of {r.get('molecules', 0):,} molecules ({which}, {r.get('accelerator')}) (s)",
                              f"{s['total']:.1f}", "< 120" if target_ok else "-",
                              verdict(s["total"], TARGETS["screen_1m_s"], higher=False) if target_ok else "-"))

@@ -19,7 +19,7 @@ def test_trained_on_gpu_loads_on_cpu(cuda, task, tmp_path):
     data = MoleculeACESource(limit=400).load(FingerprintSpec(), StandardizeSpec())
     tr, te = data.subset("train"), data.subset("test")
     p = fit_qsar(tr.fps, tr.y, QSARSpec(task=task, max_epochs=5), FingerprintSpec(), smiles=tr.smiles,
-                 accelerator="gpu", out_dir=tmp_path, test=(te.fps, te.y))
+                 accelerator="cuda", out_dir=tmp_path, test=(te.fps, te.y))
     assert p.info["n_train"] > 0 and "test_auroc" in p.metrics
     on_gpu = p.to("cuda").predict(data.fps)  # dense unpack on the GPU
     assert p.device.type == "cuda"

@@ -66,7 +66,7 @@ def test_train_on_a_csv_rejects_bad_records(tmp_path):
 def test_train_help_and_errors(tmp_path):
     out = run(["train", "--help"], tmp_path).stdout
     assert "biogen train: train a fingerprint MLP QSAR model" in out
-    assert "model=qsar_mlp|qsar_mlp_classifier" in out and "trainer=cpu|gpu" in out
+    assert "model=qsar_mlp|qsar_mlp_classifier" in out and "trainer=cpu|cuda" in out
     p = run(["train", "train_data.target=CHEMBL1_Ki"], tmp_path, check=False)
     assert p.returncode == 2 and "unknown MoleculeACE data set 'CHEMBL1_Ki'; known: CHEMBL1862_Ki" in p.stderr
     p = run(["train", "model.hiden=[64]"], tmp_path, check=False)
@@ -76,5 +76,7 @@ def test_train_help_and_errors(tmp_path):
     p = run(["train", "train_data=file"], tmp_path, check=False)
     assert p.returncode == 2 and "train_data.path is required for train_data=file" in p.stderr
     if not torch.cuda.is_available():
-        p = run(["train", "trainer=gpu", "train_data.limit=50"], tmp_path, check=False)
-        assert p.returncode == 2 and "trainer=gpu but PyTorch sees no CUDA GPU" in p.stderr
+        p = run(["train", "trainer=cuda", "train_data.limit=50"], tmp_path, check=False)
+        assert p.returncode == 2 and "trainer.accelerator=cuda but torch" in p.stderr and "sees no CUDA" in p.stderr
+        p = run(["train", "trainer=gpu", "train_data.limit=50"], tmp_path, check=False)  # the old word
+        assert p.returncode == 2 and "trainer.accelerator=gpu is deprecated" in p.stderr

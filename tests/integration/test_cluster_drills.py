@@ -114,9 +114,9 @@ def test_gpus_asked_of_a_cluster_without_gpus(cluster, env, tmp_path):
     run_env = {**env, **cluster.env}
     common = ["embed", f"input={fasta}", f"model={model}", "runtime=ray_cluster", f"runtime.address={cluster.address}",
               "runtime.progress=false"]
-    p = biogen(*common, "output=emb_gpu", "device=gpu", env=run_env, cwd=tmp_path, timeout=240)
+    p = biogen(*common, "output=emb_gpu", "device=cuda", env=run_env, cwd=tmp_path, timeout=240)
     assert p.returncode == 2, p.stderr
-    assert "device=gpu but no node of the Ray cluster has a GPU" in p.stderr and "device=auto" in p.stderr
+    assert "device=cuda but no node of the Ray cluster has a GPU" in p.stderr and "device=auto" in p.stderr
     p = biogen(*common, "output=emb_auto", "device=auto", env=run_env, cwd=tmp_path, timeout=300)
     assert p.returncode == 0, p.stderr  # auto: falls back to the CPU actors
     assert json.loads((tmp_path / "emb_auto" / "manifest.json").read_text())["device"] == "cpu"

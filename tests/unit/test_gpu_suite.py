@@ -46,8 +46,8 @@ def test_headline_checks_each_target(tmp_path):
         "model": "esm2_t33_650M_UR50D", "paths": {"biogen": {"tokens_per_s": 250_000, "mfu_vs_measured_matmul": 0.4}},
         "speedup": {"hf_padded": 3.5}, "bf16_vs_fp32": {"sequences": 200, "min_cosine": 0.99997}}]})
     _write(tmp_path, "screen", {"runs": [
-        {"molecules": 1_000_215, "accelerator": "gpu", "seconds_by_stage": {"library": 94.0, "total": 160.0}},
-        {"molecules": 1_000_215, "accelerator": "gpu", "seconds_by_stage": {"library": 0.1, "total": 40.0}}]})
+        {"molecules": 1_000_215, "accelerator": "cuda", "seconds_by_stage": {"library": 94.0, "total": 160.0}},
+        {"molecules": 1_000_215, "accelerator": "cuda", "seconds_by_stage": {"library": 0.1, "total": 40.0}}]})
     rows = {r[0]: (r[1], r[3]) for r in gpu_suite.headline(tmp_path, {})}
     assert rows["similarity: one-query full scan, kernel (G pairs/s)"][1] == "met"
     assert rows["similarity: 1000-query top-100, biogen_cuda (G pairs/s)"] == ("2.2", "missed")
@@ -56,8 +56,8 @@ def test_headline_checks_each_target(tmp_path):
     assert rows["ESM-2 650M: biogen bfloat16 tokens/s (MFU vs measured matmul)"] == ("250,000 (40%)", "missed")
     assert rows["ESM-2 650M: biogen vs HF padded (x)"][1] == "met"
     assert rows["ESM-2 650M: bf16 vs fp32 min cosine (200 seqs)"][1] == "met"
-    assert rows["screen of 1,000,215 molecules (cached library, gpu) (s)"] == ("40.0", "met")
-    assert rows["screen of 1,000,215 molecules (library built, gpu) (s)"][1] == "-"  # the build is not the target
+    assert rows["screen of 1,000,215 molecules (cached library, cuda) (s)"] == ("40.0", "met")
+    assert rows["screen of 1,000,215 molecules (library built, cuda) (s)"][1] == "-"  # the build is not the target
 
 
 def test_env_part_and_summary_without_a_gpu(tmp_path):

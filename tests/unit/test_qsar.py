@@ -229,9 +229,11 @@ def test_bad_checkpoints_get_clear_errors(tmp_path):
 def test_gpu_without_cuda_is_a_config_error(thrombin):
     if torch.cuda.is_available():
         pytest.skip("a CUDA GPU is present (tests/gpu/test_qsar_gpu.py trains on it)")
-    with pytest.raises(ConfigError, match="trainer=gpu but PyTorch sees no CUDA GPU"):
-        fit_qsar(thrombin.fps, thrombin.y, QSARSpec(**FAST), ECFP4, smiles=thrombin.smiles, accelerator="gpu")
-    with pytest.raises(ConfigError, match="choose cpu or gpu"):
+    for word in ("cuda", "gpu"):  # gpu: the old word, same meaning
+        with pytest.raises(ConfigError, match=f"trainer.accelerator={word} but torch .* sees no CUDA device.*"
+                                              "use trainer.accelerator=cpu"):
+            fit_qsar(thrombin.fps, thrombin.y, QSARSpec(**FAST), ECFP4, smiles=thrombin.smiles, accelerator=word)
+    with pytest.raises(ConfigError, match="trainer.accelerator='tpu' is not valid; choose one of auto, cpu, cuda"):
         fit_qsar(thrombin.fps, thrombin.y, QSARSpec(**FAST), ECFP4, accelerator="tpu")
 
 
@@ -284,7 +286,7 @@ def test_moleculeace_source(thrombin):
 
 
 @pytest.mark.parametrize("model", ["qsar_mlp", "qsar_mlp_classifier"])
-@pytest.mark.parametrize("trainer", ["cpu", "gpu"])
+@pytest.mark.parametrize("trainer", ["cpu", "cuda", "gpu"])
 @pytest.mark.parametrize("data", ["moleculeace", "file"])
 def test_train_config_groups_instantiate(model, trainer, data):
     _register_resolvers()

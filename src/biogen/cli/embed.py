@@ -10,7 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from biogen.cli.library import _inputs, _typed
-from biogen.device import torch_device
+from biogen.device import resolve_device
 from biogen.errors import ConfigError
 from biogen.runtime import RuntimeSpec
 
@@ -42,7 +42,7 @@ def embed_search(cfg: DictConfig) -> None:
     from biogen.protein.search import search_store
 
     query = _inputs(cfg.query)
-    table = search_store(str(cfg.store), query, k=int(cfg.k), vector=cfg.vector, device=torch_device(str(cfg.device)))
+    table = search_store(str(cfg.store), query, k=int(cfg.k), vector=cfg.vector, device=resolve_device(cfg.device))
     keep_lists = cfg.output is not None and str(cfg.output).endswith(".parquet")  # CSV/TSV hold no lists
     where = write_table(table if keep_lists else table.drop(["hit_ids"]), cfg.output)
     log.info("%d hits -> %s", table.num_rows, where)

@@ -37,7 +37,7 @@ def build_stages(group: DictConfig | None, key: str) -> list:
 
 
 def screen(cfg: DictConfig) -> None:
-    from biogen.device import resolve_accelerator
+    from biogen.device import resolve_device
     from biogen.screen.pipeline import FusionSpec, run_screen
     from biogen.screen.presets import LibrarySpec
     from biogen.screen.selection import SelectionSpec
@@ -57,7 +57,7 @@ def screen(cfg: DictConfig) -> None:
         fusion=_typed(FusionSpec, cfg.scoring.fusion, "scoring.fusion"),
         selection=_typed(SelectionSpec, cfg.selection, "selection"),
         runtime=_typed(RuntimeSpec, cfg.runtime, "runtime"), run_dir=run_dir,
-        accelerator=resolve_accelerator(str(cfg.device)), report=bool(cfg.report),
+        accelerator=resolve_device(cfg.device), report=bool(cfg.report),
         config_yaml=OmegaConf.to_yaml(cfg))
     funnel = " -> ".join(f"{name} {n:,}" for name, n in result.funnel)
     print(f"funnel: {funnel}")

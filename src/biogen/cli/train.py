@@ -26,7 +26,7 @@ log = logging.getLogger("biogen")
 
 @dataclass(frozen=True)
 class TrainerSpec:
-    """Config group ``trainer``: where Lightning trains (cpu | gpu)."""
+    """Config group ``trainer``: where Lightning trains (cpu | cuda; gpu is the old word)."""
 
     accelerator: str = "cpu"
 

@@ -34,6 +34,7 @@ from pytorch_lightning.callbacks import Callback, EarlyStopping
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
 from biogen.chem.fingerprints import FingerprintSpec
+from biogen.device import lightning_accelerator
 from biogen.errors import ConfigError, InputError
 from biogen.models.data import split_indices
 from biogen.models.predictor import (
@@ -47,7 +48,6 @@ __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "TASKS", "QSARModule", "QS
            "auroc", "fit_qsar", "qsar_metrics", "resolve_accelerator"]  # inference names re-exported from predictor
 log = logging.getLogger(__name__)
 
-ACCELERATORS = ("cpu", "gpu")
 VAL_BATCH = 4096  # rows per validation/test batch
 SMALL_FIT_ROWS = 5000  # below this many training rows, fit_qsar trains on one CPU thread
 
@@ -189,14 +189,11 @@ def _labels(y: np.ndarray, spec: QSARSpec) -> np.ndarray:
 
 
 def resolve_accelerator(accelerator: str) -> str:
-    acc = {"cuda": "gpu"}.get(accelerator, accelerator)
-    if acc not in ACCELERATORS:
-        raise ConfigError(f"trainer accelerator {accelerator!r} is not valid; choose cpu or gpu (trainer=cpu|gpu)")
-    if acc == "gpu" and not torch.cuda.is_available():
-        raise ConfigError("trainer=gpu but PyTorch sees no CUDA GPU "
-                          f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'none'}); "
-                          "use trainer=cpu, or install a CUDA build of PyTorch on a machine with a GPU")
-    return acc
+    """``cpu`` | ``cuda`` (``cuda:N``) to train on, from ``auto|cpu|cuda`` (``gpu`` accepted);
+    decided in ``biogen.device``."""
+    from biogen.device import resolve_device
+
+    return resolve_device(accelerator, "trainer.accelerator")
 
 
 def fit_qsar(fps: np.ndarray, y: np.ndarray, spec: QSARSpec, featurizer: FingerprintSpec, *,
@@ -247,7 +244,7 @@ def fit_qsar(fps: np.ndarray, y: np.ndarray, spec: QSARSpec, featurizer: Fingerp
         y_std = float(target[tr].std()) or 1.0
     x = _bytes_tensor(words)  # N x nbytes uint8, shared with the numpy array
     yt = torch.from_numpy(target)
-    devices = [0] if acc == "gpu" else []
+    devices = [torch.device(acc).index or 0] if acc != "cpu" else []
     n_threads = threads if threads is not None else (1 if len(tr) < SMALL_FIT_ROWS else torch.get_num_threads())
     with torch.random.fork_rng(devices=devices), _quiet_lightning(), _torch_threads(n_threads):
         torch.manual_seed(spec.seed)
@@ -265,7 +262,7 @@ def fit_qsar(fps: np.ndarray, y: np.ndarray, spec: QSARSpec, featurizer: Fingerp
             if out_dir is None:
                 raise ConfigError("logger=True needs out_dir= (Lightning's CSV log is written there)")
             lg = CSVLogger(save_dir=str(out_dir), name="lightning_logs", version="")
-        kwargs = dict(accelerator=acc, devices=1, max_epochs=spec.max_epochs, callbacks=callbacks, logger=lg,
+        kwargs = dict(accelerator=lightning_accelerator(acc), devices=devices or 1, max_epochs=spec.max_epochs, callbacks=callbacks, logger=lg,
                       enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress,
                       num_sanity_val_steps=0, log_every_n_steps=1,
                       default_root_dir=str(out_dir) if out_dir is not None else None,

@@ -79,23 +79,10 @@ class EmbedSpec:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """``cpu``, ``cuda``/``cuda:N``/``gpu``, or ``auto`` (CUDA when torch sees it, logged)."""
-    name = str(device)
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-        log.info("device=auto: %s", name)
-    if name == "gpu":
-        name = "cuda"
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"device={device!r} is not valid; choose cpu, cuda, cuda:N, gpu or auto") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={device!r} but torch {torch.__version__} sees no CUDA device (CPU build or no "
-                          "GPU); use device=cpu or install a CUDA build of torch")
-    if dev.type not in ("cpu", "cuda"):
-        raise ConfigError(f"device={device!r}: only cpu and cuda are supported")
-    return dev
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (decided in ``biogen.device``) as a torch device."""
+    from biogen import device as devices
+
+    return torch.device(devices.resolve_device(device))
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from biogen.chem.records import write_rejects
-from biogen.device import torch_device
+from biogen.device import cluster_device, resolve_device
 from biogen.errors import ConfigError, InputError
 from biogen.library.manifest import now_iso, tool_versions
 from biogen.protein.fasta import read_proteins
@@ -111,13 +111,13 @@ def embed_proteins(inputs, output: str | Path, *, model: str, spec=None, device:
                    runtime: RuntimeSpec = RuntimeSpec()) -> EmbedReport:
     """Embed the proteins of FASTA ``inputs`` into an embedding store at ``output``.
 
-    device: auto | cpu | gpu (``cuda`` too); on ``runtime=ray_cluster`` decided by the
+    device: auto | cpu | cuda; on ``runtime=ray_cluster`` decided by the
     cluster's GPUs once connected, else by what torch sees here, before anything starts."""
     from biogen.protein.embed import EmbedSpec
 
     cluster = runtime.mode == "ray_cluster"  # there the workers' GPUs count, not this machine's
     if not cluster:
-        device = torch_device(device)
+        device = resolve_device(device)
 
     spec = spec or EmbedSpec()
     if shard_size < 1:
@@ -156,8 +156,8 @@ def embed_proteins(inputs, output: str | Path, *, model: str, spec=None, device:
     done_before = sum(ledger.done(k) is not None for k, _ in shards)
     with ray_session(runtime) as slots:
         if cluster:
-            device = torch_device(device, cluster=True)
-        gpus = 1.0 if device == "cuda" else 0.0
+            device = cluster_device(device)
+        gpus = 1.0 if device.startswith("cuda") else 0.0
         if gpus and runtime.mode in NO_RAY:
             import torch
 
@@ -171,7 +171,7 @@ def embed_proteins(inputs, output: str | Path, *, model: str, spec=None, device:
             n_gpus = int(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 1
             slots = max(1, min(slots, n_gpus))  # one actor per GPU, each holding the model
         results = run_shards_on_actors(
-            EmbedWorker, (str(model), spec, "cuda" if gpus else "cpu", str(out), cache_dir, download),
+            EmbedWorker, (str(model), spec, device, str(out), cache_dir, download),
             shards, ledger=ledger, spec=runtime,
             slots=min(slots, len(shards)), desc="embed", total=len(shards), num_gpus=gpus)
     first = results[shards[0][0]]

@@ -304,7 +304,7 @@ def _run_screen(
         if any(isinstance(st, QSARScorer) for st in scorers):
             modules += ["torch", "biogen.models.predictor"]
         actors = start_actors(runtime, min(slots, max(1, len(lib.shards))), modules=modules,
-                              num_gpus=1.0 if accelerator == "gpu" else 0.0)  # no more actors than shards
+                              num_gpus=1.0 if accelerator != "cpu" else 0.0)  # no more actors than shards
         tdata, ctx = early.result() if early is not None else setup(lib)
         for st in stages:
             log.info("stage %s", st.describe())

@@ -368,7 +368,7 @@ class QSARScorer(_Base):
 
             self._predictor = QSARPredictor.load(self.checkpoint)
             if self.accelerator != "cpu":
-                self._predictor = self._predictor.to("cuda")
+                self._predictor = self._predictor.to(self.accelerator)
 
     def __call__(self, batch: MoleculeBatch) -> np.ndarray:
         if self._predictor is None:

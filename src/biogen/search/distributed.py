@@ -23,7 +23,8 @@ import pyarrow.compute as pc
 
 from biogen.errors import ConfigError
 from biogen.library.store import Library
-from biogen.search.index import RESULT_SCHEMA, SimilarityIndex, resolve_engine
+from biogen.device import resolve_engine
+from biogen.search.index import RESULT_SCHEMA, SimilarityIndex
 from biogen.search.metrics import Metric
 from biogen.search.queries import Queries, as_queries, check_compatible
 

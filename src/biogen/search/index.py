@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 from biogen.chem.fingerprints import FingerprintSpec
 from biogen.chem.readers import ReaderOptions
 from biogen.chem.standardize import StandardizeSpec
+from biogen.device import resolve_engine
 from biogen.errors import ConfigError
 from biogen.kernels.cpu import select_top_k
 from biogen.search.cpu import default_workers
@@ -40,7 +41,6 @@ from biogen.search.queries import Queries, as_queries, check_compatible
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("cpu", "cuda", "auto")
 RESULT_SCHEMA = pa.schema([
     ("query_index", pa.int32()), ("query_id", pa.string()), ("rank", pa.int32()),
     ("hit_id", pa.string()), ("score", pa.float64()), ("smiles", pa.string()),
@@ -49,20 +49,6 @@ RESULT_SCHEMA = pa.schema([
 FIRST_ROUND_ROWS = 4096  # rows scanned by the first top-k round (at least 4k)
 SPECULATE_ROWS = 32768  # rows scanned exactly around a query before its speculative scan
 SPECULATE_MARGIN = 4  # speculative threshold: the score ranked 4x the expected share of k
-
-
-def resolve_engine(engine: str) -> str:
-    """``cpu`` | ``cuda``; ``auto`` picks cuda when CuPy and a GPU are present (logged)."""
-    if engine not in ENGINES:
-        raise ConfigError(f"engine={engine!r} is not valid; choose one of {', '.join(ENGINES)}")
-    if engine != "auto":
-        return engine
-    from biogen.search.cuda import cuda_available
-
-    ok, why = cuda_available()
-    choice = "cuda" if ok else "cpu"
-    log.info("engine=auto: using %s (%s)", choice, "CuPy and a CUDA device found" if ok else why)
-    return choice
 
 
 @dataclass
