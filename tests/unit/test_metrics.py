@@ -134,3 +134,39 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="booleans"):
         auroc(S4, [0, 2, 1, 0])
     assert auroc(S4, [1, 0, 1, 0]) == 0.75  # 0/1 labels are accepted
+
+
+def test_enrichment_metrics_value_is_the_summary():
+    from biogen.screen.metrics import EnrichmentMetrics
+
+    rng = np.random.default_rng(3)
+    labels = rng.random(2000) < 0.03
+    scores = rng.normal(size=2000) + 2 * labels
+    m = EnrichmentMetrics.of(scores, labels)
+    s = summary(scores, labels)
+    assert (m.auroc, m.ef1, m.ef5, m.bedroc20, m.n_actives, m.n) == (
+        s["auroc"], s["ef1"], s["ef5"], s["bedroc20"], s["n_actives"], s["n"])
+    assert m.recovered_top_1pct == actives_in_top(scores, labels, 20)
+    assert list(m.as_dict()) == ["auroc", "ef1", "ef5", "bedroc20", "n_actives", "n", "recovered_top_1%"]
+
+
+def test_null_model_takes_the_better_property_and_direction():
+    """Actives that are small molecules: ranking by heavy-atom count low-first enriches them;
+    the null model finds that direction, ranks NaN and filtered-out molecules last."""
+    from biogen.screen.metrics import null_model, property_ranking
+
+    rng = np.random.default_rng(4)
+    n = 3000
+    labels = np.zeros(n, bool)
+    labels[:60] = True
+    heavy = np.where(labels, rng.normal(14, 2, n), rng.normal(25, 3, n))
+    mw = rng.normal(350, 50, n)  # no signal
+    nm = null_model({"heavy_atoms": heavy, "mw": mw}, labels)
+    assert (nm.prop, nm.high_first, nm.label) == ("heavy_atoms", False, "heavy_atoms (low first)")
+    assert nm.metrics.auroc > 0.95 and nm.as_dict()["property"] == "heavy_atoms"
+    keep = np.ones(n, bool)
+    keep[:30] = False  # half the actives filtered out: they rank last
+    assert null_model({"heavy_atoms": heavy}, labels, keep=keep).metrics.recovered_top_1pct <= 30
+    assert np.array_equal(property_ranking([1.0, np.nan, 3.0], True, np.array([True, True, False])),
+                          [1.0, -np.inf, -np.inf])
+    assert null_model({}, labels) is None and null_model({"mw": mw}, np.zeros(n, bool)) is None

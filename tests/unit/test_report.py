@@ -13,9 +13,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from biogen.screen.metrics import EnrichmentMetrics, NullModel
 from biogen.screen.report import (
     MAX_TABLE_ROWS,
     ReportData,
+    ReportEnrichment,
     _enrichment_curve,
     render_report,
     write_report,
@@ -92,10 +94,11 @@ def make_data(n: int = 5_000, n_hits: int = 150, *, empty: bool = False, seed: i
                 "qed $cost$": rng.random(n // 2), "never": np.full(4, np.nan)},
         hits=hits,
         property_space={"library": lib, "hits": hit_props},
-        enrichment={"scores": fused, "labels": labels,
-                    "metrics": {"AUROC": 0.91, "EF1%": 27.5, "EF5%": 11.0, "BEDROC20": 0.587,
-                                "actives": int(labels.sum()), "recovered_top_1%": 23},
-                    "label_name": "held-out CHEMBL204 test actives (pKi >= 7)"},
+        enrichment=ReportEnrichment(
+            fused, labels, EnrichmentMetrics(0.91, 27.5, 11.0, 0.587, int(labels.sum()), n, 23),
+            "held-out CHEMBL204 test actives (pKi >= 7)",
+            NullModel("heavy_atoms", True, EnrichmentMetrics(0.62, 3.25, 2.5, 0.11, int(labels.sum()), n, 2)),
+            {"actives_in_hits": 4}, null_scores=rng.normal(size=n) + labels),
         config_yaml="screen:\n  target: CHEMBL204  # <not a tag>\n",
         notes=["filters removed every molecule: no hits"] if empty else [],
         versions={"biogen": "0.1.0", "rdkit": "x"},
@@ -161,6 +164,19 @@ def test_headline_shows_recovered_actives_and_metrics(full_html):
     assert "recovered in top 1%" in text
     assert "27.5" in text and "0.587" in text and "EF1%" in text and "BEDROC20" in text
     assert full_html.index('id="headline"') < full_html.index('id="funnel"')  # near the top
+
+
+def test_the_null_model_stands_beside_the_screen(full_html):
+    """The report states what ranking by a property alone gives, in the headline and the
+    metrics table, and draws its curve."""
+    headline = full_html[full_html.index('id="headline"'):full_html.index('id="funnel"')]
+    assert "Null model, ranking by heavy_atoms (high first) alone: EF1% 3.25, AUROC 0.62" in headline
+    section = full_html[full_html.index('id="enrichment"'):]
+    section = section[:section.index("</section>")]
+    assert "null model: heavy_atoms (high first)" in section and "the dashed line ranks by" in section
+    row = re.search(r"<td>ef1</td><td>([^<]*)</td><td>([^<]*)</td>", section)
+    assert row and row.groups() == ("27.5", "3.25")
+    assert "<td>actives_in_hits</td><td>4</td>" in section
 
 
 def test_text_is_escaped(full_html):
@@ -230,7 +246,8 @@ def test_minimal_input_renders_everywhere_no_data():
 
 def test_enrichment_without_actives_and_all_nan_scores():
     data = make_data(n=500, n_hits=5)
-    data.enrichment = dict(data.enrichment, labels=np.zeros(500, bool), metrics={})
+    data.enrichment.labels = np.zeros(500, bool)
+    data.enrichment.null_scores = None
     data.scores = {"nan": np.full(100, np.nan)}
     text = render_report(data)
     section = text[text.index('id="enrichment"'):]
@@ -266,7 +283,7 @@ def test_contract_violations_name_the_field():
     with pytest.raises(ValueError, match=r"hits lacks column\(s\) \['smiles'\]"):
         render_report(data)
     data = make_data(n=200, n_hits=5)
-    data.enrichment = dict(data.enrichment, labels=np.zeros(3, bool))
+    data.enrichment.labels = np.zeros(3, bool)
     with pytest.raises(ValueError, match="200 scores but 3 labels"):
         render_report(data)
 

@@ -66,6 +66,12 @@ def screen(cfg: DictConfig) -> None:
         print(f"labelled actives: {m['actives_in_library']} in the library, {m['actives_passing_filters']} pass "
               f"the filters, {m['recovered_top_1%']} in the top 1%, {m['actives_in_hits']} among the "
               f"{result.hits.num_rows} hits; EF1% {m['ef1']:.1f}, BEDROC(20) {m['bedroc20']:.3f}, AUROC {m['auroc']:.3f}")
+        nm = m.get("null_model")
+        if nm:
+            print(f"null model, ranking by {nm['property']} ({'high' if nm['high_first'] else 'low'} first) alone: "
+                  f"EF1% {nm['ef1']:.1f}, AUROC {nm['auroc']:.3f}"
+                  + ("  <- as good as the screen: the actives differ from the library in size"
+                     if nm["ef1"] >= m["ef1"] or nm["auroc"] >= m["auroc"] else ""))
     for row in result.hits.slice(0, 5).to_pylist():
         print(f"  #{row['rank']:<3} {row['id']:<24} score {row['score']:.3f}  {row['smiles']}")
     print(f"outputs: {result.run_dir} (hits.parquet/csv/sdf, scores.parquet, report.html, summary.json); "

@@ -31,12 +31,13 @@ is missing.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
 __all__ = [
-    "actives_in_top", "auroc", "bedroc", "enrichment_curve", "enrichment_factor", "roc_curve",
-    "summary",
+    "EnrichmentMetrics", "NullModel", "actives_in_top", "auroc", "bedroc", "enrichment_curve",
+    "enrichment_factor", "null_model", "property_ranking", "roc_curve", "summary",
 ]
 
 
@@ -192,3 +193,75 @@ def summary(scores, labels, alpha: float = 20.0) -> dict:
     _, ys, w, starts, sizes = _ranked(scores, labels)
     return {"auroc": _auroc(ys, starts, sizes), "ef1": _ef(ys, w, 0.01), "ef5": _ef(ys, w, 0.05),
             f"bedroc{alpha:g}": _bedroc(ys, w, alpha), "n_actives": int(ys.sum()), "n": int(ys.size)}
+
+
+@dataclass(frozen=True)
+class EnrichmentMetrics:
+    """The enrichment of one ranking: what ``summary`` computes plus the actives recovered in
+    the top 1 %. One value shared by the screen's metrics, its summary.json and its report.
+    ``as_dict`` gives the keys of summary.json: auroc, ef1, ef5, bedroc20, n_actives, n,
+    recovered_top_1%."""
+
+    auroc: float
+    ef1: float
+    ef5: float
+    bedroc20: float
+    n_actives: int
+    n: int
+    recovered_top_1pct: int
+
+    @classmethod
+    def of(cls, scores, labels) -> "EnrichmentMetrics":
+        s = summary(scores, labels)
+        top = max(1, int(round(0.01 * s["n"])))
+        return cls(s["auroc"], s["ef1"], s["ef5"], s["bedroc20"], s["n_actives"], s["n"],
+                   int(actives_in_top(scores, labels, top)))
+
+    def as_dict(self) -> dict:
+        return {"auroc": self.auroc, "ef1": self.ef1, "ef5": self.ef5, "bedroc20": self.bedroc20,
+                "n_actives": self.n_actives, "n": self.n, "recovered_top_1%": self.recovered_top_1pct}
+
+
+NULL_PROPERTIES = ("heavy_atoms", "mw")  # simple properties a null model may rank by
+
+
+@dataclass(frozen=True)
+class NullModel:
+    """The enrichment of ranking by one simple property alone (heavy-atom count or MW), in the
+    direction that enriches more: how much of a screen's enrichment the actives' property
+    differences already give (a screen whose actives are larger than the library's molecules
+    can look good for that alone). ``label``: e.g. "heavy_atoms (high first)"."""
+
+    prop: str
+    high_first: bool
+    metrics: EnrichmentMetrics
+
+    @property
+    def label(self) -> str:
+        return f"{self.prop} ({'high' if self.high_first else 'low'} first)"
+
+    def as_dict(self) -> dict:
+        return {"property": self.prop, "high_first": self.high_first, **self.metrics.as_dict()}
+
+
+def property_ranking(values, high_first: bool, keep: np.ndarray | None = None) -> np.ndarray:
+    """Scores that rank molecules by a property (NaN last; outside ``keep`` last)."""
+    v = np.asarray(values, dtype=np.float64)
+    s = np.where(np.isnan(v), -np.inf, v if high_first else -v)
+    return s if keep is None else np.where(keep, s, -np.inf)
+
+
+def null_model(props: dict[str, np.ndarray], labels, keep: np.ndarray | None = None) -> NullModel | None:
+    """The best ranking by one of ``props`` (name -> N floats), each way round, by AUROC (EF1 %
+    breaks ties). ``keep``: molecules outside it rank last, as a screen's filtered-out molecules
+    do. NaN values rank last. None when no property is given or labels lack a class."""
+    y = np.asarray(labels, dtype=bool)
+    if not props or not y.any() or y.all():
+        return None
+    best = None
+    for name, values in props.items():
+        for high_first in (True, False):
+            m = EnrichmentMetrics.of(property_ranking(values, high_first, keep), y)
+            if best is None or (m.auroc, m.ef1) > (best.metrics.auroc, best.metrics.ef1):
+                best = NullModel(name, high_first, m)
+    return best

@@ -20,6 +20,7 @@ import os
 import shutil
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,9 +38,10 @@ from biogen.errors import ConfigError, CorruptLibraryError
 from biogen.library.store import Library
 from biogen.runtime import Ledger, RuntimeSpec, ray_session, run_shards_on_actors
 from biogen.runtime.ray_runtime import start_actors, wait_for_ray_shutdown
+from biogen.screen.metrics import NULL_PROPERTIES, EnrichmentMetrics, NullModel, null_model, property_ranking
 from biogen.screen.presets import LibrarySpec, cached_preset, preset_library
 from biogen.screen.selection import SelectionSpec, best_first, fuse_scores, fusion_weights, select_hits
-from biogen.screen.stages import MoleculeBatch, QSARScorer, ScreenContext, SimilarityScorer, Stage
+from biogen.screen.stages import MoleculeBatch, ScreenContext, Stage
 from biogen.screen.target import TargetData, TargetSpec, held_out_actives, load_target
 
 log = logging.getLogger(__name__)
@@ -75,11 +77,11 @@ class ScreenWorker:
         for st in stages:
             st.load()
         stored = set(self.library.manifest.get("descriptors", []))
-        needed = {c for st in stages for c in getattr(st, "columns", ())}
+        needed = {c for st in stages for c in st.columns}
         self.columns = sorted(needed & stored)
         # SMILES are read only when a stage parses molecules (alerts, SMARTS, descriptors
         # the library does not store): most of a large screen's time would go to strings
-        self.read_smiles = bool(needed - stored) or any(getattr(st, "needs_mols", False) for st in stages)
+        self.read_smiles = bool(needed - stored) or any(st.needs_mols for st in stages)
 
     def run(self, index: int) -> tuple[list[str], dict]:
         t_run = time.perf_counter()
@@ -217,19 +219,349 @@ def _job_key(library: Library, stages: list[Stage]) -> str:
     # the content of any model file (a model retrained in a rerun must not mix with old shards)
     from biogen.runtime.ledger import sha256_file
 
-    models = [sha256_file(Path(st.checkpoint)) for st in stages if getattr(st, "checkpoint", None)]
+    models = [sha256_file(Path(st.checkpoint)) for st in stages if st.checkpoint]
     desc = {"library": [(s.name, s.rows) for s in library.shards], "n_rows": library.n_rows,
             "stages": [st.describe() for st in stages], "models": models, "shard_format": "arrow"}
     return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _metric_summary(scores: np.ndarray, labels: np.ndarray) -> dict:
-    from biogen.screen import metrics
+# ----------------------------------------------------------------------------- the steps' values
 
-    out = metrics.summary(scores, labels)
-    top = max(1, int(round(0.01 * len(scores))))
-    out["recovered_top_1%"] = int(metrics.actives_in_top(scores, labels, top))
-    return out
+@dataclass
+class Ranking:
+    """The screen's order over the library table: ``alive`` (bool N: passed every filter),
+    ``fused`` (float N, NaN where not alive), ``order`` (alive rows, best first; ties in
+    library order), ``rank_of`` (int N, 1-based, -1 where not alive), the funnel so far and
+    the notes the ranking raised."""
+
+    alive: np.ndarray
+    fused: np.ndarray
+    order: np.ndarray
+    rank_of: np.ndarray
+    funnel: list[tuple[str, int]]
+    notes: list[str]
+
+
+@dataclass
+class Selection:
+    """The hits: table rows in hit order, their scaffolds and SMILES."""
+
+    chosen: np.ndarray
+    scaffolds: list[str]
+    smiles: list[str]
+
+
+@dataclass
+class ScreenEnrichment:
+    """How the ranking recovers the labelled actives: the screen's ``EnrichmentMetrics`` over
+    every library row (filtered-out molecules rank last), the same for the property null model,
+    and the actives counted through the funnel. ``as_dict`` is summary.json's ``metrics``."""
+
+    labels: np.ndarray
+    metrics: EnrichmentMetrics
+    null: NullModel | None
+    actives_in_library: int
+    actives_passing_filters: int
+    actives_after_filter: dict[str, int]
+    actives_in_hits: int
+
+    def as_dict(self) -> dict:
+        return {**self.metrics.as_dict(), "actives_in_library": self.actives_in_library,
+                "actives_passing_filters": self.actives_passing_filters,
+                "actives_after_filter": dict(self.actives_after_filter), "actives_in_hits": self.actives_in_hits,
+                "null_model": None if self.null is None else self.null.as_dict()}
+
+
+@dataclass
+class _Prepared:
+    """The driver-side set-up: the target's compounds and the stages' context."""
+
+    target: TargetData
+    context: ScreenContext
+
+
+# ----------------------------------------------------------------------------- the runtime session
+
+class _ScreenSession:
+    """Where a screen's shards run, and the concurrency that hides set-up time (each measured
+    in ``benchmarks/screen.py``): Ray's start (~4 s locally) overlaps the target's preparation
+    (QSAR training) when the library is known without Ray; the worker actors start, and import
+    torch, before the set-up ends; the library columns the outputs need are read at idle
+    priority while the shards run; Ray stops in the background while the outputs are written
+    (``run_screen`` waits for it before returning)."""
+
+    def __init__(self, runtime: RuntimeSpec, library: LibrarySpec, target: TargetSpec):
+        self.runtime, self.library_spec, self.target_spec = runtime, library, target
+        self._ray = ray_session(runtime, shutdown_in_background=True)
+        self.slots = 1
+        self._early: Future | None = None
+        self._actors = None
+        self.ledger: Ledger | None = None
+        t0 = time.perf_counter()  # a library path or a cached preset opens without the runtime
+        path = (Path(library.path) if library.path
+                else cached_preset(library, target.name, held_out_actives(target)))
+        self.library: Library | None = Library.open(path) if path is not None else None
+        self.library_seconds = time.perf_counter() - t0
+
+    def __enter__(self) -> "_ScreenSession":
+        self.slots = self._ray.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._ray.__exit__(*exc)
+
+    def prepare_early(self, prepare: Callable[[Library], _Prepared]) -> None:
+        """Start ``prepare`` in a thread when the library is known and Ray will start locally
+        (Ray's start then hides behind the set-up). Call before entering the session."""
+        if self.library is not None and self.runtime.mode == "local":
+            pool = ThreadPoolExecutor(1, thread_name_prefix="screen-setup")
+            self._early = pool.submit(prepare, self.library)
+            pool.shutdown(wait=False)
+
+    def open_library(self) -> Library:
+        """The library; a preset not yet cached is built now (it needs the runtime)."""
+        if self.library is None:
+            t0 = time.perf_counter()
+            self.library = Library.open(preset_library(self.library_spec, self.target_spec.name,
+                                                       held_out_actives(self.target_spec), self.runtime))
+            self.library_seconds += time.perf_counter() - t0
+        return self.library
+
+    def start_workers(self, scorers: list[Stage], accelerator: str) -> None:
+        """Start the worker actors (no more than there are shards) and their imports now."""
+        modules = ["biogen.screen.pipeline"]
+        for st in scorers:
+            modules += [m for m in st.worker_modules if m not in modules]
+        self._actors = start_actors(self.runtime, min(self.slots, max(1, len(self.open_library().shards))),
+                                    modules=modules, num_gpus=1.0 if accelerator != "cpu" else 0.0)
+
+    def prepared(self, prepare: Callable[[Library], _Prepared]) -> _Prepared:
+        return self._early.result() if self._early is not None else prepare(self.open_library())
+
+    def run(self, stages: list[Stage], run_dir: Path) -> dict[str, dict]:
+        """Every shard through the stages (resumed from the ledger); the workers' results."""
+        lib = self.open_library()
+        self.ledger = Ledger(run_dir / "ledger.jsonl", _job_key(lib, stages))
+        shard_keys = [(f"shard-{s.name}", (i,)) for i, s in enumerate(lib.shards)]
+        return run_shards_on_actors(ScreenWorker, (str(lib.path), stages, str(run_dir)), shard_keys,
+                                    ledger=self.ledger,
+                                    spec=self.runtime, slots=self.slots, desc="screen", total=len(shard_keys),
+                                    actors=self._actors)
+
+
+# ----------------------------------------------------------------------------- the steps
+
+def _check_stages(filters: list[Stage], scorers: list[Stage], fusion: FusionSpec) -> list[Stage]:
+    stages = [*filters, *scorers]
+    names = [st.name for st in stages]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"stage names must be unique; got {names}")
+    if not scorers:
+        raise ConfigError("the screen has no scorer: set scoring=similarity, scoring=qsar or scoring=similarity_qsar")
+    fusion_weights([st.name for st in scorers], fusion.weights, fusion.method)  # a typo fails before any shard
+    return stages
+
+
+def _prepare(lib: Library, target: TargetSpec, stages: list[Stage], run_dir: Path, accelerator: str,
+             progress: bool, seconds: dict[str, float]) -> _Prepared:
+    """Target compounds (rejects written), then each stage's driver-side set-up (QSAR training)."""
+    t0 = time.perf_counter()
+    tdata = load_target(target, lib.featurizer, lib.standardize)
+    write_rejects(tdata.rejects, run_dir / "target_rejects.csv")
+    if tdata.rejects:
+        log.warning("%d target compound(s) could not be used; see %s", len(tdata.rejects),
+                    run_dir / "target_rejects.csv")
+    ctx = ScreenContext(lib.featurizer, None if tdata.actives is None else tdata.actives.fps,
+                        None if tdata.actives is None else tdata.actives.popcount, run_dir,
+                        tdata.training, accelerator, progress)
+    seconds["target"] = time.perf_counter() - t0
+    for st in stages:
+        t0 = time.perf_counter()
+        st.prepare(ctx)
+        if time.perf_counter() - t0 > 0.5:
+            seconds[f"prepare {st.name}"] = time.perf_counter() - t0
+    return _Prepared(tdata, ctx)
+
+
+def _outputs_columns(lib: Library, tdata: TargetData, report: bool) -> tuple[str, list[str], set | None]:
+    """The library's dedupe key, the metadata columns the outputs need (ids, label keys,
+    scaffolds, the report's properties, the null model's properties) and the label set."""
+    key = lib.manifest["dedupe"]["key"]
+    label_set = tdata.label_keys if key == "inchikey" else tdata.label_smiles
+    stored = lib.manifest.get("descriptors", [])
+    props = [c for c in PROPERTY_COLUMNS if c in stored] if report else []
+    null_props = [c for c in NULL_PROPERTIES if c in stored] if label_set else []
+    wanted = list(dict.fromkeys(["id"] + ([key] if label_set else []) + (["scaffold"] if "scaffold" in stored else [])
+                                + props + null_props))
+    return key, wanted, label_set
+
+
+def _read_scores(lib: Library, run_dir: Path) -> pa.Table:
+    return pa.concat_tables([feather.read_table(run_dir / f"shards/{s.name}.arrow", memory_map=True)
+                             for s in lib.shards])
+
+
+def _rank(table: pa.Table, filters: list[Stage], scorers: list[Stage], fusion: FusionSpec) -> Ranking:
+    """Fuse the scores of the molecules that passed every filter and order them."""
+    n_total = table.num_rows
+    alive = np.ones(n_total, dtype=bool)
+    funnel = [("library", n_total)]
+    for st in filters:
+        alive &= table.column(f"{st.name}_pass").to_numpy(zero_copy_only=False).astype(bool) if n_total else alive
+        funnel.append((st.name, int(alive.sum())))
+    score_cols = _score_columns(table, scorers)
+    fused = np.full(n_total, np.nan)
+    notes: list[str] = []
+    if alive.any():
+        fused[alive] = fuse_scores({k: v[alive] for k, v in score_cols.items()}, fusion.weights, fusion.method)
+    else:
+        notes.append("the filters removed every molecule of the library: no hits. Loosen or remove "
+                     "filters (filters=none, or filters.<name>=null).")
+        log.warning("%s", notes[-1])
+    cand = np.flatnonzero(alive)
+    # best first; ties in library order (deterministic, and numeric: no sort of 1M strings)
+    order = cand[best_first(fused[cand])] if len(cand) else cand
+    rank_of = np.full(n_total, -1, dtype=np.int64)
+    rank_of[order] = np.arange(1, len(order) + 1)
+    return Ranking(alive, fused, order, rank_of, funnel, notes)
+
+
+def _score_columns(table: pa.Table, scorers: list[Stage]) -> dict[str, np.ndarray]:
+    return {st.name: table.column(st.name).to_numpy(zero_copy_only=False) for st in scorers}
+
+
+def _select(lib: Library, table: pa.Table, meta: pa.Table, ranking: Ranking, spec: SelectionSpec) -> Selection:
+    """Walk down the ranking with the scaffold cap, MaxMin-pick the hits (selection.py)."""
+    shard_of = table.column("shard").to_numpy()
+    row_of = table.column("row").to_numpy()
+
+    def fps_of(idx: np.ndarray) -> np.ndarray:
+        return np.stack([lib.shards[int(shard_of[i])].fingerprints[int(row_of[i])] for i in idx])
+
+    text = _RowText(lib, shard_of, row_of, scaffold_column=(meta.column("scaffold").combine_chunks()
+                                                            if "scaffold" in meta.column_names else None))
+    chosen, scaffolds = (select_hits(ranking.order, text.scaffolds, fps_of, spec) if len(ranking.order)
+                         else (np.zeros(0, dtype=np.int64), []))
+    return Selection(chosen, scaffolds, text.smiles(chosen))
+
+
+def _enrichment(table: pa.Table, meta: pa.Table, key: str, label_set: set, ranking: Ranking,
+                filters: list[Stage], chosen: np.ndarray) -> tuple[np.ndarray, ScreenEnrichment | None]:
+    """Labels of the library rows (matched by the library's dedupe key: InChIKey, or canonical
+    SMILES for a library built with dedupe_key=smiles) and, when both classes are present, the
+    screen's enrichment next to the property null model's."""
+    labels = pc.is_in(meta.column(key), value_set=pa.array(sorted(label_set))).to_numpy(zero_copy_only=False)
+    labels = labels.astype(bool)
+    if not (labels.any() and (~labels).any()):
+        return labels, None
+    ranked = np.where(ranking.alive, ranking.fused, -np.inf)  # filtered-out molecules rank last
+    keep = np.ones(len(labels), dtype=bool)
+    after = {}
+    for st in filters:
+        keep &= table.column(f"{st.name}_pass").to_numpy(zero_copy_only=False).astype(bool)
+        after[st.name] = int((labels & keep).sum())
+    props = {c: meta.column(c).to_numpy(zero_copy_only=False).astype(np.float64)
+             for c in NULL_PROPERTIES if c in meta.column_names}
+    return labels, ScreenEnrichment(
+        labels, EnrichmentMetrics.of(ranked, labels), null_model(props, labels, keep=ranking.alive),
+        actives_in_library=int(labels.sum()), actives_passing_filters=int((labels & ranking.alive).sum()),
+        actives_after_filter=after, actives_in_hits=int(labels[chosen].sum()) if len(chosen) else 0)
+
+
+def _write_outputs(run_dir: Path, lib: Library, table: pa.Table, ids: pa.Array, ranking: Ranking,
+                   selection: Selection, score_cols: dict[str, np.ndarray], labels: np.ndarray | None,
+                   config_yaml: str) -> tuple[pa.Table, Future, ThreadPoolExecutor]:
+    """hits.parquet/csv/sdf, library_manifest.json, config.yaml now; scores.parquet (every
+    library row) in a background thread (the caller joins it after the report)."""
+    import pyarrow.csv as pacsv
+
+    chosen = selection.chosen
+    hit_cols = {"rank": pa.array(np.arange(1, len(chosen) + 1)), "id": ids.take(pa.array(chosen))
+                if len(chosen) else pa.array([], pa.string()),
+                "smiles": pa.array(selection.smiles, pa.string()), "score": pa.array(ranking.fused[chosen]),
+                "score_rank": pa.array(ranking.rank_of[chosen])}
+    for k, v in score_cols.items():
+        hit_cols[k] = pa.array(v[chosen])
+    hit_cols["scaffold"] = pa.array(selection.scaffolds, pa.string())
+    if labels is not None:
+        hit_cols["label"] = pa.array(labels[chosen])
+    hits = pa.table(hit_cols)
+    pq.write_table(hits, run_dir / "hits.parquet")
+    pacsv.write_csv(hits, run_dir / "hits.csv")
+    _write_sdf(hits, run_dir / "hits.sdf")
+    bg = ThreadPoolExecutor(1, thread_name_prefix="screen-bg")
+    scores_written = bg.submit(pq.write_table, table, run_dir / "scores.parquet")
+    shutil.copy(lib.path / "manifest.json", run_dir / "library_manifest.json")
+    if config_yaml:
+        (run_dir / "config.yaml").write_text(config_yaml)  # also when output= is not the Hydra run dir
+    return hits, scores_written, bg
+
+
+def _score_table(table: pa.Table, ranking: Ranking, ids: pa.Array, labels: np.ndarray | None) -> pa.Table:
+    """scores.parquet: every library row with its filters' pass/fail, scores, fused score, rank, id, label."""
+    table = table.append_column("passed_filters", pa.array(ranking.alive)).append_column(
+        "score", pa.array(ranking.fused, mask=~ranking.alive)).append_column(
+        "rank", pa.array(ranking.rank_of, mask=ranking.rank_of < 0))
+    table = table.add_column(2, "id", ids)
+    return table.append_column("label", pa.array(labels)) if labels is not None else table
+
+
+@dataclass
+class _Scored:
+    """What the shards phase leaves: the library, the set-up, the outputs' metadata columns
+    (being read at idle priority), the stages' CPU seconds, the workers and the ledger."""
+
+    library: Library
+    prepared: _Prepared
+    key: str
+    label_set: set | None
+    columns: Future
+    stage_cpu: dict[str, float]
+    workers: int
+    ledger: Ledger
+
+
+def _score_shards(library: LibrarySpec, target: TargetSpec, stages: list[Stage], scorers: list[Stage],
+                  runtime: RuntimeSpec, run_dir: Path, accelerator: str, report: bool,
+                  seconds: dict[str, float]) -> _Scored:
+    """Open the library, prepare the target and stages, run every shard (in a runtime session)."""
+
+    def prepare(lib: Library) -> _Prepared:
+        return _prepare(lib, target, stages, run_dir, accelerator, runtime.progress, seconds)
+
+    session = _ScreenSession(runtime, library, target)
+    session.prepare_early(prepare)
+    with session:
+        lib = session.open_library()
+        seconds["library"] = session.library_seconds
+        session.start_workers(scorers, accelerator)  # after a preset build: it would hold its CPUs
+        prep = session.prepared(prepare)
+        for st in stages:
+            log.info("stage %s", st.describe())
+        key, wanted, label_set = _outputs_columns(lib, prep.target, report)
+        prefetch, columns = _prefetch_library_columns(lib, wanted)
+        prefetch.shutdown(wait=False)
+        t0 = time.perf_counter()
+        results = session.run(stages, run_dir)
+        seconds["shards (wall)"] = time.perf_counter() - t0
+    stage_cpu = {st.name: sum(r["seconds"].get(st.name, 0.0) for r in results.values()) for st in stages}
+    return _Scored(lib, prep, key, label_set, columns, stage_cpu, session.slots, session.ledger)
+
+
+def _notes(ranking: Ranking, enrichment: ScreenEnrichment | None, label_name: str | None) -> list[str]:
+    """Warnings for the report and summary: the ranking's, missing labels, a null model that
+    does as well as the screen."""
+    notes = list(ranking.notes)
+    if label_name is not None and enrichment is None:
+        notes.append(f"no labelled actives found in the library ({label_name}); enrichment not computed")
+    if enrichment is not None and enrichment.null is not None:
+        m, nm = enrichment.metrics, enrichment.null.metrics
+        if nm.ef1 >= m.ef1 or nm.auroc >= m.auroc:
+            notes.append(f"ranking by {enrichment.null.label} alone recovers the labelled actives as well as this "
+                         f"screen or better (EF1% {nm.ef1:.1f} vs {m.ef1:.1f}, AUROC {nm.auroc:.3f} vs {m.auroc:.3f}): "
+                         "the actives differ from the library in size, and the enrichment says little about the "
+                         "scoring. Compare with decoys matched in properties (e.g. the DUD sets of biogen evaluate).")
+    return notes
 
 
 def _run_screen(
@@ -249,204 +581,45 @@ def _run_screen(
     """Run a screen and write its outputs to ``run_dir`` (see module docstring)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    stages = [*filters, *scorers]
-    names = [st.name for st in stages]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"stage names must be unique; got {names}")
-    if not scorers:
-        raise ConfigError("the screen has no scorer: set scoring=similarity, scoring=qsar or scoring=similarity_qsar")
-    fusion_weights([st.name for st in scorers], fusion.weights, fusion.method)  # a typo fails before any shard
+    stages = _check_stages(filters, scorers, fusion)
     seconds: dict[str, float] = {}
     t_start = time.perf_counter()
 
-    def setup(lib: Library) -> tuple[TargetData, ScreenContext]:
-        """Target compounds, stage preparation (QSAR training): no Ray needed."""
-        t0 = time.perf_counter()
-        tdata = load_target(target, lib.featurizer, lib.standardize)
-        write_rejects(tdata.rejects, run_dir / "target_rejects.csv")
-        if tdata.rejects:
-            log.warning("%d target compound(s) could not be used; see %s", len(tdata.rejects),
-                        run_dir / "target_rejects.csv")
-        ctx = ScreenContext(lib.featurizer, None if tdata.actives is None else tdata.actives.fps,
-                            None if tdata.actives is None else tdata.actives.popcount, run_dir,
-                            tdata.training, accelerator, runtime.progress)
-        seconds["target"] = time.perf_counter() - t0
-        for st in stages:
-            t0 = time.perf_counter()
-            st.prepare(ctx)
-            if time.perf_counter() - t0 > 0.5:
-                seconds[f"prepare {st.name}"] = time.perf_counter() - t0
-        return tdata, ctx
-
-    # A local Ray instance takes ~4 s to start: when the library is known without Ray (a path
-    # or a cached preset), the set-up runs in a thread meanwhile. A preset that must be built
-    # first needs Ray, so then the set-up follows the build.
+    scored = _score_shards(library, target, stages, scorers, runtime, run_dir, accelerator, report, seconds)
+    lib, prep, key, label_set = scored.library, scored.prepared, scored.key, scored.label_set
     t0 = time.perf_counter()
-    lib_path = (Path(library.path) if library.path
-                else cached_preset(library, target.name, held_out_actives(target)))
-    lib = Library.open(lib_path) if lib_path is not None else None
-    seconds["library"] = time.perf_counter() - t0
-    early = None
-    if lib is not None and runtime.mode == "local":
-        pool = ThreadPoolExecutor(1, thread_name_prefix="screen-setup")
-        early = pool.submit(setup, lib)
-        pool.shutdown(wait=False)
-    with ray_session(runtime, shutdown_in_background=True) as slots:
-        if lib is None:  # target first: a preset library mixes in the target's held-out actives
-            t0 = time.perf_counter()
-            lib = Library.open(preset_library(library, target.name, held_out_actives(target), runtime))
-            seconds["library"] += time.perf_counter() - t0
-        # the worker actors start and import torch & co. while the driver prepares the
-        # library, target and model (after a preset build: they would hold its CPUs)
-        modules = ["biogen.screen.pipeline"]
-        if any(isinstance(st, SimilarityScorer) for st in scorers):
-            modules += ["biogen.search.fused:warm_up"]  # its Numba kernel loads in ~0.4 s
-        if any(isinstance(st, QSARScorer) for st in scorers):
-            modules += ["torch", "biogen.models.predictor"]
-        actors = start_actors(runtime, min(slots, max(1, len(lib.shards))), modules=modules,
-                              num_gpus=1.0 if accelerator != "cpu" else 0.0)  # no more actors than shards
-        tdata, ctx = early.result() if early is not None else setup(lib)
-        for st in stages:
-            log.info("stage %s", st.describe())
-
-        # what the outputs need of the library's metadata (ids, label keys, scaffolds, the
-        # report's properties) is read at idle priority while the shards run
-        key = lib.manifest["dedupe"]["key"]
-        label_set = tdata.label_keys if key == "inchikey" else tdata.label_smiles
-        stored = lib.manifest.get("descriptors", [])
-        props = [c for c in PROPERTY_COLUMNS if c in stored] if report else []
-        wanted = list(dict.fromkeys(["id"] + ([key] if label_set else [])
-                                    + (["scaffold"] if "scaffold" in stored else []) + props))
-        prefetch, library_columns = _prefetch_library_columns(lib, wanted)
-        prefetch.shutdown(wait=False)
-
-        t0 = time.perf_counter()
-        ledger = Ledger(run_dir / "ledger.jsonl", _job_key(lib, stages))
-        shard_keys = [(f"shard-{s.name}", (i,)) for i, s in enumerate(lib.shards)]
-        results = run_shards_on_actors(
-            ScreenWorker, (str(lib.path), stages, str(run_dir)), shard_keys, ledger=ledger, spec=runtime,
-            slots=slots, desc="screen", total=len(shard_keys), actors=actors)
-        seconds["shards (wall)"] = time.perf_counter() - t0
-    # Ray stops in a background thread from here on (~2 s, most of it waiting on its
-    # processes to exit): fusion, selection and the outputs need none
-    stage_cpu = {n: sum(r["seconds"].get(n, 0.0) for r in results.values()) for n in names}
-
-    t0 = time.perf_counter()
-    table = pa.concat_tables([feather.read_table(run_dir / f"shards/{s.name}.arrow", memory_map=True)
-                              for s in lib.shards])
-    n_total = table.num_rows
-    alive = np.ones(n_total, dtype=bool)
-    funnel = [("library", n_total)]
-    for st in filters:
-        alive &= table.column(f"{st.name}_pass").to_numpy(zero_copy_only=False).astype(bool) if n_total else alive
-        funnel.append((st.name, int(alive.sum())))
-    score_cols = {st.name: table.column(st.name).to_numpy(zero_copy_only=False) for st in scorers}
-    fused = np.full(n_total, np.nan)
-    notes: list[str] = []
-    if alive.any():
-        fused[alive] = fuse_scores({k: v[alive] for k, v in score_cols.items()}, fusion.weights, fusion.method)
-    else:
-        notes.append("the filters removed every molecule of the library: no hits. Loosen or remove "
-                     "filters (filters=none, or filters.<name>=null).")
-        log.warning("%s", notes[-1])
-    cand = np.flatnonzero(alive)
-    # best first; ties in library order (deterministic, and numeric: no sort of 1M strings)
-    order = cand[best_first(fused[cand])] if len(cand) else cand
-    rank_of = np.full(n_total, -1, dtype=np.int64)
-    rank_of[order] = np.arange(1, len(order) + 1)
-    table = table.append_column("passed_filters", pa.array(alive)).append_column(
-        "score", pa.array(fused, mask=~alive)).append_column("rank", pa.array(rank_of, mask=rank_of < 0))
+    table = _read_scores(lib, run_dir)
+    ranking = _rank(table, filters, scorers, fusion)
     seconds["fusion + ranking"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    shard_of = table.column("shard").to_numpy()
-    row_of = table.column("row").to_numpy()
-
-    def fps_of(idx: np.ndarray) -> np.ndarray:
-        return np.stack([lib.shards[int(shard_of[i])].fingerprints[int(row_of[i])] for i in idx])
-
-    meta = library_columns.result()
-    if meta.num_rows != n_total:
+    meta = scored.columns.result()
+    if meta.num_rows != table.num_rows:
         raise CorruptLibraryError(f"the library at {lib.path} has {meta.num_rows} rows of metadata but its "
-                                  f"shards {n_total} fingerprints; run `biogen library verify` on it")
-    text = _RowText(lib, shard_of, row_of, scaffold_column=(meta.column("scaffold").combine_chunks()
-                                                            if "scaffold" in meta.column_names else None))
-    chosen, scaffolds = (select_hits(order, text.scaffolds, fps_of, selection) if len(order)
-                         else (np.zeros(0, dtype=np.int64), []))
-    hit_smiles = text.smiles(chosen)
+                                  f"shards {table.num_rows} fingerprints; run `biogen library verify` on it")
+    chosen = _select(lib, table, meta, ranking, selection)
     seconds["selection"] = time.perf_counter() - t0
     ids = meta.column("id").combine_chunks()
-    table = table.add_column(2, "id", ids)
 
-    # labels (held-out or given actives), matched by the library's dedupe key: InChIKey, or
-    # canonical SMILES for a library built with dedupe_key=smiles
-    metrics = None
-    labels = None
-    if label_set:
-        labels = pc.is_in(meta.column(key), value_set=pa.array(sorted(label_set))).to_numpy(zero_copy_only=False)
-        labels = labels.astype(bool)
-        table = table.append_column("label", pa.array(labels))
-        if labels.any() and (~labels).any():
-            ranked = np.where(alive, fused, -np.inf)  # filtered-out molecules rank last
-            metrics = _metric_summary(ranked, labels)
-            metrics["actives_in_library"] = int(labels.sum())
-            metrics["actives_passing_filters"] = int((labels & alive).sum())
-            keep = np.ones(n_total, dtype=bool)
-            metrics["actives_after_filter"] = {}
-            for st in filters:
-                keep &= table.column(f"{st.name}_pass").to_numpy(zero_copy_only=False).astype(bool)
-                metrics["actives_after_filter"][st.name] = int((labels & keep).sum())
-            metrics["actives_in_hits"] = int(labels[chosen].sum()) if len(chosen) else 0
-        else:
-            notes.append(f"no labelled actives found in the library ({tdata.label_name}); enrichment not computed")
-
+    labels, enrichment = _enrichment(table, meta, key, label_set, ranking, filters, chosen.chosen) if label_set \
+        else (None, None)
+    notes = _notes(ranking, enrichment, prep.target.label_name if label_set else None)
     t0 = time.perf_counter()
-    hit_cols = {"rank": pa.array(np.arange(1, len(chosen) + 1)), "id": ids.take(pa.array(chosen))
-                if len(chosen) else pa.array([], pa.string()),
-                "smiles": pa.array(hit_smiles, pa.string()), "score": pa.array(fused[chosen]),
-                "score_rank": pa.array(rank_of[chosen])}
-    for k, v in score_cols.items():
-        hit_cols[k] = pa.array(v[chosen])
-    hit_cols["scaffold"] = pa.array(scaffolds, pa.string())
-    if labels is not None:
-        hit_cols["label"] = pa.array(labels[chosen])
-    hits = pa.table(hit_cols)
-    pq.write_table(hits, run_dir / "hits.parquet")
-    import pyarrow.csv as pacsv
-
-    pacsv.write_csv(hits, run_dir / "hits.csv")
-    _write_sdf(hits, run_dir / "hits.sdf")
-    # the per-molecule table (every library row) is written while the report renders
-    bg = ThreadPoolExecutor(1, thread_name_prefix="screen-bg")
-    scores_written = bg.submit(pq.write_table, table, run_dir / "scores.parquet")
-    shutil.copy(lib.path / "manifest.json", run_dir / "library_manifest.json")
-    if config_yaml:
-        (run_dir / "config.yaml").write_text(config_yaml)  # also when output= is not the Hydra run dir
-    funnel.append(("scored", int(alive.sum())))
-    funnel.append(("selected", len(chosen)))
+    table = _score_table(table, ranking, ids, labels)
+    score_cols = _score_columns(table, scorers)
+    hits, scores_written, bg = _write_outputs(run_dir, lib, table, ids, ranking, chosen, score_cols, labels,
+                                              config_yaml)
+    funnel = [*ranking.funnel, ("scored", int(ranking.alive.sum())), ("selected", len(chosen.chosen))]
     seconds["outputs"] = time.perf_counter() - t0
-    seconds.update({f"stage {k} (cpu)": v for k, v in stage_cpu.items()})
+    seconds.update({f"stage {k} (cpu)": v for k, v in scored.stage_cpu.items()})
 
-    from biogen.library.manifest import tool_versions
-
-    summary = {
-        "library": str(lib.path), "library_name": library.preset if not library.path else Path(lib.path).name,
-        "molecules": n_total, "shards": len(lib.shards),
-        "featurizer": lib.featurizer.to_dict(), "target": target.name, "target_description": target.description,
-        "known_actives": 0 if tdata.actives is None else len(tdata.actives),
-        "target_rejects": len(tdata.rejects), "training_compounds": 0 if tdata.training is None else len(tdata.training.y),
-        "stages": [st.describe() for st in stages], "fusion": {"method": fusion.method, "weights": dict(fusion.weights)},
-        "selection": vars(selection), "accelerator": accelerator, "workers": slots,
-        "funnel": funnel, "metrics": metrics, "label_name": tdata.label_name, "notes": notes,
-        "qsar_train_metrics": {st.name: getattr(st, "train_metrics", None) for st in scorers if hasattr(st, "train_metrics")},
-        "seconds": {k: round(v, 3) for k, v in seconds.items()}, "versions": tool_versions(),
-    }
+    summary = _summary(library, target, lib, prep.target, stages, scorers, fusion, selection, accelerator,
+                       scored.workers, funnel, enrichment, notes, seconds)
     report_path = None
     if report:
         t0 = time.perf_counter()
-        report_path = _write_report(run_dir, target, meta, summary, funnel, seconds, score_cols, alive, fused,
-                                    hits, labels, metrics, tdata.label_name, config_yaml, notes, chosen,
-                                    time.perf_counter() - t_start)
+        report_path = _write_report(run_dir, target, meta, summary, seconds, score_cols, ranking, hits, enrichment,
+                                    config_yaml, notes, chosen.chosen, time.perf_counter() - t_start)
         seconds["report"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     scores_written.result()
@@ -456,8 +629,30 @@ def _run_screen(
     summary["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     (run_dir / "funnel.json").write_text(json.dumps(dict(funnel), indent=2) + "\n")
-    ledger.complete(hits=len(hits))
+    scored.ledger.complete(hits=len(hits))
+    metrics = None if enrichment is None else enrichment.as_dict()
     return ScreenResult(run_dir, hits, funnel, metrics, seconds, report_path, summary)
+
+
+def _summary(library: LibrarySpec, target: TargetSpec, lib: Library, tdata: TargetData, stages: list[Stage],
+             scorers: list[Stage], fusion: FusionSpec, selection: SelectionSpec, accelerator: str, workers: int,
+             funnel: list, enrichment: ScreenEnrichment | None, notes: list[str], seconds: dict) -> dict:
+    """summary.json: what ran on what, the funnel, the metrics, the time per step, versions."""
+    from biogen.library.manifest import tool_versions
+
+    return {
+        "library": str(lib.path), "library_name": library.preset if not library.path else Path(lib.path).name,
+        "molecules": funnel[0][1], "shards": len(lib.shards),
+        "featurizer": lib.featurizer.to_dict(), "target": target.name, "target_description": target.description,
+        "known_actives": 0 if tdata.actives is None else len(tdata.actives),
+        "target_rejects": len(tdata.rejects), "training_compounds": 0 if tdata.training is None else len(tdata.training.y),
+        "stages": [st.describe() for st in stages], "fusion": {"method": fusion.method, "weights": dict(fusion.weights)},
+        "selection": vars(selection), "accelerator": accelerator, "workers": workers,
+        "funnel": funnel, "metrics": None if enrichment is None else enrichment.as_dict(),
+        "label_name": tdata.label_name, "notes": notes,
+        "qsar_train_metrics": {st.name: st.train_metrics for st in scorers if st.train_metrics is not None},
+        "seconds": {k: round(v, 3) for k, v in seconds.items()}, "versions": tool_versions(),
+    }
 
 
 @functools.wraps(_run_screen)
@@ -468,10 +663,12 @@ def run_screen(*args, **kwargs) -> ScreenResult:
         wait_for_ray_shutdown()  # the local Ray instance stopped while the outputs were written
 
 
-def _write_report(run_dir, target, meta, summary, funnel, seconds, score_cols, alive, fused, hits, labels,
-                  metrics, label_name, config_yaml, notes, chosen, wall) -> Path:
+def _write_report(run_dir: Path, target: TargetSpec, meta: pa.Table, summary: dict, seconds: dict,
+                  score_cols: dict[str, np.ndarray], ranking: Ranking, hits: pa.Table,
+                  enrichment: ScreenEnrichment | None, config_yaml: str, notes: list[str], chosen: np.ndarray,
+                  wall: float) -> Path:
     """meta: library metadata columns (rows in table order), with the stored PROPERTY_COLUMNS."""
-    from biogen.screen.report import ReportData, write_report
+    from biogen.screen.report import ReportData, ReportEnrichment, write_report
 
     props = None
     have = [c for c in PROPERTY_COLUMNS if c in meta.column_names]
@@ -480,18 +677,24 @@ def _write_report(run_dir, target, meta, summary, funnel, seconds, score_cols, a
         sample = rng.choice(meta.num_rows, size=min(20000, meta.num_rows), replace=False)
         cols = {c: meta.column(c).to_numpy(zero_copy_only=False).astype(np.float64) for c in have}
         props = {"library": {c: v[sample] for c, v in cols.items()}, "hits": {c: v[chosen] for c, v in cols.items()}}
-    enrichment = None
-    if metrics is not None:
-        enrichment = {"scores": np.where(alive, fused, -np.inf), "labels": labels, "metrics": metrics,
-                      "label_name": label_name}
+    alive, fused = ranking.alive, ranking.fused
+    enr = None
+    if enrichment is not None:
+        details = {k: v for k, v in enrichment.as_dict().items()
+                   if k.startswith("actives_")}  # the funnel's actives beside the metrics
+        null = enrichment.null
+        enr = ReportEnrichment(np.where(alive, fused, -np.inf), enrichment.labels, enrichment.metrics,
+                               summary["label_name"], null, details,
+                               None if null is None else property_ranking(
+                                   meta.column(null.prop).to_numpy(zero_copy_only=False), null.high_first, alive))
     data = ReportData(
         title=f"biogen screen: {target.name} vs {summary['library_name']} ({summary['molecules']:,} molecules)",
         summary={"target": f"{target.name} {target.description}".strip(), "library": summary["library"],
                  "molecules": f"{summary['molecules']:,}", "known actives": summary["known_actives"],
                  "hits": hits.num_rows, "workers": summary["workers"], "accelerator": summary["accelerator"],
                  "run directory": str(run_dir), "wall time (s)": f"{wall:.1f}"},
-        funnel=funnel, stage_seconds=list(seconds.items()),
+        funnel=summary["funnel"], stage_seconds=list(seconds.items()),
         scores={k: v[alive] for k, v in score_cols.items()} | {"fused": fused[alive]},
-        hits=hits, property_space=props, enrichment=enrichment, config_yaml=config_yaml, notes=notes,
+        hits=hits, property_space=props, enrichment=enr, config_yaml=config_yaml, notes=notes,
         versions=summary["versions"])
     return write_report(data, run_dir / "report.html")

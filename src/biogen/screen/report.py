@@ -37,7 +37,9 @@ from typing import Iterable
 import numpy as np
 import pyarrow as pa
 
-__all__ = ["ReportData", "write_report", "render_report", "MAX_TABLE_ROWS", "MAX_SCATTER_POINTS"]
+from biogen.screen.metrics import EnrichmentMetrics, NullModel
+
+__all__ = ["ReportData", "ReportEnrichment", "write_report", "render_report", "MAX_TABLE_ROWS", "MAX_SCATTER_POINTS"]
 
 MAX_TABLE_ROWS = 100  # rows of the hits table written into the HTML
 MAX_SCATTER_POINTS = 20_000  # library points drawn in each property-space panel (seeded sample)
@@ -70,11 +72,9 @@ class ReportData:
     property_space: ``{"library": {"mw": a, "clogp": b, "tpsa": c}, "hits": {...}}`` with
         1-D arrays of equal length per group (the library may be a random sample);
         ``tpsa`` is optional. None: the section says it was not computed.
-    enrichment: when labels are known, ``{"scores": fused scores of all ranked molecules
-        (shape N), "labels": bool (shape N), "metrics": {"AUROC", "EF1%", "EF5%",
-        "BEDROC20", "actives", "recovered_top_1%", ...}, "label_name": str}``. The
-        metrics are shown as given (the pipeline owns their definitions); the curve is
-        computed here from scores and labels. None: labels unknown.
+    enrichment: a ``ReportEnrichment`` when labels are known (the metrics are shown as
+        given: the pipeline owns their definitions; the curves are computed here from the
+        scores and labels). None: labels unknown.
     config_yaml: the composed configuration, shown collapsed.
     notes: warnings shown prominently at the top, e.g. "filters removed every molecule".
     versions: package name -> version, shown at the bottom.
@@ -88,11 +88,30 @@ class ReportData:
     scores: dict[str, np.ndarray]
     hits: pa.Table
     property_space: dict[str, dict[str, np.ndarray]] | None
-    enrichment: dict | None
+    enrichment: "ReportEnrichment | None"
     config_yaml: str
     notes: list[str] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
     n_structures: int = 24
+
+
+@dataclass
+class ReportEnrichment:
+    """How the screen ranked the labelled actives.
+
+    scores: the fused score of every molecule (filtered-out ones -inf; shape N); labels:
+    bool N; metrics: the screen's ``EnrichmentMetrics``; label_name: what the labels are;
+    null: the property null model (``NullModel``: its curve and metrics are drawn beside
+    the screen's), or None when the library stores no property to rank by; details: more
+    rows for the metrics table (actives through the funnel...)."""
+
+    scores: np.ndarray
+    labels: np.ndarray
+    metrics: EnrichmentMetrics
+    label_name: str = "labelled actives"
+    null: NullModel | None = None
+    details: dict = field(default_factory=dict)
+    null_scores: np.ndarray | None = None  # the null model's ranking (shape N), for its curve
 
 
 def write_report(data: ReportData, path: str | Path) -> Path:
@@ -158,15 +177,17 @@ def _check(data: ReportData) -> None:
             raise ValueError(f"ReportData.hits lacks column(s) {missing}; it has "
                              f"{data.hits.column_names}, expected at least {list(REQUIRED_HIT_COLUMNS)}")
     if data.enrichment is not None:
-        missing = [k for k in ("scores", "labels") if k not in data.enrichment]
-        if missing:
-            raise ValueError(f"ReportData.enrichment lacks key(s) {missing}; expected "
-                             "'scores', 'labels', 'metrics', 'label_name' (or enrichment=None)")
-        n_s = len(data.enrichment["scores"])
-        n_l = len(data.enrichment["labels"])
+        if not isinstance(data.enrichment, ReportEnrichment):
+            raise TypeError(f"ReportData.enrichment must be a ReportEnrichment or None, got "
+                            f"{type(data.enrichment).__name__}")
+        n_s = len(data.enrichment.scores)
+        n_l = len(data.enrichment.labels)
         if n_s != n_l:
             raise ValueError(f"ReportData.enrichment: {n_s} scores but {n_l} labels; "
                              "they must describe the same molecules")
+        if data.enrichment.null_scores is not None and len(data.enrichment.null_scores) != n_s:
+            raise ValueError(f"ReportData.enrichment: {len(data.enrichment.null_scores)} null-model scores but "
+                             f"{n_s} scores; they must describe the same molecules")
 
 
 def _derived_notes(data: ReportData) -> list[str]:
@@ -326,41 +347,21 @@ def _notes_section(notes: list[str]) -> str:
     return f'<section id="notes" class="notes"><h2>Warnings</h2><ul>{items}</ul></section>'
 
 
-def _metric(metrics: dict, *names: str) -> object | None:
-    """A metric by any of its usual spellings (case and punctuation ignored)."""
-    def norm(s: str) -> str:
-        return "".join(ch for ch in s.lower() if ch.isalnum() or ch == "%")
-
-    lookup = {norm(k): v for k, v in metrics.items()}
-    for name in names:
-        if norm(name) in lookup:
-            return lookup[norm(name)]
-    return None
-
-
-def _headline(enrichment: dict) -> str:
-    """The result in one line: actives recovered in the top 1 %, EF1 %, BEDROC."""
-    metrics = dict(enrichment.get("metrics") or {})
-    recovered = _metric(metrics, "recovered_top_1%", "recovered_top1%", "recovered")
-    actives = _metric(metrics, "actives", "n_actives")
-    if actives is None:
-        actives = int(np.count_nonzero(np.asarray(enrichment["labels"], dtype=bool)))
-    ef1 = _metric(metrics, "EF1%", "EF1", "ef_1%")
-    bedroc = _metric(metrics, "BEDROC20", "BEDROC", "bedroc_20")
-    auroc = _metric(metrics, "AUROC", "ROC_AUC", "AUC")
-    label = enrichment.get("label_name") or "labelled actives"
-    tiles = []
-    if recovered is not None:
-        tiles.append(("recovered in top 1%", f"{_fmt(recovered)} / {_fmt(actives)}"))
-    else:
-        tiles.append(("actives", _fmt(actives)))
-    for name, value in (("EF1%", ef1), ("BEDROC20", bedroc), ("AUROC", auroc)):
-        if value is not None:
-            tiles.append((name, _fmt(value)))
+def _headline(enr: ReportEnrichment) -> str:
+    """The result in one line: actives recovered in the top 1 %, EF1 %, BEDROC, AUROC, and
+    what ranking by a simple property alone gives (the null model)."""
+    m = enr.metrics
+    tiles = [("recovered in top 1%", f"{_fmt(m.recovered_top_1pct)} / {_fmt(m.n_actives)}"),
+             ("EF1%", _fmt(m.ef1)), ("BEDROC20", _fmt(m.bedroc20)), ("AUROC", _fmt(m.auroc))]
     tiles_html = "".join(f'<div class="tile"><div class="value">{_e(v)}</div>'
                          f'<div class="label">{_e(k)}</div></div>' for k, v in tiles)
+    null = ""
+    if enr.null is not None:
+        n = enr.null.metrics
+        null = (f'<div class="caption">Null model, ranking by {_e(enr.null.label)} alone: '
+                f"EF1% {_e(_fmt(n.ef1))}, AUROC {_e(_fmt(n.auroc))} (what the actives' size alone gives)</div>")
     return (f'<div class="headline" id="headline"><div class="tiles">{tiles_html}</div>'
-            f'<div class="caption">Labels: {_e(label)}</div></div>')
+            f'<div class="caption">Labels: {_e(enr.label_name or "labelled actives")}</div>{null}</div>')
 
 
 def _summary_section(data: ReportData) -> str:
@@ -527,12 +528,16 @@ def _enrichment_section(data: ReportData) -> str:
         return _section("enrichment", title,
                         _nodata("no activity labels for this library, so no enrichment curve"))
     enr = data.enrichment
-    label = enr.get("label_name") or "labelled actives"
-    curve = _enrichment_curve(enr["scores"], enr["labels"])
-    n = len(enr["scores"])
-    metrics = dict(enr.get("metrics") or {})
-    mrows = [(_e(k), _e(_fmt(v))) for k, v in metrics.items()]
-    mtable = _table(["metric", "value"], mrows, cls="kv num") if mrows else ""
+    label = enr.label_name or "labelled actives"
+    curve = _enrichment_curve(enr.scores, enr.labels)
+    null_curve = None if enr.null_scores is None else _enrichment_curve(enr.null_scores, enr.labels)
+    n = len(enr.scores)
+    screen = enr.metrics.as_dict()
+    null = enr.null.metrics.as_dict() if enr.null is not None else {}
+    mrows = [(_e(k), _e(_fmt(v)), _e(_fmt(null[k])) if k in null else "") for k, v in screen.items()]
+    mrows += [(_e(k), _e(_fmt(v)), "") for k, v in enr.details.items()]
+    null_head = f"null model: {enr.null.label}" if enr.null is not None else "null model: no property stored"
+    mtable = _table(["metric", "screen", _e(null_head)], mrows, cls="kv num") if mrows else ""
     if curve is None:
         why = "no molecules ranked" if n == 0 else "no actives among the ranked molecules"
         return _section("enrichment", title, _nodata(why) + mtable)
@@ -542,6 +547,9 @@ def _enrichment_section(data: ReportData) -> str:
         axes = fig.subplots(1, 2)
         for ax, log in zip(axes, (False, True)):
             ax.plot(x, y, color=_ACCENT, lw=1.6, label="screen")
+            if null_curve is not None:
+                ax.plot(null_curve[0], null_curve[1], color=_LIBRARY_COLOR, lw=1.2, ls="--",
+                        label=f"null: {enr.null.label}")
             ax.plot(x[1:], x[1:], color="#888", lw=1, ls=":", label="random")  # same grid: straight on both axes
             for frac, text in ((0.01, "1%"), (0.05, "5%")):
                 ax.axvline(frac, color=_HIT_COLOR, lw=0.8, ls="--", alpha=0.7)
@@ -561,10 +569,12 @@ def _enrichment_section(data: ReportData) -> str:
             ax.legend(loc="lower right")
 
     uri = _plot(draw, 9.0, 3.4)
-    n_act = int(np.count_nonzero(np.asarray(enr["labels"], dtype=bool)))
+    n_act = int(np.count_nonzero(np.asarray(enr.labels, dtype=bool)))
     caption = (f"Enrichment of {_e(label)}: {n_act:,} actives among {n:,} ranked molecules. "
                "Left: linear axis; right: log axis, which shows the early enrichment that "
-               "matters for a screen. The dotted line is random ranking.")
+               "matters for a screen. The dotted line is random ranking"
+               + (f"; the dashed line ranks by {_e(enr.null.label)} alone (the null model: what the "
+                  "actives' property differences give without any model)." if enr.null is not None else "."))
     return _section("enrichment", title, _figure(uri, "enrichment curve", caption) + mtable)
 
 
