@@ -11,7 +11,7 @@ not a speedup):
 Correctness first: every layout must build the same shards (sha256 per file) as the
 in-process build, and its distributed search must return the same hits as the in-process
 engine; only then are times reported. Each layout is a fresh `ray start` cluster on
-loopback with token authentication (biogen.runtime.local_cluster).
+loopback with token authentication (tests/local_cluster.py).
 
     python benchmarks/scaling.py --molecules 40000 --out benchmarks/results/scaling.json
 """
@@ -64,7 +64,8 @@ def task_overhead(n: int = 400) -> float:
 
 
 def run_layout(nodes: int, smi: Path, work: Path, chunk: int, queries, reference_hits, repeats: int) -> dict:
-    from biogen.runtime.local_cluster import LocalCluster
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from local_cluster import LocalCluster
 
     head, workers = LAYOUTS[nodes]
     out: dict = {"nodes": nodes, "head_cpus": head, "worker_cpus": workers, "builds": []}

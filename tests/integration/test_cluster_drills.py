@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from biogen.runtime.local_cluster import LocalCluster
+from local_cluster import LocalCluster
 from tests_support import moses_subset, shard_signature
 from tests_support import run_biogen as biogen
 
@@ -46,7 +46,7 @@ def wait_until_running_a_task(cluster: LocalCluster, i: int, timeout: float = 60
     """Until a Ray worker process of worker node ``i`` runs a task (its title is then
     ``ray::<task>``, not ``ray::IDLE``): a kill right after a shard was recorded could
     otherwise land while that node waits for its next shard, and lose nothing."""
-    from biogen.runtime.local_cluster import _descendants
+    from local_cluster import _descendants
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

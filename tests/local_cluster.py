@@ -1,4 +1,5 @@
-"""A multi-node Ray cluster on one machine, for failure drills, tests and overhead benchmarks.
+"""A multi-node Ray cluster on one machine, for failure drills, tests and overhead benchmarks
+(test infrastructure: not part of the installed package).
 
 ``ray start --head`` plus one ``ray start --address`` per worker node, on loopback, each its
 own process group (so one node can be killed, raylet, object store and workers together,
