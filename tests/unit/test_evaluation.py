@@ -106,6 +106,35 @@ def test_evaluate_target_rows_and_pairing():
         {k: v for k, v in r.items() if k != "seconds"} for r in again]
 
 
+def test_property_null_model_follows_the_queries():
+    """Ranks by the property in the direction the query actives point to, with no labels of
+    the ranked list: here the actives (benzene rings with substituents) are heavier than most
+    decoys. load_list computes the properties."""
+    from biogen.evaluation.scorers import PropertyScorer
+
+    mols = [Chem.MolFromSmiles(s) for s in ACTIVES + DECOYS]
+    heavy = np.array([m.GetNumHeavyAtoms() for m in mols], dtype=np.float64)
+    ctx = TargetContext({}, np.arange(len(mols)) < len(ACTIVES), props={"heavy_atoms": heavy})
+    split = Split(np.array([0, 1]), np.array([], dtype=np.int64))
+    ranked = np.arange(2, len(mols))
+    s = PropertyScorer("heavy_atoms").score(ctx, split, ranked)
+    assert np.array_equal(s, heavy[ranked])  # queries (7 atoms) above the list's median: high first
+    light = Split(np.array([len(ACTIVES) + 7]), np.array([], dtype=np.int64))  # a 3-atom "query"
+    assert np.array_equal(PropertyScorer("heavy_atoms").score(ctx, light, ranked), -heavy[ranked])
+    with pytest.raises(ConfigError, match="'tpsa' is not computed; available: heavy_atoms"):
+        PropertyScorer("tpsa").score(ctx, split, ranked)
+    assert build_scorer("null-mw", {"kind": "property", "property": "mw"}).scorer == PropertyScorer("mw")
+
+
+def test_load_list_computes_the_null_model_properties(tmp_path):
+    path = tmp_path / "cmp_list_DUD_x_actives.dat.gz"
+    with gzip.open(path, "wt") as fh:
+        fh.write("# Mol_Title\tID\tSMILES\nZ1\tA_1\tc1ccccc1O\nZ2\tA_2\tCCO\n")
+    out = load_list(path, ECFP)
+    assert out.props["heavy_atoms"].tolist() == [7, 3]
+    assert out.props["mw"] == pytest.approx([94.113, 46.069], abs=1e-3)
+
+
 def test_build_scorer_and_errors():
     catalog = {"a": {"kind": "similarity", "fingerprint": "e"}, "b": {"kind": "logistic", "fingerprint": "e"},
                "f": {"kind": "fusion", "members": ["a", "b"], "weights": [1, 2]}}

@@ -30,8 +30,10 @@ from pathlib import Path
 import numpy as np
 from rdkit import Chem, RDLogger
 
+from biogen.chem.descriptors import DescriptorCalculator
 from biogen.chem.fingerprints import Fingerprinter, FingerprintSpec
 from biogen.errors import ConfigError, InputError
+from biogen.screen.metrics import NULL_PROPERTIES
 
 DATASETS = ("DUD", "ChEMBL")
 INVALID_POLICIES = ("partial", "reject")
@@ -71,13 +73,15 @@ class CompoundList:
     """Molecules of one file that made it through parsing.
 
     ids: N internal ids; smiles: N SMILES; fps: fingerprint name -> N x W packed ``uint64``;
-    notes: partial and rejected records (rejected ones are not among the N).
+    props: the null model's properties (``biogen.screen.metrics.NULL_PROPERTIES``: heavy-atom
+    count, MW) -> N float64; notes: partial and rejected records (rejected ones are not among the N).
     """
 
     ids: list[str]
     smiles: list[str]
     fps: dict[str, np.ndarray] = field(default_factory=dict)
     notes: list[Note] = field(default_factory=list)
+    props: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -177,4 +181,7 @@ def load_list(path: str | Path, specs: dict[str, FingerprintSpec], invalid: str 
     finally:
         RDLogger.EnableLog("rdApp.*")
     out.fps = {name: Fingerprinter(spec).compute(mols) for name, spec in specs.items()}
+    calc = DescriptorCalculator(NULL_PROPERTIES)
+    values = np.array([calc(m) for m in mols], dtype=np.float64).reshape(len(mols), len(NULL_PROPERTIES))
+    out.props = {name: values[:, i] for i, name in enumerate(NULL_PROPERTIES)}
     return out

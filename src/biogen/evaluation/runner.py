@@ -56,10 +56,11 @@ def run_target(out_dir: str, dataset: str, target: str, actives: str, decoys: st
     act = load_list(actives, specs, invalid)
     dec = shared if shared is not None else load_list(decoys, specs, invalid)
     fps = {name: np.concatenate([act.fps[name], dec.fps[name]]) for name in specs}
+    props = {name: np.concatenate([act.props[name], dec.props[name]]) for name in act.props}
     labels = np.zeros(len(act) + len(dec), dtype=bool)
     labels[: len(act)] = True
     t1 = time.perf_counter()
-    rows = evaluate_target(TargetContext(fps, labels, specs), scorers, protocol, dataset, target)
+    rows = evaluate_target(TargetContext(fps, labels, specs, props), scorers, protocol, dataset, target)
     rel = f"targets/{dataset}_{target}.csv"
     path = Path(out_dir) / rel
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,11 @@ and scores the molecules ``ranked`` (indices into the target), higher = more lik
   smoothing), same training set.
 - ``QSARScorer``: the project's Lightning QSAR MLP (``biogen.models.qsar.fit_qsar``).
 - ``RankFusionScorer``: weighted mean of the members' rank percentiles on the same list.
+- ``PropertyScorer``: the null model: one simple property (heavy-atom count, MW), ranked in
+  the direction the query actives point to (higher first when the queries' median lies
+  above the ranked list's, else lower first). No fingerprint, no decoys: how much of a
+  data set's enrichment the actives' size alone gives (DUD's decoys are matched in these
+  properties, ChEMBL's ZINC decoys are not).
 
 Training decoys (Riniker, Fechner & Landrum, JCIM 53, 2829 (2013)): trained scorers
 (``uses_decoys = True``) learn from the queries plus a random ``decoy_fraction`` of the
@@ -28,7 +33,7 @@ import numpy as np
 from biogen.chem.fingerprints import FingerprintSpec, popcounts, unpack_bits
 from biogen.errors import ConfigError
 from biogen.kernels.cpu import common_counts
-from biogen.screen.metrics import average_ranks
+from biogen.screen.metrics import average_ranks, property_ranking
 from biogen.search.metrics import Metric
 
 FUSIONS = ("max", "mean", "topk")
@@ -50,8 +55,9 @@ class TargetContext:
     """
 
     def __init__(self, fps: dict[str, np.ndarray], labels: np.ndarray,
-                 specs: dict[str, FingerprintSpec] | None = None):
+                 specs: dict[str, FingerprintSpec] | None = None, props: dict[str, np.ndarray] | None = None):
         self.fps = fps
+        self.props = props or {}  # simple properties for the null model (PropertyScorer)
         self.specs = specs or {}  # fingerprint parameters, for models that record them
         self.labels = np.asarray(labels, dtype=bool)
         self.n_actives = int(self.labels.sum())
@@ -179,6 +185,22 @@ class QSARScorer:
         return np.asarray(model.predict(fps[ranked]), dtype=np.float64)
 
 
+@dataclass(frozen=True)
+class PropertyScorer:
+    """The null model: rank by one property, in the direction the queries point to."""
+
+    property: str = "heavy_atoms"
+    uses_decoys = False
+
+    def score(self, ctx: TargetContext, split: Split, ranked: np.ndarray) -> np.ndarray:
+        if self.property not in ctx.props:
+            raise ConfigError(f"scorer property: {self.property!r} is not computed; available: "
+                              f"{', '.join(ctx.props) or '(none)'}")
+        v = ctx.props[self.property]
+        high_first = np.nanmedian(v[split.queries]) >= np.nanmedian(v[ranked])
+        return property_ranking(v[ranked], bool(high_first))
+
+
 def _percentile_ranks(s: np.ndarray) -> np.ndarray:
     """Mid-rank of each score in [0, 1] (ties share their mean rank)."""
     s = np.where(np.isnan(s), -np.inf, s)
@@ -226,7 +248,7 @@ class NamedScorer:
 
 
 KINDS = {"similarity": SimilarityScorer, "logistic": LogisticScorer, "naive_bayes": NaiveBayesScorer,
-         "qsar": QSARScorer, "fusion": RankFusionScorer}
+         "qsar": QSARScorer, "fusion": RankFusionScorer, "property": PropertyScorer}
 
 
 def build_scorer(name: str, definition: dict, catalog: dict[str, dict] | None = None) -> NamedScorer:
