@@ -249,6 +249,12 @@ def test_target_from_moleculeace_and_files(tmp_path, moleculeace):
     acts.write_text("smiles,ki_nM\nCCO,10\nCCN,abc\nCCC,-1\n")
     t3 = load_target(TargetSpec(name="x", activities=str(acts), value_column="ki_nM"), spec, StandardizeSpec(enabled=False))
     assert t3.training.y.tolist() == [8.0] and len(t3.rejects) == 2 and len(t3.actives) == 1
+    assert {r.reason for r in t3.rejects} == {"bad_value"} and [r.record for r in t3.rejects] == [3, 4]
+    # the same reader as biogen train: the activity column found by its name, uM, infinities refused
+    tsv = tmp_path / "acts.tsv"
+    tsv.write_text("smiles\tic50\nCCO\t0.01\nCCN\tinf\n")
+    t4 = load_target(TargetSpec(name="x", activities=str(tsv), value_unit="uM"), spec, StandardizeSpec(enabled=False))
+    assert t4.training.y.tolist() == [8.0] and "not finite" in t4.rejects[0].detail
 
 
 def test_admet_stage_with_the_real_pretrained_model(tmp_path):

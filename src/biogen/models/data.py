@@ -24,6 +24,24 @@ from biogen.kernels.cpu import cttz64
 
 SPLITS = ("scaffold", "random")
 VALUE_UNITS = ("pActivity", "nM", "uM", "label")
+# an activity column found by name when none is given (lower case)
+VALUE_COLUMN_NAMES = ("value", "activity", "pactivity", "pchembl_value", "exp_mean [nm]", "ki", "ic50", "y")
+
+
+def to_pactivity(text: str | float, unit: str) -> float:
+    """One activity value in pActivity (-log10 molar) from ``unit`` (pActivity, nM, uM), or a
+    0/1 label (``label``); ValueError for a non-number, a non-finite value, a potency <= 0
+    or a label other than 0/1 (the callers reject the record with the message)."""
+    v = float(text)
+    if not math.isfinite(v):
+        raise ValueError("not finite")
+    if unit in ("nM", "uM"):
+        if v <= 0:
+            raise ValueError(f"a potency in {unit} must be > 0")
+        return (9.0 if unit == "nM" else 6.0) - math.log10(v)
+    if unit == "label" and v not in (0.0, 1.0):
+        raise ValueError("a label must be 0 or 1")
+    return v
 SPLIT_LABELS = ("train", "test")
 
 
@@ -98,13 +116,15 @@ class ActivityFileSource:
     pActivity), or label (0/1 for classification). split_column: optional column of
     train/test labels; rows marked test are held out for the final metrics.
     Records with a missing or non-numeric value, a bad split label or a SMILES RDKit
-    cannot read are rejected with the reason.
+    cannot read are rejected with the reason. ``value_column=None`` takes the first column
+    with a usual activity name (``VALUE_COLUMN_NAMES``). The one reader of activity files:
+    ``biogen train`` (``load``) and a screen's target (``read``, ``biogen.screen.target``).
     """
 
     source: str = "file"
     path: str = ""
     smiles_column: str | None = None
-    value_column: str = "pactivity"
+    value_column: str | None = "pactivity"
     value_unit: str = "pActivity"
     split_column: str | None = None
     format: str = "auto"
@@ -117,36 +137,37 @@ class ActivityFileSource:
                               f"{', '.join(VALUE_UNITS)}")
 
     def _value(self, text: str) -> float:
-        v = float(text)  # ValueError for non-numbers: the caller rejects the record
-        if not math.isfinite(v):
-            raise ValueError("not finite")
-        if self.value_unit in ("nM", "uM"):
-            if v <= 0:
-                raise ValueError(f"a potency in {self.value_unit} must be > 0")
-            return (9.0 if self.value_unit == "nM" else 6.0) - math.log10(v)
-        if self.value_unit == "label" and v not in (0.0, 1.0):
-            raise ValueError("a label must be 0 or 1")
-        return v
+        return to_pactivity(text, self.value_unit)
 
     def load(self, featurizer: FingerprintSpec, standardize: StandardizeSpec) -> ActivityData:
+        records, values, rejects, path = self.read()
+        unit = "label" if self.value_unit == "label" else "pActivity"
+        return _featurize(records, values, rejects, featurizer, standardize, str(path), unit)
+
+    def read(self, key: str = "train_data") -> tuple[list[RawRecord], dict[int, tuple[float, str]], list[Reject], str]:
+        """The file's usable records, ``{record: (value in pActivity or label, split)}``, the
+        rejected records with reasons, and the path. ``key``: the setting's name in messages."""
         from biogen.chem.readers import ReaderOptions, inspect_input, iter_records, resolve_inputs
 
         if not str(self.path):
-            raise ConfigError("train_data.path is empty; give the CSV/TSV of SMILES and activities "
-                              "(train_data=file train_data.path=activities.csv)")
+            raise ConfigError(f"{key}.path is empty; give the CSV/TSV of SMILES and activities "
+                              f"({key}.path=activities.csv)")
         opts = ReaderOptions(format=self.format, smiles_column=self.smiles_column, id_column="",
                              delimiter=self.delimiter)
         (path,) = resolve_inputs(str(self.path))
         info = inspect_input(path, opts)
         if info.format not in ("csv", "tsv"):
-            raise InputError(f"train_data.path={self.path}: training data needs a CSV/TSV file with a "
+            raise InputError(f"{key}.path={self.path}: activity data needs a CSV/TSV file with a "
                              f"SMILES column and an activity column (got a {info.format} file); "
-                             "set train_data.format=csv|tsv if the extension is misleading")
-        for key in ("value_column", "split_column"):
-            col = getattr(self, key)
+                             f"set {key}.format=csv|tsv if the extension is misleading")
+        value_column = self.value_column or next(
+            (c for c in info.columns if c.lower() in VALUE_COLUMN_NAMES), None)
+        if value_column is None:
+            raise InputError(f"{path}: no activity column among {info.columns}; set {key}.value_column")
+        for name, col in (("value_column", value_column), ("split_column", self.split_column)):
             if col is not None and col not in info.columns:
-                raise InputError(f"{path}: column {col!r} (train_data.{key}) is not in the header "
-                                 f"{info.columns}; set train_data.{key} to one of them")
+                raise InputError(f"{path}: column {col!r} ({key}.{name}) is not in the header "
+                                 f"{info.columns}; set {key}.{name} to one of them")
         records: list[RawRecord] = []
         rejects: list[Reject] = []
         values: dict[int, tuple[float, str]] = {}
@@ -157,12 +178,12 @@ class ActivityFileSource:
                 rejects.append(Reject(rec.source, rec.record, *rec.error, rec.raw, rec.id))
                 continue
             props = rec.props or {}
-            text = props.get(self.value_column, "").strip()
+            text = props.get(value_column, "").strip()
             try:
                 y = self._value(text)
             except ValueError as exc:
                 rejects.append(Reject(rec.source, rec.record, "bad_value",
-                                      f"column {self.value_column!r} holds {text!r}, not a usable "
+                                      f"column {value_column!r} holds {text!r}, not a usable "
                                       f"{self.value_unit} value ({exc})", rec.raw, rec.id))
                 continue
             split = "train"
@@ -176,10 +197,9 @@ class ActivityFileSource:
             values[rec.record] = (y, split)
             records.append(rec)
         if not records:
-            raise InputError(f"{path}: no usable training records ({len(rejects)} rejected; first: "
+            raise InputError(f"{path}: no usable activity records ({len(rejects)} rejected; first: "
                              f"{rejects[0].detail if rejects else 'the file is empty'})")
-        unit = "label" if self.value_unit == "label" else "pActivity"
-        return _featurize(records, values, rejects, featurizer, standardize, str(path), unit)
+        return records, values, rejects, str(path)
 
 
 SOURCES = {"moleculeace": MoleculeACESource, "file": ActivityFileSource}

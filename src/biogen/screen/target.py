@@ -15,9 +15,7 @@ to rejects with their reason, never silently dropped.
 
 from __future__ import annotations
 
-import csv
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,15 +89,6 @@ class TargetData:
     label_smiles: set[str] = field(default_factory=set)
 
 
-def _to_pactivity(value: float, unit: str) -> float:
-    if unit == "pActivity":
-        return value
-    nm = value * 1000.0 if unit == "uM" else value
-    if not nm > 0:
-        raise ValueError(f"activity {value} {unit} must be > 0")
-    return 9.0 - math.log10(nm)
-
-
 def inchikeys(smiles: list[str]) -> list[str | None]:
     out = []
     with rdBase.BlockLogs():  # not RDLogger.Disable/EnableLog: that re-enabled every level afterwards
@@ -110,31 +99,15 @@ def inchikeys(smiles: list[str]) -> list[str | None]:
 
 
 def _read_activities(path: str, spec: TargetSpec) -> tuple[list[str], list[float], list[Reject]]:
-    p = Path(path)
-    if not p.is_file():
+    """SMILES and pActivity of an activity file (the one reader: ``ActivityFileSource``)."""
+    from biogen.models.data import ActivityFileSource
+
+    if not Path(path).is_file():
         raise InputError(f"target.activities={path!r} not found; give a CSV with SMILES and activity columns")
-    rejects: list[Reject] = []
-    smiles, values = [], []
-    with open(p, newline="") as fh:
-        sample = fh.read(4096)
-        fh.seek(0)
-        dialect = csv.Sniffer().sniff(sample, delimiters=",\t;") if sample else csv.excel
-        reader = csv.DictReader(fh, dialect=dialect)
-        cols = reader.fieldnames or []
-        scol = spec.smiles_column or next((c for c in cols if c.lower() in ("smiles", "canonical_smiles")), None)
-        vcol = spec.value_column or next((c for c in cols if c.lower() in (
-            "value", "activity", "pactivity", "pchembl_value", "exp_mean [nm]", "ki", "ic50", "y")), None)
-        if scol not in cols or vcol not in cols:
-            raise InputError(f"target.activities={path}: columns {cols}; set target.smiles_column and "
-                             f"target.value_column (found smiles={scol!r}, value={vcol!r})")
-        for i, row in enumerate(reader, start=2):
-            try:
-                values.append(_to_pactivity(float(row[vcol]), spec.value_unit))
-                smiles.append(row[scol])
-            except (TypeError, ValueError) as exc:
-                rejects.append(Reject(str(p), i, "bad_activity",
-                                      f"{vcol}={row.get(vcol)!r}: {exc}; give a positive number", str(row)))
-    return smiles, values, rejects
+    records, values, rejects, _ = ActivityFileSource(path=path, smiles_column=spec.smiles_column,
+                                                     value_column=spec.value_column,
+                                                     value_unit=spec.value_unit).read("target")
+    return [r.text for r in records], [values[r.record][0] for r in records], rejects
 
 
 def held_out_actives(spec: TargetSpec) -> list[str]:
