@@ -115,7 +115,7 @@ def test_similarity_scorer_needs_actives(tmp_path):
 def test_fractional_ranks_equal_scipy_rankdata(kind):
     from scipy.stats import rankdata
 
-    from biogen.screen.selection import _ranks
+    from biogen.screen.metrics import fractional_ranks as _ranks
 
     rng = np.random.default_rng(7)
     x = {"ties": rng.integers(0, 20, 500).astype(float), "distinct": rng.random(500), "one": np.array([0.3]),

@@ -12,8 +12,6 @@ command resumes, a run with other parameters is refused.
 from __future__ import annotations
 
 import csv
-import hashlib
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +23,7 @@ from biogen.errors import InputError
 from biogen.evaluation.data import CompoundList, Note, list_targets, load_list, target_files
 from biogen.evaluation.protocol import ProtocolSpec, evaluate_target
 from biogen.evaluation.scorers import NamedScorer, TargetContext
-from biogen.library.manifest import atomic_path
+from biogen.files import atomic_path, json_digest
 from biogen.runtime import NO_RAY, Ledger, RuntimeSpec, ray_session, run_shards
 
 ROW_FIELDS = ("dataset", "target", "scorer", "n_queries", "repeat", "auroc", "ef1", "ef5", "bedroc20",
@@ -87,8 +85,7 @@ def _read_rows(path: Path) -> list[dict]:
 def job_key(params: dict) -> str:
     from rdkit import __version__ as rdkit_version
 
-    blob = json.dumps({**params, "rdkit": rdkit_version}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return json_digest({**params, "rdkit": rdkit_version})
 
 
 def run_benchmark(root: str | Path, out_dir: str | Path, *, datasets: list[str], targets: list[str] | None,

@@ -12,7 +12,8 @@ and scores the molecules ``ranked`` (indices into the target), higher = more lik
 - ``NaiveBayesScorer``: Bernoulli naive Bayes log-odds on fingerprint bits (Laplace
   smoothing), same training set.
 - ``QSARScorer``: the project's Lightning QSAR MLP (``biogen.models.qsar.fit_qsar``).
-- ``RankFusionScorer``: weighted mean of the members' rank percentiles on the same list.
+- ``RankFusionScorer``: weighted mean of the members' fractional ranks on the same list (the
+  screen's rank fusion, ``biogen.screen.metrics.fractional_ranks``).
 - ``PropertyScorer``: the null model: one simple property (heavy-atom count, MW), ranked in
   the direction the query actives point to (higher first when the queries' median lies
   above the ranked list's, else lower first). No fingerprint, no decoys: how much of a
@@ -33,7 +34,7 @@ import numpy as np
 from biogen.chem.fingerprints import FingerprintSpec, popcounts, unpack_bits
 from biogen.errors import ConfigError
 from biogen.kernels.cpu import common_counts
-from biogen.screen.metrics import average_ranks, property_ranking
+from biogen.screen.metrics import fractional_ranks, property_ranking
 from biogen.search.metrics import Metric
 
 FUSIONS = ("max", "mean", "topk")
@@ -201,12 +202,6 @@ class PropertyScorer:
         return property_ranking(v[ranked], bool(high_first))
 
 
-def _percentile_ranks(s: np.ndarray) -> np.ndarray:
-    """Mid-rank of each score in [0, 1] (ties share their mean rank)."""
-    s = np.where(np.isnan(s), -np.inf, s)
-    return (average_ranks(s) - 1) / max(s.size - 1, 1)
-
-
 @dataclass(frozen=True)
 class RankFusionScorer:
     """Weighted mean of the members' rank percentiles (members score the same list)."""
@@ -231,7 +226,8 @@ class RankFusionScorer:
             key = (m, ranked.size)  # one list per split and ranked-set size: memo is per split
             if key not in ctx.memo:
                 ctx.memo[key] = m.score(ctx, split, ranked)
-            total += wi * _percentile_ranks(ctx.memo[key])
+            scores = ctx.memo[key]
+            total += wi * fractional_ranks(np.where(np.isnan(scores), -np.inf, scores))  # NaN ranks last
         return total / w.sum()
 
 

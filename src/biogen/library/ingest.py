@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import csv
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -48,7 +47,7 @@ from biogen.library.manifest import (
     MANIFEST, SHARD_FILES, atomic_path, new_manifest, now_iso, read_manifest, tool_versions, write_manifest,
 )
 from biogen.runtime import Ledger, RuntimeSpec, ray_session, run_shards
-from biogen.runtime.ledger import sha256_file
+from biogen.files import json_digest, sha256_file
 
 log = logging.getLogger(__name__)
 DEDUPE_MODES = ("keep_first", "keep_all")
@@ -251,13 +250,13 @@ def _job_key(action: str, spec: ProcessorSpec, infos: list[InputInfo], opts: Rea
              "inputs": [(i.path, i.sha256) for i in infos],
              "base": None if base is None else [base["n_rows"], [s["name"] for s in base["shards"]]],
              "versions": tool_versions()}  # never resume with parts made by another RDKit
-    return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
+    return json_digest(state)
 
 
 def _deposit_key(infos: list[InputInfo], opts: ReaderOptions) -> str:
     """Identity of a deposit: the input files' content and how they are read."""
     state = {"inputs": sorted(i.sha256 for i in infos), "reader": asdict(opts)}
-    return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
+    return json_digest(state)
 
 
 def _existing_keys(lib_dir: Path, manifest: dict) -> tuple[dict[str, str], set[str]]:

@@ -7,14 +7,12 @@ after all its files are complete, so a reader never sees a half-written shard.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
-import os
 import platform
 from datetime import datetime, timezone
 from pathlib import Path
 
 from biogen.errors import LibraryError
+from biogen.files import atomic_path
 
 FORMAT = "biogen-library"
 SCHEMA_VERSION = 1
@@ -35,22 +33,6 @@ def tool_versions() -> dict[str, str]:
 
     return {"biogen": biogen.__version__, "rdkit": rdBase.rdkitVersion, "numpy": numpy.__version__,
             "pyarrow": pyarrow.__version__, "python": platform.python_version()}
-
-
-@contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; when the block succeeds, fsync it and rename
-    it into place. Readers see the old file or the complete new one, never a partial one.
-    The temporary name keeps the suffix (``np.save`` would otherwise append ``.npy``)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-    try:
-        yield tmp
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_manifest(lib_dir: Path, manifest: dict) -> None:

@@ -37,7 +37,6 @@ from __future__ import annotations
 import bisect
 import csv
 import glob
-import hashlib
 import json
 import logging
 import os
@@ -65,7 +64,7 @@ from biogen.library.manifest import (
     MANIFEST, atomic_path, new_manifest, now_iso, read_manifest, tool_versions, write_manifest,
 )
 from biogen.runtime import Ledger, RuntimeSpec, ray_session, run_shards
-from biogen.runtime.ledger import sha256_file
+from biogen.files import json_digest, sha256_file
 
 log = logging.getLogger(__name__)
 ACTION = "merge"
@@ -338,7 +337,7 @@ def _rewrite_rejects(work: Path, parts: Sequence[int], first: dict[str, str]) ->
 
 def _job_key(pieces: list[Path], hashes: list[str]) -> str:
     state = {"action": ACTION, "pieces": [[str(p), h] for p, h in zip(pieces, hashes)], "versions": tool_versions()}
-    return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
+    return json_digest(state)
 
 
 def _guard_output(out: Path, key: str, pieces: list[Path], overwrite: bool) -> bool:

@@ -12,7 +12,7 @@ from biogen.chem.fingerprints import popcounts
 from biogen.library.ingest import WORK
 from biogen.library.manifest import SHARD_FILES
 from biogen.library.store import Library
-from biogen.runtime.ledger import sha256_file
+from biogen.files import sha256_file
 
 
 def _dir_bytes(path: Path) -> int:

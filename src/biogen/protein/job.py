@@ -8,7 +8,6 @@ on the input: a rerun after a kill skips every shard the ledger records as compl
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -26,8 +25,8 @@ from biogen.errors import ConfigError, InputError
 from biogen.library.manifest import now_iso, tool_versions
 from biogen.protein.fasta import read_proteins
 from biogen.protein.store import FORMAT, SCHEMA_VERSION, EmbeddingStore, pooled_vectors
-from biogen.runtime import NO_RAY, Ledger, RuntimeSpec, hash_files, ray_session, run_shards_on_actors
-from biogen.runtime.ledger import sha256_file
+from biogen.files import hash_files, json_digest, sha256_file
+from biogen.runtime import NO_RAY, Ledger, RuntimeSpec, ray_session, run_shards_on_actors
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +142,7 @@ def embed_proteins(inputs, output: str | Path, *, model: str, spec=None, device:
     input_hashes = {str(p): sha256_file(p) for p in resolve_inputs(inputs)}  # globs expanded: all in the job key
     job = {"inputs": sorted(input_hashes.values()), "model": str(model), "spec": asdict(spec),
            "shard_size": shard_size, "format": SCHEMA_VERSION}
-    job_key = hashlib.sha256(json.dumps(job, sort_keys=True, default=str).encode()).hexdigest()
+    job_key = json_digest(job)
     ledger = Ledger(out / "_work" / "ledger.jsonl", job_key, root=out)
     names = []
     shards = []

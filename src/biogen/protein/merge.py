@@ -17,7 +17,6 @@ written last. A killed merge resumes when run again; a finished one is not redon
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
 import os
@@ -33,11 +32,11 @@ import pyarrow.parquet as pq
 
 from biogen.chem.records import Reject
 from biogen.errors import InputError, LibraryError
-from biogen.library.manifest import atomic_path, now_iso, tool_versions
+from biogen.files import atomic_path, hash_files, json_digest, sha256_file
+from biogen.library.manifest import now_iso, tool_versions
 from biogen.library.merge import resolve_pieces
 from biogen.protein.store import EmbeddingStore
-from biogen.runtime import Ledger, RuntimeSpec, hash_files, run_shards
-from biogen.runtime.ledger import sha256_file
+from biogen.runtime import Ledger, RuntimeSpec, run_shards
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -182,8 +181,7 @@ def _merge_stores(parts, output: str | Path, *, overwrite: bool, progress: bool)
     stores = [_open_piece(p) for p in pieces]
     check_compatible(pieces, stores)
     hashes = [sha256_file(p / MANIFEST) for p in pieces]
-    key = hashlib.sha256(json.dumps({"action": "embed merge", "pieces": [[str(p), h] for p, h in zip(pieces, hashes)]},
-                                    sort_keys=True).encode()).hexdigest()
+    key = json_digest({"action": "embed merge", "pieces": [[str(p), h] for p, h in zip(pieces, hashes)]})
     out = Path(output).absolute()
     if any(out.resolve() == p.resolve() for p in pieces):
         raise InputError(f"output={out} is one of the pieces; merge into a new directory")

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from biogen.errors import ConfigError, InputError
-from biogen.runtime.ledger import sha256_file
+from biogen.files import sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,6 @@ phase, the time they were recorded and their row count.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -26,6 +25,7 @@ import time
 from pathlib import Path
 
 from biogen.errors import BiogenError, LibraryError
+from biogen.files import hash_files
 
 log = logging.getLogger(__name__)
 ROW_KEYS = ("rows", "n_in", "n_rows")  # how a shard's result states its row count
@@ -69,22 +69,6 @@ def storage_error(path: Path, exc: OSError) -> StorageError:
            errno.EROFS: "read-only filesystem"}.get(exc.errno, exc.strerror or str(exc))
     return StorageError(f"could not write {path}: {why}. Everything finished before this is kept; "
                         "free space (or raise the quota) and rerun the same command to resume")
-
-
-def sha256_file(path: Path, block: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(block):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def hash_files(root: Path, relpaths: list[str]) -> str:
-    """One sha256 over several files (name and content of each, in the given order)."""
-    h = hashlib.sha256()
-    for rel in relpaths:
-        h.update(rel.encode() + b"\0" + sha256_file(root / rel).encode() + b"\n")
-    return h.hexdigest()
 
 
 class Ledger:

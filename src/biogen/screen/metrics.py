@@ -37,7 +37,7 @@ import numpy as np
 
 __all__ = [
     "EnrichmentMetrics", "NullModel", "actives_in_top", "auroc", "bedroc", "enrichment_curve",
-    "enrichment_factor", "null_model", "property_ranking", "roc_curve", "summary",
+    "enrichment_factor", "fractional_ranks", "null_model", "property_ranking", "roc_curve", "summary",
 ]
 
 
@@ -62,6 +62,12 @@ def average_ranks(x: np.ndarray) -> np.ndarray:
     ranks[order] = mean_rank[np.cumsum(first) - 1]
     ranks[np.isnan(x)] = np.nan
     return ranks
+
+
+def fractional_ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks in (0, 1], the highest score ranked 1; ties share their mean rank; NaN stays NaN.
+    The rank fusion of the screen (``selection.fuse_scores``) and of ``biogen evaluate``."""
+    return average_ranks(x) / max(len(x), 1)
 
 
 def _check(scores, labels) -> tuple[np.ndarray, np.ndarray]:

@@ -13,7 +13,6 @@ writes the outputs and the report.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -217,12 +216,12 @@ def _write_sdf(hits: pa.Table, path: Path) -> None:
 def _job_key(library: Library, stages: list[Stage]) -> str:
     # the ledger records per-shard stage outputs: they depend on the library, the stages and
     # the content of any model file (a model retrained in a rerun must not mix with old shards)
-    from biogen.runtime.ledger import sha256_file
+    from biogen.files import json_digest, sha256_file
 
     models = [sha256_file(Path(st.checkpoint)) for st in stages if st.checkpoint]
     desc = {"library": [(s.name, s.rows) for s in library.shards], "n_rows": library.n_rows,
             "stages": [st.describe() for st in stages], "models": models, "shard_format": "arrow"}
-    return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()
+    return json_digest(desc)
 
 
 # ----------------------------------------------------------------------------- the steps' values

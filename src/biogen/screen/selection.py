@@ -13,15 +13,9 @@ from rdkit.SimDivFilters import rdSimDivPickers
 
 from biogen.chem.fingerprints import unpack_bits
 from biogen.errors import ConfigError
-from biogen.screen.metrics import average_ranks
+from biogen.screen.metrics import fractional_ranks
 
 FUSION_METHODS = ("rank", "zscore")
-
-
-def _ranks(x: np.ndarray) -> np.ndarray:
-    """Fractional ranks in (0, 1], higher score -> higher rank; ties share their mean rank.
-    A NaN score has no rank: the fused score of that molecule is NaN."""
-    return average_ranks(x) / max(len(x), 1)
 
 
 def best_first(scores: np.ndarray) -> np.ndarray:
@@ -82,7 +76,7 @@ def fuse_scores(scores: Mapping[str, np.ndarray], weights: Mapping[str, float] |
     def part(k: str) -> np.ndarray:
         x = np.asarray(scores[k], dtype=np.float64)
         if method == "rank":
-            return _ranks(x)
+            return fractional_ranks(x)
         sd = x.std()
         return (x - x.mean()) / sd if sd > 0 else np.zeros_like(x)
 

@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from biogen.chem.fingerprints import pack_bits
 from biogen.chem.pipeline import capture_rdkit_errors
 from biogen.errors import BiogenError, ConfigError, InputError
-from biogen.library.manifest import atomic_path
+from biogen.files import atomic_path
 from biogen.library.store import Library
 from biogen.runtime.ray_runtime import RuntimeSpec, ray_session
 
@@ -345,7 +345,7 @@ def _meta_sha256(library: Library, i: int) -> str:
     entry = library.manifest["shards"][i]
     sha = entry.get("files", {}).get("meta.parquet", {}).get("sha256")
     if not sha:
-        from biogen.runtime.ledger import sha256_file
+        from biogen.files import sha256_file
 
         sha = sha256_file(library.shards[i].path / "meta.parquet")
     return sha
