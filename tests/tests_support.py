@@ -60,17 +60,40 @@ def moses_subset(n: int, path, id_prefix: str = "M"):
     return path
 
 
-def run_biogen(*args: str, cwd, env: dict | None = None, timeout: float = 600, wait: bool = True):
-    """``biogen ARGS`` in a subprocess (run directories under ``cwd/runs`` unless ``env`` says
-    otherwise): the finished ``CompletedProcess``, or with ``wait=False`` the running ``Popen``."""
+def run_biogen(*args: str, cwd, env: dict | None = None, extra_env: dict | None = None, timeout: float = 600,
+               wait: bool = True, check: bool = False):
+    """``biogen ARGS`` in a subprocess, the one way the tests run the CLI: run directories
+    under ``cwd/runs`` (``env`` replaces the whole environment, ``extra_env`` adds to this
+    one; the test session's sys.path travels as PYTHONPATH). Returns the finished
+    ``CompletedProcess`` (``check``: a non-zero exit fails with both outputs), or with
+    ``wait=False`` the running ``Popen``."""
     import subprocess
     from pathlib import Path
 
-    env = env if env is not None else {**os.environ, "BIOGEN_RUNS_DIR": str(Path(cwd) / "runs")}
+    if env is None:
+        env = {**os.environ, "BIOGEN_RUNS_DIR": str(Path(cwd) / "runs"), "RAY_USAGE_STATS_ENABLED": "0",
+               "PYTHONPATH": os.pathsep.join(sys.path), **(extra_env or {})}
     cmd = [sys.executable, "-m", "biogen.cli.main", *args]
     if not wait:
         return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"biogen {list(args)} exited {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}")
+    return p
+
+
+def compose_config(config_name: str, *overrides: str, job: bool = True, hydra: bool = False):
+    """A packaged job config composed as the CLI composes it (``job``: with the job's own
+    groups on the search path; ``hydra``: with the hydra node), the one way the tests do."""
+    from hydra import compose, initialize_config_dir
+
+    from biogen.cli.main import _register_resolvers, job_overrides
+    from biogen.resources import config_dir
+
+    _register_resolvers()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose(config_name=config_name, overrides=[*(job_overrides(config_name) if job else []), *overrides],
+                       return_hydra_config=hydra)
 
 
 def shard_signature(lib) -> tuple[int, list]:

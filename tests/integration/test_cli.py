@@ -12,17 +12,15 @@ from pathlib import Path
 
 import pytest
 
+from tests_support import run_biogen
+
 pytestmark = pytest.mark.ray
 
 BIOGEN = [sys.executable, "-m", "biogen.cli.main"]
 
 
-def run(args, cwd, check=True, timeout=300, **kw):
-    env = {**os.environ, "BIOGEN_RUNS_DIR": str(Path(cwd) / "runs"), "RAY_USAGE_STATS_ENABLED": "0"}
-    p = subprocess.run(BIOGEN + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, **kw)
-    if check and p.returncode != 0:
-        raise AssertionError(f"biogen {args} exited {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}")
-    return p
+def run(args, cwd, check=True, timeout=300):
+    return run_biogen(*args, cwd=cwd, timeout=timeout, check=check)
 
 
 def test_help_lists_jobs_and_job_help_shows_config(tmp_path):

@@ -3,7 +3,6 @@ FASTA rejects, dedupe, store layout, equality with the model's own embeddings, R
 resume after a kill, embed-search, CLI."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from biogen.protein.job import embed_proteins
 from biogen.protein.search import cosine_topk, search_store
 from biogen.protein.store import EmbeddingStore
 from esm_fixtures import build, random_sequences
+from tests_support import run_biogen
 
 
 @pytest.fixture(scope="module")
@@ -132,9 +132,7 @@ def test_embed_search_cosine_topk(tiny, fasta, tmp_path, inline_rt):
 
 
 def _biogen(args, cwd):
-    env = {**os.environ, "BIOGEN_RUNS_DIR": str(cwd / "runs"), "PYTHONPATH": os.pathsep.join(sys.path)}
-    return subprocess.Popen([sys.executable, "-m", "biogen.cli.main", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return run_biogen(*args, cwd=cwd, wait=False)
 
 
 @pytest.mark.slow

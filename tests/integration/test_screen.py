@@ -3,7 +3,6 @@ mixed in (the default preset, built small), inline and on Ray, resume, bad input
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -19,6 +18,7 @@ from biogen.screen.presets import LibrarySpec
 from biogen.screen.selection import SelectionSpec
 from biogen.screen.stages import PropertyFilter, SimilarityScorer
 from biogen.screen.target import TargetSpec
+from tests_support import run_biogen
 
 LIMIT = 1500
 THROMBIN = TargetSpec(name="CHEMBL204_Ki", moleculeace="CHEMBL204_Ki")
@@ -190,9 +190,7 @@ def test_screen_refusals(lib_spec, tmp_path, inline_rt):
 
 
 def _biogen(args, cwd, env_extra=None):
-    env = {**os.environ, "BIOGEN_RUNS_DIR": str(cwd / "runs"), **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "biogen.cli.main", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=600, env=env)
+    return run_biogen(*args, cwd=cwd, extra_env=env_extra)
 
 
 def test_cli_screen_and_config_errors(lib_spec, tmp_path):

@@ -1,25 +1,23 @@
 """Compose every packaged config and turn it into the typed objects the jobs use."""
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from biogen.chem.fingerprints import FingerprintSpec
 from biogen.chem.readers import ReaderOptions
 from biogen.chem.standardize import StandardizeSpec
 from biogen.cli.library import _typed
-from biogen.cli.main import JOBS, _register_resolvers, job_overrides
+from biogen.cli.main import JOBS
 from biogen.resources import config_dir
 from biogen.runtime import RuntimeSpec
+from tests_support import compose_config
 
 FEATURIZERS = sorted(p.stem for p in (config_dir() / "featurizer").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("config_name", sorted({c for c, _, _ in JOBS.values()}))
 def test_every_job_config_composes(config_name):
-    _register_resolvers()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose(config_name=config_name, overrides=job_overrides(config_name), return_hydra_config=True)
+    cfg = compose_config(config_name, hydra=True)
     assert cfg.hydra.job.name == config_name
     if "runtime" in cfg:
         RuntimeSpec(**OmegaConf.to_container(cfg.runtime))
@@ -30,10 +28,8 @@ def test_every_job_config_composes(config_name):
 @pytest.mark.parametrize("featurizer", FEATURIZERS)
 @pytest.mark.parametrize("standardize", ["default", "none", "tautomer"])
 def test_build_config_groups_instantiate(featurizer, standardize):
-    _register_resolvers()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose(config_name="library_build",
-                      overrides=[f"featurizer={featurizer}", f"standardize={standardize}", "runtime=ray_cluster"])
+    cfg = compose_config("library_build", f"featurizer={featurizer}", f"standardize={standardize}",
+                         "runtime=ray_cluster", job=False)
     spec = FingerprintSpec.from_dict(OmegaConf.to_container(cfg.featurizer))
     assert spec.type in ("morgan", "rdkit", "atompair", "torsion", "maccs")
     StandardizeSpec(**OmegaConf.to_container(cfg.standardize))
@@ -45,22 +41,19 @@ def test_build_config_default_descriptors_are_the_python_defaults():
     """`biogen library build` and `build_library()` store the same descriptors by default."""
     from biogen.chem.descriptors import DEFAULT_DESCRIPTORS
 
-    _register_resolvers()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose(config_name="library_build")
+    cfg = compose_config("library_build", job=False)
     assert tuple(cfg.descriptors) == DEFAULT_DESCRIPTORS
 
 
 def test_presets_mean_what_they_say():
-    _register_resolvers()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        def fp(name):
-            return FingerprintSpec.from_dict(OmegaConf.to_container(
-                compose(config_name="library_build", overrides=[f"featurizer={name}"]).featurizer))
-        assert fp("ecfp4") == FingerprintSpec()
-        assert fp("ecfp6").radius == 3
-        assert fp("fcfp4").use_features
-        assert fp("maccs").n_words == 3
+    def fp(name):
+        return FingerprintSpec.from_dict(OmegaConf.to_container(
+            compose_config("library_build", f"featurizer={name}", job=False).featurizer))
+
+    assert fp("ecfp4") == FingerprintSpec()
+    assert fp("ecfp6").radius == 3
+    assert fp("fcfp4").use_features
+    assert fp("maccs").n_words == 3
 
 
 SCREEN_GROUPS = config_dir() / "screen"
@@ -77,11 +70,9 @@ def test_every_screen_preset_composes_and_instantiates(group, option):
     from biogen.screen.selection import SelectionSpec
     from biogen.screen.target import TargetSpec
 
-    _register_resolvers()
     extra = {"library": ["library.path=somewhere"] if option == "store" else [],
              "target": ["target.name=x", "target.actives=a.smi"] if option == "custom" else []}.get(group, [])
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose(config_name="screen", overrides=[*job_overrides("screen"), f"{group}={option}", *extra])
+    cfg = compose_config("screen", f"{group}={option}", *extra)
     assert isinstance(_typed(LibrarySpec, cfg.library, "library"), LibrarySpec)
     assert isinstance(_typed(TargetSpec, cfg.target, "target"), TargetSpec)
     filters = build_stages(cfg.filters, "filters")
@@ -96,7 +87,5 @@ def test_every_screen_preset_composes_and_instantiates(group, option):
 
 
 def test_a_screen_group_name_is_not_a_group_for_other_jobs():
-    _register_resolvers()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose(config_name="search", overrides=[*job_overrides("search"), "library=mylib", "query=CCO"])
+    cfg = compose_config("search", "library=mylib", "query=CCO")
     assert cfg.library == "mylib"

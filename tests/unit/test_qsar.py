@@ -7,19 +7,17 @@ import time
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from biogen.chem.fingerprints import Fingerprinter, FingerprintSpec, pack_bits, unpack_bits
 from biogen.chem.standardize import StandardizeSpec
 from biogen.cli.library import _typed
-from biogen.cli.main import _register_resolvers, job_overrides
 from biogen.cli.train import TrainerSpec
 from biogen.errors import ConfigError, InputError, LibraryError
 from biogen.models.data import (ActivityFileSource, MoleculeACESource, bit_indices, murcko_scaffolds,
                                 split_indices, training_source)
 from biogen.models.qsar import QSARModule, QSARPredictor, QSARSpec, auroc, fit_qsar, qsar_metrics
-from biogen.resources import config_dir
+from tests_support import compose_config
 
 ECFP4 = FingerprintSpec()
 FAST = dict(hidden=(64,), max_epochs=3, batch_size=64)
@@ -289,11 +287,8 @@ def test_moleculeace_source(thrombin):
 @pytest.mark.parametrize("trainer", ["cpu", "cuda", "gpu"])
 @pytest.mark.parametrize("data", ["moleculeace", "file"])
 def test_train_config_groups_instantiate(model, trainer, data):
-    _register_resolvers()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[*job_overrides("train"), f"model={model}", f"trainer={trainer}",
-                                                      f"train_data={data}", "train_data.path=x.csv"
-                                                      if data == "file" else "train_data.limit=5"])
+    cfg = compose_config("train", f"model={model}", f"trainer={trainer}", f"train_data={data}",
+                         "train_data.path=x.csv" if data == "file" else "train_data.limit=5")
     spec = _typed(QSARSpec, cfg.model, "model")
     assert spec.task == ("regression" if model == "qsar_mlp" else "classification")
     assert spec == QSARSpec(task=spec.task)  # the yaml defaults are the dataclass defaults
