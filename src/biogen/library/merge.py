@@ -12,7 +12,7 @@ It reuses the build's own machinery (``biogen.library.ingest``), in three steps:
    input (ordinal) order; ids the piece generated for records without one are cleared (the
    shard's ``id_generated`` column says which), so they are numbered again from the merged
    ordinal. The piece's rejects are carried into the part their records fall in.
-2. dedupe + write (the build's ``_plan_dedupe`` and ``finalize_part``): across pieces, by
+2. dedupe + write (the build's ``plan_dedupe`` and ``finalize_part``): across pieces, by
    InChIKey, or canonical SMILES for ``dedupe_key=smiles`` libraries (``keep_first`` drops
    later duplicates as ``duplicate_inchikey`` / ``duplicate_smiles`` naming the kept
    id; ``keep_all`` keeps them with ``duplicate_of``), ids used twice -> ``duplicate_id``,
@@ -56,9 +56,10 @@ from biogen.chem.fingerprints import FingerprintSpec
 from biogen.chem.pipeline import descriptor_arrow_types
 from biogen.chem.records import Reject
 from biogen.errors import ConfigError, LibraryError
-from biogen.library.ingest import (
-    DUPLICATE_REASONS, KEY_NAMES, WORK, IngestReport, _clean_committed_work, _Dedupe, _locked, _plan_dedupe,
-    _write_jsonl, _write_rejects, clear_for_overwrite, duplicate_detail, finalize_part,
+from biogen.library.ingest import IngestReport
+from biogen.library.parts import (
+    DUPLICATE_REASONS, WORK, Dedupe, clean_committed_work, clear_for_overwrite, duplicate_detail, duplicate_key,
+    empty_part_columns, finalize_part, locked, part_stem, plan_dedupe, write_jsonl, write_part, write_rejects,
 )
 from biogen.library.manifest import (
     MANIFEST, atomic_path, new_manifest, now_iso, read_manifest, tool_versions, write_manifest,
@@ -72,9 +73,6 @@ WORK_DIR = f"000-{ACTION}"  # a merge makes a new library: its only history entr
 # settings every piece must share (manifest key, its name in messages)
 SETTINGS = (("featurizer", "featurizer"), ("standardize", "standardize"), ("descriptors", "descriptors"),
             ("dedupe", "dedupe"), ("id_prefix", "id_prefix"))
-_DUP_KEY = re.compile("|".join(
-    re.escape(duplicate_detail("KEYqzx", "IDqzx", k)).replace("KEYqzx", r"(?P<key_%s>\S+)" % k).replace("IDqzx", ".*")
-    for k in KEY_NAMES))
 SHOWN = 5  # inexact records named in a message
 
 
@@ -194,13 +192,9 @@ def piece_to_parts(work: str, piece: str, manifest: dict, first_part: int) -> tu
     legacy = False
     last_ordinal = -1
     for k, name in enumerate(names):
-        stem = f"parts/{first_part + k:06d}"
+        stem = part_stem(first_part + k)
         if name is None:
-            cols = {"source": pa.array([], pa.string()), "record": pa.array([], pa.int64()),
-                    "id": pa.array([], pa.string()), "smiles": pa.array([], pa.string()),
-                    "inchikey": pa.array([], pa.string()), "raw": pa.array([], pa.string()),
-                    "props": pa.array([], pa.string()),
-                    **{c: pa.array([], t) for c, t in types.items()}}
+            cols = empty_part_columns(types)
             fps = np.zeros((0, n_words), dtype="<u8")
             starts.append((-1,))
             was_generated: list[str] = []
@@ -227,13 +221,10 @@ def piece_to_parts(work: str, piece: str, manifest: dict, first_part: int) -> tu
             e = shard_entry.get(name, 0)
             src = meta.column("source")[0].as_py() if meta.num_rows else None
             starts.append((e, index[e].get(src, 0), meta.column("record")[0].as_py()) if meta.num_rows else (-1,))
-        with atomic_path(work / f"{stem}.parquet") as tmp:
-            pq.write_table(pa.table(cols), tmp, compression="zstd")
-        with atomic_path(work / f"{stem}.fp.npy") as tmp:
-            np.save(tmp, np.ascontiguousarray(fps))
+        outputs += write_part(work, first_part + k, cols, fps)
         with atomic_path(work / f"{stem}.generated.json") as tmp:  # the piece's ids of the id-less rows
             tmp.write_text(json.dumps(was_generated))
-        outputs += [f"{stem}.parquet", f"{stem}.fp.npy", f"{stem}.generated.json"]
+        outputs.append(f"{stem}.generated.json")
     # the piece's rejects go with the part their records fall in (input order), so that the
     # merged rejects file is in input order like a build's
     carried: list[list[dict]] = [[] for _ in names]
@@ -242,8 +233,8 @@ def piece_to_parts(work: str, piece: str, manifest: dict, first_part: int) -> tu
         carried[max(0, bisect.bisect_right(starts, key) - 1)].append(row)
         reasons[row["reason"]] += 1
     for k, rej in enumerate(carried):
-        stem = f"parts/{first_part + k:06d}"
-        _write_jsonl(work / f"{stem}.carried.jsonl", rej)
+        stem = part_stem(first_part + k)
+        write_jsonl(work / f"{stem}.carried.jsonl", rej)
         outputs.append(f"{stem}.carried.jsonl")
     records = sum(h.get("records_read", 0) for h in manifest["history"])
     return outputs, {"rows": rows, "parts": len(names), "records_read": records, "carried": sum(reasons.values()),
@@ -259,16 +250,11 @@ def _carried(work: Path, parts: Sequence[int]) -> Iterator[tuple[int, dict]]:
                 yield p, json.loads(line)
 
 
-def _dup_key(detail: str | None) -> str | None:
-    m = _DUP_KEY.fullmatch(detail or "")
-    return next((v for v in m.groupdict().values() if v is not None), None) if m else None
-
-
 class _Exactness:
     """After each piece is planned: would one build of all inputs also have rejected the
     piece's own duplicate rejects? (see the module docstring)"""
 
-    def __init__(self, work: Path, dd: _Dedupe, pieces: list[Path], part_piece: dict[int, int]):
+    def __init__(self, work: Path, dd: Dedupe, pieces: list[Path], part_piece: dict[int, int]):
         self.work, self.dd, self.pieces, self.part_piece = work, dd, pieces, part_piece
         self.generated: set[str] = set()  # ids the merge generated for the current piece
         self.unchanged: set[str] = set()  # ... that equal the id the piece had generated for the row
@@ -290,7 +276,7 @@ class _Exactness:
         st = self.dd
         for p, r in _carried(self.work, parts):
             if r["reason"] in DUPLICATE_REASONS:
-                key = _dup_key(r["detail"])
+                key = duplicate_key(r["detail"])
                 ok = key is not None and key in st.first
             elif r["reason"] == "duplicate_id":  # the id is taken before the record in one build too
                 ok = r["id"] in st.ids and (r["id"] not in self.generated or r["id"] in self.unchanged)
@@ -310,11 +296,11 @@ class _Exactness:
                 "used by an earlier piece) or renumbers (a given id equal to an id the piece generated)")
 
 
-def _plans(work: Path, pieces_parts: list[list[int]], dd: _Dedupe, check: _Exactness) -> Iterator[tuple]:
-    """``_plan_dedupe`` over all parts, checking each piece once it is planned (the generator
+def _plans(work: Path, pieces_parts: list[list[int]], dd: Dedupe, check: _Exactness) -> Iterator[tuple]:
+    """``plan_dedupe`` over all parts, checking each piece once it is planned (the generator
     is advanced only after the previous part's plan was handed on)."""
     last = {parts[-1]: parts for parts in pieces_parts}
-    for plan in _plan_dedupe(work, [p for parts in pieces_parts for p in parts], dd):
+    for plan in plan_dedupe(work, [p for parts in pieces_parts for p in parts], dd):
         part, keep, ids = plan[0], plan[1], plan[2]
         check.planned(part, keep, ids)
         yield plan
@@ -324,15 +310,15 @@ def _plans(work: Path, pieces_parts: list[list[int]], dd: _Dedupe, check: _Exact
 
 # ------------------------------------------------------------------------- step 3: commit
 def _rewrite_rejects(work: Path, parts: Sequence[int], first: dict[str, str]) -> None:
-    """Carried rejects -> the part's ``rejects.jsonl`` that ``_write_rejects`` reads; a carried
+    """Carried rejects -> the part's ``rejects.jsonl`` that ``write_rejects`` reads; a carried
     duplicate names the merged library's kept id (as one build would)."""
     for p in parts:
         rows = [r for _, r in _carried(work, [p])]
         for r in rows:
-            key = _dup_key(r["detail"]) if r["reason"] in DUPLICATE_REASONS else None
+            key = duplicate_key(r["detail"]) if r["reason"] in DUPLICATE_REASONS else None
             if key in first:
                 r["detail"] = duplicate_detail(key, first[key], r["reason"].removeprefix("duplicate_"))
-        _write_jsonl(work / f"parts/{p:06d}.rejects.jsonl", rows)
+        write_jsonl(work / f"parts/{p:06d}.rejects.jsonl", rows)
 
 
 def _job_key(pieces: list[Path], hashes: list[str]) -> str:
@@ -383,10 +369,10 @@ def merge_libraries(
     out = Path(output).absolute()
     key = _job_key(pieces, hashes)
     if _guard_output(out, key, pieces, overwrite):
-        _clean_committed_work(out, read_manifest(out))
+        clean_committed_work(out, read_manifest(out))
         return IngestReport(library=str(out), action=ACTION, already_done=True)
     m0 = manifests[0]
-    with _locked(out):
+    with locked(out):
         if overwrite:
             clear_for_overwrite(out)
         work = out / WORK / WORK_DIR
@@ -413,7 +399,7 @@ def merge_libraries(
                     log.warning("piece %s was built before shards recorded which ids were generated: ids of the "
                                 "form %s000000123 at or above their row's ordinal+1 are taken as generated",
                                 p, m0["id_prefix"])
-            dd = _Dedupe({}, set(), ordinal=0, mode=m0["dedupe"]["mode"], id_prefix=m0["id_prefix"],
+            dd = Dedupe({}, set(), ordinal=0, mode=m0["dedupe"]["mode"], id_prefix=m0["id_prefix"],
                          key=m0["dedupe"]["key"])
             check = _Exactness(work, dd, pieces, part_piece)
             fin = ((f"final-{p:06d}", (str(work), str(out), p, f"000-{p:06d}", keep, rid, dup, ords, drops))
@@ -441,7 +427,7 @@ def merge_libraries(
         report.shards_added = [s["name"] for s in new_shards]
         # keep_first: the pieces' duplicates are their duplicate_<key> rejects; keep_all: rows the merge flags
         report.duplicates = dd.duplicates + sum(r["reasons"].get(c, 0) for r in results for c in DUPLICATE_REASONS)
-        report.rejects_file = _write_rejects(out, work, parts_all, [SimpleNamespace(path=i["path"]) for i in inputs],
+        report.rejects_file = write_rejects(out, work, parts_all, [SimpleNamespace(path=i["path"]) for i in inputs],
                                              WORK_DIR)
         report.stage_seconds = {"read_pieces": round(sum(r["seconds"] for r in results), 3),
                                 "dedupe": round(dd.seconds, 3),
@@ -470,5 +456,5 @@ def merge_libraries(
         })
         manifest["rejected_total"] = report.rejected
         write_manifest(out, manifest)
-        _clean_committed_work(out, manifest)
+        clean_committed_work(out, manifest)
     return report

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from biogen.chem.fingerprints import popcounts
-from biogen.library.ingest import WORK
+from biogen.library.parts import WORK
 from biogen.library.manifest import SHARD_FILES
 from biogen.library.store import Library
 from biogen.files import sha256_file

@@ -169,7 +169,7 @@ def merge_stores(parts, output: str | Path, *, overwrite: bool = False, progress
     """Merge embedding stores (a list in the order given, or a glob in natural order) into a new
     store at ``output`` (module docstring). One merge at a time per output (a lock file): a
     second one, e.g. a precompute rerun while the first merge job still runs, is refused."""
-    from biogen.library.ingest import _locked
+    from biogen.library.parts import locked as _locked
 
     with _locked(Path(output).absolute()):
         return _merge_stores(parts, output, overwrite=overwrite, progress=progress)
