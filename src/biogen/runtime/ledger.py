@@ -28,17 +28,13 @@ from biogen.errors import BiogenError, LibraryError
 from biogen.files import hash_files
 
 log = logging.getLogger(__name__)
-ROW_KEYS = ("rows", "n_in", "n_rows")  # how a shard's result states its row count
 COMMAND: str | None = None  # the command line of this job, set by the CLI (shown by `biogen status`)
 
 
 def shard_rows(result: dict) -> int | None:
-    """The number of rows a shard's result reports, if it reports one."""
-    for k in ROW_KEYS:
-        if isinstance(result.get(k), int):
-            return result[k]
-    shard = result.get("shard")
-    return shard.get("rows") if isinstance(shard, dict) and isinstance(shard.get("rows"), int) else None
+    """The rows a shard's result reports in its ``rows`` key (every job's shards do), if any."""
+    rows = result.get("rows")
+    return rows if isinstance(rows, int) else None
 
 
 def process_start(pid: int) -> str | None:
