@@ -6,7 +6,7 @@ from omegaconf import OmegaConf
 from biogen.chem.fingerprints import FingerprintSpec
 from biogen.chem.readers import ReaderOptions
 from biogen.chem.standardize import StandardizeSpec
-from biogen.cli.library import _typed
+from biogen.cli.config import typed
 from biogen.cli.main import JOBS
 from biogen.resources import config_dir
 from biogen.runtime import RuntimeSpec
@@ -73,8 +73,8 @@ def test_every_screen_preset_composes_and_instantiates(group, option):
     extra = {"library": ["library.path=somewhere"] if option == "store" else [],
              "target": ["target.name=x", "target.actives=a.smi"] if option == "custom" else []}.get(group, [])
     cfg = compose_config("screen", f"{group}={option}", *extra)
-    assert isinstance(_typed(LibrarySpec, cfg.library, "library"), LibrarySpec)
-    assert isinstance(_typed(TargetSpec, cfg.target, "target"), TargetSpec)
+    assert isinstance(typed(LibrarySpec, cfg.library, "library"), LibrarySpec)
+    assert isinstance(typed(TargetSpec, cfg.target, "target"), TargetSpec)
     filters = build_stages(cfg.filters, "filters")
     assert all(f.kind == "filter" for f in filters)
     if "admet" not in option:  # the ADMET scorer is built too; only its prepare() needs admet-ai
@@ -82,8 +82,8 @@ def test_every_screen_preset_composes_and_instantiates(group, option):
         assert scorers and all(s.kind == "score" for s in scorers)
     else:
         assert instantiate(cfg.scoring.scorers.herg, name="herg").kind == "score"
-    _typed(FusionSpec, cfg.scoring.fusion, "scoring.fusion")
-    _typed(SelectionSpec, cfg.selection, "selection")
+    typed(FusionSpec, cfg.scoring.fusion, "scoring.fusion")
+    typed(SelectionSpec, cfg.selection, "selection")
 
 
 def test_a_screen_group_name_is_not_a_group_for_other_jobs():

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from biogen.chem.fingerprints import Fingerprinter, FingerprintSpec, pack_bits, unpack_bits
 from biogen.chem.standardize import StandardizeSpec
-from biogen.cli.library import _typed
+from biogen.cli.config import typed
 from biogen.cli.train import TrainerSpec
 from biogen.errors import ConfigError, InputError, LibraryError
 from biogen.models.data import (ActivityFileSource, MoleculeACESource, bit_indices, murcko_scaffolds,
@@ -289,10 +289,10 @@ def test_moleculeace_source(thrombin):
 def test_train_config_groups_instantiate(model, trainer, data):
     cfg = compose_config("train", f"model={model}", f"trainer={trainer}", f"train_data={data}",
                          "train_data.path=x.csv" if data == "file" else "train_data.limit=5")
-    spec = _typed(QSARSpec, cfg.model, "model")
+    spec = typed(QSARSpec, cfg.model, "model")
     assert spec.task == ("regression" if model == "qsar_mlp" else "classification")
     assert spec == QSARSpec(task=spec.task)  # the yaml defaults are the dataclass defaults
-    assert _typed(TrainerSpec, cfg.trainer, "trainer").accelerator == trainer
+    assert typed(TrainerSpec, cfg.trainer, "trainer").accelerator == trainer
     src = training_source(OmegaConf.to_container(cfg.train_data))
     assert src.source == data
     assert FingerprintSpec.from_dict(OmegaConf.to_container(cfg.featurizer)) == ECFP4

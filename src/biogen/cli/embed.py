@@ -9,7 +9,7 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from biogen.cli.library import _inputs, _typed
+from biogen.cli.config import inputs, typed
 from biogen.device import resolve_device
 from biogen.errors import ConfigError
 from biogen.runtime import RuntimeSpec
@@ -27,8 +27,8 @@ def embed(cfg: DictConfig) -> None:
                          chunk_overlap=int(cfg.chunk_overlap), token_budget=int(cfg.token_budget), dtype=str(cfg.dtype))
     except TypeError as exc:
         raise ConfigError(f"invalid embedding settings ({exc})") from None
-    runtime = _typed(RuntimeSpec, cfg.runtime, "runtime")
-    report = embed_proteins(_inputs(cfg.input), cfg.output, model=str(cfg.model), spec=spec, device=str(cfg.device),
+    runtime = typed(RuntimeSpec, cfg.runtime, "runtime")
+    report = embed_proteins(inputs(cfg.input), cfg.output, model=str(cfg.model), spec=spec, device=str(cfg.device),
                             shard_size=int(cfg.shard_size), cache_dir=cfg.model_cache_dir, download=bool(cfg.download),
                             overwrite=bool(cfg.overwrite), runtime=runtime)
     log.info("%s", report.summary())
@@ -41,7 +41,7 @@ def embed_search(cfg: DictConfig) -> None:
     from biogen.cli.search import write_table
     from biogen.protein.search import search_store
 
-    query = _inputs(cfg.query)
+    query = inputs(cfg.query)
     table = search_store(str(cfg.store), query, k=int(cfg.k), vector=cfg.vector, device=resolve_device(cfg.device))
     keep_lists = cfg.output is not None and str(cfg.output).endswith(".parquet")  # CSV/TSV hold no lists
     where = write_table(table if keep_lists else table.drop(["hit_ids"]), cfg.output)
@@ -51,7 +51,7 @@ def embed_search(cfg: DictConfig) -> None:
 def merge(cfg: DictConfig) -> None:
     from biogen.protein.merge import merge_stores
 
-    report = merge_stores(_inputs(cfg.parts), cfg.output, overwrite=bool(cfg.overwrite), progress=bool(cfg.progress))
+    report = merge_stores(inputs(cfg.parts), cfg.output, overwrite=bool(cfg.overwrite), progress=bool(cfg.progress))
     log.info("%s", report.summary())
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     data = {k: v for k, v in report.__dict__.items() if k != "manifest"}

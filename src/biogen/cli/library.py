@@ -12,23 +12,11 @@ from omegaconf import DictConfig, OmegaConf
 from biogen.chem.fingerprints import FingerprintSpec
 from biogen.chem.readers import ReaderOptions
 from biogen.chem.standardize import StandardizeSpec
+from biogen.cli.config import inputs, typed
 from biogen.errors import ConfigError, CorruptLibraryError
 from biogen.runtime import RuntimeSpec
 
 log = logging.getLogger("biogen")
-
-
-def _typed(cls, cfg: DictConfig, key: str):
-    data = OmegaConf.to_container(cfg, resolve=True)
-    try:
-        return cls(**data)
-    except TypeError as exc:
-        valid = ", ".join(cls.__dataclass_fields__)
-        raise ConfigError(f"invalid {key} settings {data} ({exc}); valid keys: {valid}") from None
-
-
-def _inputs(value):
-    return list(value) if OmegaConf.is_list(value) else str(value)
 
 
 def _save_report(report) -> None:
@@ -41,13 +29,13 @@ def build(cfg: DictConfig) -> None:
     from biogen.library.ingest import build_library
 
     report = build_library(
-        _inputs(cfg.input), cfg.output,
+        inputs(cfg.input), cfg.output,
         featurizer=FingerprintSpec.from_dict(OmegaConf.to_container(cfg.featurizer)),
-        standardize=_typed(StandardizeSpec, cfg.standardize, "standardize"),
+        standardize=typed(StandardizeSpec, cfg.standardize, "standardize"),
         descriptors=list(cfg.descriptors),
-        reader=_typed(ReaderOptions, cfg.reader, "reader"),
+        reader=typed(ReaderOptions, cfg.reader, "reader"),
         dedupe=cfg.dedupe, dedupe_key=cfg.dedupe_key, id_prefix=str(cfg.id_prefix), chunk_size=int(cfg.chunk_size),
-        overwrite=bool(cfg.overwrite), runtime=_typed(RuntimeSpec, cfg.runtime, "runtime"),
+        overwrite=bool(cfg.overwrite), runtime=typed(RuntimeSpec, cfg.runtime, "runtime"),
     )
     log.info("%s", report.summary())
     _save_report(report)
@@ -57,8 +45,8 @@ def append(cfg: DictConfig) -> None:
     from biogen.library.ingest import append_library
 
     report = append_library(
-        cfg.library, _inputs(cfg.input), reader=_typed(ReaderOptions, cfg.reader, "reader"),
-        chunk_size=int(cfg.chunk_size), runtime=_typed(RuntimeSpec, cfg.runtime, "runtime"),
+        cfg.library, inputs(cfg.input), reader=typed(ReaderOptions, cfg.reader, "reader"),
+        chunk_size=int(cfg.chunk_size), runtime=typed(RuntimeSpec, cfg.runtime, "runtime"),
     )
     log.info("%s", report.summary())
     _save_report(report)
@@ -96,8 +84,8 @@ def merge(cfg: DictConfig) -> None:
     from biogen.library.merge import merge_libraries
 
     report = merge_libraries(
-        _inputs(cfg.parts), cfg.output, overwrite=bool(cfg.overwrite), exact=bool(cfg.exact),
-        runtime=_typed(RuntimeSpec, cfg.runtime, "runtime"),
+        inputs(cfg.parts), cfg.output, overwrite=bool(cfg.overwrite), exact=bool(cfg.exact),
+        runtime=typed(RuntimeSpec, cfg.runtime, "runtime"),
     )
     log.info("%s", report.summary())
     _save_report(report)

@@ -10,7 +10,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from biogen.cli.library import _typed
+from biogen.cli.config import typed
 from biogen.errors import ConfigError
 from biogen.runtime import RuntimeSpec
 
@@ -53,10 +53,10 @@ def screen(cfg: DictConfig) -> None:
         if st.kind != "score":
             raise ConfigError(f"scoring.scorers.{st.name} is a filter; put it under filters")
     result = run_screen(
-        _typed(LibrarySpec, cfg.library, "library"), _typed(TargetSpec, cfg.target, "target"), filters, scorers,
-        fusion=_typed(FusionSpec, cfg.scoring.fusion, "scoring.fusion"),
-        selection=_typed(SelectionSpec, cfg.selection, "selection"),
-        runtime=_typed(RuntimeSpec, cfg.runtime, "runtime"), run_dir=run_dir,
+        typed(LibrarySpec, cfg.library, "library"), typed(TargetSpec, cfg.target, "target"), filters, scorers,
+        fusion=typed(FusionSpec, cfg.scoring.fusion, "scoring.fusion"),
+        selection=typed(SelectionSpec, cfg.selection, "selection"),
+        runtime=typed(RuntimeSpec, cfg.runtime, "runtime"), run_dir=run_dir,
         accelerator=resolve_device(cfg.device), report=bool(cfg.report),
         config_yaml=OmegaConf.to_yaml(cfg))
     funnel = " -> ".join(f"{name} {n:,}" for name, n in result.funnel)

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from biogen.chem.readers import ReaderOptions
 from biogen.chem.records import Reject, write_rejects
-from biogen.cli.library import _typed
+from biogen.cli.config import typed
 from biogen.errors import ConfigError
 from biogen.runtime import RuntimeSpec
 
@@ -54,7 +54,7 @@ def search(cfg: DictConfig) -> None:
     if cfg.mode not in MODES:
         raise ConfigError(f"mode={cfg.mode!r} is not valid; choose one of {', '.join(MODES)}")
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    runtime = _typed(RuntimeSpec, cfg.runtime, "runtime")
+    runtime = typed(RuntimeSpec, cfg.runtime, "runtime")
     t0 = time.perf_counter()
     report: dict = {"library": str(cfg.library), "mode": cfg.mode}
     if cfg.mode == "substructure":
@@ -68,7 +68,7 @@ def search(cfg: DictConfig) -> None:
     else:
         metric = Metric(str(cfg.metric), float(cfg.alpha), float(cfg.beta))
         kwargs = dict(mode=cfg.mode, k=int(cfg.k), threshold=float(cfg.threshold), metric=metric)
-        reader = _typed(ReaderOptions, cfg.reader, "reader")
+        reader = typed(ReaderOptions, cfg.reader, "reader")
         if int(cfg.actors) > 0:
             from biogen.runtime import NO_RAY, ray_session
 

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from biogen.chem.fingerprints import FingerprintSpec
 from biogen.chem.records import Reject, write_rejects
 from biogen.chem.standardize import StandardizeSpec
-from biogen.cli.library import _typed
+from biogen.cli.config import typed
 from biogen.errors import ConfigError
 
 log = logging.getLogger("biogen")
@@ -48,9 +48,9 @@ def train(cfg: DictConfig) -> None:
     t0 = time.perf_counter()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     featurizer = FingerprintSpec.from_dict(OmegaConf.to_container(cfg.featurizer, resolve=True))
-    standardize = _typed(StandardizeSpec, cfg.standardize, "standardize")
-    spec = _typed(QSARSpec, cfg.model, "model")
-    accelerator = resolve_accelerator(_typed(TrainerSpec, cfg.trainer, "trainer").accelerator)
+    standardize = typed(StandardizeSpec, cfg.standardize, "standardize")
+    spec = typed(QSARSpec, cfg.model, "model")
+    accelerator = resolve_accelerator(typed(TrainerSpec, cfg.trainer, "trainer").accelerator)
     missing = [k for k in cfg.train_data if OmegaConf.is_missing(cfg.train_data, k)]
     if missing:
         raise ConfigError(f"train_data.{missing[0]} is required for train_data={cfg.train_data.source}, "
