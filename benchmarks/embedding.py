@@ -212,7 +212,10 @@ def bench_model(short: str, seqs: list[str], args, tmp: Path, peaks: dict) -> di
     r.model = None
     hf = EsmModel.from_pretrained(r.hf_dir, attn_implementation="sdpa", dtype=dtype).to(dev).eval() if want_hf else None
     tok = hf_tokenizer(tmp) if want_hf else None
-    emb = Embedder(r.pt_path, EmbedSpec(layers=(-1,), token_budget=args.token_budget), device=dev)
+    emb = Embedder(r.pt_path, EmbedSpec(layers=(-1,), token_budget=args.token_budget, dtype=args.biogen_dtypes[0]),
+                   device=dev)
+    reduced = {f"biogen_{d}": Embedder(r.pt_path, EmbedSpec(layers=(-1,), token_budget=args.token_budget, dtype=d),
+                                       device=dev) for d in args.biogen_dtypes[1:]}
 
     lens = np.array([min(len(s), MAX_RESIDUES) for s in seqs])
     n_tokens = int((lens + 2).sum())
@@ -252,6 +255,15 @@ def bench_model(short: str, seqs: list[str], args, tmp: Path, peaks: dict) -> di
         if not ok:
             print(f"   !!! {arch.name}: {k} disagrees with biogen: {correctness[k]}", flush=True)
     print(f"   correctness vs biogen: {correctness}", flush=True)
+    for k, e in reduced.items():  # biogen in reduced precision: cosine per sequence vs its fp32 run
+        a, b = ours_path(e, check, layer), got["biogen"]
+        cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+        correctness[k] = {"vs": "biogen", "min_cosine": float(cos.min()), "ok": bool(cos.min() >= 0.999),
+                          "parity_gate": e.parity}
+        paths[k] = lambda s, e=e: ours_path(e, s, layer)
+    if reduced:
+        print(f"   reduced precision vs biogen {args.biogen_dtypes[0]}: "
+              f"{ {k: correctness[k]['min_cosine'] for k in reduced} }", flush=True)
     parity = None
     if gpu and args.parity:  # biogen bf16 vs biogen fp32, per sequence
         sub = seqs[: args.parity]
@@ -296,7 +308,11 @@ def bench_model(short: str, seqs: list[str], args, tmp: Path, peaks: dict) -> di
     res["speedup_best"] = {k: res["paths"][k]["min_s"] / res["paths"]["biogen"]["min_s"] for k in paths
                            if k != "biogen"}
     print(f"   speedup of biogen: {res['speedup']}", flush=True)
-    del ref_model, hf, emb, r
+    if reduced:
+        res["reduced_vs_first_dtype"] = {k: res["paths"][k]["tokens_per_s"] / b for k in reduced}
+        print(f"   reduced precision, tokens/s vs biogen {args.biogen_dtypes[0]}: {res['reduced_vs_first_dtype']}",
+              flush=True)
+    del ref_model, hf, emb, r, reduced
     if gpu:
         torch.cuda.empty_cache()
     return res
@@ -320,9 +336,14 @@ def main(argv=None) -> int:
     ap.add_argument("--parity", type=int, default=0, help="GPU: sequences embedded in bf16 and fp32 by biogen "
                                                          "(cosine per sequence)")
     ap.add_argument("--fasta", default=None, help="proteins (FASTA, gzipped); default: data set uniprot_20k")
+    ap.add_argument("--biogen-dtypes", default=None,
+                    help="biogen's dtypes: the first is compared with the anchors, the others (reduced precision) "
+                         "with it; default: float32,bfloat16,int8 on the CPU, auto on a GPU")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     args.paths = [p for p in args.paths.split(",") if p]
+    args.biogen_dtypes = (args.biogen_dtypes or ("auto" if args.device == "cuda" else
+                                                 "float32,bfloat16,int8")).split(",")
     unknown = sorted(set(args.paths) - set(ANCHORS))
     if unknown:
         ap.error(f"--paths: unknown {unknown}; choose from {', '.join(ANCHORS)}")
@@ -359,7 +380,8 @@ def main(argv=None) -> int:
            "device": args.device, "dtype": str(dtype).removeprefix("torch."),
            "data": {"source": str(db), "proteins": len(allseqs), "median_length": float(np.median(lens)),
                     "within_1022": int((lens <= MAX_RESIDUES).sum()), "seed": args.seed},
-           "settings": {"paths": ["biogen", *args.paths], "token_budget": args.token_budget,
+           "settings": {"paths": ["biogen", *args.paths], "biogen_dtypes": args.biogen_dtypes,
+                        "token_budget": args.token_budget,
                         "toks_per_batch": args.toks_per_batch, "hf_batch_size": args.hf_batch_size,
                         "repeats": repeats},
            "matmul_peak_flops": peaks, "results": results}

@@ -74,7 +74,7 @@ def test_parity_tiny_mixed_lengths_all_layers(tiny, fmt):
     seqs = fx.random_sequences(MIXED, seed=3)
     ref = fx.fair_esm_representations(tiny.model, seqs, [0, 1, 2])
     emb = Embedder(tiny.pt_path if fmt == "fair-esm" else need_hf(tiny),
-                   EmbedSpec(layers=(0, 1, -1), pooling="both", per_residue=True))
+                   EmbedSpec(layers=(0, 1, -1), pooling="both", per_residue=True, dtype="float32"))
     out = emb.embed(seqs)
     assert emb.layers == (0, 1, 2)
     assert max_diff(out, ref, seqs, (0, 1, 2)) <= TOL
@@ -86,7 +86,7 @@ def test_parity_tiny_mixed_lengths_all_layers(tiny, fmt):
 def test_parity_real_8m_architecture(real8m):
     seqs = fx.random_sequences([300, 12, 150, 700, 45, 1022], seed=4)
     ref = fx.fair_esm_representations(real8m.model, seqs, [3, 6])
-    emb = Embedder(real8m.pt_path, EmbedSpec(layers=(3, -1), pooling="both", per_residue=True, token_budget=2048))
+    emb = Embedder(real8m.pt_path, EmbedSpec(layers=(3, -1), pooling="both", per_residue=True, token_budget=2048, dtype="float32"))
     out = emb.embed(seqs)
     d = max_diff(out, ref, seqs, (3, 6))
     assert d <= TOL, d
@@ -99,8 +99,8 @@ def test_same_weights_both_formats_and_hf_anchor(real8m):
     from transformers import EsmModel
 
     seqs = fx.random_sequences([50, 200, 9], seed=5)
-    a = Embedder(real8m.pt_path, EmbedSpec(per_residue=True)).embed(seqs)
-    b = Embedder(real8m.hf_dir, EmbedSpec(per_residue=True)).embed(seqs)
+    a = Embedder(real8m.pt_path, EmbedSpec(per_residue=True, dtype="float32")).embed(seqs)
+    b = Embedder(real8m.hf_dir, EmbedSpec(per_residue=True, dtype="float32")).embed(seqs)
     hf = EsmModel.from_pretrained(real8m.hf_dir, add_pooling_layer=False, attn_implementation="sdpa").eval()
     from biogen.protein.tokenizer import encode_padded
 
@@ -172,6 +172,52 @@ def test_gpu_dtype_and_attention_follow_the_architecture(monkeypatch, caplog, ca
     assert embed_mod.resolve_dtype("float16", torch.device("cuda")) == torch.float16  # explicit wins
 
 
+@pytest.mark.parametrize("flags, expected", [({"avx512_bf16", "avx512_vnni"}, "bfloat16"),
+                                             ({"amx_bf16", "amx_int8"}, "bfloat16"),
+                                             ({"avx512_vnni"}, "int8"), (set(), "float32")])
+def test_cpu_dtype_auto_follows_the_instruction_set(monkeypatch, caplog, flags, expected):
+    from biogen import precision
+    from biogen.protein import embed as embed_mod
+
+    monkeypatch.setattr(precision, "cpu_instructions", lambda: frozenset(flags))
+    with caplog.at_level(logging.INFO):
+        assert embed_mod.resolve_precision("auto", torch.device("cpu")) == expected
+    assert f"dtype=auto on the CPU: {expected}" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        embed_mod.resolve_precision("bfloat16", torch.device("cpu"))
+    assert ("emulated and usually slower" in caplog.text) == (expected != "bfloat16")
+
+
+def test_reduced_precision_on_the_cpu_passes_its_parity_gate(real8m):
+    """bf16 and int8 (PyTorch's quantized linear kernels) next to fp32 on real proteins' lengths:
+    the gate's record is in the store's info, and the vectors agree to cosine >= 0.999."""
+    seqs = fx.random_sequences([30, 345, 120, 1022, 7], seed=12)
+    ref = np.stack([o["pooled"][6] for o in Embedder(real8m.pt_path, EmbedSpec(dtype="float32")).embed(seqs)])
+    for dtype in ("bfloat16", "int8"):
+        emb = Embedder(real8m.pt_path, EmbedSpec(dtype=dtype))
+        assert emb.info["dtype"] == dtype and emb.info["parity_vs_float32"]["min_cosine"] >= 0.999
+        assert (emb.info["quantization"] is not None) == (dtype == "int8")
+        got = np.stack([o["pooled"][6] for o in emb.embed(seqs)])
+        cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
+        assert cos.min() >= 0.999, (dtype, cos)
+    assert Embedder(real8m.pt_path, EmbedSpec(dtype="float32")).info["parity_vs_float32"] is None
+
+
+def test_the_parity_gate_refuses_a_model_that_fails_it(real8m, monkeypatch):
+    from biogen import precision
+
+    monkeypatch.setattr(precision, "MIN_COSINE", 1.0000001)  # no reduced run can reach it
+    monkeypatch.setattr(precision.check_parity, "__defaults__", (1.0000001,))
+    with pytest.raises(ConfigError, match=r"dtype=int8 differs from float32 on the calibration set: min cosine "
+                                          r"0\.9\d+ per item \(needed >= 1\.0000001\); use dtype=float32"):
+        Embedder(real8m.pt_path, EmbedSpec(dtype="int8"))
+    with pytest.raises(ConfigError, match="embed.dtype=int8 is a CPU path"):
+        from biogen.protein.embed import resolve_precision
+
+        resolve_precision("int8", torch.device("cuda"))
+
+
 def test_attention_groups_bound_padding():
     rng = np.random.default_rng(0)
     lens = np.sort(rng.integers(2, 1024, 300))[::-1]
@@ -185,7 +231,7 @@ def test_attention_groups_bound_padding():
 
 
 def test_lower_case_accepted(tiny):
-    emb = Embedder(tiny.pt_path)
+    emb = Embedder(tiny.pt_path, EmbedSpec(dtype="float32"))
     up, low = emb.embed(["MKVLAAGIW"]), emb.embed(["mkvlaagiw"])
     np.testing.assert_array_equal(up[0]["pooled"][2], low[0]["pooled"][2])
 
@@ -226,7 +272,7 @@ def test_windows_and_stitching():
 def test_chunk_parity_with_fair_esm_windows(tiny):
     seqs = fx.random_sequences([2500, 40, 1100], seed=7)
     emb = Embedder(tiny.pt_path, EmbedSpec(layers=(1, -1), pooling="both", per_residue=True, long_policy="chunk",
-                                           chunk_overlap=256))
+                                           chunk_overlap=256, dtype="float32"))
     out = emb.embed(seqs)
     assert [o["chunks"] for o in out] == [3, 1, 2] and not any(o["truncated"] for o in out)
     assert emb.info["long_policy"] == "chunk" and emb.info["chunk_overlap"] == 256
@@ -244,7 +290,7 @@ def test_chunk_parity_with_fair_esm_windows(tiny):
 
 def test_truncate_policy(tiny):
     s = fx.random_sequences([1500], seed=8)[0]
-    out = Embedder(tiny.pt_path, EmbedSpec(per_residue=True)).embed([s])[0]
+    out = Embedder(tiny.pt_path, EmbedSpec(per_residue=True, dtype="float32")).embed([s])[0]
     ref = fx.fair_esm_representations(tiny.model, [s[:1022]], [2])[0][2]
     assert out["truncated"] and out["length"] == 1500 and out["chunks"] == 1
     assert out["residues"][2].shape == (1022, 32)
@@ -321,7 +367,7 @@ def test_named_model_from_torch_hub_cache(real8m, no_caches):
     hub = no_caches / "torch" / "hub" / "checkpoints"
     hub.mkdir(parents=True)
     (hub / "esm2_t6_8M_UR50D.pt").write_bytes(real8m.pt_path.read_bytes())
-    emb = Embedder("esm2_t6_8M_UR50D")
+    emb = Embedder("esm2_t6_8M_UR50D", EmbedSpec(dtype="float32"))
     assert emb.info["checkpoint"] == str(hub / "esm2_t6_8M_UR50D.pt")
     assert emb.info["sha256"] == hashlib.sha256(real8m.pt_path.read_bytes()).hexdigest()
     assert emb.info["source_format"] == "fair-esm" and emb.info["max_len"] == 1022

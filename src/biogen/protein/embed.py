@@ -36,7 +36,11 @@ log = logging.getLogger(__name__)
 
 POOLINGS = ("mean", "bos", "both")
 LONG_POLICIES = ("truncate", "chunk")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# dtype word -> the weights' torch dtype (int8: float32 weights whose linear layers are then
+# quantized, FastESM2.quantize_int8)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.float32}
+# the parity gate's calibration set: random sequences of these lengths (fixed seed), ~300 tokens
+CALIBRATION_LENGTHS = (8, 40, 90, 160)
 # On the CPU, batches above ~4k tokens run slower (activations fall out of cache): measured on
 # the 2-core benchmark VM, 8M model, 160 UniProt proteins: 8,200 tokens/s at 4,096 vs 6,700 at
 # 16,384. The CPU plan caps token_budget there (logged and recorded in info).
@@ -49,7 +53,9 @@ class EmbedSpec:
     """What to compute. ``layers``: representation indices (0 = embeddings, i = after block
     i, negative from the end, -1 = last layer after the final LayerNorm, as fair-esm's
     ``repr_layers``); ``pooling``: ``mean`` over residues (BOS/EOS excluded), ``bos`` (the
-    CLS token) or ``both``; ``dtype``: ``auto`` = bf16 on GPU, fp32 on CPU."""
+    CLS token) or ``both``; ``dtype``: ``auto`` = bf16 on a GPU (fp16 before compute
+    capability 8.0), on the CPU by its instructions (``biogen.precision.auto_cpu_dtype``:
+    bf16 with AVX512-BF16/AMX, int8 with VNNI only, else fp32); ``int8`` is CPU-only."""
 
     layers: tuple[int, ...] = (-1,)
     pooling: str = "mean"
@@ -85,23 +91,34 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return torch.device(devices.resolve_device(device))
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto``: fp32 on the CPU; on a GPU, bf16 where the architecture has it natively
-    (compute capability >= 8.0: A100, H100/H200, L40...), fp16 before (V100, T4: bf16 would
-    be emulated, slowly); the choice and why is logged."""
+def resolve_precision(dtype: str, device: torch.device) -> str:
+    """The dtype word a run uses. ``auto``: on a GPU bf16 where the architecture has it natively
+    (compute capability >= 8.0: A100, H100/H200, L40...), fp16 before (V100, T4: bf16 would be
+    emulated, slowly); on the CPU by its instructions (``biogen.precision``). The choice and
+    why are logged; ``int8`` on a GPU is refused."""
+    from biogen.precision import auto_cpu_dtype, check_cpu_dtype
+
     if dtype == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        cap = torch.cuda.get_device_capability(device)
-        choice = torch.bfloat16 if cap >= BF16_CAPABILITY else torch.float16
-        log.info("dtype=auto: %s on %s (compute capability %d.%d%s)", str(choice).removeprefix("torch."),
-                 torch.cuda.get_device_name(device), *cap,
-                 "" if choice == torch.bfloat16 else "; bf16 needs >= 8.0")
+        if device.type == "cuda":
+            cap = torch.cuda.get_device_capability(device)
+            choice = "bfloat16" if cap >= BF16_CAPABILITY else "float16"
+            log.info("dtype=auto: %s on %s (compute capability %d.%d%s)", choice, torch.cuda.get_device_name(device),
+                     *cap, "" if choice == "bfloat16" else "; bf16 needs >= 8.0")
+            return choice
+        choice, why = auto_cpu_dtype()
+        log.info("dtype=auto on the CPU: %s (%s)", choice, why)
         return choice
-    dt = DTYPES[dtype]
-    if device.type == "cpu" and dt != torch.float32:
-        log.warning("embed.dtype=%s on the CPU: half precision is usually slower than fp32 there", dtype)
-    return dt
+    if dtype == "int8" and device.type != "cpu":
+        raise ConfigError("embed.dtype=int8 is a CPU path (int8 linear layers through PyTorch's CPU kernels); on a "
+                          "GPU use dtype=auto (bfloat16) or float16")
+    if device.type == "cpu":
+        check_cpu_dtype(dtype)
+    return dtype
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """The model weights' torch dtype for ``dtype`` on ``device`` (int8: float32 weights)."""
+    return DTYPES[resolve_precision(dtype, device)]
 
 
 def resolve_layers(layers: tuple[int, ...], num_layers: int) -> tuple[int, ...]:
@@ -143,11 +160,19 @@ class Embedder:
                  cache_dir: str | Path | None = None, *, download: bool = False):
         self.spec = spec
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(spec.dtype, self.device)
+        self.precision = resolve_precision(spec.dtype, self.device)
+        self.dtype = DTYPES[self.precision]
         ckpt = load_checkpoint(model, cache_dir, download=download)
-        self.model = FastESM2.from_checkpoint(ckpt, device=self.device, dtype=self.dtype)
         self.arch = ckpt.arch
         self.layers = resolve_layers(spec.layers, self.arch.num_layers)
+        self.parity = None
+        reference = None
+        if self.precision != "float32":  # the parity gate's reference, computed before the model is
+            self.model = FastESM2.from_checkpoint(ckpt, device=self.device, dtype=torch.float32)
+            reference = self._calibration_vectors()
+        self.model = FastESM2.from_checkpoint(ckpt, device=self.device, dtype=self.dtype)
+        if self.precision == "int8":
+            self.model.quantize_int8()
         self.max_len = MAX_RESIDUES
         self.token_budget = spec.token_budget
         if self.device.type == "cpu" and spec.token_budget > CPU_TOKEN_BUDGET:
@@ -155,7 +180,17 @@ class Embedder:
             log.info("token_budget=%d capped to %d on the CPU (faster: activations stay in cache)",
                      spec.token_budget, CPU_TOKEN_BUDGET)
         self.last_stats: dict = {}
-        self.info = {**ckpt.info(), "layers": list(self.layers), "dtype": str(self.dtype).removeprefix("torch."),
+        if reference is not None:
+            from biogen.precision import check_parity
+
+            self.parity = check_parity(self._calibration_vectors(), reference, f"{self.arch.name} ({ckpt.path})",
+                                       self.precision)
+            log.info("dtype=%s parity with float32: min cosine %.5f over %d calibration sequences", self.precision,
+                     self.parity["min_cosine"], self.parity["calibration_items"])
+        self.info = {**ckpt.info(), "layers": list(self.layers), "dtype": self.precision,
+                     "quantization": ("int8 linear layers, per-channel weight scales, dynamic activations"
+                                      if self.precision == "int8" else None),
+                     "parity_vs_float32": self.parity,
                      "device": str(self.device), "attention": self.model.attention, "pooling": spec.pooling,
                      "per_residue": spec.per_residue, "long_policy": spec.long_policy,
                      "chunk_overlap": spec.chunk_overlap if spec.long_policy == "chunk" else None,
@@ -166,6 +201,17 @@ class Embedder:
         del ckpt
         log.info("embedder ready: %s on %s (%s, attention=%s), layers %s", self.arch.name, self.device,
                  self.info["dtype"], self.model.attention, list(self.layers))
+
+    def _calibration_vectors(self) -> np.ndarray:
+        """Mean-pooled last requested layer of the fixed calibration sequences (parity gate)."""
+        rng = np.random.default_rng(20261204)
+        seqs = ["".join(rng.choice(list("LAGVSERTIDPKQNFYMHWC"), size=n)) for n in CALIBRATION_LENGTHS]
+        packed = encode_packed(seqs)
+        batch = PackedBatch(packed.tokens, packed.cu_seqlens, self.device)
+        layer = max(self.layers)
+        rep = self.model(batch, frozenset([layer]))[layer].float().cpu().numpy()
+        cu = packed.cu_seqlens
+        return np.stack([rep[cu[i] + 1:cu[i + 1] - 1].mean(0) for i in range(len(seqs))])
 
     def embed(self, seqs: list[str]) -> list[dict]:
         """Per input sequence (input order): ``{"pooled": {layer: E float32} (pooling=both:

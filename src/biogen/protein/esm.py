@@ -181,6 +181,7 @@ class FastESM2(nn.Module):
         # rotary tables (fp32, fair-esm's construction): cos/sin of positions x inv_freq, MAX_POSITIONS x D
         self.register_buffer("inv_freq", inv_freq.detach().to(torch.float32).clone(), persistent=False)
         self._tables(MAX_POSITIONS)
+        self._int8: list[dict] | None = None  # packed int8 linear layers per block (quantize_int8)
 
     def _tables(self, n_pos: int) -> None:
         t = torch.arange(n_pos, device=self.inv_freq.device).type_as(self.inv_freq)
@@ -240,6 +241,30 @@ class FastESM2(nn.Module):
         model.inv_freq = inv0.to(device)      # rotary tables stay fp32, built on the device
         model._tables(MAX_POSITIONS)
         return model
+
+    def quantize_int8(self) -> None:
+        """Run each block's four linear layers (q/k/v, out, fc1, fc2: nearly all of the FLOPs)
+        in int8 on the CPU: weights per output channel, activations per batch, PyTorch's
+        quantized kernels (``biogen.precision``). Embeddings, LayerNorms and attention stay in
+        float32. The float32 weights of those layers are released."""
+        from biogen.precision import int8_linear
+
+        if self.device.type != "cpu" or self.dtype != torch.float32:
+            raise ValueError("int8 quantization needs a float32 model on the CPU")
+        packed = []
+        for i in range(self.arch.num_layers):
+            packed.append({k: int8_linear(getattr(self, f"{k}_w")[i], getattr(self, f"{k}_b")[i])
+                           for k in ("qkv", "out", "fc1", "fc2")})
+            for k in ("qkv", "out", "fc1", "fc2"):
+                getattr(self, f"{k}_w")[i] = nn.Parameter(torch.empty(0), requires_grad=False)
+        self._int8 = packed
+
+    def _linear(self, x: torch.Tensor, kind: str, i: int) -> torch.Tensor:
+        if self._int8 is not None:
+            from biogen.precision import int8_apply
+
+            return int8_apply(x, self._int8[i][kind])
+        return F.linear(x, getattr(self, f"{kind}_w")[i], getattr(self, f"{kind}_b")[i])
 
     @property
     def dtype(self) -> torch.dtype:
@@ -325,11 +350,11 @@ class FastESM2(nn.Module):
         t = x.shape[0]
         for i in range(min(last, n)):
             y = F.layer_norm(x, (e,), self.ln1[i][0], self.ln1[i][1], eps)
-            qkv = F.linear(y, self.qkv_w[i], self.qkv_b[i]).view(t, 3, h, e // h)  # T x 3 x H x D
+            qkv = self._linear(y, "qkv", i).view(t, 3, h, e // h)  # T x 3 x H x D
             a = self._attention(qkv, b).reshape(t, e)  # T x E
-            x = x + F.linear(a, self.out_w[i], self.out_b[i])
+            x = x + self._linear(a, "out", i)
             y = F.layer_norm(x, (e,), self.ln2[i][0], self.ln2[i][1], eps)
-            x = x + F.linear(F.gelu(F.linear(y, self.fc1_w[i], self.fc1_b[i])), self.fc2_w[i], self.fc2_b[i])
+            x = x + self._linear(F.gelu(self._linear(y, "fc1", i)), "fc2", i)
             if i + 1 in repr_layers and i + 1 < n:
                 reps[i + 1] = x
         if n in repr_layers:
