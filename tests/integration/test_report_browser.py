@@ -10,7 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from biogen.screen.report import ReportData, write_report
+from biogen.screen.metrics import EnrichmentMetrics, NullModel
+from biogen.screen.report import ReportData, ReportEnrichment, write_report
 
 # the first use may install chromium (conftest: up to 600 s) before the page opens
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]  # a real browser: the second tier
@@ -46,10 +47,12 @@ def _report_data(n: int, n_hits: int, *, empty: bool = False) -> ReportData:
         scores={"similarity": rng.beta(2, 8, n), "qed": rng.random(n // 2)},
         hits=hits,
         property_space={"library": lib, "hits": {key: v[order] for key, v in lib.items()}},
-        enrichment={"scores": fused, "labels": labels,
-                    "metrics": {"EF1%": 30.1, "BEDROC20": 0.6, "actives": int(labels.sum()),
-                                "recovered_top_1%": 12},
-                    "label_name": "held-out CHEMBL204 test actives (pKi >= 7)"},
+        enrichment=ReportEnrichment(
+            fused, labels, EnrichmentMetrics(0.9, 30.1, 12.0, 0.6, int(labels.sum()), n, 12),
+            "held-out CHEMBL204 test actives (pKi >= 7)",
+            NullModel("heavy_atoms", True,
+                      EnrichmentMetrics(0.6, 3.0, 2.0, 0.1, int(labels.sum()), n, 1)),
+            null_scores=rng.normal(size=n) + labels),
         config_yaml="screen:\n  target: CHEMBL204\n",
         notes=["filters removed every molecule: no hits"] if empty else [],
         versions={"biogen": "test"},
