@@ -44,6 +44,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -371,7 +372,6 @@ def merge_libraries(
     if _guard_output(out, key, pieces, overwrite):
         clean_committed_work(out, read_manifest(out))
         return IngestReport(library=str(out), action=ACTION, already_done=True)
-    m0 = manifests[0]
     with locked(out):
         if overwrite:
             clear_for_overwrite(out)
@@ -380,81 +380,126 @@ def merge_libraries(
         resumed = len(ledger.entries)
         if resumed:
             log.info("resuming %s: %d steps already done", work, resumed)
-        pieces_parts, first = [], 0
-        for m in manifests:
-            n = max(1, len(m["shards"]))
-            pieces_parts.append(list(range(first, first + n)))
-            first += n
-        parts_all = [p for pp in pieces_parts for p in pp]
-        part_piece = {p: j for j, pp in enumerate(pieces_parts) for p in pp}
-        report = IngestReport(library=str(out), action=ACTION, resumed_shards=resumed)
-        with ray_session(runtime) as slots:
-            read = run_shards(piece_to_parts,
-                              ((f"piece-{j:05d}", (str(work), str(p), m, pp[0]))
-                               for j, (p, m, pp) in enumerate(zip(pieces, manifests, pieces_parts))),
-                              ledger=ledger, spec=runtime, slots=slots, desc="merge: read pieces", total=len(pieces))
-            results = [read[f"piece-{j:05d}"] for j in range(len(pieces))]
-            for p, r in zip(pieces, results):
-                if r["legacy_ids"]:
-                    log.warning("piece %s was built before shards recorded which ids were generated: ids of the "
-                                "form %s000000123 at or above their row's ordinal+1 are taken as generated",
-                                p, m0["id_prefix"])
-            dd = Dedupe({}, set(), ordinal=0, mode=m0["dedupe"]["mode"], id_prefix=m0["id_prefix"],
-                         key=m0["dedupe"]["key"])
-            check = _Exactness(work, dd, pieces, part_piece)
-            fin = ((f"final-{p:06d}", (str(work), str(out), p, f"000-{p:06d}", keep, rid, dup, ords, drops))
-                   for p, keep, rid, dup, ords, drops in _plans(work, pieces_parts, dd, check))
-            finals = run_shards(finalize_part, fin, ledger=ledger, spec=runtime, slots=slots,
-                                desc="merge: write shards", total=len(parts_all))
-        if check.inexact:
+        pieces_parts = _part_numbers(manifests)
+        run = _merge_pieces(work, out, pieces, manifests, pieces_parts, ledger, runtime)
+        if run.check.inexact:
             if exact:
-                raise LibraryError(check.message() + ". Give the pieces' records unique ids (or none), or pass "
+                raise LibraryError(run.check.message() + ". Give the pieces' records unique ids (or none), or pass "
                                    "exact=false to merge anyway: these records stay rejected and the merged library "
                                    "differs from one build in them (the finished work is kept for that rerun)")
-            log.warning("%s; merged anyway (exact=false), they stay rejected", check.message())
-        t1 = time.perf_counter()
-        _rewrite_rejects(work, parts_all, dd.first)
-        new_shards = [finals[f"final-{p:06d}"]["shard"] for p in parts_all if finals[f"final-{p:06d}"]["shard"]]
-        reasons: Counter = Counter()
-        for r in results:
-            reasons.update(r["reasons"])
-        reasons.update(dd.reasons)
-        inputs = [i for m in manifests for h in m["history"] for i in h.get("inputs", [])]
-        report.records_read = sum(r["records_read"] for r in results)
-        report.by_reason = dict(reasons)
-        report.rejected = sum(reasons.values())
-        report.rows_added = sum(s["rows"] for s in new_shards)
-        report.shards_added = [s["name"] for s in new_shards]
-        # keep_first: the pieces' duplicates are their duplicate_<key> rejects; keep_all: rows the merge flags
-        report.duplicates = dd.duplicates + sum(r["reasons"].get(c, 0) for r in results for c in DUPLICATE_REASONS)
-        report.rejects_file = write_rejects(out, work, parts_all, [SimpleNamespace(path=i["path"]) for i in inputs],
-                                             WORK_DIR)
-        report.stage_seconds = {"read_pieces": round(sum(r["seconds"] for r in results), 3),
-                                "dedupe": round(dd.seconds, 3),
-                                "finalize": round(sum(r.get("seconds", 0.0) for r in finals.values()), 3),
-                                "rejects": round(time.perf_counter() - t1, 3)}
-        report.seconds = round(time.perf_counter() - t_start, 3)
-        assert report.rows_added + report.rejected == report.records_read, "row accounting broken"
-
-        manifest = new_manifest(m0["featurizer"], m0["standardize"], list(m0["descriptors"]), m0["dedupe"]["mode"],
-                                m0["id_prefix"], m0["dedupe"]["key"])
-        manifest["featurizer"] = m0["featurizer"]  # the pieces' RDKit made these fingerprints, not this one
-        manifest["shards"] = new_shards
-        manifest["n_rows"] = report.rows_added
-        manifest["history"].append({
-            "action": ACTION, "time": now_iso(), "job_key": key, "versions": tool_versions(),
-            "inputs": inputs, "records_read": report.records_read, "rows_added": report.rows_added,
-            "duplicates": report.duplicates, "rejected": report.rejected, "rejected_by_reason": report.by_reason,
-            "rejects_file": report.rejects_file, "shards": report.shards_added, "seconds": report.seconds,
-            "stage_seconds": report.stage_seconds, "resumed_shard_steps": resumed,
-            "exact": not check.inexact, "not_exact": len(check.inexact), "not_exact_records": check.inexact[:100],
-            "pieces": [{"path": str(p), "manifest_sha256": h, "rows": m["n_rows"], "shards": len(m["shards"]),
-                        "records_read": r["records_read"], "rejected": r["carried"],
-                        "generated_ids": r["generated_ids"], "history": m["history"]}
-                       for p, h, m, r in zip(pieces, hashes, manifests, results)],
-            "run": ledger.run_summary(),
-        })
-        manifest["rejected_total"] = report.rejected
+            log.warning("%s; merged anyway (exact=false), they stay rejected", run.check.message())
+        report, new_shards, inputs = _merge_report(out, work, manifests, pieces_parts, run, resumed, t_start)
+        manifest = _merged_manifest(manifests, pieces, hashes, report, new_shards, inputs, key, resumed, run,
+                                    ledger)
         write_manifest(out, manifest)
         clean_committed_work(out, manifest)
     return report
+
+
+def _part_numbers(manifests: list[dict]) -> list[list[int]]:
+    """The parts of each piece: one per shard (one empty part for a piece without rows), numbered on."""
+    pieces_parts, first = [], 0
+    for m in manifests:
+        n = max(1, len(m["shards"]))
+        pieces_parts.append(list(range(first, first + n)))
+        first += n
+    return pieces_parts
+
+
+@dataclass
+class _MergeRun:
+    """What steps 1 and 2 leave: each piece's read result, each part's shard result, the
+    dedupe state and the exactness check."""
+
+    results: list[dict]
+    finals: dict[str, dict]
+    dedupe: Dedupe
+    check: _Exactness
+
+
+def _merge_pieces(work: Path, out: Path, pieces: list[Path], manifests: list[dict], pieces_parts: list[list[int]],
+                  ledger: Ledger, runtime: RuntimeSpec) -> _MergeRun:
+    """Step 1 (pieces -> parts) and step 2 (dedupe in input order, then the shards), ledgered."""
+    m0 = manifests[0]
+    parts_all = [p for pp in pieces_parts for p in pp]
+    part_piece = {p: j for j, pp in enumerate(pieces_parts) for p in pp}
+    with ray_session(runtime) as slots:
+        read = run_shards(piece_to_parts,
+                          ((f"piece-{j:05d}", (str(work), str(p), m, pp[0]))
+                           for j, (p, m, pp) in enumerate(zip(pieces, manifests, pieces_parts))),
+                          ledger=ledger, spec=runtime, slots=slots, desc="merge: read pieces", total=len(pieces))
+        results = [read[f"piece-{j:05d}"] for j in range(len(pieces))]
+        for p, r in zip(pieces, results):
+            if r["legacy_ids"]:
+                log.warning("piece %s was built before shards recorded which ids were generated: ids of the "
+                            "form %s000000123 at or above their row's ordinal+1 are taken as generated",
+                            p, m0["id_prefix"])
+        dd = Dedupe({}, set(), ordinal=0, mode=m0["dedupe"]["mode"], id_prefix=m0["id_prefix"],
+                    key=m0["dedupe"]["key"])
+        check = _Exactness(work, dd, pieces, part_piece)
+        fin = ((f"final-{p:06d}", (str(work), str(out), p, f"000-{p:06d}", keep, rid, dup, ords, drops))
+               for p, keep, rid, dup, ords, drops in _plans(work, pieces_parts, dd, check))
+        finals = run_shards(finalize_part, fin, ledger=ledger, spec=runtime, slots=slots,
+                            desc="merge: write shards", total=len(parts_all))
+    return _MergeRun(results, finals, dd, check)
+
+
+def _merge_report(out: Path, work: Path, manifests: list[dict], pieces_parts: list[list[int]], run: _MergeRun,
+                  resumed: int, t_start: float) -> tuple[IngestReport, list[dict], list[dict]]:
+    """Step 3 before the commit: the rejects file (the pieces' rejects, then the merge's own);
+    the report, the new shards' manifest entries and the pieces' inputs."""
+    t1 = time.perf_counter()
+    parts_all = [p for pp in pieces_parts for p in pp]
+    results, finals, dd = run.results, run.finals, run.dedupe
+    _rewrite_rejects(work, parts_all, dd.first)
+    new_shards = [finals[f"final-{p:06d}"]["shard"] for p in parts_all if finals[f"final-{p:06d}"]["shard"]]
+    reasons: Counter = Counter()
+    for r in results:
+        reasons.update(r["reasons"])
+    reasons.update(dd.reasons)
+    inputs = [i for m in manifests for h in m["history"] for i in h.get("inputs", [])]
+    report = IngestReport(library=str(out), action=ACTION, resumed_shards=resumed)
+    report.records_read = sum(r["records_read"] for r in results)
+    report.by_reason = dict(reasons)
+    report.rejected = sum(reasons.values())
+    report.rows_added = sum(s["rows"] for s in new_shards)
+    report.shards_added = [s["name"] for s in new_shards]
+    # keep_first: the pieces' duplicates are their duplicate_<key> rejects; keep_all: rows the merge flags
+    report.duplicates = dd.duplicates + sum(r["reasons"].get(c, 0) for r in results for c in DUPLICATE_REASONS)
+    report.rejects_file = write_rejects(out, work, parts_all, [SimpleNamespace(path=i["path"]) for i in inputs],
+                                        WORK_DIR)
+    report.stage_seconds = {"read_pieces": round(sum(r["seconds"] for r in results), 3),
+                            "dedupe": round(dd.seconds, 3),
+                            "finalize": round(sum(r.get("seconds", 0.0) for r in finals.values()), 3),
+                            "rejects": round(time.perf_counter() - t1, 3)}
+    report.seconds = round(time.perf_counter() - t_start, 3)
+    assert report.rows_added + report.rejected == report.records_read, "row accounting broken"
+    return report, new_shards, inputs
+
+
+def _merged_manifest(manifests: list[dict], pieces: list[Path], hashes: list[str], report: IngestReport,
+                     new_shards: list[dict], inputs: list[dict], key: str, resumed: int, run: _MergeRun,
+                     ledger: Ledger) -> dict:
+    """The new library's manifest: the pieces' settings, the merged shards, one history entry."""
+    m0 = manifests[0]
+    manifest = new_manifest(m0["featurizer"], m0["standardize"], list(m0["descriptors"]), m0["dedupe"]["mode"],
+                            m0["id_prefix"], m0["dedupe"]["key"])
+    manifest["featurizer"] = m0["featurizer"]  # the pieces' RDKit made these fingerprints, not this one
+    manifest["shards"] = new_shards
+    manifest["n_rows"] = report.rows_added
+    inexact = run.check.inexact
+    manifest["history"].append({
+        "action": ACTION, "time": now_iso(), "job_key": key, "versions": tool_versions(),
+        "inputs": inputs, "records_read": report.records_read, "rows_added": report.rows_added,
+        "duplicates": report.duplicates, "rejected": report.rejected, "rejected_by_reason": report.by_reason,
+        "rejects_file": report.rejects_file, "shards": report.shards_added, "seconds": report.seconds,
+        "stage_seconds": report.stage_seconds, "resumed_shard_steps": resumed,
+        "exact": not inexact, "not_exact": len(inexact), "not_exact_records": inexact[:100],
+        "pieces": [{"path": str(p), "manifest_sha256": h, "rows": m["n_rows"], "shards": len(m["shards"]),
+                    "records_read": r["records_read"], "rejected": r["carried"],
+                    "generated_ids": r["generated_ids"], "history": m["history"]}
+                   for p, h, m, r in zip(pieces, hashes, manifests, run.results)],
+        "run": ledger.run_summary(),
+    })
+    manifest["rejected_total"] = report.rejected
+    return manifest
