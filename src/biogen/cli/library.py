@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
@@ -25,6 +26,15 @@ def _save_report(report) -> None:
     log.info("run directory: %s", out.parent)
 
 
+def _names(value) -> list[str]:
+    """A list option given as a list or as one name (``embeddings=minimol``)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    return [str(v) for v in value]
+
+
 def build(cfg: DictConfig) -> None:
     from biogen.library.ingest import build_library
 
@@ -36,6 +46,7 @@ def build(cfg: DictConfig) -> None:
         reader=typed(ReaderOptions, cfg.reader, "reader"),
         dedupe=cfg.dedupe, dedupe_key=cfg.dedupe_key, id_prefix=str(cfg.id_prefix), chunk_size=int(cfg.chunk_size),
         overwrite=bool(cfg.overwrite), runtime=typed(RuntimeSpec, cfg.runtime, "runtime"),
+        embeddings=_names(cfg.embeddings),
     )
     log.info("%s", report.summary())
     _save_report(report)
@@ -89,3 +100,19 @@ def merge(cfg: DictConfig) -> None:
     )
     log.info("%s", report.summary())
     _save_report(report)
+
+
+def embed(cfg: DictConfig) -> None:
+    from biogen.library.embeddings import embed_library
+
+    report = embed_library(
+        cfg.library, str(cfg.model), device=str(cfg.device), dtype=str(cfg.dtype),
+        compute_dtype=str(cfg.compute_dtype), batch_size=int(cfg.batch_size), overwrite=bool(cfg.overwrite),
+        runtime=typed(RuntimeSpec, cfg.runtime, "runtime"),
+    )
+    rate = report["rows"] / report["seconds"] if report["seconds"] else 0.0
+    log.info("%s: %s rows embedded in %d shard(s) (%d of %d were done), %s without a vector %s, %.1f s (%.0f "
+             "molecules/s)", report["model"], f"{report['rows']:,}", report["shards_embedded"],
+             report["shards_total"] - report["shards_embedded"], report["shards_total"], f"{report['failed']:,}",
+             report["reasons"] or "", report["seconds"], rate)
+    _save_report(SimpleNamespace(**report))

@@ -24,6 +24,8 @@ JOBS: dict[tuple[str, ...], tuple[str, str, str]] = {
                             "re-hash every shard; exit 1 naming any corrupted shard"),
     ("library", "merge"): ("library_merge", "biogen.cli.library:merge",
                            "merge libraries built from pieces of one input (array jobs) into one"),
+    ("library", "embed"): ("library_embed", "biogen.cli.library:embed",
+                           "store compound embeddings (MiniMol) for every library row, resumable"),
     ("search",): ("search", "biogen.cli.search:search",
                   "similarity (top-k, threshold) or substructure search of a library"),
     ("screen",): ("screen", "biogen.cli.screen:screen",

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from biogen.chem.readers import ReaderOptions
 from biogen.chem.records import Reject, write_rejects
 from biogen.cli.config import typed
-from biogen.errors import ConfigError
+from biogen.errors import ConfigError, InputError
 from biogen.runtime import RuntimeSpec
 
 log = logging.getLogger("biogen")
@@ -56,8 +56,10 @@ def search(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     runtime = typed(RuntimeSpec, cfg.runtime, "runtime")
     t0 = time.perf_counter()
-    report: dict = {"library": str(cfg.library), "mode": cfg.mode}
-    if cfg.mode == "substructure":
+    report: dict = {"library": str(cfg.library), "mode": cfg.mode, "space": str(cfg.space)}
+    if str(cfg.space) != "fingerprint":
+        table = _embedding_search(cfg, run_dir, report)
+    elif cfg.mode == "substructure":
         from biogen.search.substructure import substructure_search
 
         result = substructure_search(str(cfg.library), str(cfg.query), max_hits=cfg.max_hits,
@@ -66,7 +68,7 @@ def search(cfg: DictConfig) -> None:
         table = result.table
         report.update({k: v for k, v in vars(result).items() if k != "table"})
     else:
-        metric = Metric(str(cfg.metric), float(cfg.alpha), float(cfg.beta))
+        metric = Metric("tanimoto" if cfg.metric == "auto" else str(cfg.metric), float(cfg.alpha), float(cfg.beta))
         kwargs = dict(mode=cfg.mode, k=int(cfg.k), threshold=float(cfg.threshold), metric=metric)
         reader = typed(ReaderOptions, cfg.reader, "reader")
         if int(cfg.actors) > 0:
@@ -96,3 +98,38 @@ def search(cfg: DictConfig) -> None:
     report["output"] = write_table(table, None if cfg.output is None else str(cfg.output))
     (run_dir / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     log.info("%d hits (%s) in %.2f s -> %s", table.num_rows, cfg.mode, report["seconds"], report["output"])
+
+
+def _embedding_search(cfg: DictConfig, run_dir: Path, report: dict):
+    """space=<model>: exact search of the library's stored embeddings of that model."""
+    from biogen.embeddings.base import check_model_name, model_names
+    from biogen.search.embedding import METRICS, EmbeddingIndex
+
+    space = str(cfg.space)
+    try:
+        model = check_model_name(space)
+    except ConfigError:
+        raise ConfigError(f"space={space!r} is not valid; choose fingerprint or one of {', '.join(model_names())}") from None
+    if cfg.mode == "substructure":
+        raise ConfigError("mode=substructure searches structures, not embeddings; use space=fingerprint")
+    metric = "cosine" if cfg.metric == "auto" else str(cfg.metric)
+    if metric not in METRICS:
+        raise ConfigError(f"metric={metric!r} is for fingerprints; embeddings are compared by {' or '.join(METRICS)}")
+    if int(cfg.actors) > 0:
+        raise ConfigError("actors>0 shards fingerprint search; embedding search runs in this process (actors=0)")
+    engine = str(cfg.engine)
+    device = {"auto": "auto", "cpu": "cpu", "cuda": "cuda"}.get(engine)
+    if device is None:
+        raise ConfigError(f"engine={engine!r} is not valid; choose auto, cpu or cuda")
+    index = EmbeddingIndex.open(cfg.library, model, metric=metric, device=device)
+    queries = index.queries(cfg.query, typed(ReaderOptions, cfg.reader, "reader"))
+    _write_rejects(queries.rejects, run_dir)
+    if not len(queries):
+        raise InputError(f"no query could be embedded by {model} ({len(queries.rejects)} rejected; see "
+                         f"{run_dir / 'query_rejects.csv'})")
+    table = index.search(queries, mode=str(cfg.mode), k=int(cfg.k), threshold=float(cfg.threshold))
+    report.update({"engine": f"torch-{index.device.type}", "metric": metric, "model": index.entry["version"],
+                   "queries": len(queries), "query_rejects": len(queries.rejects), "library_vectors": len(index),
+                   "k": int(cfg.k) if cfg.mode == "topk" else None,
+                   "threshold": float(cfg.threshold) if cfg.mode == "threshold" else None})
+    return table

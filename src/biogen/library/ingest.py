@@ -65,15 +65,20 @@ class IngestReport:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     resumed_shards: int = 0
     already_done: bool = False
+    embeddings: list[dict] = field(default_factory=list)  # embedding runs that completed the new rows
 
     def summary(self) -> str:
         if self.already_done:
-            return f"{self.library}: already holds this deposit (same files, same parameters); nothing to do"
+            return (f"{self.library}: already holds this deposit (same files, same parameters); nothing to do"
+                    + "".join(f"; {e['model']} embeddings completed: {e['rows']:,} rows" for e in self.embeddings
+                              if e["rows"]))
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.by_reason.items())) or "none"
         return (f"{self.action} {self.library}: read {self.records_read} records, added "
                 f"{self.rows_added} molecules in {len(self.shards_added)} shards, rejected "
                 f"{self.rejected} ({reasons}) in {self.seconds:.1f}s"
-                + (f"; rejects: {self.rejects_file}" if self.rejects_file else ""))
+                + (f"; rejects: {self.rejects_file}" if self.rejects_file else "")
+                + "".join(f"; {e['model']} embeddings: {e['rows']:,} new rows ({e['failed']:,} without a vector)"
+                          for e in self.embeddings))
 
 
 # ----------------------------------------------------------------------------- phase 1: map
@@ -274,8 +279,13 @@ def build_library(
     chunk_size: int = 10_000,
     overwrite: bool = False,
     runtime: RuntimeSpec = RuntimeSpec(),
+    embeddings: Sequence[str] = (),
 ) -> IngestReport:
-    """Build a new library at ``output`` from deposit files (see module docstring)."""
+    """Build a new library at ``output`` from deposit files (see module docstring).
+    ``embeddings``: compound models (e.g. ``["minimol"]``) whose vectors are stored too."""
+    from biogen.embeddings.base import check_model_name
+
+    embeddings = [check_model_name(m) for m in embeddings]  # a typo fails before any work
     if dedupe not in DEDUPE_MODES:
         raise ConfigError(f"dedupe={dedupe!r} is not valid; choose one of {', '.join(DEDUPE_MODES)}")
     if dedupe_key not in DEDUPE_KEYS:
@@ -299,7 +309,8 @@ def build_library(
             builds = [h for h in existing["history"] if h["action"] == "build"]
             if builds and builds[0].get("job_key") == key and len(existing["history"]) == 1:
                 clean_committed_work(out, existing)
-                return IngestReport(library=str(out), action="build", already_done=True)
+                return _embed_built(IngestReport(library=str(out), action="build", already_done=True),
+                                    embeddings, runtime)
             raise LibraryError(
                 f"output={out} already holds a different library ({existing['n_rows']} molecules, "
                 f"{len(existing['history'])} history entries); add to it with `biogen library append "
@@ -316,11 +327,20 @@ def build_library(
         if overwrite:
             clear_for_overwrite(out)
         try:
-            return _run(out, manifest, infos, reader, action="build", spec=spec, chunk_size=chunk_size,
-                        runtime=runtime, job_key=key)
+            report = _run(out, manifest, infos, reader, action="build", spec=spec, chunk_size=chunk_size,
+                          runtime=runtime, job_key=key)
         except InputError:
             shutil.rmtree(out if created else out / WORK, ignore_errors=True)
             raise
+    return _embed_built(report, embeddings, runtime)
+
+
+def _embed_built(report: IngestReport, models: Sequence[str], runtime: RuntimeSpec) -> IngestReport:
+    """build ... embeddings=[model]: embed the new library (a rerun finishes a killed step)."""
+    from biogen.library.embeddings import embed_library
+
+    report.embeddings = [embed_library(report.library, m, runtime=runtime) for m in models]
+    return report
 
 
 def append_library(
@@ -353,17 +373,29 @@ def append_library(
     with locked(lib):
         manifest = read_manifest(lib)  # re-read under the lock
         deposit = _deposit_key(infos, reader)
-        for n, h in enumerate(manifest["history"]):
-            if h.get("deposit_key") == deposit:
-                clean_committed_work(lib, manifest)
-                log.warning("these input files (same sha256) were already added as history entry %d "
-                            "(%s, %s); nothing to do", n, h["action"], h["time"])
-                return IngestReport(library=str(lib), action="append", already_done=True)
-        key = _job_key("append", spec, infos, reader, chunk_size, manifest["dedupe"]["mode"],
-                       manifest["id_prefix"], manifest, manifest["dedupe"]["key"])
-        try:
-            return _run(lib, manifest, infos, reader, action="append", spec=spec,
-                        chunk_size=chunk_size, runtime=runtime, job_key=key)
-        except InputError:
-            shutil.rmtree(lib / WORK / f"{len(manifest['history']):03d}-append", ignore_errors=True)
-            raise
+        done = [(n, h) for n, h in enumerate(manifest["history"]) if h.get("deposit_key") == deposit]
+        if done:
+            n, h = done[0]
+            clean_committed_work(lib, manifest)
+            log.warning("these input files (same sha256) were already added as history entry %d "
+                        "(%s, %s); nothing to do", n, h["action"], h["time"])
+            report = IngestReport(library=str(lib), action="append", already_done=True)
+        else:
+            key = _job_key("append", spec, infos, reader, chunk_size, manifest["dedupe"]["mode"],
+                           manifest["id_prefix"], manifest, manifest["dedupe"]["key"])
+            try:
+                report = _run(lib, manifest, infos, reader, action="append", spec=spec,
+                              chunk_size=chunk_size, runtime=runtime, job_key=key)
+            except InputError:
+                shutil.rmtree(lib / WORK / f"{len(manifest['history']):03d}-append", ignore_errors=True)
+                raise
+    return _complete_embeddings(report, runtime)
+
+
+def _complete_embeddings(report: IngestReport, runtime: RuntimeSpec) -> IngestReport:
+    """The library's stored embeddings cover the new rows too (only those are embedded);
+    a kill during this step is finished by rerunning the same append (or library embed)."""
+    from biogen.library.embeddings import complete_embeddings
+
+    report.embeddings = complete_embeddings(report.library, runtime)
+    return report

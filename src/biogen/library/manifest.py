@@ -63,6 +63,15 @@ def read_manifest(lib_dir: Path) -> dict:
     return manifest
 
 
+def committed_job_keys(manifest: dict) -> set[str]:
+    """The job keys of every job the manifest records as done (builds, appends, merges and
+    embedding runs): their work directories are leftovers, not unfinished jobs."""
+    keys = {h.get("job_key") for h in manifest.get("history", [])}
+    for entry in (manifest.get("embeddings") or {}).values():
+        keys |= {r.get("job_key") for r in entry.get("runs", [])}
+    return keys
+
+
 def new_manifest(featurizer: dict, standardize: dict, descriptors: list[str], dedupe: str,
                  id_prefix: str, dedupe_key: str = "inchikey") -> dict:
     from rdkit import rdBase

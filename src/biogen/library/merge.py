@@ -391,9 +391,27 @@ def merge_libraries(
         report, new_shards, inputs = _merge_report(out, work, manifests, pieces_parts, run, resumed, t_start)
         manifest = _merged_manifest(manifests, pieces, hashes, report, new_shards, inputs, key, resumed, run,
                                     ledger)
+        embeddings = _carry_embeddings(out, pieces, manifests, pieces_parts, run)
+        if embeddings:
+            manifest["embeddings"] = embeddings
         write_manifest(out, manifest)
         clean_committed_work(out, manifest)
     return report
+
+
+def _carry_embeddings(out: Path, pieces: list[Path], manifests: list[dict], pieces_parts: list[list[int]],
+                      run: _MergeRun) -> dict:
+    """The pieces' stored embeddings, carried into the merged shards (part p of piece j is
+    piece shard i; its merged shard keeps a subset of that shard's rows)."""
+    from biogen.library.embeddings import carry_embeddings
+
+    moves = []
+    for j, (m, parts) in enumerate(zip(manifests, pieces_parts)):
+        for shard, p in zip(m["shards"], parts):
+            final = run.finals[f"final-{p:06d}"]["shard"]
+            if final:
+                moves.append((j, shard["name"], final["name"]))
+    return carry_embeddings(out, list(zip(pieces, manifests)), moves)
 
 
 def _part_numbers(manifests: list[dict]) -> list[list[int]]:

@@ -33,7 +33,7 @@ from biogen.chem.readers import InputInfo
 from biogen.chem.records import Reject
 from biogen.errors import LibraryError
 from biogen.files import atomic_path, sha256_file
-from biogen.library.manifest import MANIFEST, SHARD_FILES
+from biogen.library.manifest import MANIFEST, SHARD_FILES, committed_job_keys
 
 log = logging.getLogger(__name__)
 # what identifies a compound: InChIKey (standard, ~230 us per molecule to compute, more than
@@ -241,7 +241,7 @@ def clean_committed_work(lib_dir: Path, manifest: dict) -> None:
     work_root = lib_dir / WORK
     if not work_root.is_dir():
         return
-    done = {h.get("job_key") for h in manifest["history"]}
+    done = committed_job_keys(manifest)
     for d in work_root.iterdir():
         try:
             key = json.loads((d / "ledger.jsonl").read_text().splitlines()[0])["job_key"]

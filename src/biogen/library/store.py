@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from biogen.chem.fingerprints import FingerprintSpec
 from biogen.chem.standardize import StandardizeSpec
+from biogen.errors import CorruptLibraryError, LibraryError
 from biogen.library.manifest import read_manifest
 
 
@@ -92,6 +93,42 @@ class Library:
         """``(shard, fingerprints, popcounts)`` for each shard, memory-mapped."""
         for s in self.shards:
             yield s, s.fingerprints, s.popcounts
+
+    @property
+    def embedding_models(self) -> list[str]:
+        """Models whose embeddings the library stores (complete or not)."""
+        return sorted(self.manifest.get("embeddings") or {})
+
+    def embedding_entry(self, model: str) -> dict:
+        """The manifest entry of ``model``'s embeddings, checked complete; LibraryError naming
+        the command that adds (or completes) them."""
+        from biogen.library.embeddings import embedding_entry, missing_shards
+
+        entry = embedding_entry(self.manifest, model)
+        if entry is None:
+            have = f" (it has: {', '.join(self.embedding_models)})" if self.embedding_models else ""
+            raise LibraryError(f"library {self.path} has no {model} embeddings{have}; add them with: "
+                               f"biogen library embed library={self.path} model={model}")
+        missing = missing_shards(self.manifest, model)
+        if missing:
+            raise LibraryError(f"library {self.path}: {len(missing)} of {len(self.shards)} shards have no {model} "
+                               f"embeddings yet (an append after the last embed?); complete them with: "
+                               f"biogen library embed library={self.path} model={model}")
+        return entry
+
+    def iter_embeddings(self, model: str) -> Iterator[tuple[Shard, np.ndarray, np.ndarray]]:
+        """``(shard, vectors, ok)`` for each shard: vectors N x dim memory-mapped (float16 or
+        float32, NaN rows where ``ok`` is False), ok N bool."""
+        from biogen.library.embeddings import shard_dir
+
+        entry = self.embedding_entry(model)
+        for s in self.shards:
+            d = shard_dir(self.path, model, s.name)
+            v = np.load(d / "vectors.npy", mmap_mode="r")
+            if v.shape != (s.rows, entry["dim"]):
+                raise CorruptLibraryError(f"{d}/vectors.npy has shape {v.shape}, expected ({s.rows}, {entry['dim']}); "
+                                          f"run biogen library verify library={self.path}")
+            yield s, v, np.load(d / "ok.npy")
 
     def fingerprints(self) -> np.ndarray:
         """All fingerprints in one in-memory array (copies; prefer ``iter_fingerprints``)."""

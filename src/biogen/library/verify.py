@@ -45,6 +45,12 @@ def library_info(path: str | Path) -> dict:
             for h in m["history"]
         ],
         "unfinished_jobs": pending,
+        "embeddings": {model: {"version": e["version"], "dim": e["dim"], "dtype": e["dtype"],
+                               "compute_dtype": e.get("compute_dtype"), "weights_sha256": e["weights_sha256"],
+                               "shards": len(e["shards"]), "rows": sum(s["rows"] for s in e["shards"].values()),
+                               "failed": e.get("n_failed", 0), "failed_by_reason": e.get("failed_by_reason", {}),
+                               "bytes": sum(f["bytes"] for s in e["shards"].values() for f in s["files"].values())}
+                       for model, e in sorted((m.get("embeddings") or {}).items())},
     }
 
 
@@ -75,6 +81,10 @@ def format_info(info: dict) -> str:
             f"  (biogen {h['biogen']}, rdkit {h['rdkit']})"
         )
         lines.append(f"      inputs: {', '.join(h['inputs'])}; rejects: {h['rejects_file']}")
+    for model, e in info["embeddings"].items():
+        complete = "complete" if e["shards"] == info["shards"] else f"{e['shards']} of {info['shards']} shards"
+        lines.append(f"embeddings   {model} {e['version']} ({e['dim']}-d {e['dtype']}, computed in {e['compute_dtype']}; "
+                     f"{complete}; {e['rows']:,} rows, {e['failed']:,} without a vector; {human(e['bytes'])})")
     if info["unfinished_jobs"]:
         lines.append("unfinished jobs (rerun the same command to finish them): " + ", ".join(info["unfinished_jobs"]))
     return "\n".join(lines)
@@ -131,6 +141,11 @@ def verify_library(path: str | Path, *, deep: bool = True) -> VerifyReport:
                 report.problems.append(f"{where}: stored popcounts do not match the fingerprints")
             elif len(pc) and np.any(np.diff(pc) < 0):
                 report.problems.append(f"{where}: rows are not sorted by popcount")
+    from biogen.library.embeddings import verify_embeddings
+
+    problems, warnings = verify_embeddings(lib.path, lib.manifest, deep)
+    report.problems += problems
+    report.warnings += warnings
     total = sum(s["rows"] for s in lib.manifest["shards"])
     if total != lib.n_rows:
         report.problems.append(f"manifest n_rows={lib.n_rows} but its shards hold {total} rows")

@@ -157,7 +157,9 @@ def _from_ledger(path: Path, ledger: Path, job: str, now: float) -> JobStatus:
 
 def _library_status(path: Path, now: float) -> JobStatus:
     manifest = json.loads((path / "manifest.json").read_text()) if (path / "manifest.json").exists() else None
-    committed = {h.get("job_key") for h in (manifest or {}).get("history", [])}
+    from biogen.library.manifest import committed_job_keys
+
+    committed = committed_job_keys(manifest or {})
     work = path / "_work"
     for d in sorted(work.iterdir()) if work.is_dir() else []:
         ledger = d / "ledger.jsonl"
@@ -177,6 +179,11 @@ def _library_status(path: Path, now: float) -> JobStatus:
     st.notes.append(f"{manifest['n_rows']:,} molecules in {len(manifest['shards'])} shards; last {h['action']} at "
                     f"{h['time']}: {h['records_read']:,} records read, {h['rows_added']:,} added, "
                     f"{h['duplicates']:,} duplicates, {h['rejected']:,} rejected, {h['seconds']:.1f} s")
+    for model, e in sorted((manifest.get("embeddings") or {}).items()):
+        run = e["runs"][-1] if e.get("runs") else {}
+        st.notes.append(f"{model} embeddings: {len(e['shards'])} of {len(manifest['shards'])} shards, "
+                        f"{e.get('n_failed', 0):,} molecules without a vector; last run {run.get('time')}: "
+                        f"{run.get('rows', 0):,} rows in {run.get('seconds', 0):.1f} s on {run.get('device')}")
     return st
 
 

@@ -357,19 +357,26 @@ class SimilarityIndex:
     def _table(self, q: Queries, found) -> pa.Table:
         """Result table of hits already in (query, score desc, id) order."""
         qi, pos, score, _ = found
-        starts = np.searchsorted(qi, np.arange(len(q)))
-        rank = np.arange(len(qi)) - starts[qi] + 1 if len(qi) else np.zeros(0, np.int64)
-        take = pa.array(pos, pa.int64())
         lib_rows = self.library_rows[pos] if self.library_rows is not None else pos
-        return pa.table({
-            "query_index": pa.array(qi, pa.int32()),
-            "query_id": pa.array(np.asarray(q.ids, dtype=object)[qi] if len(qi) else [], pa.string()),
-            "rank": pa.array(rank, pa.int32()),
-            "hit_id": self.ids.take(take),
-            "score": pa.array(score, pa.float64()),
-            "smiles": self.smiles.take(take) if self.smiles is not None else pa.nulls(len(qi), pa.string()),
-            "library_row": pa.array(lib_rows, pa.int64()),
-        }, schema=RESULT_SCHEMA)
+        return result_table(q.ids, qi, pos, score, self.ids, self.smiles, lib_rows)
+
+
+def result_table(query_ids: Sequence[str], qi: np.ndarray, pos: np.ndarray, score: np.ndarray, ids: pa.Array,
+                 smiles: pa.Array | None, library_rows: np.ndarray) -> pa.Table:
+    """The hits table (``RESULT_SCHEMA``) of hits already in (query, score desc, tie) order:
+    ``pos`` indexes ``ids``/``smiles``; ranks are numbered within each query."""
+    starts = np.searchsorted(qi, np.arange(len(query_ids)))
+    rank = np.arange(len(qi)) - starts[qi] + 1 if len(qi) else np.zeros(0, np.int64)
+    take = pa.array(pos, pa.int64())
+    return pa.table({
+        "query_index": pa.array(qi, pa.int32()),
+        "query_id": pa.array(np.asarray(query_ids, dtype=object)[qi] if len(qi) else [], pa.string()),
+        "rank": pa.array(rank, pa.int32()),
+        "hit_id": ids.take(take),
+        "score": pa.array(score, pa.float64()),
+        "smiles": smiles.take(take) if smiles is not None else pa.nulls(len(qi), pa.string()),
+        "library_row": pa.array(library_rows, pa.int64()),
+    }, schema=RESULT_SCHEMA)
 
 
 def _warn_rdkit_version(version: str | None, path) -> None:

@@ -1,0 +1,80 @@
+"""The compound embedding model interface and its registry.
+
+A model turns SMILES into fixed-length float32 vectors:
+
+    model = load_model("minimol", device="auto")
+    out = model.embed(["CCO", "c1ccccc1O"])      # EmbedResult
+    out.vectors          # float32 [n, model.dim]; rows of failed molecules are NaN
+    out.ok               # bool [n]
+    out.reasons          # {row: "why this molecule has no vector"}
+
+A model carries what a stored embedding must record so that two vectors are only ever
+compared when the same model made them: ``name``, ``version``, ``dim`` and the sha256 of
+its weights (``identity()``). A second model joins by subclassing ``CompoundModel`` and
+adding a loader to ``MODELS``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from biogen.errors import ConfigError
+
+
+@dataclass
+class EmbedResult:
+    """Vectors for a batch; a molecule the model cannot handle has ``ok`` False, a NaN row
+    (never a silent zero vector) and its reason in ``reasons`` (keyed by row)."""
+
+    vectors: np.ndarray
+    ok: np.ndarray
+    reasons: dict[int, str] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # featurize / forward
+
+
+class CompoundModel:
+    """Base of compound embedding models: SMILES in, float32 [n, dim] out."""
+
+    name: str = ""
+    version: str = ""
+    dim: int = 0
+    weights_sha256: str = ""
+    weights_path: str = ""
+
+    def identity(self) -> dict:
+        """What a store records beside the vectors; two identities must be equal for two
+        vectors to be compared."""
+        return {"model": self.name, "version": self.version, "dim": self.dim,
+                "weights_sha256": self.weights_sha256}
+
+    def embed(self, smiles: Sequence[str]) -> EmbedResult:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def _load_minimol(**kwargs) -> CompoundModel:
+    from biogen.embeddings.minimol import MiniMol
+
+    return MiniMol(**kwargs)
+
+
+MODELS: dict[str, Callable[..., CompoundModel]] = {"minimol": _load_minimol}
+
+
+def model_names() -> list[str]:
+    return sorted(MODELS)
+
+
+def check_model_name(name: str) -> str:
+    """``name`` lower-cased if it is a known model; ConfigError listing the choices."""
+    key = str(name).strip().lower()
+    if key not in MODELS:
+        raise ConfigError(f"unknown compound embedding model {name!r}; valid choices: {', '.join(model_names())}")
+    return key
+
+
+def load_model(name: str, **kwargs) -> CompoundModel:
+    """The model ``name`` (see ``MODELS``), built with ``kwargs`` (device, dtype, ...)."""
+    return MODELS[check_model_name(name)](**kwargs)

@@ -1,0 +1,283 @@
+"""Exact search over a library's stored compound embeddings (``space=minimol``).
+
+    index = EmbeddingIndex.open("mylib", "minimol")            # metric cosine, device auto
+    hits = index.top_k(["CCOc1ccccc1"], k=10)                  # same table as fingerprint search
+    hits = index.threshold("queries.smi", 0.9)
+
+Queries are standardized with the library's own settings and embedded by the same model
+(its version and weights hash must equal the stored ones: vectors of two models are never
+compared), then rounded to the stored dtype, so a library molecule found by its own SMILES
+scores 1.0. Scores are computed in float32 (TF32 off) block by block, one matrix product
+of all queries against a block of library rows, and each block's candidates selected on
+the device (``torch.topk`` + every score tied with the k-th, so the ranking is exact with
+ties broken by library row); the full queries x library matrix is never built. Rows
+without a vector (the model could not handle the molecule) are never hits.
+
+metric: ``cosine`` (vectors L2-normalised) or ``dot`` (raw inner product).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from biogen.chem.readers import ReaderOptions
+from biogen.chem.records import Reject
+from biogen.errors import ConfigError, LibraryError
+from biogen.search.index import result_table
+
+log = logging.getLogger(__name__)
+
+METRICS = ("cosine", "dot")
+BLOCK_ROWS = 1 << 16       # library rows per matrix product
+REDUCE_EVERY = 16          # blocks between reductions of the running candidates
+
+
+@dataclass
+class EmbeddingQueries:
+    """Q query vectors (float32, rounded through the library's storage dtype)."""
+
+    vectors: np.ndarray
+    ids: list[str]
+    smiles: list[str | None]
+    rejects: list[Reject] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class _Block:
+    vectors: object          # torch tensor [b, d] on the device (normalised for cosine)
+    rows: np.ndarray         # library row of each vector (rows without a vector left out)
+
+
+class EmbeddingIndex:
+    """A library's embeddings of one model, held as float32 blocks on ``device``."""
+
+    def __init__(self, library, model: str, metric: str = "cosine", device: str = "auto"):
+        import torch
+
+        from biogen.device import resolve_device
+
+        if metric not in METRICS:
+            raise ConfigError(f"metric={metric!r} is not valid for embedding search; choose {' or '.join(METRICS)}")
+        self.library = library
+        self.model_name = model
+        self.entry = library.embedding_entry(model)   # LibraryError naming `library embed` if absent
+        self.metric = metric
+        self.device = torch.device(resolve_device(device))
+        self.storage_dtype = np.dtype(self.entry["dtype"])
+        self._model = None
+        meta = library.read_metadata(["id", "smiles"])
+        self.ids = meta.column("id")
+        self.smiles = meta.column("smiles")
+        self.blocks: list[_Block] = []
+        offset = 0
+        for shard, vectors, ok in library.iter_embeddings(model):
+            for start in range(0, shard.rows, BLOCK_ROWS):
+                sel = np.flatnonzero(ok[start:start + BLOCK_ROWS])
+                v = torch.from_numpy(np.asarray(vectors[start:start + BLOCK_ROWS][sel], dtype=np.float32))
+                self.blocks.append(_Block(self._prepare(v).to(self.device), offset + start + sel))
+            offset += shard.rows
+        self.n_vectors = sum(len(b.rows) for b in self.blocks)
+
+    @classmethod
+    def open(cls, path: str | Path, model: str, metric: str = "cosine", device: str = "auto") -> "EmbeddingIndex":
+        from biogen.embeddings.base import check_model_name
+        from biogen.library.store import Library
+
+        return cls(Library.open(path), check_model_name(model), metric, device)
+
+    def __len__(self) -> int:
+        return self.n_vectors
+
+    def _prepare(self, v):
+        import torch
+
+        return torch.nn.functional.normalize(v, dim=1) if self.metric == "cosine" else v
+
+    # ------------------------------------------------------------------ queries
+    def model(self):
+        """The query model, checked to be the one that made the stored vectors."""
+        if self._model is None:
+            from biogen.embeddings.base import load_model
+
+            m = load_model(self.model_name, device=str(self.device), dtype="float32")
+            ident = m.identity()
+            diff = [k for k in ("version", "dim", "weights_sha256") if ident[k] != self.entry[k]]
+            if diff:
+                raise LibraryError(
+                    f"library {self.library.path} stores {self.model_name} embeddings of "
+                    + ", ".join(f"{k} {self.entry[k]!r}" for k in diff) + "; the installed model has "
+                    + ", ".join(f"{k} {ident[k]!r}" for k in diff) + ": vectors of two models are not comparable. "
+                    f"Install the model the library was embedded with, or re-embed it (biogen library embed "
+                    f"library={self.library.path} model={self.model_name} overwrite=true)")
+            self._model = m
+        return self._model
+
+    def queries(self, query, reader: ReaderOptions | None = None) -> EmbeddingQueries:
+        """SMILES (one or a list), a molecule file or another library -> query vectors.
+        Molecules that cannot be read, standardized or embedded become rejects."""
+        from biogen.library.store import Library
+        from biogen.search.queries import as_queries
+
+        if isinstance(query, EmbeddingQueries):
+            return query
+        lib = query if isinstance(query, Library) else None
+        if lib is None and isinstance(query, (str, Path)) and (Path(str(query)) / "manifest.json").is_file():
+            lib = Library.open(query)
+        if lib is not None and self.model_name in lib.embedding_models:
+            return self._library_queries(lib)
+        q = as_queries(query, self.library.featurizer, self.library.standardize, reader)
+        out = self.model().embed(q.smiles)
+        rejects = list(q.rejects)
+        for i, reason in sorted(out.reasons.items()):
+            rejects.append(Reject("<query>", i + 1, f"{self.model_name}_failed",
+                                  f"{self.model_name} cannot embed this molecule: {reason}", q.smiles[i] or "", q.ids[i]))
+        keep = np.flatnonzero(out.ok)
+        v = out.vectors[keep].astype(self.storage_dtype).astype(np.float32)
+        return EmbeddingQueries(v, [q.ids[i] for i in keep], [q.smiles[i] for i in keep], rejects)
+
+    def _library_queries(self, lib) -> EmbeddingQueries:
+        entry = lib.embedding_entry(self.model_name)
+        diff = [k for k in ("version", "dim", "weights_sha256") if entry[k] != self.entry[k]]
+        if diff:
+            raise LibraryError(f"query library {lib.path} and library {self.library.path} hold {self.model_name} "
+                               f"embeddings of different {', '.join(diff)}: not comparable")
+        meta = lib.read_metadata(["id", "smiles"])
+        vec, keep = [], []
+        offset = 0
+        for shard, v, ok in lib.iter_embeddings(self.model_name):
+            vec.append(np.asarray(v[ok], dtype=np.float32))
+            keep.append(offset + np.flatnonzero(ok))
+            offset += shard.rows
+        keep_all = np.concatenate(keep) if keep else np.zeros(0, np.int64)
+        ids, smiles = meta.column("id").to_pylist(), meta.column("smiles").to_pylist()
+        return EmbeddingQueries(np.concatenate(vec) if vec else np.zeros((0, self.entry["dim"]), np.float32),
+                                [ids[i] for i in keep_all], [smiles[i] for i in keep_all])
+
+    # ------------------------------------------------------------------ search
+    def search(self, query, mode: str = "topk", k: int = 10, threshold: float = 0.9,
+               reader: ReaderOptions | None = None) -> pa.Table:
+        """``mode``: topk (``k`` per query) or threshold (every score >= ``threshold``)."""
+        run = {"topk": lambda: self.top_k(query, k, reader), "threshold": lambda: self.threshold(query, threshold, reader)}
+        if mode not in run:
+            raise ConfigError(f"mode={mode!r} is not valid for embedding search; choose topk or threshold")
+        return run[mode]()
+
+    def top_k(self, query, k: int = 10, reader: ReaderOptions | None = None) -> pa.Table:
+        if int(k) < 1:
+            raise ConfigError(f"k={k} must be >= 1")
+        q = self.queries(query, reader)
+        return self._table(q, self._scan(q, int(k), None))
+
+    def threshold(self, query, threshold: float, reader: ReaderOptions | None = None) -> pa.Table:
+        q = self.queries(query, reader)
+        return self._table(q, self._scan(q, None, float(threshold)))
+
+    def _scan(self, q: EmbeddingQueries, k: int | None, threshold: float | None):
+        import torch
+
+        found = []
+        if not len(q) or not self.blocks:
+            return _empty()
+        allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False  # exact float32 products
+        try:
+            with torch.inference_mode():
+                qv = self._prepare(torch.from_numpy(np.ascontiguousarray(q.vectors))).to(self.device)
+                for i, b in enumerate(self.blocks):
+                    s = qv @ b.vectors.T
+                    if k is not None:
+                        kk = min(k, s.shape[1])
+                        kth = torch.topk(s, kk, dim=1).values[:, -1:]
+                        qi, c = torch.nonzero(s >= kth, as_tuple=True)
+                    else:
+                        qi, c = torch.nonzero(s >= threshold, as_tuple=True)
+                    score = s[qi, c]
+                    found.append((qi.cpu().numpy().astype(np.int32), b.rows[c.cpu().numpy()],
+                                  score.cpu().numpy().astype(np.float64)))
+                    if k is not None and len(found) >= REDUCE_EVERY:
+                        found = [_best(_concat(found), k)]
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+        out = _concat(found)
+        return _best(out, k) if k is not None else _order(out)
+
+    def _table(self, q: EmbeddingQueries, found) -> pa.Table:
+        qi, rows, score = found
+        return result_table(q.ids, qi, rows, score, self.ids, self.smiles, rows)
+
+
+def _empty():
+    return np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0)
+
+
+def _concat(parts):
+    if not parts:
+        return _empty()
+    return tuple(np.concatenate(x) for x in zip(*parts))
+
+
+def _order(found):
+    qi, rows, score = found
+    o = np.lexsort((rows, -score, qi))  # query, score descending, then library row
+    return qi[o], rows[o], score[o]
+
+
+def _best(found, k: int):
+    """The first ``k`` hits per query in (query, score desc, row) order."""
+    qi, rows, score = _order(found)
+    if not len(qi):
+        return qi, rows, score
+    starts = np.searchsorted(qi, qi, side="left")
+    keep = (np.arange(len(qi)) - starts) < k
+    return qi[keep], rows[keep], score[keep]
+
+
+def brute_force(vectors: np.ndarray, queries: np.ndarray, k: int, metric: str = "cosine") -> list[list[int]]:
+    """Reference: the top-k rows of each query from the full float64 score matrix (ties
+    by row). For tests and benchmarks on small inputs only."""
+    v = np.asarray(vectors, dtype=np.float64)
+    qv = np.asarray(queries, dtype=np.float64)
+    if metric == "cosine":
+        v = v / np.linalg.norm(v, axis=1, keepdims=True)
+        qv = qv / np.linalg.norm(qv, axis=1, keepdims=True)
+    s = qv @ v.T
+    return [list(np.lexsort((np.arange(len(v)), -row))[:k]) for row in s]
+
+
+def neighbor_graph(index: EmbeddingIndex, k: int = 10) -> pa.Table:
+    """Each library molecule's k nearest other molecules in embedding space (exact; for
+    diversity picking and clustering, like ``biogen.search.neighbors`` for fingerprints).
+    Columns: ``row``, ``neighbor`` (library rows), ``score``."""
+    rows = np.concatenate([b.rows for b in index.blocks]) if index.blocks else np.zeros(0, np.int64)
+    vecs = [b.vectors.cpu().numpy() for b in index.blocks]
+    q = EmbeddingQueries(np.concatenate(vecs) if vecs else np.zeros((0, index.entry["dim"]), np.float32),
+                         [str(r) for r in rows], [None] * len(rows))
+    qi, hit, score = index._scan(q, k + 1, None)
+    self_hit = hit == rows[qi]
+    qi, hit, score = qi[~self_hit], hit[~self_hit], score[~self_hit]
+    qi, hit, score = _best((qi, hit, score), k)
+    return pa.table({"row": pa.array(rows[qi], pa.int64()), "neighbor": pa.array(hit, pa.int64()),
+                     "score": pa.array(score, pa.float64())})
+
+
+def vectors_of(library, model: str, rows: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The stored vectors (float32) and ok mask of ``rows`` (library order; all when None)."""
+    vs, oks = [], []
+    for _, v, ok in library.iter_embeddings(model):
+        vs.append(np.asarray(v, dtype=np.float32))
+        oks.append(ok)
+    v = np.concatenate(vs) if vs else np.zeros((0, library.embedding_entry(model)["dim"]), np.float32)
+    ok = np.concatenate(oks) if oks else np.zeros(0, bool)
+    if rows is not None:
+        rows = np.asarray(rows, dtype=np.int64)
+        return v[rows], ok[rows]
+    return v, ok
