@@ -78,14 +78,27 @@ class EmbeddingIndex:
         self.ids = meta.column("id")
         self.smiles = meta.column("smiles")
         self.blocks: list[_Block] = []
+        pending: list[tuple[np.ndarray, np.ndarray]] = []  # (vectors, library rows) not yet in a block
         offset = 0
         for shard, vectors, ok in library.iter_embeddings(model):
+            # shards (often 10,000 rows) are joined into blocks of BLOCK_ROWS: one product each
             for start in range(0, shard.rows, BLOCK_ROWS):
                 sel = np.flatnonzero(ok[start:start + BLOCK_ROWS])
-                v = torch.from_numpy(np.asarray(vectors[start:start + BLOCK_ROWS][sel], dtype=np.float32))
-                self.blocks.append(_Block(self._prepare(v).to(self.device), offset + start + sel))
+                pending.append((np.asarray(vectors[start:start + BLOCK_ROWS][sel], dtype=np.float32),
+                                offset + start + sel))
+                if sum(len(r) for _, r in pending) >= BLOCK_ROWS:
+                    self._add_block(pending)
+                    pending = []
             offset += shard.rows
+        if pending:
+            self._add_block(pending)
         self.n_vectors = sum(len(b.rows) for b in self.blocks)
+
+    def _add_block(self, pending: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        import torch
+
+        v = torch.from_numpy(np.concatenate([p[0] for p in pending]))
+        self.blocks.append(_Block(self._prepare(v).to(self.device), np.concatenate([p[1] for p in pending])))
 
     @classmethod
     def open(cls, path: str | Path, model: str, metric: str = "cosine", device: str = "auto") -> "EmbeddingIndex":
@@ -192,17 +205,13 @@ class EmbeddingIndex:
         try:
             with torch.inference_mode():
                 qv = self._prepare(torch.from_numpy(np.ascontiguousarray(q.vectors))).to(self.device)
-                for i, b in enumerate(self.blocks):
-                    s = qv @ b.vectors.T
-                    if k is not None:
-                        kk = min(k, s.shape[1])
-                        kth = torch.topk(s, kk, dim=1).values[:, -1:]
-                        qi, c = torch.nonzero(s >= kth, as_tuple=True)
-                    else:
-                        qi, c = torch.nonzero(s >= threshold, as_tuple=True)
-                    score = s[qi, c]
-                    found.append((qi.cpu().numpy().astype(np.int32), b.rows[c.cpu().numpy()],
-                                  score.cpu().numpy().astype(np.float64)))
+                buf = None
+                if self.device.type == "cpu":  # one output buffer: no fresh pages per block
+                    buf = np.empty((len(q), max(len(b.rows) for b in self.blocks)), dtype=np.float32)
+                for b in self.blocks:
+                    s = self._scores(qv, b.vectors, buf)
+                    qi, c, score = _select(s, k) if k is not None else _above(s, threshold)
+                    found.append((qi, b.rows[c], score))
                     if k is not None and len(found) >= REDUCE_EVERY:
                         found = [_best(_concat(found), k)]
         finally:
@@ -210,9 +219,52 @@ class EmbeddingIndex:
         out = _concat(found)
         return _best(out, k) if k is not None else _order(out)
 
+    def _scores(self, qv, vectors, buf: np.ndarray | None):
+        """Q x B float32 scores. On the CPU numpy's BLAS into ``buf`` (measured faster than
+        torch's here: 0.36 vs 0.50 s for 1,000 x 65,536 x 512 on 2 cores), on a GPU torch
+        (TF32 off)."""
+        import torch
+
+        if buf is not None:
+            out = buf[:, :len(vectors)]
+            np.matmul(qv.numpy(), vectors.numpy().T, out=out)
+            return torch.from_numpy(out)
+        return qv @ vectors.T
+
     def _table(self, q: EmbeddingQueries, found) -> pa.Table:
         qi, rows, score = found
         return result_table(q.ids, qi, rows, score, self.ids, self.smiles, rows)
+
+
+def _select(s, k: int):
+    """Each row's k best columns of the score block ``s`` (torch, any device) and every
+    column tied with its k-th: ``topk(k+1)`` per row; a row whose (k+1)-th score equals its
+    k-th (a tie across the cut, rare but exact) is rescanned for all columns >= the k-th."""
+    import torch
+
+    n_q, n_c = s.shape
+    kk = min(k, n_c)
+    if kk == n_c:  # the block holds fewer rows than k: all of them
+        qi = np.repeat(np.arange(n_q, dtype=np.int32), n_c)
+        return qi, np.tile(np.arange(n_c), n_q), s.reshape(-1).cpu().numpy().astype(np.float64)
+    vals, idx = torch.topk(s, kk + 1, dim=1)
+    tie = (vals[:, kk] == vals[:, kk - 1]).cpu().numpy()
+    clean = np.flatnonzero(~tie)
+    parts = [(np.repeat(clean.astype(np.int32), kk), idx[torch.from_numpy(clean).to(idx.device), :kk].reshape(-1),
+              vals[torch.from_numpy(clean).to(vals.device), :kk].reshape(-1))]
+    for r in np.flatnonzero(tie):
+        c = torch.nonzero(s[r] >= vals[r, kk - 1]).reshape(-1)
+        parts.append((np.full(len(c), r, dtype=np.int32), c, s[r, c]))
+    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1].cpu().numpy() for p in parts]),
+            np.concatenate([p[2].cpu().numpy() for p in parts]).astype(np.float64))
+
+
+def _above(s, threshold: float):
+    """Every (row, column) of the score block with a score >= ``threshold``."""
+    import torch
+
+    qi, c = torch.nonzero(s >= threshold, as_tuple=True)
+    return qi.cpu().numpy().astype(np.int32), c.cpu().numpy(), s[qi, c].cpu().numpy().astype(np.float64)
 
 
 def _empty():
