@@ -312,7 +312,7 @@ def bench_model(short: str, seqs: list[str], args, tmp: Path, peaks: dict) -> di
         res["reduced_vs_first_dtype"] = {k: res["paths"][k]["tokens_per_s"] / b for k in reduced}
         print(f"   reduced precision, tokens/s vs biogen {args.biogen_dtypes[0]}: {res['reduced_vs_first_dtype']}",
               flush=True)
-    del ref_model, hf, emb, r, reduced
+    ref_model = hf = emb = r = reduced = None  # free the models (the path lambdas close over these names)
     if gpu:
         torch.cuda.empty_cache()
     return res

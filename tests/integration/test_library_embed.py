@@ -46,6 +46,18 @@ def lib(tmp_path_factory) -> Path:
     return out
 
 
+
+def _without_embeddings(lib, dest):
+    """A copy of the library ``lib`` at ``dest`` as it was before ``library embed``."""
+    import shutil
+
+    shutil.copytree(lib, dest)
+    shutil.rmtree(dest / "embeddings")
+    m = json.loads((dest / "manifest.json").read_text())
+    del m["embeddings"]
+    (dest / "manifest.json").write_text(json.dumps(m))
+    return dest
+
 def test_build_stores_float16_vectors_beside_each_shard_with_the_model_identity(lib):
     m = json.loads((lib / "manifest.json").read_text())
     e = m["embeddings"]["minimol"]
@@ -129,14 +141,7 @@ def test_append_embeds_only_the_new_rows(lib, tmp_path):
 
 
 def test_a_failed_job_resumes_with_the_shards_not_done(lib, tmp_path, monkeypatch):
-    import shutil
-
-    work = tmp_path / "lib"
-    shutil.copytree(lib, work)
-    shutil.rmtree(work / "embeddings")
-    m = json.loads((work / "manifest.json").read_text())
-    del m["embeddings"]
-    (work / "manifest.json").write_text(json.dumps(m))
+    work = _without_embeddings(lib, tmp_path / "lib")
     calls = []
     real = lemb.EmbedShardWorker.run
 
@@ -152,7 +157,7 @@ def test_a_failed_job_resumes_with_the_shards_not_done(lib, tmp_path, monkeypatc
     assert (work / "_work" / "minimol-embed" / "ledger.jsonl").is_file()
     calls.clear()
     rep = embed_library(work, runtime=RT)
-    n = len(m["shards"])
+    n = len(json.loads((work / "manifest.json").read_text())["shards"])
     assert rep["shards_embedded"] == n and len(calls) == n - 2  # the two done before come from the ledger
     assert not (work / "_work").exists() and verify_library(work).ok
 
@@ -240,3 +245,93 @@ def test_merge_carries_the_pieces_embeddings_without_recomputing(tmp_path, monke
         want, want_ok = by_smiles[s]
         assert good == want_ok and (not good or np.array_equal(row, want))
     assert merged.n_rows == len(set(smiles)) + 1
+
+
+def test_train_a_qsar_model_on_minimol_embeddings(tmp_path):
+    from biogen.chem.fingerprints import FingerprintSpec
+    from biogen.chem.standardize import StandardizeSpec
+    from biogen.embeddings.base import EmbeddingSpec
+    from biogen.embeddings.minimol import MiniMol
+    from biogen.errors import InputError
+    from biogen.models.data import MoleculeACESource
+    from biogen.models.predictor import QSARPredictor
+
+    (tmp_path / "act.csv").write_text("smiles,pki\nCCO,5.1\nC[Xe]C,6.0\n" + "\n".join(
+        f"{s},{5 + (i % 7) * 0.5}" for i, s in enumerate(_moses(120))) + "\n")
+    p = run_biogen("train", "featurizer=minimol", "train_data=file", f"train_data.path={tmp_path / 'act.csv'}",
+                   "train_data.value_column=pki", "model.max_epochs=2", "output=m.ckpt", cwd=tmp_path, check=True)
+    assert "minimol embeddings of 122 training molecules" in p.stderr
+    run_dir = sorted((tmp_path / "runs" / "train").iterdir())[-1]
+    assert "minimol_failed" in (run_dir / "train_rejects.csv").read_text()
+    report = json.loads((run_dir / "metrics.json").read_text())
+    assert report["featurizer"]["type"] == "embedding" and report["rejects"] == 1
+
+    p = run_biogen("train", "featurizer=minimol", "train_data.limit=300", "model.max_epochs=3", "output=t.ckpt",
+                   cwd=tmp_path, check=True)
+    report = json.loads((sorted((tmp_path / "runs" / "train").iterdir())[-1] / "metrics.json").read_text())
+    model = QSARPredictor.load(tmp_path / "t.ckpt")
+    mm = MiniMol()
+    assert model.dense and model.featurizer == EmbeddingSpec.of(mm.identity())
+    test = MoleculeACESource(limit=300).load(FingerprintSpec(), StandardizeSpec()).subset("test")
+    pred = model.predict(mm.embed(test.smiles).vectors)
+    assert float(np.sqrt(((pred - test.y) ** 2).mean())) == pytest.approx(report["metrics"]["test_rmse"], rel=1e-4)
+    with pytest.raises(LibraryError, match="trained on minimol minimol_v1 embeddings"):
+        model.check_featurizer(FingerprintSpec(), "library")
+    with pytest.raises(LibraryError, match="weights_sha256"):
+        model.check_featurizer(EmbeddingSpec("minimol", "minimol_v1", 512, "0" * 64), "library")
+    with pytest.raises(InputError, match="expected float vectors of shape N x 512"):
+        model.predict(np.zeros((3, 32), np.uint64))
+    p = run_biogen("library", "build", "input=x.smi", "output=y", "featurizer=minimol", cwd=tmp_path)
+    assert p.returncode != 0 and "embeddings=[minimol]" in p.stderr
+
+
+def test_screen_scores_the_stored_vectors_with_an_embedding_model(lib, tmp_path, moleculeace):
+    import pyarrow.parquet as pq
+
+    from biogen.embeddings.base import EmbeddingSpec
+    from biogen.embeddings.minimol import MiniMol
+    from biogen.errors import BiogenError
+    from biogen.models.qsar import QSARSpec, fit_qsar
+    from biogen.screen.pipeline import run_screen
+    from biogen.screen.presets import LibrarySpec
+    from biogen.screen.selection import SelectionSpec
+    from biogen.screen.stages import QSARScorer, SimilarityScorer
+    from biogen.screen.target import TargetSpec
+    from biogen.datasets import load_moleculeace
+
+    data = load_moleculeace("CHEMBL204_Ki").subset("train")
+    mm = MiniMol()
+    out = mm.embed(data.smiles[:400])
+    model = fit_qsar(out.vectors[out.ok], np.array(data.pactivity[:400])[out.ok],
+                     QSARSpec(max_epochs=3, split="random"), EmbeddingSpec.of(mm.identity()))
+    ckpt = model.save(tmp_path / "minimol.ckpt")
+    target = TargetSpec(name="CHEMBL204_Ki", moleculeace="CHEMBL204_Ki")
+    res = run_screen(LibrarySpec(path=str(lib)), target, [],
+                     [SimilarityScorer(name="similarity"), QSARScorer(checkpoint=str(ckpt), name="qsar")],
+                     selection=SelectionSpec(n=10, top_m=100), runtime=RT, run_dir=tmp_path / "run", report=False)
+    q = pq.read_table(tmp_path / "run" / "scores.parquet").column("qsar").to_numpy(zero_copy_only=False)
+    library = Library.open(lib)
+    v, ok = vectors_of(library, "minimol")
+    assert np.isnan(q[~ok]).all() and np.isfinite(q[ok]).all()  # no vector, no score
+    np.testing.assert_allclose(q[ok], model.predict(v[ok]), rtol=1e-5)
+    assert res.hits.num_rows == 10
+
+    plain = _without_embeddings(lib, tmp_path / "plain")
+    with pytest.raises(BiogenError, match=f"biogen library embed library={plain} model=minimol"):
+        run_screen(LibrarySpec(path=str(plain)), target, [], [QSARScorer(checkpoint=str(ckpt), name="qsar")],
+                   runtime=RT, run_dir=tmp_path / "run2", report=False)
+
+
+def test_selection_is_exact_with_ties_across_the_cut():
+    import torch
+
+    from biogen.search.embedding import _best, _select
+
+    rng = np.random.default_rng(1)
+    s = np.round(rng.random((50, 300)), 2).astype(np.float32)  # many ties
+    s[3] = 0.5  # one row all tied
+    for k in (1, 7, 100, 300, 500):
+        qi, c, score = _best(_select(torch.from_numpy(s), k), k)
+        for r in range(len(s)):
+            want = np.lexsort((np.arange(s.shape[1]), -s[r]))[:k]
+            assert c[qi == r].tolist() == want.tolist(), (k, r)

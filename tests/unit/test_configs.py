@@ -12,7 +12,9 @@ from biogen.resources import config_dir
 from biogen.runtime import RuntimeSpec
 from tests_support import compose_config
 
-FEATURIZERS = sorted(p.stem for p in (config_dir() / "featurizer").glob("*.yaml"))
+EMBEDDING_FEATURIZERS = ["minimol"]  # QSAR inputs from a compound model, not library fingerprints
+FEATURIZERS = sorted(p.stem for p in (config_dir() / "featurizer").glob("*.yaml")
+                     if p.stem not in EMBEDDING_FEATURIZERS)
 
 
 @pytest.mark.parametrize("config_name", sorted({c for c, _, _ in JOBS.values()}))
@@ -35,6 +37,15 @@ def test_build_config_groups_instantiate(featurizer, standardize):
     StandardizeSpec(**OmegaConf.to_container(cfg.standardize))
     assert RuntimeSpec(**OmegaConf.to_container(cfg.runtime)).mode == "ray_cluster"
     assert cfg.input.endswith("test.csv.gz")  # the default job's data: MOSES test from molsets
+
+
+@pytest.mark.parametrize("featurizer", EMBEDDING_FEATURIZERS)
+def test_an_embedding_featurizer_is_refused_as_fingerprints_with_the_fix(featurizer):
+    from biogen.errors import ConfigError
+
+    cfg = compose_config("library_build", f"featurizer={featurizer}", job=False)
+    with pytest.raises(ConfigError, match=rf"embeddings=\[{featurizer}\]"):
+        FingerprintSpec.from_dict(OmegaConf.to_container(cfg.featurizer))
 
 
 def test_build_config_default_descriptors_are_the_python_defaults():

@@ -37,11 +37,11 @@ class FingerprintSpec:
 
     def __post_init__(self) -> None:
         if self.type not in FP_TYPES:
+            hint = (" (featurizer=minimol is a QSAR input for biogen train; a library stores MiniMol vectors "
+                    "with embeddings=[minimol] or biogen library embed)" if self.type == "minimol" else
+                    " (presets: featurizer=ecfp4|ecfp6|fcfp4|rdkit|atompair|torsion|maccs)")
             raise ConfigError(
-                f"featurizer.type={self.type!r} is not a fingerprint type; valid: "
-                + ", ".join(FP_TYPES)
-                + " (presets: featurizer=ecfp4|ecfp6|fcfp4|rdkit|atompair|torsion|maccs)"
-            )
+                f"featurizer.type={self.type!r} is not a fingerprint type; valid: " + ", ".join(FP_TYPES) + hint)
         if self.type != "maccs" and (self.nbits <= 0 or self.nbits % 64):
             raise ConfigError(
                 f"featurizer.nbits={self.nbits} must be a positive multiple of 64 (e.g. 1024, 2048)"
@@ -57,6 +57,8 @@ class FingerprintSpec:
     def from_dict(cls, d: dict) -> "FingerprintSpec":
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - names - {"rdkit_version"})
+        if d.get("type") == "minimol":  # an embedding model's config: say where it belongs, not which keys differ
+            return cls(type="minimol")
         if unknown:
             raise ConfigError(
                 f"unknown featurizer key(s) {unknown}; valid keys: {', '.join(sorted(names))}"

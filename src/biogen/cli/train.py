@@ -41,13 +41,50 @@ def _finite(d: dict) -> dict:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
 
 
+def _embedding_model(feat_cfg: dict) -> str | None:
+    """The compound embedding model named by ``featurizer`` (``featurizer=minimol``), or None."""
+    from biogen.embeddings.base import MODELS
+
+    kind = str(feat_cfg.get("type", "")).lower()
+    if kind in MODELS:
+        extra = sorted(set(feat_cfg) - {"type", "dtype"})
+        if extra:
+            raise ConfigError(f"featurizer={kind} takes type and dtype only, not {extra}")
+        return kind
+    return None
+
+
+def _embed(data, model_name: str, dtype: str, accelerator: str):
+    """The training molecules' embeddings in place of their fingerprints; molecules the
+    model cannot handle become rejects (reason ``<model>_failed``)."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from biogen.embeddings.base import EmbeddingSpec, load_model
+
+    model = load_model(model_name, device=accelerator, dtype=dtype)
+    t = time.perf_counter()
+    out = model.embed(data.smiles)
+    log.info("%s embeddings of %d training molecules in %.1f s", model_name, len(data.smiles), time.perf_counter() - t)
+    keep = np.flatnonzero(out.ok)
+    rejects = list(data.rejects) + [
+        Reject(data.source, i + 1, f"{model_name}_failed", f"{model_name} cannot embed {data.smiles[i]!r}: {why}",
+               data.smiles[i] or "") for i, why in sorted(out.reasons.items())]
+    data = replace(data, fps=out.vectors[keep], y=data.y[keep], smiles=[data.smiles[i] for i in keep],
+                   split=[data.split[i] for i in keep], rejects=rejects)
+    return EmbeddingSpec.of(model.identity()), data
+
+
 def train(cfg: DictConfig) -> None:
     from biogen.models.data import training_source
     from biogen.models.qsar import QSARSpec, fit_qsar, resolve_accelerator
 
     t0 = time.perf_counter()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    featurizer = FingerprintSpec.from_dict(OmegaConf.to_container(cfg.featurizer, resolve=True))
+    feat_cfg = OmegaConf.to_container(cfg.featurizer, resolve=True)
+    model_name = _embedding_model(feat_cfg)
+    featurizer = FingerprintSpec() if model_name else FingerprintSpec.from_dict(feat_cfg)
     standardize = typed(StandardizeSpec, cfg.standardize, "standardize")
     spec = typed(QSARSpec, cfg.model, "model")
     accelerator = resolve_accelerator(typed(TrainerSpec, cfg.trainer, "trainer").accelerator)
@@ -59,6 +96,8 @@ def train(cfg: DictConfig) -> None:
     source = training_source(OmegaConf.to_container(cfg.train_data, resolve=True))
 
     data = source.load(featurizer, standardize)
+    if model_name:  # the fingerprints just made are replaced by the model's vectors
+        featurizer, data = _embed(data, model_name, str(feat_cfg.get("dtype", "float32")), accelerator)
     _write_rejects(data.rejects, run_dir)
     train_set, test_set = data.subset("train"), data.subset("test")
     log.info("training data %s: %d molecules (%d train, %d test), %d rejected", data.source, len(data),

@@ -35,6 +35,36 @@ class EmbedResult:
     seconds: dict[str, float] = field(default_factory=dict)  # featurize / forward
 
 
+@dataclass(frozen=True)
+class EmbeddingSpec:
+    """What a model trained on compound embeddings expects as input: vectors of this model
+    (name, version, dim, weights sha256). The counterpart of ``FingerprintSpec`` in a QSAR
+    checkpoint (``featurizer`` with ``type: embedding``)."""
+
+    model: str
+    version: str
+    dim: int
+    weights_sha256: str
+
+    def to_dict(self) -> dict:
+        return {"type": "embedding", "model": self.model, "version": self.version, "dim": int(self.dim),
+                "weights_sha256": self.weights_sha256}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EmbeddingSpec":
+        return cls(str(d["model"]), str(d["version"]), int(d["dim"]), str(d["weights_sha256"]))
+
+    @classmethod
+    def of(cls, identity: dict) -> "EmbeddingSpec":
+        """From a model's (or a store's) ``identity()``."""
+        return cls(identity["model"], identity["version"], int(identity["dim"]), identity["weights_sha256"])
+
+    def differences(self, other: "EmbeddingSpec") -> list[str]:
+        return [f"{k}: {getattr(self, k)!r} vs {getattr(other, k)!r}" for k in ("model", "version", "dim",
+                                                                              "weights_sha256")
+                if getattr(self, k) != getattr(other, k)]
+
+
 class CompoundModel:
     """Base of compound embedding models: SMILES in, float32 [n, dim] out."""
 

@@ -145,8 +145,8 @@ class HParams(dict):
 
 
 class MLPMixin:
-    """The fingerprint MLP: B x nbytes packed bits -> B outputs (standardized pActivity or a
-    logit). Shared by ``QSARNet`` (inference) and the Lightning ``QSARModule`` (training),
+    """The QSAR MLP: B x nbytes packed bits (or, with hyperparameter ``input="dense"``, B x
+    dim compound embeddings) -> B outputs (standardized pActivity or a logit). Shared by ``QSARNet`` (inference) and the Lightning ``QSARModule`` (training),
     so both have the layers ``input`` and ``head`` under the same names."""
 
     hparams: dict
@@ -166,8 +166,11 @@ class MLPMixin:
         bits = (packed.unsqueeze(-1) & self.bit_mask) != 0  # B x nbytes x 8
         return bits.reshape(packed.shape[0], -1)[:, : self.hparams["nbits"]].float()  # B x nbits
 
-    def forward(self, packed: torch.Tensor) -> torch.Tensor:
-        return self.head(self.input(self.unpack(packed))).squeeze(-1)  # B
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: B x nbytes packed bits, or B x dim float vectors for a model on embeddings."""
+        if self.hparams.get("input") == "dense":
+            return self.head(self.input(x)).squeeze(-1)  # B
+        return self.head(self.input(self.unpack(x))).squeeze(-1)  # B
 
     def forward_sparse(self, weight_t: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """Same output as ``forward`` from set-bit lists; weight_t: nbits x H0 (input.weight.T)."""
@@ -214,6 +217,36 @@ def as_words(fps: np.ndarray, featurizer: FingerprintSpec, what: str = "fingerpr
     return np.ascontiguousarray(fps).view(np.uint64)
 
 
+def input_spec(d: dict):
+    """A checkpoint's ``featurizer``: a ``FingerprintSpec``, or an ``EmbeddingSpec`` (``type: embedding``)."""
+    if d.get("type") == "embedding":
+        from biogen.embeddings.base import EmbeddingSpec
+
+        return EmbeddingSpec.from_dict(d)
+    return FingerprintSpec.from_dict(d)
+
+
+def _input_words(spec) -> str:
+    from biogen.embeddings.base import EmbeddingSpec
+
+    if isinstance(spec, EmbeddingSpec):
+        return f"{spec.model} {spec.version} embeddings ({spec.dim}-d)"
+    return f"fingerprints {spec.to_dict()}"
+
+
+def as_vectors(x: np.ndarray, spec, what: str = "embeddings") -> np.ndarray:
+    """N x dim finite float vectors of ``spec``'s model, as float32."""
+    x = np.asarray(x)
+    if x.ndim != 2 or x.shape[1] != spec.dim or x.dtype.kind != "f":
+        raise InputError(f"{what}: expected float vectors of shape N x {spec.dim} ({spec.model} {spec.version}), "
+                         f"got {x.dtype} {x.shape}; embed with biogen.embeddings.load_model({spec.model!r})")
+    x = x.astype(np.float32, copy=False)
+    if not np.isfinite(x).all():
+        raise InputError(f"{what}: {int((~np.isfinite(x).all(axis=1)).sum())} row(s) are not finite (molecules the "
+                         f"model could not embed); drop them first")
+    return x
+
+
 def bytes_tensor(words: np.ndarray) -> torch.Tensor:
     """N x nbytes uint8 tensor sharing the words' memory. Read-only words (a memory-mapped
     library shard) are fine: every caller only reads the tensor (copies it to the device,
@@ -240,7 +273,8 @@ class QSARPredictor:
         self.module = module.eval()
         hp = module.hparams
         self.task: str = hp["task"]
-        self.featurizer = FingerprintSpec.from_dict(hp["featurizer"])
+        self.featurizer = input_spec(hp["featurizer"])
+        self.dense = hp.get("input") == "dense"
         self.spec: QSARSpec | None = QSARSpec(**hp["spec"]) if hp.get("spec") else None
         self.standardize: dict | None = hp.get("standardize")
         self.versions: dict = dict(hp.get("versions") or {})
@@ -260,8 +294,25 @@ class QSARPredictor:
         self.module.to(device)
         return self
 
-    def check_featurizer(self, spec: FingerprintSpec, what: str = "library") -> None:
-        """Refuse fingerprints made with other parameters than the model's (``LibraryError``)."""
+    def check_featurizer(self, spec, what: str = "library") -> None:
+        """Refuse inputs made otherwise than the model's: fingerprints with other parameters,
+        embeddings of another model or version, one kind for the other (``LibraryError``)."""
+        from biogen.embeddings.base import EmbeddingSpec
+
+        if isinstance(spec, EmbeddingSpec) or isinstance(self.featurizer, EmbeddingSpec):
+            if type(spec) is not type(self.featurizer):
+                raise LibraryError(
+                    f"the QSAR model{f' {self.checkpoint}' if self.checkpoint else ''} was trained on "
+                    f"{_input_words(self.featurizer)} but the {what} gives {_input_words(spec)}; train a model on "
+                    f"the {what}'s inputs (biogen train featurizer=...)")
+            diff = self.featurizer.differences(spec)
+            if diff:
+                raise LibraryError(
+                    f"the QSAR model{f' {self.checkpoint}' if self.checkpoint else ''} was trained on "
+                    f"{self.featurizer.model} embeddings that differ from the {what}'s ({'; '.join(diff)}): "
+                    "vectors of two model versions are not comparable; retrain the model or re-embed the "
+                    f"{what}")
+            return
         diff = [f.name for f in fields(FingerprintSpec) if getattr(spec, f.name) != getattr(self.featurizer, f.name)]
         if not diff:
             return
@@ -282,6 +333,8 @@ class QSARPredictor:
         CPU: set-bit lists through ``embedding_bag`` (no dense N x nbits matrix); GPU:
         each batch's bytes are copied over and unpacked there.
         """
+        if self.dense:
+            return self._predict_dense(fps, batch_size)
         words = as_words(fps, self.featurizer)
         out = np.empty(len(words), dtype=np.float32)
         m = self.module.eval()
@@ -295,6 +348,15 @@ class QSARPredictor:
             else:
                 raw = m(bytes_tensor(chunk).to(dev, non_blocking=True))
             out[start: start + len(chunk)] = m.to_output(raw).float().cpu().numpy()
+        return out
+
+    def _predict_dense(self, x: np.ndarray, batch_size: int) -> np.ndarray:
+        x = as_vectors(x, self.featurizer)
+        out = np.empty(len(x), dtype=np.float32)
+        m = self.module.eval()
+        for start in range(0, len(x), batch_size):
+            chunk = torch.from_numpy(np.ascontiguousarray(x[start: start + batch_size], dtype=np.float32))
+            out[start: start + len(chunk)] = m.to_output(m(chunk.to(self.device))).float().cpu().numpy()
         return out
 
     # --- checkpoint ------------------------------------------------------------------------

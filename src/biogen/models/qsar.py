@@ -40,6 +40,7 @@ from biogen.models.data import split_indices
 from biogen.models.predictor import (
     CHECKPOINT_FORMAT, CHECKPOINT_VERSION, TASKS, MLPMixin, QSARNet, QSARPredictor, QSARSpec, auroc, qsar_metrics,
 )
+from biogen.models.predictor import as_vectors
 from biogen.models.predictor import as_words as _as_words
 from biogen.models.predictor import bytes_tensor as _bytes_tensor
 from biogen.models.predictor import versions as _versions
@@ -67,7 +68,7 @@ class QSARModule(MLPMixin, pl.LightningModule):
                  lr: float = 1e-3, weight_decay: float = 1e-5, pos_weight: float = 1.0,
                  y_mean: float = 0.0, y_std: float = 1.0, active_threshold: float = 7.0,
                  featurizer: dict | None = None, spec: dict | None = None,
-                 standardize: dict | None = None, versions: dict | None = None):
+                 standardize: dict | None = None, versions: dict | None = None, input: str = "bits"):
         super().__init__()
         self.save_hyperparameters()
         self._build(nbits, hidden, dropout)
@@ -218,12 +219,17 @@ def fit_qsar(fps: np.ndarray, y: np.ndarray, spec: QSARSpec, featurizer: Fingerp
     small to split across threads: on a busy machine OpenMP's barrier waits made a
     420-molecule fit 8x slower with 2 threads than with 1 (measured: 8 s vs 1 s).
     """
+    from biogen.embeddings.base import EmbeddingSpec
+
     t0 = time.perf_counter()
     acc = resolve_accelerator(accelerator)
-    words = _as_words(fps, featurizer, "training fingerprints")
+    dense = isinstance(featurizer, EmbeddingSpec)
+    words = as_vectors(fps, featurizer, "training embeddings") if dense else _as_words(
+        fps, featurizer, "training fingerprints")
     y = np.asarray(y, dtype=np.float32).reshape(-1)
     if len(y) != len(words):
-        raise InputError(f"{len(words)} fingerprints but {len(y)} activity values; give one value per molecule")
+        raise InputError(f"{len(words)} {'vectors' if dense else 'fingerprints'} but {len(y)} activity values; "
+                         "give one value per molecule")
     if not np.isfinite(y).all():
         raise InputError(f"{int((~np.isfinite(y)).sum())} activity value(s) are NaN or infinite; drop them first")
     if len(y) < 2:
@@ -242,15 +248,16 @@ def fit_qsar(fps: np.ndarray, y: np.ndarray, spec: QSARSpec, featurizer: Fingerp
     else:
         y_mean = float(target[tr].mean())
         y_std = float(target[tr].std()) or 1.0
-    x = _bytes_tensor(words)  # N x nbytes uint8, shared with the numpy array
+    x = torch.from_numpy(words) if dense else _bytes_tensor(words)  # N x dim float / N x nbytes uint8
     yt = torch.from_numpy(target)
     devices = [torch.device(acc).index or 0] if acc != "cpu" else []
     n_threads = threads if threads is not None else (1 if len(tr) < SMALL_FIT_ROWS else torch.get_num_threads())
     with torch.random.fork_rng(devices=devices), _quiet_lightning(), _torch_threads(n_threads):
         torch.manual_seed(spec.seed)
-        module = QSARModule(featurizer.stored_bits, list(spec.hidden), spec.dropout, spec.task, spec.lr,
-                            spec.weight_decay, pos_weight, y_mean, y_std, spec.active_threshold,
-                            featurizer.to_dict(), spec.to_dict(), standardize, _versions())
+        module = QSARModule(featurizer.dim if dense else featurizer.stored_bits, list(spec.hidden), spec.dropout,
+                            spec.task, spec.lr, spec.weight_decay, pos_weight, y_mean, y_std, spec.active_threshold,
+                            featurizer.to_dict(), spec.to_dict(), standardize, _versions(),
+                            "dense" if dense else "bits")
         best = _BestWeights()
         callbacks: list[Callback] = [best]
         if len(va):
@@ -282,12 +289,13 @@ def fit_qsar(fps: np.ndarray, y: np.ndarray, spec: QSARSpec, featurizer: Fingerp
             scored = qsar_metrics(pred, target[va], spec.task, spec.active_threshold)
             metrics.update({f"val_{k}": v for k, v in scored.items()})
         if test is not None:
-            test_words = _as_words(test[0], featurizer, "test fingerprints")
+            test_words = as_vectors(test[0], featurizer, "test embeddings") if dense else _as_words(
+                test[0], featurizer, "test fingerprints")
             ty = np.asarray(test[1], dtype=np.float32).reshape(-1)
             ty = _labels(ty, spec) if spec.task == "classification" else ty
             if len(ty):
-                trainer.test(module, _loader(_bytes_tensor(test_words), torch.from_numpy(ty), VAL_BATCH, False, 0),
-                             verbose=False)
+                tx = torch.from_numpy(test_words) if dense else _bytes_tensor(test_words)
+                trainer.test(module, _loader(tx, torch.from_numpy(ty), VAL_BATCH, False, 0), verbose=False)
                 pred = QSARPredictor(module).predict(test_words)
                 metrics.update({f"test_{k}": v for k, v in
                                 qsar_metrics(pred, ty, spec.task, spec.active_threshold).items()})

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from biogen.chem.records import write_rejects
 from biogen.chem.scaffolds import murcko_scaffolds
-from biogen.errors import ConfigError, CorruptLibraryError
+from biogen.errors import ConfigError, CorruptLibraryError, LibraryError
 from biogen.library.store import Library
 from biogen.runtime import Ledger, RuntimeSpec, ray_session, run_shards_on_actors
 from biogen.runtime.ray_runtime import start_actors, wait_for_ray_shutdown
@@ -81,6 +81,17 @@ class ScreenWorker:
         # SMILES are read only when a stage parses molecules (alerts, SMARTS, descriptors
         # the library does not store): most of a large screen's time would go to strings
         self.read_smiles = bool(needed - stored) or any(st.needs_mols for st in stages)
+        self.embedding_models = sorted({st.embeddings for st in stages if getattr(st, "embeddings", None)})
+
+    def _vectors(self, model: str, shard, n: int) -> np.ndarray:
+        """The shard's stored ``model`` vectors as float32 (NaN rows: no vector)."""
+        from biogen.library.embeddings import shard_dir
+
+        v = np.load(shard_dir(self.library.path, model, shard.name) / "vectors.npy", mmap_mode="r")
+        if v.shape[0] != n:
+            raise LibraryError(f"{model} embeddings of shard {shard.name} have {v.shape[0]} rows, the shard {n}; "
+                               f"run biogen library verify library={self.library.path}")
+        return np.asarray(v, dtype=np.float32)
 
     def run(self, index: int) -> tuple[list[str], dict]:
         t_run = time.perf_counter()
@@ -92,7 +103,8 @@ class ScreenWorker:
         smiles = meta.column("smiles").to_pylist() if self.read_smiles else [None] * n
         batch = MoleculeBatch(np.arange(n, dtype=np.int64), smiles, np.asarray(shard.fingerprints),
                               np.asarray(shard.popcounts, dtype=np.int32),
-                              {c: meta.column(c).to_numpy(zero_copy_only=False).astype(np.float64) for c in self.columns})
+                              {c: meta.column(c).to_numpy(zero_copy_only=False).astype(np.float64) for c in self.columns},
+                              {m: self._vectors(m, shard, n) for m in self.embedding_models})
         alive = np.ones(n, dtype=bool)
         columns: dict[str, pa.Array] = {
             "shard": pa.array(np.full(n, index, dtype=np.int32)), "row": pa.array(batch.rows)}
@@ -372,7 +384,7 @@ def _prepare(lib: Library, target: TargetSpec, stages: list[Stage], run_dir: Pat
                     run_dir / "target_rejects.csv")
     ctx = ScreenContext(lib.featurizer, None if tdata.actives is None else tdata.actives.fps,
                         None if tdata.actives is None else tdata.actives.popcount, run_dir,
-                        tdata.training, accelerator, progress)
+                        tdata.training, accelerator, progress, lib)
     seconds["target"] = time.perf_counter() - t0
     for st in stages:
         t0 = time.perf_counter()

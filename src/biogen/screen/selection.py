@@ -77,8 +77,8 @@ def fuse_scores(scores: Mapping[str, np.ndarray], weights: Mapping[str, float] |
         x = np.asarray(scores[k], dtype=np.float64)
         if method == "rank":
             return fractional_ranks(x)
-        sd = x.std()
-        return (x - x.mean()) / sd if sd > 0 else np.zeros_like(x)
+        sd = np.nanstd(x) if np.isfinite(x).any() else 0.0  # NaN (no score) stays NaN
+        return (x - np.nanmean(x)) / sd if sd > 0 else np.where(np.isnan(x), np.nan, 0.0)
 
     # one scorer per thread on large screens: numpy sorts without the GIL
     with ThreadPoolExecutor(min(len(used), os.cpu_count() or 1) if n >= 100_000 else 1) as pool:

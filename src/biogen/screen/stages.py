@@ -34,7 +34,9 @@ class MoleculeBatch:
     rows: N int64 row numbers in the shard; smiles: N strings (None when no stage parses
     molecules: the screen does not read them then); fps: N x W ``<u8`` packed
     fingerprints; popcounts: N int32; descriptors: name -> N float64 (the library's
-    stored columns; a filter computes missing ones from ``mols``).
+    stored columns; a filter computes missing ones from ``mols``); embeddings: model ->
+    N x dim float32 stored library vectors (NaN rows: no vector), for the stages that
+    declare ``embeddings``.
     """
 
     rows: np.ndarray
@@ -42,6 +44,7 @@ class MoleculeBatch:
     fps: np.ndarray
     popcounts: np.ndarray
     descriptors: dict[str, np.ndarray] = field(default_factory=dict)
+    embeddings: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -59,7 +62,8 @@ class MoleculeBatch:
         """The molecules where ``keep`` (bool N) is true (parsed molecules carried over)."""
         idx = np.flatnonzero(keep)
         sub = MoleculeBatch(self.rows[idx], [self.smiles[i] for i in idx],
-                            self.fps[idx], self.popcounts[idx], {k: v[idx] for k, v in self.descriptors.items()})
+                            self.fps[idx], self.popcounts[idx], {k: v[idx] for k, v in self.descriptors.items()},
+                            {k: v[idx] for k, v in self.embeddings.items()})
         if "mols" in self.__dict__:
             sub.__dict__["mols"] = [self.mols[i] for i in idx]
         return sub
@@ -84,6 +88,7 @@ class ScreenContext:
     training: object | None = None          # target activity data (biogen.screen.target.TrainingSet)
     accelerator: str = "cpu"
     progress: bool = True
+    library: object | None = None           # the biogen.library.Library screened (its stored embeddings)
 
 
 class Stage(Protocol):
@@ -96,6 +101,7 @@ class Stage(Protocol):
     checkpoint: str | None  # a model file its scores depend on (its sha256 keys the resume ledger)
     train_metrics: dict | None  # metrics of a model trained by ``prepare`` (summary.json)
     worker_modules: tuple[str, ...]  # imported by worker processes at their start ("module:warm_up" calls it)
+    embeddings: str | None  # a compound model whose stored library vectors it reads (batch.embeddings)
 
     def prepare(self, ctx: ScreenContext) -> None: ...
     def load(self) -> None: ...
@@ -111,6 +117,7 @@ class _Base:
     checkpoint: str | None = None
     train_metrics: dict | None = None
     worker_modules: tuple[str, ...] = ()
+    embeddings: str | None = None
 
     def prepare(self, ctx: ScreenContext) -> None:
         """Driver-side set-up (featurize actives, train or check a model)."""
@@ -313,8 +320,11 @@ class QSARScorer(_Base):
 
     checkpoint: a ``.ckpt`` from ``biogen train``; null trains one in this run on the
     target's activity data (``model`` holds the QSARSpec settings). The model's
-    featurizer must equal the library's (refused otherwise). Workers load the checkpoint
-    once and keep the model (on the GPU when the run has one).
+    featurizer must equal the library's (refused otherwise). A model trained on compound
+    embeddings (``biogen train featurizer=minimol``) scores the library's stored vectors
+    of the same model version (refused when the library has none or others); a molecule
+    without a vector gets no score (NaN: ranked last by this scorer). Workers load the
+    checkpoint once and keep the model (on the GPU when the run has one).
     """
 
     kind = "score"
@@ -354,8 +364,7 @@ class QSARScorer(_Base):
                 self.checkpoint = str(earlier)
                 self._predictor = QSARPredictor.load(earlier)
                 self.train_metrics = dict(self._predictor.metrics)
-                self._predictor.check_featurizer(ctx.featurizer, "library")
-                self.task = self._predictor.task
+                self._check_inputs(self._predictor, ctx)
                 return
             log.info("training the QSAR model on %d %s compounds (%s)", len(ctx.training.y),
                      ctx.training.name, spec.task)
@@ -372,8 +381,23 @@ class QSARScorer(_Base):
         else:
             predictor = QSARPredictor.load(self.checkpoint)
             self._predictor = predictor
-        predictor.check_featurizer(ctx.featurizer, "library")
+        self._check_inputs(predictor, ctx)
+
+    def _check_inputs(self, predictor, ctx: ScreenContext) -> None:
+        """The library holds what the model reads: the same fingerprints, or complete stored
+        embeddings of the same model version (LibraryError naming the fix otherwise)."""
+        from biogen.embeddings.base import EmbeddingSpec
+
         self.task = predictor.task
+        if not predictor.dense:
+            predictor.check_featurizer(ctx.featurizer, "library")
+            return
+        model = predictor.featurizer.model
+        if ctx.library is None:
+            raise ConfigError(f"the QSAR model {self.checkpoint} reads {model} embeddings; this screen has no library")
+        entry = ctx.library.embedding_entry(model)  # LibraryError naming `biogen library embed` when absent
+        predictor.check_featurizer(EmbeddingSpec.of(entry), "library")
+        self.embeddings = model
 
     def load(self) -> None:
         if self._predictor is None:
@@ -386,11 +410,19 @@ class QSARScorer(_Base):
     def __call__(self, batch: MoleculeBatch) -> np.ndarray:
         if self._predictor is None:
             self.load()
-        return np.asarray(self._predictor.predict(batch.fps, batch_size=self.batch_size), dtype=np.float64)
+        if self.embeddings is None:
+            return np.asarray(self._predictor.predict(batch.fps, batch_size=self.batch_size), dtype=np.float64)
+        x = batch.embeddings[self.embeddings]
+        ok = np.isfinite(x).all(axis=1)
+        out = np.full(len(x), np.nan)
+        if ok.any():
+            out[ok] = self._predictor.predict(x[ok], batch_size=self.batch_size)
+        return out
 
     def describe(self) -> str:
         what = "P(active)" if self.task == "classification" else "predicted pActivity"
-        return f"{self.name}: fingerprint MLP ({what}) from {self.checkpoint}"
+        inputs = f"{self.embeddings} embeddings" if self.embeddings else "fingerprint"
+        return f"{self.name}: {inputs} MLP ({what}) from {self.checkpoint}"
 
 
 class ADMETScorer(_Base):
