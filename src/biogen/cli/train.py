@@ -76,23 +76,36 @@ def _embed(data, model_name: str, dtype: str, accelerator: str):
     return EmbeddingSpec.of(model.identity()), data
 
 
+def job_settings(cfg: DictConfig, spec_cls, example: str):
+    """(standardize, model spec, accelerator) of a train job, after checking that every
+    required ``train_data`` key is set (``example``: a command that sets them)."""
+    from biogen.models.qsar import resolve_accelerator
+
+    standardize = typed(StandardizeSpec, cfg.standardize, "standardize")
+    spec = typed(spec_cls, cfg.model, "model")
+    accelerator = resolve_accelerator(typed(TrainerSpec, cfg.trainer, "trainer").accelerator)
+    missing = [k for k in cfg.train_data if OmegaConf.is_missing(cfg.train_data, k)]
+    if missing:
+        raise ConfigError(f"train_data.{missing[0]} is required for train_data={cfg.train_data.source}, e.g. "
+                          f"{example} (see biogen train --help)")
+    return standardize, spec, accelerator
+
+
 def train(cfg: DictConfig) -> None:
+    if str(cfg.model.get("type", "")) == "dti":  # the protein-aware model trains on drug-target pairs
+        from biogen.cli.train_dti import train_dti
+
+        return train_dti(cfg)
     from biogen.models.data import training_source
-    from biogen.models.qsar import QSARSpec, fit_qsar, resolve_accelerator
+    from biogen.models.qsar import QSARSpec, fit_qsar
 
     t0 = time.perf_counter()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     feat_cfg = OmegaConf.to_container(cfg.featurizer, resolve=True)
     model_name = _embedding_model(feat_cfg)
     featurizer = FingerprintSpec() if model_name else FingerprintSpec.from_dict(feat_cfg)
-    standardize = typed(StandardizeSpec, cfg.standardize, "standardize")
-    spec = typed(QSARSpec, cfg.model, "model")
-    accelerator = resolve_accelerator(typed(TrainerSpec, cfg.trainer, "trainer").accelerator)
-    missing = [k for k in cfg.train_data if OmegaConf.is_missing(cfg.train_data, k)]
-    if missing:
-        raise ConfigError(f"train_data.{missing[0]} is required for train_data={cfg.train_data.source}, "
-                          "e.g. biogen train train_data=file train_data.path=activities.csv "
-                          "train_data.value_column=pki (see biogen train --help)")
+    standardize, spec, accelerator = job_settings(
+        cfg, QSARSpec, "biogen train train_data=file train_data.path=activities.csv train_data.value_column=pki")
     source = training_source(OmegaConf.to_container(cfg.train_data, resolve=True))
 
     data = source.load(featurizer, standardize)

@@ -208,6 +208,9 @@ SOURCES = {"moleculeace": MoleculeACESource, "file": ActivityFileSource}
 def training_source(d: dict) -> MoleculeACESource | ActivityFileSource:
     """The typed source for a ``train_data`` config node (chosen by its ``source`` key)."""
     kind = d.get("source")
+    if kind in ("kiba", "pairs"):
+        raise ConfigError(f"train_data={kind} holds drug-target pairs: train it with model=dti (a QSAR model takes "
+                          "train_data=moleculeace|file)")
     if kind not in SOURCES:
         raise ConfigError(f"train_data.source={kind!r} is not valid; choose one of {', '.join(SOURCES)} "
                           "(train_data=moleculeace|file)")

@@ -1,0 +1,97 @@
+"""``biogen train model=dti``: drug-target pairs -> protein vectors -> fit_dti -> run directory."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from biogen.chem.fingerprints import FingerprintSpec
+from biogen.chem.records import Reject
+from biogen.chem.standardize import StandardizeSpec
+from biogen.errors import ConfigError, InputError
+
+log = logging.getLogger("biogen")
+
+DTI_SOURCES = ("kiba", "pairs")
+
+
+def load_pairs(d: dict, featurizer: FingerprintSpec, standardize: StandardizeSpec):
+    """The ``DTIData`` of a ``train_data`` node (``source: kiba | pairs``)."""
+    from biogen.dti.data import read_kiba, read_pairs
+
+    d = dict(d)
+    kind = d.pop("source", None)
+    if kind not in DTI_SOURCES:
+        raise ConfigError(f"model=dti trains on drug-target pairs, not train_data={kind}: use train_data=kiba "
+                          "train_data.path=<DeepDTA's data/kiba folder> or train_data=pairs train_data.path=pairs.csv")
+    if kind == "kiba":
+        extra = sorted(set(d) - {"path"})
+        if extra:
+            raise ConfigError(f"train_data=kiba takes path only, not {extra}")
+        return read_kiba(d["path"], featurizer, standardize)
+    path = d.pop("path")
+    try:
+        return read_pairs(path, featurizer, standardize, **d)
+    except TypeError as exc:
+        raise ConfigError(f"invalid train_data=pairs settings ({exc})") from None
+
+
+def _drop_proteins(data, missing: dict[int, str]):
+    """Pairs of proteins without a vector become rejects (one per protein, with the count)."""
+    if not missing:
+        return data
+    lose = np.isin(data.pairs[:, 1], np.array(sorted(missing)))
+    if lose.all():
+        raise InputError(f"none of the {len(data.protein_ids)} proteins has an embedding in the protein store; embed "
+                         "them first (biogen embed input=<their FASTA> output=<store> model=<plm>)")
+    rejects = [Reject(data.source, i + 1, "protein_not_embedded",
+                      f"protein {data.protein_ids[i]}: {why}; its {int((data.pairs[:, 1] == i).sum())} pair(s) are "
+                      "left out", data.sequences[i][:200]) for i, why in sorted(missing.items())]
+    return data.keep_pairs(np.flatnonzero(~lose), rejects)
+
+
+def train_dti(cfg: DictConfig) -> None:
+    from biogen.cli.train import _embedding_model, _finite, _write_rejects, job_settings
+    from biogen.dti.model import DTISpec, fit_dti, protein_vectors
+
+    t0 = time.perf_counter()
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    feat_cfg = OmegaConf.to_container(cfg.featurizer, resolve=True)
+    if _embedding_model(feat_cfg):
+        raise ConfigError(f"featurizer={feat_cfg['type']}: model=dti's compound side takes fingerprints for now "
+                          "(featurizer=ecfp4|fcfp4|...); compound embeddings there are not supported yet")
+    featurizer = FingerprintSpec.from_dict(feat_cfg)
+    standardize, spec, accelerator = job_settings(
+        cfg, DTISpec, "biogen train model=dti train_data=kiba train_data.path=data/kiba")
+    data = load_pairs(OmegaConf.to_container(cfg.train_data, resolve=True), featurizer, standardize)
+    log.info("training data: %s", data.summary())
+    vectors, protein, lacking = protein_vectors(data.sequences, spec, device=accelerator)
+    data = _drop_proteins(data, lacking)
+    _write_rejects(data.rejects, run_dir)
+    predictor, parts = fit_dti(data, np.nan_to_num(vectors), protein, spec, accelerator=accelerator,
+                               progress=bool(cfg.progress) and sys.stderr.isatty())
+    checkpoint = predictor.save(run_dir / "model.ckpt")
+    if cfg.output is not None:
+        out = Path(str(cfg.output))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(checkpoint, out)
+        log.info("checkpoint copied to %s", out)
+    report = {"metrics": _finite(predictor.metrics), **_finite(predictor.info), "model": "dti",
+              "protein_model": protein, "featurizer": featurizer.to_dict(), "accelerator": accelerator,
+              "pairs": len(data), "compounds": len(data.compound_ids), "proteins": len(data.protein_ids),
+              "rejects": len(data.rejects), "checkpoint": str(checkpoint),
+              "output": None if cfg.output is None else str(cfg.output),
+              "total_seconds": round(time.perf_counter() - t0, 3)}
+    (run_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    shown = ", ".join(f"{k}={v:.3f}" for k, v in predictor.metrics.items()
+                      if isinstance(v, float) and k.startswith("test_"))
+    log.info("best epoch %d of %d (%s split): %s -> %s", predictor.info["best_epoch"], predictor.info["epochs"],
+             spec.split, shown, checkpoint)
