@@ -15,6 +15,8 @@ In one run, on MOSES test molecules:
 4. embedding search on that library: ``--queries`` library molecules, top-100 cosine, vs
    ``faiss-cpu`` ``IndexFlatIP`` on the same normalised float32 vectors (the anchor), with
    the hits compared first.
+
+``--search-only LIB`` runs part 4 alone on a library that stores MiniMol embeddings.
 """
 
 from __future__ import annotations
@@ -186,6 +188,7 @@ def main(argv=None) -> None:
     ap.add_argument("--queries", type=int, default=1_000)
     ap.add_argument("--k", type=int, default=100)
     ap.add_argument("--skip-full", action="store_true", help="no full-library embed and no search")
+    ap.add_argument("--search-only", metavar="LIB", help="only the search part, on this library (MiniMol embedded)")
     args = ap.parse_args(argv)
 
     result = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "machine": machine(),
@@ -198,6 +201,11 @@ def main(argv=None) -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
+    if args.search_only:
+        result["search"] = search(Path(args.search_only), args.queries, args.k)
+        save()
+        print(json.dumps(result["search"], indent=1), flush=True)
+        return
     smiles = moses(max(args.n, args.subset))
     result["per_core"] = per_core(smiles[:args.anchor_n])
     save()

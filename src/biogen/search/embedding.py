@@ -60,7 +60,10 @@ class _Block:
 class EmbeddingIndex:
     """A library's embeddings of one model, held as float32 blocks on ``device``."""
 
-    def __init__(self, library, model: str, metric: str = "cosine", device: str = "auto"):
+    def __init__(self, library, model: str, metric: str = "cosine", device: str = "auto",
+                 keep: np.ndarray | None = None):
+        """keep: optional bool mask over library rows (library order); only those rows are
+        searched (e.g. the molecules that passed a screen's filters)."""
         import torch
 
         from biogen.device import resolve_device
@@ -83,7 +86,10 @@ class EmbeddingIndex:
         for shard, vectors, ok in library.iter_embeddings(model):
             # shards (often 10,000 rows) are joined into blocks of BLOCK_ROWS: one product each
             for start in range(0, shard.rows, BLOCK_ROWS):
-                sel = np.flatnonzero(ok[start:start + BLOCK_ROWS])
+                live = ok[start:start + BLOCK_ROWS]
+                if keep is not None:
+                    live = live & keep[offset + start:offset + start + len(live)]
+                sel = np.flatnonzero(live)
                 pending.append((np.asarray(vectors[start:start + BLOCK_ROWS][sel], dtype=np.float32),
                                 offset + start + sel))
                 if sum(len(r) for _, r in pending) >= BLOCK_ROWS:
@@ -197,43 +203,59 @@ class EmbeddingIndex:
     def _scan(self, q: EmbeddingQueries, k: int | None, threshold: float | None):
         import torch
 
-        found = []
         if not len(q) or not self.blocks:
             return _empty()
-        allow_tf32 = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False  # exact float32 products
-        try:
-            with torch.inference_mode():
-                qv = self._prepare(torch.from_numpy(np.ascontiguousarray(q.vectors))).to(self.device)
-                buf = None
-                if self.device.type == "cpu":  # one output buffer: no fresh pages per block
-                    buf = np.empty((len(q), max(len(b.rows) for b in self.blocks)), dtype=np.float32)
-                for b in self.blocks:
-                    s = self._scores(qv, b.vectors, buf)
-                    qi, c, score = _select(s, k) if k is not None else _above(s, threshold)
-                    found.append((qi, b.rows[c], score))
-                    if k is not None and len(found) >= REDUCE_EVERY:
-                        found = [_best(_concat(found), k)]
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = allow_tf32
-        out = _concat(found)
-        return _best(out, k) if k is not None else _order(out)
-
-    def _scores(self, qv, vectors, buf: np.ndarray | None):
-        """Q x B float32 scores. On the CPU numpy's BLAS into ``buf`` (measured faster than
-        torch's here: 0.36 vs 0.50 s for 1,000 x 65,536 x 512 on 2 cores), on a GPU torch
-        (TF32 off)."""
-        import torch
-
-        if buf is not None:
-            out = buf[:, :len(vectors)]
-            np.matmul(qv.numpy(), vectors.numpy().T, out=out)
-            return torch.from_numpy(out)
-        return qv @ vectors.T
+        with torch.inference_mode():
+            qv = self._prepare(torch.from_numpy(np.ascontiguousarray(q.vectors))).to(self.device)
+        return exact_scan(qv, ((b.vectors, b.rows) for b in self.blocks), k, threshold)
 
     def _table(self, q: EmbeddingQueries, found) -> pa.Table:
         qi, rows, score = found
         return result_table(q.ids, qi, rows, score, self.ids, self.smiles, rows)
+
+
+def exact_scan(qv, blocks, k: int | None = None, threshold: float | None = None):
+    """Exact search of the query vectors ``qv`` (torch [Q, d], prepared: normalised for
+    cosine) over ``blocks``, an iterable of (vectors: torch [b, d] on qv's device, library
+    row of each: int array). ``k``: the k best per query (every score tied with the k-th
+    kept up to the cut, ties by row); else every score >= ``threshold``. Returns (query
+    index int32, library row, score float64) in (query, score desc, row) order. Scores are
+    float32 products with TF32 off; the Q x library matrix is never built (one block's at
+    a time, candidates reduced every REDUCE_EVERY blocks)."""
+    import torch
+
+    found = []
+    allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # exact float32 products
+    try:
+        with torch.inference_mode():
+            buf = None
+            for vectors, rows in blocks:
+                if qv.device.type == "cpu":  # one output buffer: no fresh pages per block
+                    if buf is None or buf.shape[1] < len(rows):
+                        buf = np.empty((len(qv), max(len(rows), BLOCK_ROWS)), dtype=np.float32)
+                s = _scores(qv, vectors, buf if qv.device.type == "cpu" else None)
+                qi, c, score = _select(s, k) if k is not None else _above(s, threshold)
+                found.append((qi, np.asarray(rows)[c], score))
+                if k is not None and len(found) >= REDUCE_EVERY:
+                    found = [_best(_concat(found), k)]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    out = _concat(found)
+    return _best(out, k) if k is not None else _order(out)
+
+
+def _scores(qv, vectors, buf: np.ndarray | None):
+    """Q x B float32 scores. On the CPU numpy's BLAS into ``buf`` (measured faster than
+    torch's here: 0.36 vs 0.50 s for 1,000 x 65,536 x 512 on 2 cores), on a GPU torch
+    (TF32 off)."""
+    import torch
+
+    if buf is not None:
+        out = buf[:, :len(vectors)]
+        np.matmul(qv.numpy(), vectors.numpy().T, out=out)
+        return torch.from_numpy(out)
+    return qv @ vectors.T
 
 
 def _select(s, k: int):
