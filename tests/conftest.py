@@ -34,6 +34,17 @@ def mmseqs_db() -> Path:
 
 
 @pytest.fixture(scope="session")
+def kiba():
+    """KIBA as prepared by DeepDTA (../shared/data/dti/kiba): 118,254 pairs, 2,111 x 229."""
+    from biogen.dti.data import read_kiba
+
+    path = SHARED / "dti" / "kiba"
+    if not path.is_dir():
+        pytest.skip(f"KIBA not found at {path} (../shared/data beside the checkout; set BIOGEN_SHARED_DATA)")
+    return read_kiba(path)
+
+
+@pytest.fixture(scope="session")
 def data_dir() -> Path:
     return DATA
 

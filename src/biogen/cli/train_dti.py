@@ -58,6 +58,28 @@ def _drop_proteins(data, missing: dict[int, str]):
     return data.keep_pairs(np.flatnonzero(~lose), rejects)
 
 
+def embed_compounds(data, model_name: str, dtype: str, accelerator: str):
+    """The data with its compounds' ``model_name`` vectors in place of their fingerprints;
+    the pairs of a compound the model cannot handle become rejects (one per compound)."""
+    from dataclasses import replace
+
+    from biogen.embeddings.base import EmbeddingSpec, load_model
+
+    model = load_model(model_name, device=accelerator, dtype=dtype)
+    t = time.perf_counter()
+    out = model.embed(data.smiles)
+    log.info("%s embeddings of %d compounds in %.1f s", model_name, len(data.smiles), time.perf_counter() - t)
+    failed = np.flatnonzero(~out.ok)
+    data = replace(data, fps=out.vectors, featurizer=EmbeddingSpec.of(model.identity()))
+    if not len(failed):
+        return data
+    rejects = [Reject(data.source, int(i) + 1, f"{model_name}_failed",
+                      f"compound {data.compound_ids[i]}: {model_name} cannot embed it ({out.reasons.get(int(i))}); its "
+                      f"{int((data.pairs[:, 0] == i).sum())} pair(s) are left out", data.smiles[i] or "")
+               for i in failed]
+    return data.keep_pairs(np.flatnonzero(~np.isin(data.pairs[:, 0], failed)), rejects)
+
+
 def train_dti(cfg: DictConfig) -> None:
     from biogen.cli.train import _embedding_model, _finite, _write_rejects, job_settings
     from biogen.dti.model import DTISpec, fit_dti, protein_vectors
@@ -65,13 +87,13 @@ def train_dti(cfg: DictConfig) -> None:
     t0 = time.perf_counter()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     feat_cfg = OmegaConf.to_container(cfg.featurizer, resolve=True)
-    if _embedding_model(feat_cfg):
-        raise ConfigError(f"featurizer={feat_cfg['type']}: model=dti's compound side takes fingerprints for now "
-                          "(featurizer=ecfp4|fcfp4|...); compound embeddings there are not supported yet")
-    featurizer = FingerprintSpec.from_dict(feat_cfg)
+    model_name = _embedding_model(feat_cfg)  # featurizer=minimol: the compound side reads MiniMol vectors
+    featurizer = FingerprintSpec() if model_name else FingerprintSpec.from_dict(feat_cfg)
     standardize, spec, accelerator = job_settings(
         cfg, DTISpec, "biogen train model=dti train_data=kiba train_data.path=data/kiba")
     data = load_pairs(OmegaConf.to_container(cfg.train_data, resolve=True), featurizer, standardize)
+    if model_name:
+        data = embed_compounds(data, model_name, str(feat_cfg.get("dtype", "auto")), accelerator)
     log.info("training data: %s", data.summary())
     vectors, protein, lacking = protein_vectors(data.sequences, spec, device=accelerator)
     data = _drop_proteins(data, lacking)
@@ -85,7 +107,7 @@ def train_dti(cfg: DictConfig) -> None:
         shutil.copyfile(checkpoint, out)
         log.info("checkpoint copied to %s", out)
     report = {"metrics": _finite(predictor.metrics), **_finite(predictor.info), "model": "dti",
-              "protein_model": protein, "featurizer": featurizer.to_dict(), "accelerator": accelerator,
+              "protein_model": protein, "featurizer": data.featurizer.to_dict(), "accelerator": accelerator,
               "pairs": len(data), "compounds": len(data.compound_ids), "proteins": len(data.protein_ids),
               "rejects": len(data.rejects), "checkpoint": str(checkpoint),
               "output": None if cfg.output is None else str(cfg.output),

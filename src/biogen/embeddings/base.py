@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -73,6 +74,10 @@ class CompoundModel:
     dim: int = 0
     weights_sha256: str = ""
     weights_path: str = ""
+    inputs: str = "smiles"  # or "fingerprints": ``embed_fingerprints`` reads the library's stored ones
+
+    def check_library(self, library) -> None:
+        """Refuse a library this model cannot embed (LibraryError); default: any."""
 
     def identity(self) -> dict:
         """What a store records beside the vectors; two identities must be equal for two
@@ -98,13 +103,29 @@ def model_names() -> list[str]:
 
 
 def check_model_name(name: str) -> str:
-    """``name`` lower-cased if it is a known model; ConfigError listing the choices."""
+    """``name`` lower-cased if it is a known model, or a DTI checkpoint path (its compound
+    tower, ``biogen.embeddings.dti``) as given; ConfigError listing the choices."""
+    from biogen.embeddings.dti import PREFIX, is_checkpoint
+
+    if is_checkpoint(name):
+        if not Path(str(name)).is_file():
+            raise ConfigError(f"model={name}: no such checkpoint file (a DTI model from biogen train model=dti)")
+        return str(name)
     key = str(name).strip().lower()
     if key not in MODELS:
-        raise ConfigError(f"unknown compound embedding model {name!r}; valid choices: {', '.join(model_names())}")
+        hint = (" (a DTI model's stored vectors: embed with model=<its checkpoint file>)"
+                if key.startswith(PREFIX) else " or a DTI checkpoint file (model=path/to/model.ckpt)")
+        raise ConfigError(f"unknown compound embedding model {name!r}; valid choices: {', '.join(model_names())}"
+                          + hint)
     return key
 
 
 def load_model(name: str, **kwargs) -> CompoundModel:
-    """The model ``name`` (see ``MODELS``), built with ``kwargs`` (device, dtype, ...)."""
-    return MODELS[check_model_name(name)](**kwargs)
+    """The model ``name`` (see ``MODELS``; a checkpoint path: a DTI model's compound tower),
+    built with ``kwargs`` (device, dtype, ...)."""
+    key = check_model_name(name)
+    if key not in MODELS:
+        from biogen.embeddings.dti import DTICompounds
+
+        return DTICompounds(key, **kwargs)
+    return MODELS[key](**kwargs)

@@ -81,12 +81,22 @@ class EmbedShardWorker:
         meta = pq.read_table(self.lib_dir / "shards" / shard / "meta.parquet", columns=["id", "smiles"])
         smiles = meta.column("smiles").to_pylist()
         n = len(smiles)
+        stored = None  # a model that reads what the library stores (a DTI compound tower)
+        if self.model.inputs == "fingerprints":
+            stored = np.load(self.lib_dir / "shards" / shard / "fp.npy", mmap_mode="r")
+        elif self.model.inputs.startswith("embedding:"):
+            stored = np.load(shard_dir(self.lib_dir, self.model.inputs.split(":", 1)[1], shard) / "vectors.npy",
+                             mmap_mode="r")
+        if stored is not None and len(stored) != n:
+            raise CorruptLibraryError(f"shard {shard}: {len(stored)} rows of {self.model.inputs}, {n} metadata rows; "
+                                      f"run biogen library verify library={self.lib_dir}")
         vectors = np.full((n, self.model.dim), np.nan, dtype=self.dtype)
         ok = np.zeros(n, dtype=bool)
         failed: dict[int, str] = {}
         seconds = Counter()
         for start in range(0, n, CHUNK):
-            out = self.model.embed(smiles[start:start + CHUNK])
+            out = (self.model.embed(smiles[start:start + CHUNK]) if stored is None
+                   else self.model.embed_stored(np.asarray(stored[start:start + CHUNK])))
             v = out.vectors.astype(self.dtype)
             if not np.isfinite(v[out.ok]).all():
                 raise LibraryError(f"shard {shard}: a {self.model.name} vector does not fit {self.dtype} "
@@ -125,8 +135,9 @@ def _reason_kind(reason: str) -> str:
     return reason
 
 
-def _model_identity(model: str, model_kwargs: dict) -> dict:
-    """The identity (name, version, dim, weights hash) without building the network."""
+def _model_identity(model: str, model_kwargs: dict, lib_dir: Path) -> dict:
+    """The identity (name, version, dim, weights hash), without building the network where
+    that is slow; a model that cannot embed the library (other fingerprints) is refused."""
     if model == "minimol":
         from biogen.embeddings.minimol import DIM, ONNX_SHA256, VERSION, onnx_path, read_weights
 
@@ -134,8 +145,11 @@ def _model_identity(model: str, model_kwargs: dict) -> dict:
         _, digest = read_weights(path, model_kwargs.get("weights_sha256", ONNX_SHA256))
         return {"model": model, "version": VERSION, "dim": DIM, "weights_sha256": digest}
     from biogen.embeddings.base import load_model
+    from biogen.library.store import Library
 
-    return {k: v for k, v in load_model(model, **model_kwargs).identity().items() if k != "dtype"}
+    m = load_model(model, **{**model_kwargs, "device": "cpu"})
+    m.check_library(Library.open(lib_dir))
+    return {k: v for k, v in m.identity().items() if k != "dtype"}
 
 
 def _placement(device: str, runtime: RuntimeSpec, slots: int, n_shards: int) -> tuple[float, int, int | None]:
@@ -162,9 +176,9 @@ def embed_library(library: str | Path, model: str = "minimol", *, device: str = 
     precision (auto | float32 | bfloat16 | float16), recorded; overwrite: recompute all
     (needed when the stored vectors come from another model version or weights)."""
     from biogen.device import cluster_device, resolve_device
-    from biogen.embeddings.base import check_model_name
+    from biogen.embeddings.base import MODELS, check_model_name
 
-    model = check_model_name(model)
+    model = check_model_name(model)  # a registered name, or a DTI checkpoint path (its compound tower)
     if dtype not in STORAGE_DTYPES:
         raise ConfigError(f"dtype={dtype!r}: embeddings are stored as {' or '.join(STORAGE_DTYPES)}")
     lib_dir = Path(library).absolute()
@@ -173,7 +187,9 @@ def embed_library(library: str | Path, model: str = "minimol", *, device: str = 
     if not cluster:
         device = resolve_device(device)
     model_kwargs = {"device": device, "dtype": compute_dtype, "batch_size": int(batch_size)}
-    identity = _model_identity(model, model_kwargs)
+    source = model if model in MODELS else str(Path(model).absolute())  # what the workers load
+    identity = _model_identity(model, model_kwargs, lib_dir)
+    model = identity["model"]   # the stored name (a DTI checkpoint's: dti-<sha12>)
     with locked(lib_dir):
         manifest = read_manifest(lib_dir)
         entry = embedding_entry(manifest, model)
@@ -210,13 +226,14 @@ def embed_library(library: str | Path, model: str = "minimol", *, device: str = 
                 model_kwargs["device"] = device
             gpus, workers, threads = _placement(device, runtime, slots, len(todo))
             results = run_shards_on_actors(
-                EmbedShardWorker, (model, model_kwargs, str(lib_dir), dtype, threads),
+                EmbedShardWorker, (source, model_kwargs, str(lib_dir), dtype, threads),
                 ((f"embed-{name}", (name,)) for name in todo), ledger=ledger, spec=runtime, slots=workers,
                 desc=f"embed {model}", total=len(todo), num_gpus=gpus)
         first = next(iter(results.values()))
         manifest = read_manifest(lib_dir)
         entry = manifest.setdefault("embeddings", {}).setdefault(model, {
             **identity, "dtype": dtype, "compute_dtype": first["identity"].get("dtype"),
+            **({"source": str(Path(source).absolute())} if source != model else {}),
             "layout": {"files": list(FILES), "vectors": f"N x {identity['dim']} {dtype}, row i = shard row i; "
                                                       "NaN rows where ok.npy is False (see failed.parquet)"},
             "shards": {}, "failed_by_reason": {}, "runs": []})
@@ -275,7 +292,11 @@ def complete_embeddings(library: str | Path, runtime: RuntimeSpec = RuntimeSpec(
     reports = []
     for model, entry in sorted((manifest.get("embeddings") or {}).items()):
         if missing_shards(manifest, model):
-            reports.append(embed_library(library, model, device=device, dtype=entry["dtype"],
+            if entry.get("source") and not Path(entry["source"]).is_file():
+                raise LibraryError(f"{model} embeddings of {library} come from {entry['source']}, which no longer "
+                                   f"exists: the new rows cannot be embedded; restore the checkpoint, or remove "
+                                   f"the embeddings ({Path(library) / EMBEDDINGS / model} and the manifest entry)")
+            reports.append(embed_library(library, entry.get("source") or model, device=device, dtype=entry["dtype"],
                                          compute_dtype=entry.get("compute_dtype") or "auto", runtime=runtime))
     return reports
 
@@ -348,7 +369,8 @@ def carry_embeddings(out: Path, pieces: list[tuple[Path, dict]], moves: list[tup
                         f"pieces {incomplete} are not completely embedded", out, model)
             continue
         e0 = entries[0]
-        entry = {k: e0[k] for k in ("model", "version", "dim", "weights_sha256", "dtype", "compute_dtype", "layout")
+        entry = {k: e0[k] for k in ("model", "version", "dim", "weights_sha256", "dtype", "compute_dtype", "layout",
+                                    "source")
                  if k in e0}
         entry.update(shards={}, runs=[])
         reasons: Counter = Counter()

@@ -113,7 +113,7 @@ class Library:
         if missing:
             raise LibraryError(f"library {self.path}: {len(missing)} of {len(self.shards)} shards have no {model} "
                                f"embeddings yet (an append after the last embed?); complete them with: "
-                               f"biogen library embed library={self.path} model={model}")
+                               f"biogen library embed library={self.path} model={entry.get('source') or model}")
         return entry
 
     def iter_embeddings(self, model: str) -> Iterator[tuple[Shard, np.ndarray, np.ndarray]]:

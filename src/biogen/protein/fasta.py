@@ -174,3 +174,9 @@ def read_proteins(paths) -> ProteinSet:
             out.sequences.append(rec.sequence)
         out.ids[rec.key].append(rec.id)
     return out
+
+
+def check_sequence(ident: str, sequence: str, source: str = "<sequence>") -> ProteinRecord | Reject:
+    """One sequence given as text (e.g. ``target.sequence``), validated like a FASTA record."""
+    head = (">" + ident).encode("utf-8", "replace")
+    return _finish(source, 1, head, [sequence.strip().encode("utf-8", "replace")], set())

@@ -384,7 +384,7 @@ def _prepare(lib: Library, target: TargetSpec, stages: list[Stage], run_dir: Pat
                     run_dir / "target_rejects.csv")
     ctx = ScreenContext(lib.featurizer, None if tdata.actives is None else tdata.actives.fps,
                         None if tdata.actives is None else tdata.actives.popcount, run_dir,
-                        tdata.training, accelerator, progress, lib)
+                        tdata.training, accelerator, progress, lib, target)
     seconds["target"] = time.perf_counter() - t0
     for st in stages:
         t0 = time.perf_counter()
@@ -614,6 +614,10 @@ def _run_screen(
 
     labels, enrichment = _enrichment(table, meta, key, label_set, ranking, filters, chosen.chosen) if label_set \
         else (None, None)
+    t0 = time.perf_counter()
+    sections = [sec for st in stages if (sec := st.finish(lib, ranking.alive, run_dir))]
+    if sections:
+        seconds["stage outputs"] = time.perf_counter() - t0
     notes = _notes(ranking, enrichment, prep.target.label_name if label_set else None)
     t0 = time.perf_counter()
     table = _score_table(table, ranking, ids, labels)
@@ -626,11 +630,12 @@ def _run_screen(
 
     summary = _summary(library, target, lib, prep.target, stages, scorers, fusion, selection, accelerator,
                        scored.workers, funnel, enrichment, notes, seconds)
+    summary["stage_outputs"] = [{k: sec.get(k) for k in ("title", "facts", "files")} for sec in sections]
     report_path = None
     if report:
         t0 = time.perf_counter()
         report_path = _write_report(run_dir, target, meta, summary, seconds, score_cols, ranking, hits, enrichment,
-                                    config_yaml, notes, chosen.chosen, time.perf_counter() - t_start)
+                                    config_yaml, notes, chosen.chosen, time.perf_counter() - t_start, sections)
         seconds["report"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     scores_written.result()
@@ -677,9 +682,10 @@ def run_screen(*args, **kwargs) -> ScreenResult:
 def _write_report(run_dir: Path, target: TargetSpec, meta: pa.Table, summary: dict, seconds: dict,
                   score_cols: dict[str, np.ndarray], ranking: Ranking, hits: pa.Table,
                   enrichment: ScreenEnrichment | None, config_yaml: str, notes: list[str], chosen: np.ndarray,
-                  wall: float) -> Path:
-    """meta: library metadata columns (rows in table order), with the stored PROPERTY_COLUMNS."""
-    from biogen.screen.report import ReportData, ReportEnrichment, write_report
+                  wall: float, sections: list[dict] = ()) -> Path:
+    """meta: library metadata columns (rows in table order), with the stored PROPERTY_COLUMNS;
+    sections: the stages' own (``Stage.finish``)."""
+    from biogen.screen.report import ReportData, ReportEnrichment, ReportSection, write_report
 
     props = None
     have = [c for c in PROPERTY_COLUMNS if c in meta.column_names]
@@ -707,5 +713,7 @@ def _write_report(run_dir: Path, target: TargetSpec, meta: pa.Table, summary: di
         funnel=summary["funnel"], stage_seconds=list(seconds.items()),
         scores={k: v[alive] for k, v in score_cols.items()} | {"fused": fused[alive]},
         hits=hits, property_space=props, enrichment=enr, config_yaml=config_yaml, notes=notes,
-        versions=summary["versions"])
+        versions=summary["versions"],
+        sections=[ReportSection(sec["title"], sec.get("facts", {}), sec.get("tables", []), sec.get("intro", ""))
+                  for sec in sections])
     return write_report(data, run_dir / "report.html")

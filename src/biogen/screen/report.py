@@ -93,6 +93,7 @@ class ReportData:
     notes: list[str] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
     n_structures: int = 24
+    sections: list["ReportSection"] = field(default_factory=list)
 
 
 @dataclass
@@ -112,6 +113,17 @@ class ReportEnrichment:
     null: NullModel | None = None
     details: dict = field(default_factory=dict)
     null_scores: np.ndarray | None = None  # the null model's ranking (shape N), for its curve
+
+
+@dataclass
+class ReportSection:
+    """A stage's own section (e.g. the protein-aware model and its panel): key facts and
+    tables (caption, pyarrow table), shown after the enrichment."""
+
+    title: str
+    facts: dict[str, object] = field(default_factory=dict)
+    tables: list[tuple[str, pa.Table]] = field(default_factory=list)
+    intro: str = ""
 
 
 def write_report(data: ReportData, path: str | Path) -> Path:
@@ -146,6 +158,7 @@ def render_report(data: ReportData) -> str:
         _funnel_section(data),
         _scores_section(data),
         _enrichment_section(data),
+        *(_stage_section(i, sec) for i, sec in enumerate(data.sections)),
         _property_section(data),
         structures_html,
         _hits_section(data),
@@ -154,7 +167,10 @@ def render_report(data: ReportData) -> str:
         _versions_section(data),
     ]
     generated = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
-    toc = "".join(f'<a href="#{sid}">{_e(name)}</a>' for sid, name in _TOC)
+    toc_items = list(_TOC)
+    at = [sid for sid, _ in toc_items].index("property-space")
+    toc_items[at:at] = [(f"stage-{i}", sec.title) for i, sec in enumerate(data.sections)]
+    toc = "".join(f'<a href="#{sid}">{_e(name)}</a>' for sid, name in toc_items)
     return _PAGE.format(
         title=_e(data.title),
         css=_CSS,
@@ -718,6 +734,33 @@ def _structures_section(data: ReportData) -> tuple[str, list[str]]:
     intro = (f"The {len(top):,} best-ranked hits (rank, id, fused score), drawn by RDKit "
              f"from their SMILES.")
     return _section("structures", title, f'<div class="grid">{"".join(cards)}</div>', intro), bad
+
+
+def _arrow_table(t: pa.Table) -> str:
+    """Any small table as HTML (numbers right-aligned, SMILES as code)."""
+    cols = t.column_names
+    numeric = {c for c in cols if pa.types.is_integer(t.schema.field(c).type)
+               or pa.types.is_floating(t.schema.field(c).type)}
+    head = "".join(f'<th class="{"n" if c in numeric else "t"}">{_e(c)}</th>' for c in cols)
+    trs = []
+    for row in t.to_pylist():
+        cells = []
+        for c in cols:
+            text = _e(_cell(row[c], c))
+            if c in ("smiles", "scaffold"):
+                text = f'<code class="smiles">{text}</code>'
+            cells.append(f'<td class="{"n" if c in numeric else "t"}">{text}</td>')
+        trs.append("<tr>" + "".join(cells) + "</tr>")
+    return f'<div class="scroll"><table class="hits"><thead><tr>{head}</tr></thead><tbody>{"".join(trs)}</tbody></table></div>'
+
+
+def _stage_section(i: int, sec: ReportSection) -> str:
+    rows = [(_e(k), _e(_fmt(v))) for k, v in sec.facts.items()]
+    body = _table(["", ""], rows, cls="kv") if rows else ""
+    for caption, t in sec.tables:
+        body += f"<h3>{_e(caption)}</h3>" + (_arrow_table(t.slice(0, MAX_TABLE_ROWS)) if t.num_rows
+                                             else _nodata("no rows"))
+    return _section(f"stage-{i}", sec.title, body, _e(sec.intro))
 
 
 def _hits_section(data: ReportData) -> str:

@@ -89,6 +89,7 @@ class ScreenContext:
     accelerator: str = "cpu"
     progress: bool = True
     library: object | None = None           # the biogen.library.Library screened (its stored embeddings)
+    target: object | None = None            # the TargetSpec (its protein sequence(s), for protein-aware scoring)
 
 
 class Stage(Protocol):
@@ -107,6 +108,7 @@ class Stage(Protocol):
     def load(self) -> None: ...
     def __call__(self, batch: MoleculeBatch) -> np.ndarray: ...
     def describe(self) -> str: ...
+    def finish(self, library, alive: np.ndarray, run_dir: Path) -> dict | None: ...
 
 
 class _Base:
@@ -127,6 +129,13 @@ class _Base:
 
     def describe(self) -> str:
         return self.name
+
+    def finish(self, library, alive: np.ndarray, run_dir: Path) -> dict | None:
+        """Driver-side, after the ranking: a stage's own extra outputs (files in ``run_dir``
+        over the molecules that passed the filters, ``alive`` in library order). Returns a
+        report section (``title``, ``facts``: dict, ``tables``: [(caption, pa.Table)],
+        ``files``) or None."""
+        return None
 
 
 # ---------------------------------------------------------------- property filters

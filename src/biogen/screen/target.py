@@ -41,8 +41,9 @@ class TargetSpec:
     activities, labels: files (see module docstring); smiles_column / value_column: the
     activities CSV's columns (found by name when null); value_unit: nM | uM | pActivity;
     active_threshold: pActivity at or above which a compound counts as active (7 = 100 nM);
-    sequence: the target protein's sequence (recorded with the run, for protein-aware
-    scoring); description: free text.
+    sequence: the target protein's sequence; fasta: a FASTA file of one or more proteins
+    (protein-aware scoring: the first protein is the target, the others a panel scored
+    beside it); description: free text.
     """
 
     name: str = "target"
@@ -55,14 +56,18 @@ class TargetSpec:
     value_unit: str = "nM"
     active_threshold: float = 7.0
     sequence: str | None = None
+    fasta: str | None = None
     description: str = ""
 
     def __post_init__(self) -> None:
         if self.value_unit not in UNITS:
             raise ConfigError(f"target.value_unit={self.value_unit!r} is not valid; choose one of {', '.join(UNITS)}")
-        if not (self.moleculeace or self.actives or self.activities):
-            raise ConfigError("the target has no compounds: set target.moleculeace=<data set> (e.g. CHEMBL204_Ki), "
-                              "target.actives=<file of known actives> or target.activities=<csv>")
+        if not (self.moleculeace or self.actives or self.activities or self.sequence or self.fasta):
+            raise ConfigError("the target has no compounds and no protein: set target.moleculeace=<data set> (e.g. "
+                              "CHEMBL204_Ki), target.actives=<file of known actives>, target.activities=<csv>, or "
+                              "for protein-aware scoring target.sequence=<amino acids> / target.fasta=<file>")
+        if self.fasta and not Path(self.fasta).is_file():
+            raise ConfigError(f"target.fasta={self.fasta!r} not found; give a FASTA file of one or more proteins")
 
 
 @dataclass
