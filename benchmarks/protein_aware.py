@@ -24,7 +24,6 @@ import argparse
 import json
 import sys
 import time
-from itertools import product
 from pathlib import Path
 
 import numpy as np
@@ -33,19 +32,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, versions  # noqa: E402
 
 METRICS = ("ci", "rmse", "spearman_per_protein_median", "auroc", "aupr")
-
-
-def kmer_composition(sequences: list[str], k: int = 2) -> np.ndarray:
-    letters = "ACDEFGHIKLMNPQRSTVWY"
-    index = {"".join(p): i for i, p in enumerate(product(letters, repeat=k))}
-    out = np.zeros((len(sequences), len(index)), np.float32)
-    for r, s in enumerate(sequences):
-        for i in range(len(s) - k + 1):
-            j = index.get(s[i:i + k])
-            if j is not None:
-                out[r, j] += 1
-        out[r] /= max(1.0, out[r].sum())
-    return out
 
 
 def main(argv=None) -> None:
@@ -60,6 +46,7 @@ def main(argv=None) -> None:
 
     from biogen.dti.data import read_kiba
     from biogen.dti.model import DTISpec, fit_dti, protein_vectors
+    from biogen.evaluation.dti import kmer_composition
 
     t = time.perf_counter()
     data = read_kiba(args.kiba)

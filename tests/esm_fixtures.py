@@ -50,18 +50,10 @@ def random_fair_esm(num_layers: int, embed_dim: int, heads: int, seed: int = 0):
 
 
 def save_fair_esm(model, path: Path) -> Path:
-    """The hub checkpoint layout (prefixes that ``_load_model_and_alphabet_core_v2`` strips)."""
-    state = {}
-    for k, v in model.state_dict().items():
-        if k.startswith("contact_head."):
-            continue  # hub files keep the contact regression in a separate -contact-regression.pt
-        prefix = "encoder." if k.startswith("lm_head.") else "encoder.sentence_encoder."
-        state[prefix + k] = v.clone()
-    cfg = argparse.Namespace(encoder_layers=model.num_layers, encoder_embed_dim=model.embed_dim,
-                             encoder_attention_heads=model.attention_heads, token_dropout=model.token_dropout)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": state, "cfg": {"model": cfg}, "args": None}, path)
-    return path
+    """The hub checkpoint layout (``biogen.protein.models.save_fair_esm``)."""
+    from biogen.protein.models import save_fair_esm as save
+
+    return save(model, path)
 
 
 def fair_to_hf_state(model) -> dict:

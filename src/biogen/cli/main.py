@@ -40,6 +40,8 @@ JOBS: dict[tuple[str, ...], tuple[str, str, str]] = {
                         "cosine top-k of query proteins against an embedding store"),
     ("evaluate",): ("evaluate", "biogen.cli.evaluate:evaluate",
                     "Riniker-Landrum virtual-screening benchmark: similarity and QSAR scoring"),
+    ("evaluate", "dti"): ("evaluate_dti", "biogen.cli.evaluate_dti:evaluate_dti",
+                          "drug-target model on unseen proteins/compounds: what the protein model adds"),
 }
 
 USAGE = """usage: biogen <job> [key=value ...] [--help] [--cfg job] [-m]

@@ -448,3 +448,39 @@ def load_checkpoint(model: str | Path, cache_dir: str | Path | None = None, *, d
     log.info("loaded %s (%s, %d layers x %d) from %s, sha256 %s", ckpt.arch.name, ckpt.source,
              ckpt.arch.num_layers, ckpt.arch.embed_dim, ckpt.path, ckpt.sha256[:12])
     return ckpt
+
+
+def save_fair_esm(model, path: str | Path) -> Path:
+    """A fair-esm ``ESM2`` module saved in the hub checkpoint layout that ``load_fair_esm``
+    (and fair-esm's ``load_model_and_alphabet_core``) read: ``{"model": {"encoder.sentence_encoder.<param>":
+    ..., "encoder.lm_head.<param>": ...}, "cfg": {"model": Namespace(...)}, "args": None}``."""
+    import torch
+
+    state = {}
+    for k, v in model.state_dict().items():
+        if k.startswith("contact_head."):
+            continue  # hub files keep the contact regression in a separate -contact-regression.pt
+        prefix = "encoder." if k.startswith("lm_head.") else "encoder.sentence_encoder."
+        state[prefix + k] = v.clone()
+    cfg = argparse.Namespace(encoder_layers=model.num_layers, encoder_embed_dim=model.embed_dim,
+                             encoder_attention_heads=model.attention_heads, token_dropout=model.token_dropout)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": state, "cfg": {"model": cfg}, "args": None}, path)
+    return path
+
+
+def random_esm2(name: str, path: str | Path, seed: int = 0) -> Path:
+    """An untrained ESM-2 of the published architecture ``name`` (fair-esm's own
+    initialization, seeded) saved at ``path``: the control that shows what pretraining adds
+    (``biogen evaluate dti``'s ``esm2_random`` representation)."""
+    import esm
+    import torch
+
+    arch = architecture(name)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = esm.model.esm2.ESM2(num_layers=arch.num_layers, embed_dim=arch.embed_dim,
+                                    attention_heads=arch.attention_heads, alphabet="ESM-1b",
+                                    token_dropout=arch.token_dropout)
+    return save_fair_esm(model.eval(), path)
