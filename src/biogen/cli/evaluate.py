@@ -34,10 +34,9 @@ def _scorers(cfg: DictConfig):
 
 
 def evaluate(cfg: DictConfig) -> None:
-    from biogen.evaluation import report as rep
     from biogen.evaluation.data import check_root
     from biogen.evaluation.protocol import ProtocolSpec
-    from biogen.evaluation.runner import NOTE_FIELDS, ROW_FIELDS, run_benchmark
+    from biogen.evaluation.runner import run_benchmark
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     out = Path(cfg.output) if cfg.output is not None else run_dir
@@ -65,6 +64,13 @@ def evaluate(cfg: DictConfig) -> None:
     result = run_benchmark(root, out, datasets=[str(d) for d in cfg.datasets], targets=targets, specs=specs,
                            scorers=scorers, protocol=protocol, runtime=runtime, invalid=str(cfg.invalid),
                            key_params=key_params)
+    _write_results(cfg, out, result, scorers, protocol)
+
+
+def _write_results(cfg: DictConfig, out: Path, result, scorers: list, protocol) -> None:
+    """Repeats, notes, per-target and summary tables, the Markdown report, plots and JSON."""
+    from biogen.evaluation import report as rep
+    from biogen.evaluation.runner import NOTE_FIELDS, ROW_FIELDS
 
     names = [s.name for s in scorers]
     trained = {s.name for s in scorers if s.uses_decoys}

@@ -191,16 +191,7 @@ def embed_library(library: str | Path, model: str = "minimol", *, device: str = 
     identity = _model_identity(model, model_kwargs, lib_dir)
     model = identity["model"]   # the stored name (a DTI checkpoint's: dti-<sha12>)
     with locked(lib_dir):
-        manifest = read_manifest(lib_dir)
-        entry = embedding_entry(manifest, model)
-        if entry is not None and overwrite:
-            log.warning("overwrite=true: removing the stored %s embeddings of %s", model, lib_dir)
-            shutil.rmtree(lib_dir / EMBEDDINGS / model, ignore_errors=True)
-            manifest.setdefault("embeddings", {}).pop(model)
-            write_manifest(lib_dir, manifest)
-            entry = None
-        if entry is not None:
-            _check_same_model(entry, identity, dtype, lib_dir)
+        manifest = _open_entry(lib_dir, model, identity, dtype, overwrite)
         todo = missing_shards(manifest, model)
         report = {"library": str(lib_dir), "model": model, "identity": identity, "dtype": dtype,
                   "shards_total": len(manifest["shards"]), "shards_embedded": len(todo), "rows": 0, "failed": 0,
@@ -209,17 +200,11 @@ def embed_library(library: str | Path, model: str = "minimol", *, device: str = 
             log.info("%s embeddings of %s are complete (%d shards); nothing to do", model, lib_dir,
                      len(manifest["shards"]))
             return report
-        sizes = {s["name"]: s["rows"] for s in manifest["shards"]}
         key = json_digest({"action": "embed", "model": identity, "dtype": dtype, "compute_dtype": compute_dtype,
                            "shards": [(s["name"], s["files"]["meta.parquet"]["sha256"]) for s in manifest["shards"]
                                       if s["name"] in todo]})
         work = lib_dir / WORK / f"{model}-embed"
-        if _ledger_key(work / "ledger.jsonl") not in (None, key):
-            # its shards' files are not in the manifest: nothing is lost but its time
-            log.warning("an unfinished %s embedding job with other parameters (or on other shards) is abandoned",
-                        model)
-            shutil.rmtree(work)
-        ledger = Ledger(work / "ledger.jsonl", key, root=lib_dir)
+        ledger = _ledger(work, key, lib_dir, model)
         with ray_session(runtime) as slots:
             if cluster:
                 device = cluster_device(device)
@@ -229,43 +214,81 @@ def embed_library(library: str | Path, model: str = "minimol", *, device: str = 
                 EmbedShardWorker, (source, model_kwargs, str(lib_dir), dtype, threads),
                 ((f"embed-{name}", (name,)) for name in todo), ledger=ledger, spec=runtime, slots=workers,
                 desc=f"embed {model}", total=len(todo), num_gpus=gpus)
-        first = next(iter(results.values()))
-        manifest = read_manifest(lib_dir)
-        entry = manifest.setdefault("embeddings", {}).setdefault(model, {
-            **identity, "dtype": dtype, "compute_dtype": first["identity"].get("dtype"),
-            **({"source": str(Path(source).absolute())} if source != model else {}),
-            "layout": {"files": list(FILES), "vectors": f"N x {identity['dim']} {dtype}, row i = shard row i; "
-                                                      "NaN rows where ok.npy is False (see failed.parquet)"},
-            "shards": {}, "failed_by_reason": {}, "runs": []})
-        reasons: Counter = Counter(entry["failed_by_reason"])
-        for name in todo:
-            r = results[f"embed-{name}"]
-            if r["rows"] != sizes[name]:
-                raise CorruptLibraryError(f"shard {name}: {r['rows']} rows embedded, the manifest says {sizes[name]}")
-            d = shard_dir(lib_dir, model, name)
-            entry["shards"][name] = {"rows": r["rows"], "failed": r["failed"],
-                                     "files": {f: {"bytes": (d / f).stat().st_size, "sha256": sha256_file(d / f)}
-                                               for f in FILES}}
-            reasons.update(r["reasons"])
-            report["rows"] += r["rows"]
-            report["failed"] += r["failed"]
-        entry["failed_by_reason"] = dict(reasons)
-        entry["n_failed"] = sum(s["failed"] for s in entry["shards"].values())
-        report["seconds"] = round(time.perf_counter() - t0, 3)
-        report["reasons"] = {k: sum(r["reasons"].get(k, 0) for r in results.values())
-                             for k in {k for r in results.values() for k in r["reasons"]}}
-        report["stage_seconds"] = {k: round(sum(r[k] for r in results.values()), 3)
-                                   for k in ("featurize_s", "forward_s", "seconds")}
-        entry["runs"].append({"time": now_iso(), "job_key": key, "shards": todo, "rows": report["rows"],
-                              "failed": report["failed"], "device": device, "compute_dtype": first["identity"].get("dtype"),
-                              "seconds": report["seconds"], "stage_seconds": report["stage_seconds"],
-                              "versions": tool_versions(), "run": ledger.run_summary()})
-        manifest["updated"] = now_iso()
-        write_manifest(lib_dir, manifest)
+        results = [results[f"embed-{name}"] for name in todo]
+        _tally(report, results, t0)
+        _record_run(lib_dir, model, {**identity, "source": source}, dtype, dict(zip(todo, results)),
+                    {"time": now_iso(), "job_key": key, "shards": todo, "rows": report["rows"],
+                     "failed": report["failed"], "device": device,
+                     "compute_dtype": results[0]["identity"].get("dtype"), "seconds": report["seconds"],
+                     "stage_seconds": report["stage_seconds"], "versions": tool_versions(),
+                     "run": ledger.run_summary()})
         shutil.rmtree(work, ignore_errors=True)
         if (lib_dir / WORK).is_dir() and not any((lib_dir / WORK).iterdir()):
             os.rmdir(lib_dir / WORK)
     return report
+
+
+def _open_entry(lib_dir: Path, model: str, identity: dict, dtype: str, overwrite: bool) -> dict:
+    """The manifest, with the model's stored embeddings removed (``overwrite``) or checked to
+    come from the same model and dtype."""
+    manifest = read_manifest(lib_dir)
+    entry = embedding_entry(manifest, model)
+    if entry is not None and overwrite:
+        log.warning("overwrite=true: removing the stored %s embeddings of %s", model, lib_dir)
+        shutil.rmtree(lib_dir / EMBEDDINGS / model, ignore_errors=True)
+        manifest.setdefault("embeddings", {}).pop(model)
+        write_manifest(lib_dir, manifest)
+    elif entry is not None:
+        _check_same_model(entry, identity, dtype, lib_dir)
+    return manifest
+
+
+def _ledger(work: Path, key: str, lib_dir: Path, model: str) -> Ledger:
+    """The resume ledger of this job; an unfinished job with another key is abandoned."""
+    if _ledger_key(work / "ledger.jsonl") not in (None, key):
+        # its shards' files are not in the manifest: nothing is lost but its time
+        log.warning("an unfinished %s embedding job with other parameters (or on other shards) is abandoned",
+                    model)
+        shutil.rmtree(work)
+    return Ledger(work / "ledger.jsonl", key, root=lib_dir)
+
+
+def _tally(report: dict, results: list[dict], t0: float) -> None:
+    """Rows, failures by reason and per-stage seconds of the shards' results, into ``report``."""
+    report["rows"] += sum(r["rows"] for r in results)
+    report["failed"] += sum(r["failed"] for r in results)
+    report["seconds"] = round(time.perf_counter() - t0, 3)
+    report["reasons"] = dict(sum((Counter(r["reasons"]) for r in results), Counter()))
+    report["stage_seconds"] = {k: round(sum(r[k] for r in results), 3)
+                               for k in ("featurize_s", "forward_s", "seconds")}
+
+
+def _record_run(lib_dir: Path, model: str, identity: dict, dtype: str, results: dict[str, dict],
+                run: dict) -> None:
+    """Record the embedded shards (files, rows, failures) and the run in the manifest."""
+    source = identity.pop("source")
+    manifest = read_manifest(lib_dir)
+    sizes = {s["name"]: s["rows"] for s in manifest["shards"]}
+    entry = manifest.setdefault("embeddings", {}).setdefault(model, {
+        **identity, "dtype": dtype, "compute_dtype": run["compute_dtype"],
+        **({"source": str(Path(source).absolute())} if source != model else {}),
+        "layout": {"files": list(FILES), "vectors": f"N x {identity['dim']} {dtype}, row i = shard row i; "
+                                                  "NaN rows where ok.npy is False (see failed.parquet)"},
+        "shards": {}, "failed_by_reason": {}, "runs": []})
+    reasons: Counter = Counter(entry["failed_by_reason"])
+    for name, r in results.items():
+        if r["rows"] != sizes[name]:
+            raise CorruptLibraryError(f"shard {name}: {r['rows']} rows embedded, the manifest says {sizes[name]}")
+        d = shard_dir(lib_dir, model, name)
+        entry["shards"][name] = {"rows": r["rows"], "failed": r["failed"],
+                                 "files": {f: {"bytes": (d / f).stat().st_size, "sha256": sha256_file(d / f)}
+                                           for f in FILES}}
+        reasons.update(r["reasons"])
+    entry["failed_by_reason"] = dict(reasons)
+    entry["n_failed"] = sum(s["failed"] for s in entry["shards"].values())
+    entry["runs"].append(run)
+    manifest["updated"] = now_iso()
+    write_manifest(lib_dir, manifest)
 
 
 def _ledger_key(path: Path) -> str | None:

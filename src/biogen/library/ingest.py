@@ -182,18 +182,9 @@ def _existing_keys(lib_dir: Path, manifest: dict) -> tuple[dict[str, str], set[s
     return first, ids
 
 
-
-
-
-
-
-
-
-
-
-
 def _run(lib_dir: Path, manifest: dict, infos: list[InputInfo], opts: ReaderOptions, *,
          action: str, spec: ProcessorSpec, chunk_size: int, runtime: RuntimeSpec, job_key: str) -> IngestReport:
+    """Featurize the inputs (map), dedupe and write the new shards (finalize), record them."""
     t_start = time.perf_counter()
     clean_committed_work(lib_dir, manifest)
     hist = len(manifest["history"])
@@ -202,52 +193,22 @@ def _run(lib_dir: Path, manifest: dict, infos: list[InputInfo], opts: ReaderOpti
     resumed = len(ledger.entries)
     if resumed:
         log.info("resuming %s: %d shard steps already done", work, resumed)
-    est = sum(i.records_estimate for i in infos)
-    n_parts_est = max(1, -(-est // chunk_size))
     report = IngestReport(library=str(lib_dir), action=action, resumed_shards=resumed)
     with ray_session(runtime) as slots:
-        key = manifest["dedupe"]["key"]
-        shards = ((f"map-{p:06d}", (str(work), p, recs, spec, key == "inchikey"))
-                  for p, recs in _chunks(infos, opts, chunk_size))
-        mapped = run_shards(map_part, shards, ledger=ledger, spec=runtime, slots=slots,
-                            desc=f"{action}: featurize", total=n_parts_est)
+        mapped = _map_phase(work, infos, opts, spec, chunk_size, manifest["dedupe"]["key"],
+                            ledger, runtime, slots, action)
         parts = sorted(int(k.split("-")[1]) for k in mapped)
         report.records_read = sum(r["n_in"] for r in mapped.values())
         if report.records_read == 0:
             raise InputError("no records found in " + ", ".join(i.path for i in infos)
                              + " (only empty lines or comments)")
-        t0 = time.perf_counter()
-        dd = Dedupe(*_existing_keys(lib_dir, manifest), ordinal=manifest["n_rows"],
-                     mode=manifest["dedupe"]["mode"], id_prefix=manifest["id_prefix"], key=key)
-        dd.seconds = time.perf_counter() - t0
-        fin_shards = ((f"final-{p:06d}", (str(work), str(lib_dir), p, f"{hist:03d}-{p:06d}", keep, rid, dup, ords, drops))
-                      for p, keep, rid, dup, ords, drops in plan_dedupe(work, parts, dd))
-        finals = run_shards(finalize_part, fin_shards, ledger=ledger, spec=runtime, slots=slots,
-                            desc=f"{action}: write shards", total=len(parts))
-        report.duplicates = dd.duplicates
-        dd.first, dd.ids = {}, set()  # free the index before the commit
+        dd, finals = _finalize_phase(lib_dir, manifest, work, parts, hist, ledger, runtime, slots, action)
     new_shards = [finals[f"final-{p:06d}"]["shard"] for p in parts if finals[f"final-{p:06d}"]["shard"]]
-    reasons: Counter = Counter()
-    for r in mapped.values():
-        reasons.update(r["reasons"])
-    reasons.update(dd.reasons)
-    stage = Counter()
-    for r in mapped.values():
-        stage.update(r["timings"])
-    stage["dedupe"] = dd.seconds  # driver, serial (overlaps with finalize tasks)
-    stage["finalize"] = sum(r.get("seconds", 0.0) for r in finals.values())  # sort + write shards
-    report.by_reason = dict(reasons)
-    report.rejected = sum(reasons.values())
-    report.rows_added = sum(s["rows"] for s in new_shards)
-    report.shards_added = [s["name"] for s in new_shards]
-    report.stage_seconds = {k: round(v, 3) for k, v in stage.items()}
+    _tally(report, mapped, finals, dd, new_shards)
     report.rejects_file = write_rejects(lib_dir, work, parts, infos, f"{hist:03d}-{action}")
     report.seconds = round(time.perf_counter() - t_start, 3)
     assert report.rows_added + report.rejected == report.records_read, "row accounting broken"
-
-    manifest["shards"].extend(new_shards)
-    manifest["n_rows"] += report.rows_added
-    manifest["history"].append({
+    _commit(lib_dir, manifest, new_shards, report, {
         "action": action, "time": now_iso(), "job_key": job_key,
         "deposit_key": _deposit_key(infos, opts), "versions": tool_versions(),
         "inputs": [i.to_manifest() for i in infos], "chunk_size": chunk_size,
@@ -257,12 +218,62 @@ def _run(lib_dir: Path, manifest: dict, infos: list[InputInfo], opts: ReaderOpti
         "stage_seconds": report.stage_seconds, "resumed_shard_steps": resumed,
         "run": ledger.run_summary(),  # driver sessions, workers or nodes lost (the ledger goes with _work)
     })
-    manifest["rejected_total"] = sum(h["rejected"] for h in manifest["history"])
-    write_manifest(lib_dir, manifest)
-    clean_committed_work(lib_dir, manifest)
     return report
 
 
+def _map_phase(work: Path, infos: list[InputInfo], opts: ReaderOptions, spec: ProcessorSpec, chunk_size: int,
+               key: str, ledger: Ledger, runtime: RuntimeSpec, slots: int, action: str) -> dict[str, dict]:
+    """Read the inputs in chunks and featurize each into a part (Ray tasks)."""
+    est = sum(i.records_estimate for i in infos)
+    shards = ((f"map-{p:06d}", (str(work), p, recs, spec, key == "inchikey"))
+              for p, recs in _chunks(infos, opts, chunk_size))
+    return run_shards(map_part, shards, ledger=ledger, spec=runtime, slots=slots,
+                      desc=f"{action}: featurize", total=max(1, -(-est // chunk_size)))
+
+
+def _finalize_phase(lib_dir: Path, manifest: dict, work: Path, parts: list[int], hist: int, ledger: Ledger,
+                    runtime: RuntimeSpec, slots: int, action: str) -> tuple[Dedupe, dict[str, dict]]:
+    """Dedupe the parts against the library and each other (driver), then sort and write
+    each part as a shard (Ray tasks)."""
+    t0 = time.perf_counter()
+    dd = Dedupe(*_existing_keys(lib_dir, manifest), ordinal=manifest["n_rows"],
+                mode=manifest["dedupe"]["mode"], id_prefix=manifest["id_prefix"], key=manifest["dedupe"]["key"])
+    dd.seconds = time.perf_counter() - t0
+    fin_shards = ((f"final-{p:06d}", (str(work), str(lib_dir), p, f"{hist:03d}-{p:06d}", keep, rid, dup, ords, drops))
+                  for p, keep, rid, dup, ords, drops in plan_dedupe(work, parts, dd))
+    finals = run_shards(finalize_part, fin_shards, ledger=ledger, spec=runtime, slots=slots,
+                        desc=f"{action}: write shards", total=len(parts))
+    dd.first, dd.ids = {}, set()  # free the index before the commit
+    return dd, finals
+
+
+def _tally(report: IngestReport, mapped: dict[str, dict], finals: dict[str, dict], dd: Dedupe,
+           new_shards: list[dict]) -> None:
+    """Duplicates, rejects by reason, rows and shards added, seconds per stage."""
+    reasons: Counter = Counter()
+    stage: Counter = Counter()
+    for r in mapped.values():
+        reasons.update(r["reasons"])
+        stage.update(r["timings"])
+    reasons.update(dd.reasons)
+    stage["dedupe"] = dd.seconds  # driver, serial (overlaps with finalize tasks)
+    stage["finalize"] = sum(r.get("seconds", 0.0) for r in finals.values())  # sort + write shards
+    report.duplicates = dd.duplicates
+    report.by_reason = dict(reasons)
+    report.rejected = sum(reasons.values())
+    report.rows_added = sum(s["rows"] for s in new_shards)
+    report.shards_added = [s["name"] for s in new_shards]
+    report.stage_seconds = {k: round(v, 3) for k, v in stage.items()}
+
+
+def _commit(lib_dir: Path, manifest: dict, new_shards: list[dict], report: IngestReport, entry: dict) -> None:
+    """The new shards and the history entry into the manifest (the commit point)."""
+    manifest["shards"].extend(new_shards)
+    manifest["n_rows"] += report.rows_added
+    manifest["history"].append(entry)
+    manifest["rejected_total"] = sum(h["rejected"] for h in manifest["history"])
+    write_manifest(lib_dir, manifest)
+    clean_committed_work(lib_dir, manifest)
 
 
 def build_library(
@@ -297,30 +308,8 @@ def build_library(
     out = Path(output).absolute()  # tasks may run on other nodes with another cwd
     created = not out.exists()
     key = _job_key("build", spec, infos, reader, chunk_size, dedupe, id_prefix, None, dedupe_key)
-    if out.exists():
-        if not out.is_dir():
-            raise LibraryError(f"output={out} exists and is a file; choose a directory path")
-        has_lib = (out / MANIFEST).exists()
-        has_work = (out / WORK).exists()
-        if overwrite and (has_lib or has_work):
-            pass  # replaced below, under the library's lock
-        elif has_lib:
-            existing = read_manifest(out)
-            builds = [h for h in existing["history"] if h["action"] == "build"]
-            if builds and builds[0].get("job_key") == key and len(existing["history"]) == 1:
-                clean_committed_work(out, existing)
-                return _embed_built(IngestReport(library=str(out), action="build", already_done=True),
-                                    embeddings, runtime)
-            raise LibraryError(
-                f"output={out} already holds a different library ({existing['n_rows']} molecules, "
-                f"{len(existing['history'])} history entries); add to it with `biogen library append "
-                f"library={out} input=...`, choose another output, or pass overwrite=true to replace it"
-            )
-        elif not has_work and any(p.name != ".lock" for p in out.iterdir()):
-            raise LibraryError(
-                f"output={out} is a non-empty directory that is not a biogen library; "
-                "choose a new or empty directory (overwrite=true only replaces libraries)"
-            )
+    if _check_output(out, key, overwrite):
+        return _embed_built(IngestReport(library=str(out), action="build", already_done=True), embeddings, runtime)
     manifest = new_manifest(featurizer.to_dict(), standardize.to_dict(), list(descriptors), dedupe, id_prefix,
                             dedupe_key)
     with locked(out):
@@ -333,6 +322,36 @@ def build_library(
             shutil.rmtree(out if created else out / WORK, ignore_errors=True)
             raise
     return _embed_built(report, embeddings, runtime)
+
+
+def _check_output(out: Path, key: str, overwrite: bool) -> bool:
+    """True when ``out`` already holds this very build (same job key, nothing since); an
+    error for anything there that the build would wrongly replace."""
+    if not out.exists():
+        return False
+    if not out.is_dir():
+        raise LibraryError(f"output={out} exists and is a file; choose a directory path")
+    has_lib = (out / MANIFEST).exists()
+    has_work = (out / WORK).exists()
+    if overwrite and (has_lib or has_work):
+        return False  # replaced by the caller, under the library's lock
+    if has_lib:
+        existing = read_manifest(out)
+        builds = [h for h in existing["history"] if h["action"] == "build"]
+        if builds and builds[0].get("job_key") == key and len(existing["history"]) == 1:
+            clean_committed_work(out, existing)
+            return True
+        raise LibraryError(
+            f"output={out} already holds a different library ({existing['n_rows']} molecules, "
+            f"{len(existing['history'])} history entries); add to it with `biogen library append "
+            f"library={out} input=...`, choose another output, or pass overwrite=true to replace it"
+        )
+    if not has_work and any(p.name != ".lock" for p in out.iterdir()):
+        raise LibraryError(
+            f"output={out} is a non-empty directory that is not a biogen library; "
+            "choose a new or empty directory (overwrite=true only replaces libraries)"
+        )
+    return False
 
 
 def _embed_built(report: IngestReport, models: Sequence[str], runtime: RuntimeSpec) -> IngestReport:

@@ -200,15 +200,8 @@ def piece_to_parts(work: str, piece: str, manifest: dict, first_part: int) -> tu
             starts.append((-1,))
             was_generated: list[str] = []
         else:
-            meta = pq.read_table(piece / "shards" / name / "meta.parquet")
-            order = np.argsort(meta.column("ordinal").to_numpy(), kind="stable")
-            meta = meta.take(pa.array(order))
-            fps = np.load(piece / "shards" / name / "fp.npy")[order]
-            ords = meta.column("ordinal").to_numpy()
-            if len(ords) and ords[0] <= last_ordinal:
-                raise LibraryError(f"piece {piece}: shard {name} holds ordinals below those of an earlier shard; "
-                                   "its shards are not in input order (not a library biogen wrote?)")
-            last_ordinal = int(ords[-1]) if len(ords) else last_ordinal
+            meta, fps = _read_piece_shard(piece, name, last_ordinal)
+            last_ordinal = int(meta.column("ordinal")[-1].as_py()) if meta.num_rows else last_ordinal
             gen, was_legacy = _generated(meta, manifest["id_prefix"])
             legacy |= was_legacy
             generated += int(gen.sum())
@@ -226,9 +219,32 @@ def piece_to_parts(work: str, piece: str, manifest: dict, first_part: int) -> tu
         with atomic_path(work / f"{stem}.generated.json") as tmp:  # the piece's ids of the id-less rows
             tmp.write_text(json.dumps(was_generated))
         outputs.append(f"{stem}.generated.json")
-    # the piece's rejects go with the part their records fall in (input order), so that the
-    # merged rejects file is in input order like a build's
-    carried: list[list[dict]] = [[] for _ in names]
+    reasons = _carry_rejects(work, piece, manifest, starts, first_part, outputs)
+    records = sum(h.get("records_read", 0) for h in manifest["history"])
+    return outputs, {"rows": rows, "parts": len(names), "records_read": records, "carried": sum(reasons.values()),
+                     "reasons": dict(reasons), "generated_ids": generated, "legacy_ids": legacy,
+                     "seconds": time.perf_counter() - t0}
+
+
+def _read_piece_shard(piece: Path, name: str, last_ordinal: int) -> tuple[pa.Table, np.ndarray]:
+    """A piece's shard (meta and fingerprints) in ordinal order, checked to come after the
+    piece's earlier shards."""
+    meta = pq.read_table(piece / "shards" / name / "meta.parquet")
+    order = np.argsort(meta.column("ordinal").to_numpy(), kind="stable")
+    meta = meta.take(pa.array(order))
+    fps = np.load(piece / "shards" / name / "fp.npy")[order]
+    ords = meta.column("ordinal").to_numpy()
+    if len(ords) and ords[0] <= last_ordinal:
+        raise LibraryError(f"piece {piece}: shard {name} holds ordinals below those of an earlier shard; "
+                           "its shards are not in input order (not a library biogen wrote?)")
+    return meta, fps
+
+
+def _carry_rejects(work: Path, piece: Path, manifest: dict, starts: list[tuple], first_part: int,
+                   outputs: list[str]) -> Counter:
+    """The piece's rejects go with the part their records fall in (input order), so that the
+    merged rejects file is in input order like a build's; returns them counted by reason."""
+    carried: list[list[dict]] = [[] for _ in starts]
     reasons: Counter = Counter()
     for key, row in _read_rejects(piece, manifest):
         carried[max(0, bisect.bisect_right(starts, key) - 1)].append(row)
@@ -237,10 +253,7 @@ def piece_to_parts(work: str, piece: str, manifest: dict, first_part: int) -> tu
         stem = part_stem(first_part + k)
         write_jsonl(work / f"{stem}.carried.jsonl", rej)
         outputs.append(f"{stem}.carried.jsonl")
-    records = sum(h.get("records_read", 0) for h in manifest["history"])
-    return outputs, {"rows": rows, "parts": len(names), "records_read": records, "carried": sum(reasons.values()),
-                     "reasons": dict(reasons), "generated_ids": generated, "legacy_ids": legacy,
-                     "seconds": time.perf_counter() - t0}
+    return reasons
 
 
 # ------------------------------------------------------------------ step 2: exactness check

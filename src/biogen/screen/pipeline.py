@@ -559,6 +559,41 @@ def _score_shards(library: LibrarySpec, target: TargetSpec, stages: list[Stage],
     return _Scored(lib, prep, key, label_set, columns, stage_cpu, session.slots, session.ledger)
 
 
+@dataclass
+class _Ranked:
+    """The ranking step's result: the scores table and the library's metadata columns (rows
+    in table order), the ranking, the selection, the ids, and the labels with the enrichment
+    (None without known actives)."""
+
+    table: pa.Table
+    meta: pa.Table
+    ranking: Ranking
+    selection: Selection
+    ids: pa.Array
+    labels: np.ndarray | None
+    enrichment: ScreenEnrichment | None
+
+
+def _rank_and_select(scored: _Scored, run_dir: Path, filters: list[Stage], scorers: list[Stage],
+                     fusion: FusionSpec, selection: SelectionSpec, seconds: dict[str, float]) -> _Ranked:
+    """Fuse and rank the shards' scores, select the hits, match the labels."""
+    lib = scored.library
+    t0 = time.perf_counter()
+    table = _read_scores(lib, run_dir)
+    ranking = _rank(table, filters, scorers, fusion)
+    seconds["fusion + ranking"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    meta = scored.columns.result()
+    if meta.num_rows != table.num_rows:
+        raise CorruptLibraryError(f"the library at {lib.path} has {meta.num_rows} rows of metadata but its "
+                                  f"shards {table.num_rows} fingerprints; run `biogen library verify` on it")
+    chosen = _select(lib, table, meta, ranking, selection)
+    seconds["selection"] = time.perf_counter() - t0
+    labels, enrichment = (_enrichment(table, meta, scored.key, scored.label_set, ranking, filters, chosen.chosen)
+                          if scored.label_set else (None, None))
+    return _Ranked(table, meta, ranking, chosen, meta.column("id").combine_chunks(), labels, enrichment)
+
+
 def _notes(ranking: Ranking, enrichment: ScreenEnrichment | None, label_name: str | None) -> list[str]:
     """Warnings for the report and summary: the ranking's, missing labels, a null model that
     does as well as the screen."""
@@ -597,45 +632,30 @@ def _run_screen(
     t_start = time.perf_counter()
 
     scored = _score_shards(library, target, stages, scorers, runtime, run_dir, accelerator, report, seconds)
-    lib, prep, key, label_set = scored.library, scored.prepared, scored.key, scored.label_set
+    lib, prep = scored.library, scored.prepared
+    r = _rank_and_select(scored, run_dir, filters, scorers, fusion, selection, seconds)
     t0 = time.perf_counter()
-    table = _read_scores(lib, run_dir)
-    ranking = _rank(table, filters, scorers, fusion)
-    seconds["fusion + ranking"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    meta = scored.columns.result()
-    if meta.num_rows != table.num_rows:
-        raise CorruptLibraryError(f"the library at {lib.path} has {meta.num_rows} rows of metadata but its "
-                                  f"shards {table.num_rows} fingerprints; run `biogen library verify` on it")
-    chosen = _select(lib, table, meta, ranking, selection)
-    seconds["selection"] = time.perf_counter() - t0
-    ids = meta.column("id").combine_chunks()
-
-    labels, enrichment = _enrichment(table, meta, key, label_set, ranking, filters, chosen.chosen) if label_set \
-        else (None, None)
-    t0 = time.perf_counter()
-    sections = [sec for st in stages if (sec := st.finish(lib, ranking.alive, run_dir))]
+    sections = [sec for st in stages if (sec := st.finish(lib, r.ranking.alive, run_dir))]
     if sections:
         seconds["stage outputs"] = time.perf_counter() - t0
-    notes = _notes(ranking, enrichment, prep.target.label_name if label_set else None)
+    notes = _notes(r.ranking, r.enrichment, prep.target.label_name if scored.label_set else None)
     t0 = time.perf_counter()
-    table = _score_table(table, ranking, ids, labels)
+    table = _score_table(r.table, r.ranking, r.ids, r.labels)
     score_cols = _score_columns(table, scorers)
-    hits, scores_written, bg = _write_outputs(run_dir, lib, table, ids, ranking, chosen, score_cols, labels,
-                                              config_yaml)
-    funnel = [*ranking.funnel, ("scored", int(ranking.alive.sum())), ("selected", len(chosen.chosen))]
+    hits, scores_written, bg = _write_outputs(run_dir, lib, table, r.ids, r.ranking, r.selection, score_cols,
+                                              r.labels, config_yaml)
+    funnel = [*r.ranking.funnel, ("scored", int(r.ranking.alive.sum())), ("selected", len(r.selection.chosen))]
     seconds["outputs"] = time.perf_counter() - t0
     seconds.update({f"stage {k} (cpu)": v for k, v in scored.stage_cpu.items()})
 
     summary = _summary(library, target, lib, prep.target, stages, scorers, fusion, selection, accelerator,
-                       scored.workers, funnel, enrichment, notes, seconds)
+                       scored.workers, funnel, r.enrichment, notes, seconds)
     summary["stage_outputs"] = [{k: sec.get(k) for k in ("title", "facts", "files")} for sec in sections]
     report_path = None
     if report:
         t0 = time.perf_counter()
-        report_path = _write_report(run_dir, target, meta, summary, seconds, score_cols, ranking, hits, enrichment,
-                                    config_yaml, notes, chosen.chosen, time.perf_counter() - t_start, sections)
+        report_path = _write_report(run_dir, target, r, summary, seconds, score_cols, hits, config_yaml, notes,
+                                    time.perf_counter() - t_start, sections)
         seconds["report"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     scores_written.result()
@@ -646,7 +666,7 @@ def _run_screen(
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     (run_dir / "funnel.json").write_text(json.dumps(dict(funnel), indent=2) + "\n")
     scored.ledger.complete(hits=len(hits))
-    metrics = None if enrichment is None else enrichment.as_dict()
+    metrics = None if r.enrichment is None else r.enrichment.as_dict()
     return ScreenResult(run_dir, hits, funnel, metrics, seconds, report_path, summary)
 
 
@@ -679,14 +699,14 @@ def run_screen(*args, **kwargs) -> ScreenResult:
         wait_for_ray_shutdown()  # the local Ray instance stopped while the outputs were written
 
 
-def _write_report(run_dir: Path, target: TargetSpec, meta: pa.Table, summary: dict, seconds: dict,
-                  score_cols: dict[str, np.ndarray], ranking: Ranking, hits: pa.Table,
-                  enrichment: ScreenEnrichment | None, config_yaml: str, notes: list[str], chosen: np.ndarray,
+def _write_report(run_dir: Path, target: TargetSpec, ranked: _Ranked, summary: dict, seconds: dict,
+                  score_cols: dict[str, np.ndarray], hits: pa.Table, config_yaml: str, notes: list[str],
                   wall: float, sections: list[dict] = ()) -> Path:
-    """meta: library metadata columns (rows in table order), with the stored PROPERTY_COLUMNS;
-    sections: the stages' own (``Stage.finish``)."""
+    """report.html; ranked.meta: library metadata columns (rows in table order), with the
+    stored PROPERTY_COLUMNS; sections: the stages' own (``Stage.finish``)."""
     from biogen.screen.report import ReportData, ReportEnrichment, ReportSection, write_report
 
+    meta, ranking, enrichment, chosen = ranked.meta, ranked.ranking, ranked.enrichment, ranked.selection.chosen
     props = None
     have = [c for c in PROPERTY_COLUMNS if c in meta.column_names]
     if have:

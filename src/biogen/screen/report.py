@@ -438,6 +438,30 @@ def _finite(a: np.ndarray) -> np.ndarray:
     return a[np.isfinite(a)]
 
 
+def _draw_histograms(fig, stats: list[tuple], binned: dict, cutoffs: dict, nrows: int, ncols: int) -> None:
+    """One histogram per score (log y when counts span three decades), the lowest hit marked."""
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for ax in axes.ravel()[len(stats):]:
+        ax.set_visible(False)
+    for ax, (name, n, vals) in zip(axes.ravel(), stats):
+        ax.set_title(_mpl_text(name))
+        if name not in binned:
+            ax.text(0.5, 0.5, "no data: no molecule scored", ha="center", va="center",
+                    transform=ax.transAxes, color="#666")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            continue
+        counts, edges = binned[name]
+        ax.stairs(counts, edges, fill=True, color=_LIBRARY_COLOR, label="scored molecules")
+        if counts.max() > 0 and counts[counts > 0].min() * 1000 < counts.max():
+            ax.set_yscale("log")
+            ax.minorticks_off()  # log minor ticks: a third of the report's drawing time
+        if name in cutoffs:
+            ax.axvline(cutoffs[name], color=_HIT_COLOR, lw=1.2, ls="--")
+        ax.set_xlabel("score")
+        ax.set_ylabel("molecules")
+
+
 def _scores_section(data: ReportData) -> str:
     if not data.scores:
         return _section("scores", "Score distributions", _nodata("no scorer ran"))
@@ -463,30 +487,7 @@ def _scores_section(data: ReportData) -> str:
 
     ncols = min(3, len(names))
     nrows = math.ceil(len(names) / ncols)
-
-    def draw(fig):
-        axes = fig.subplots(nrows, ncols, squeeze=False)
-        for ax in axes.ravel()[len(names):]:
-            ax.set_visible(False)
-        for ax, (name, n, vals) in zip(axes.ravel(), stats):
-            ax.set_title(_mpl_text(name))
-            if name not in binned:
-                ax.text(0.5, 0.5, "no data: no molecule scored", ha="center", va="center",
-                        transform=ax.transAxes, color="#666")
-                ax.set_xticks([])
-                ax.set_yticks([])
-                continue
-            counts, edges = binned[name]
-            ax.stairs(counts, edges, fill=True, color=_LIBRARY_COLOR, label="scored molecules")
-            if counts.max() > 0 and counts[counts > 0].min() * 1000 < counts.max():
-                ax.set_yscale("log")
-                ax.minorticks_off()  # log minor ticks: a third of the report's drawing time
-            if name in cutoffs:
-                ax.axvline(cutoffs[name], color=_HIT_COLOR, lw=1.2, ls="--")
-            ax.set_xlabel("score")
-            ax.set_ylabel("molecules")
-
-    uri = _plot(draw, 3.6 * ncols, 2.7 * nrows)
+    uri = _plot(lambda fig: _draw_histograms(fig, stats, binned, cutoffs, nrows, ncols), 3.6 * ncols, 2.7 * nrows)
     rows = []
     for name, n, vals in stats:
         if vals.size:
