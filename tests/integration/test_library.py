@@ -52,6 +52,9 @@ def test_build_mixed_deposits(tmp_path, data_dir, ray_rt):
     dup = [r for r in rejects(lib_dir) if r["id"] == "ethanol-again"][0]
     assert dup["detail"] == f"same compound (InChIKey {Chem.MolToInchiKey(Chem.MolFromSmiles('CCO'))}) as library id ethanol"
     assert dup["source"].endswith("mixed.smi") and dup["record"] == "3" and dup["raw"] == "OCC ethanol-again"
+    # the same facts for programs: the identity key and the kept row's id; empty for other reasons
+    assert (dup["key"], dup["duplicate_of"]) == (Chem.MolToInchiKey(Chem.MolFromSmiles("CCO")), "ethanol")
+    assert all(r["key"] == r["duplicate_of"] == "" for r in rejects(lib_dir) if r["reason"] == "parse_error")
     # manifest: provenance and counts
     m = lib.manifest
     assert m["schema_version"] == 1 and m["featurizer"]["type"] == "morgan"
@@ -111,6 +114,8 @@ def test_dedupe_by_canonical_smiles_without_inchikeys(tmp_path, data_dir, inline
     assert {k for k in rej if k[1] in ("duplicate_smiles", "duplicate_inchikey")} == {
         ("ethanol-again", "duplicate_smiles"), ("aspirin-sodium", "duplicate_smiles"), ("aspirin", "duplicate_smiles")}
     assert rej[("ethanol-again", "duplicate_smiles")]["detail"] == "same compound (canonical SMILES CCO) as library id ethanol"
+    assert (rej[("ethanol-again", "duplicate_smiles")]["key"], rej[("ethanol-again", "duplicate_smiles")]["duplicate_of"]) \
+        == ("CCO", "ethanol")
     assert lib.manifest["history"][0]["rejected_by_reason"]["duplicate_smiles"] == 3
     assert "dedupe       keep_first by smiles" in format_info(library_info(tmp_path / "smi"))
     # an append dedupes against the stored canonical SMILES (other spellings of the same molecules)

@@ -149,6 +149,28 @@ def test_rejects_hold_the_cross_piece_duplicates(built, inline_rt):
     assert by_id[("Z00010", "duplicate_id")]["raw"] == ""
 
 
+def test_pieces_with_rejects_files_from_before_the_key_column(built, tmp_path, inline_rt):
+    """Rejects files written before they carried ``key``/``duplicate_of`` are read by their
+    detail text: the merge's rejects are the same as with new files."""
+    import shutil
+
+    pieces = tmp_path / "old"
+    shutil.copytree(built / "lib.parts", pieces)
+    for f in pieces.glob("part-*/rejects/*.csv"):
+        rows = read_rejects(f)
+        with open(f, "w", newline="") as fh:
+            w = csv.DictWriter(fh, ["source", "record", "id", "reason", "detail", "raw"], extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+    merge_libraries(str(pieces / "part-*"), tmp_path / "lib", runtime=inline_rt)
+    merged = read_rejects(tmp_path / "lib" / "rejects" / "000-merge.csv")
+    single = read_rejects(built / "single" / "rejects" / "000-build.csv")
+    assert [{k: v for k, v in r.items() if k != "raw"} for r in merged] == \
+           [{k: v for k, v in r.items() if k != "raw"} for r in single]
+    dups = [r for r in merged if r["reason"] == "duplicate_inchikey"]
+    assert len(dups) == 6 and all(r["key"] and r["duplicate_of"] for r in dups)
+
+
 def test_merge_of_pieces_deduplicated_by_smiles(tmp_path, inline_rt):
     """dedupe_key=smiles pieces merge into what one build makes: duplicates across pieces are
     found by canonical SMILES and their rejects name the merged library's kept ids."""

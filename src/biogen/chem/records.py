@@ -78,8 +78,12 @@ class Reject:
     detail: str  # human-readable explanation naming the fix where there is one
     raw: str
     id: str | None = None
+    # machine-readable, for a duplicate: the compound's identity key (InChIKey or canonical
+    # SMILES) and the id of the row that was kept; None otherwise
+    key: str | None = None
+    duplicate_of: str | None = None
 
-    COLUMNS = ("source", "record", "id", "reason", "detail", "raw")  # the rejects CSV header
+    COLUMNS = ("source", "record", "id", "reason", "key", "duplicate_of", "detail", "raw")  # the rejects CSV header
 
 
 def write_rejects(rejects: Sequence[Reject], path: str | Path) -> Path | None:

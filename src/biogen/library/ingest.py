@@ -39,7 +39,7 @@ from biogen.errors import ConfigError, InputError, LibraryError
 from biogen.files import json_digest
 from biogen.library.manifest import MANIFEST, new_manifest, now_iso, read_manifest, tool_versions, write_manifest
 from biogen.library.parts import (
-    DEDUPE_KEYS, PART_COLUMNS, WORK, Dedupe, clean_committed_work, clear_for_overwrite, finalize_part, locked,
+    DEDUPE_KEYS, PART_COLUMNS, WORK, Dedupe, FinalizeTask, clean_committed_work, clear_for_overwrite, finalize_part, locked,
     part_stem, plan_dedupe, write_jsonl, write_part, write_rejects,
 )
 from biogen.runtime import Ledger, RuntimeSpec, ray_session, run_shards
@@ -66,6 +66,18 @@ class IngestReport:
     resumed_shards: int = 0
     already_done: bool = False
     embeddings: list[dict] = field(default_factory=list)  # embedding runs that completed the new rows
+
+    def history_entry(self, job_key: str, inputs: list[dict], run: dict, **extra) -> dict:
+        """The manifest's history entry of this job (build, append, merge): what was read,
+        added and rejected, where the rejects are, the time per stage; ``extra``: the
+        action's own facts (a deposit's key, a merge's pieces); ``run``: the ledger's summary
+        of driver sessions and lost workers."""
+        return {"action": self.action, "time": now_iso(), "job_key": job_key, "versions": tool_versions(),
+                "inputs": inputs, "records_read": self.records_read, "rows_added": self.rows_added,
+                "duplicates": self.duplicates, "rejected": self.rejected, "rejected_by_reason": self.by_reason,
+                "rejects_file": self.rejects_file, "shards": self.shards_added, "seconds": self.seconds,
+                "stage_seconds": self.stage_seconds, "resumed_shard_steps": self.resumed_shards, **extra,
+                "run": run}
 
     def summary(self) -> str:
         if self.already_done:
@@ -208,16 +220,9 @@ def _run(lib_dir: Path, manifest: dict, infos: list[InputInfo], opts: ReaderOpti
     report.rejects_file = write_rejects(lib_dir, work, parts, infos, f"{hist:03d}-{action}")
     report.seconds = round(time.perf_counter() - t_start, 3)
     assert report.rows_added + report.rejected == report.records_read, "row accounting broken"
-    _commit(lib_dir, manifest, new_shards, report, {
-        "action": action, "time": now_iso(), "job_key": job_key,
-        "deposit_key": _deposit_key(infos, opts), "versions": tool_versions(),
-        "inputs": [i.to_manifest() for i in infos], "chunk_size": chunk_size,
-        "records_read": report.records_read, "rows_added": report.rows_added,
-        "duplicates": report.duplicates, "rejected": report.rejected, "rejected_by_reason": report.by_reason,
-        "rejects_file": report.rejects_file, "shards": report.shards_added, "seconds": report.seconds,
-        "stage_seconds": report.stage_seconds, "resumed_shard_steps": resumed,
-        "run": ledger.run_summary(),  # driver sessions, workers or nodes lost (the ledger goes with _work)
-    })
+    _commit(lib_dir, manifest, new_shards, report, report.history_entry(
+        job_key, [i.to_manifest() for i in infos], ledger.run_summary(),  # the ledger goes with _work
+        deposit_key=_deposit_key(infos, opts), chunk_size=chunk_size))
     return report
 
 
@@ -239,8 +244,8 @@ def _finalize_phase(lib_dir: Path, manifest: dict, work: Path, parts: list[int],
     dd = Dedupe(*_existing_keys(lib_dir, manifest), ordinal=manifest["n_rows"],
                 mode=manifest["dedupe"]["mode"], id_prefix=manifest["id_prefix"], key=manifest["dedupe"]["key"])
     dd.seconds = time.perf_counter() - t0
-    fin_shards = ((f"final-{p:06d}", (str(work), str(lib_dir), p, f"{hist:03d}-{p:06d}", keep, rid, dup, ords, drops))
-                  for p, keep, rid, dup, ords, drops in plan_dedupe(work, parts, dd))
+    fin_shards = ((f"final-{plan.part:06d}", (FinalizeTask(str(work), str(lib_dir), f"{hist:03d}-{plan.part:06d}", plan),))
+                  for plan in plan_dedupe(work, parts, dd))
     finals = run_shards(finalize_part, fin_shards, ledger=ledger, spec=runtime, slots=slots,
                         desc=f"{action}: write shards", total=len(parts))
     dd.first, dd.ids = {}, set()  # free the index before the commit

@@ -59,11 +59,12 @@ from biogen.chem.records import Reject
 from biogen.errors import ConfigError, LibraryError
 from biogen.library.ingest import IngestReport
 from biogen.library.parts import (
-    DUPLICATE_REASONS, WORK, Dedupe, clean_committed_work, clear_for_overwrite, duplicate_detail, duplicate_key,
-    empty_part_columns, finalize_part, locked, part_stem, plan_dedupe, write_jsonl, write_part, write_rejects,
+    DUPLICATE_REASONS, WORK, Dedupe, DedupePlan, FinalizeTask, clean_committed_work, clear_for_overwrite,
+    duplicate_detail, empty_part_columns, finalize_part, legacy_duplicate_key, locked, part_stem, plan_dedupe,
+    write_jsonl, write_part, write_rejects,
 )
 from biogen.library.manifest import (
-    MANIFEST, atomic_path, new_manifest, now_iso, read_manifest, tool_versions, write_manifest,
+    MANIFEST, atomic_path, new_manifest, read_manifest, tool_versions, write_manifest,
 )
 from biogen.runtime import Ledger, RuntimeSpec, ray_session, run_shards
 from biogen.files import json_digest, sha256_file
@@ -162,6 +163,8 @@ def _read_rejects(piece: Path, manifest: dict) -> Iterator[tuple[tuple, dict]]:
                 row = {c: (r.get(c) or None) for c in Reject.COLUMNS}
                 row["record"] = int(r.get("record") or 0)
                 row["raw"] = r.get("raw", "")
+                if "key" not in r and row["reason"] in DUPLICATE_REASONS:  # a file from before the key column
+                    row["key"] = legacy_duplicate_key(row["detail"])
                 yield (e, index.get(row["source"], 0), row["record"]), row
 
 
@@ -290,8 +293,7 @@ class _Exactness:
         st = self.dd
         for p, r in _carried(self.work, parts):
             if r["reason"] in DUPLICATE_REASONS:
-                key = duplicate_key(r["detail"])
-                ok = key is not None and key in st.first
+                ok = r["key"] is not None and r["key"] in st.first
             elif r["reason"] == "duplicate_id":  # the id is taken before the record in one build too
                 ok = r["id"] in st.ids and (r["id"] not in self.generated or r["id"] in self.unchanged)
             else:
@@ -310,16 +312,15 @@ class _Exactness:
                 "used by an earlier piece) or renumbers (a given id equal to an id the piece generated)")
 
 
-def _plans(work: Path, pieces_parts: list[list[int]], dd: Dedupe, check: _Exactness) -> Iterator[tuple]:
+def _plans(work: Path, pieces_parts: list[list[int]], dd: Dedupe, check: _Exactness) -> Iterator[DedupePlan]:
     """``plan_dedupe`` over all parts, checking each piece once it is planned (the generator
     is advanced only after the previous part's plan was handed on)."""
     last = {parts[-1]: parts for parts in pieces_parts}
     for plan in plan_dedupe(work, [p for parts in pieces_parts for p in parts], dd):
-        part, keep, ids = plan[0], plan[1], plan[2]
-        check.planned(part, keep, ids)
+        check.planned(plan.part, plan.keep, plan.ids)
         yield plan
-        if part in last:
-            check.piece_done(last[part])
+        if plan.part in last:
+            check.piece_done(last[plan.part])
 
 
 # ------------------------------------------------------------------------- step 3: commit
@@ -329,8 +330,9 @@ def _rewrite_rejects(work: Path, parts: Sequence[int], first: dict[str, str]) ->
     for p in parts:
         rows = [r for _, r in _carried(work, [p])]
         for r in rows:
-            key = duplicate_key(r["detail"]) if r["reason"] in DUPLICATE_REASONS else None
+            key = r["key"] if r["reason"] in DUPLICATE_REASONS else None
             if key in first:
+                r["duplicate_of"] = first[key]
                 r["detail"] = duplicate_detail(key, first[key], r["reason"].removeprefix("duplicate_"))
         write_jsonl(work / f"parts/{p:06d}.rejects.jsonl", rows)
 
@@ -402,8 +404,7 @@ def merge_libraries(
                                    "differs from one build in them (the finished work is kept for that rerun)")
             log.warning("%s; merged anyway (exact=false), they stay rejected", run.check.message())
         report, new_shards, inputs = _merge_report(out, work, manifests, pieces_parts, run, resumed, t_start)
-        manifest = _merged_manifest(manifests, pieces, hashes, report, new_shards, inputs, key, resumed, run,
-                                    ledger)
+        manifest = _merged_manifest(manifests, pieces, hashes, report, new_shards, inputs, key, run, ledger)
         embeddings = _carry_embeddings(out, pieces, manifests, pieces_parts, run)
         if embeddings:
             manifest["embeddings"] = embeddings
@@ -468,8 +469,8 @@ def _merge_pieces(work: Path, out: Path, pieces: list[Path], manifests: list[dic
         dd = Dedupe({}, set(), ordinal=0, mode=m0["dedupe"]["mode"], id_prefix=m0["id_prefix"],
                     key=m0["dedupe"]["key"])
         check = _Exactness(work, dd, pieces, part_piece)
-        fin = ((f"final-{p:06d}", (str(work), str(out), p, f"000-{p:06d}", keep, rid, dup, ords, drops))
-               for p, keep, rid, dup, ords, drops in _plans(work, pieces_parts, dd, check))
+        fin = ((f"final-{plan.part:06d}", (FinalizeTask(str(work), str(out), f"000-{plan.part:06d}", plan),))
+               for plan in _plans(work, pieces_parts, dd, check))
         finals = run_shards(finalize_part, fin, ledger=ledger, spec=runtime, slots=slots,
                             desc="merge: write shards", total=len(parts_all))
     return _MergeRun(results, finals, dd, check)
@@ -509,7 +510,7 @@ def _merge_report(out: Path, work: Path, manifests: list[dict], pieces_parts: li
 
 
 def _merged_manifest(manifests: list[dict], pieces: list[Path], hashes: list[str], report: IngestReport,
-                     new_shards: list[dict], inputs: list[dict], key: str, resumed: int, run: _MergeRun,
+                     new_shards: list[dict], inputs: list[dict], key: str, run: _MergeRun,
                      ledger: Ledger) -> dict:
     """The new library's manifest: the pieces' settings, the merged shards, one history entry."""
     m0 = manifests[0]
@@ -519,18 +520,12 @@ def _merged_manifest(manifests: list[dict], pieces: list[Path], hashes: list[str
     manifest["shards"] = new_shards
     manifest["n_rows"] = report.rows_added
     inexact = run.check.inexact
-    manifest["history"].append({
-        "action": ACTION, "time": now_iso(), "job_key": key, "versions": tool_versions(),
-        "inputs": inputs, "records_read": report.records_read, "rows_added": report.rows_added,
-        "duplicates": report.duplicates, "rejected": report.rejected, "rejected_by_reason": report.by_reason,
-        "rejects_file": report.rejects_file, "shards": report.shards_added, "seconds": report.seconds,
-        "stage_seconds": report.stage_seconds, "resumed_shard_steps": resumed,
-        "exact": not inexact, "not_exact": len(inexact), "not_exact_records": inexact[:100],
-        "pieces": [{"path": str(p), "manifest_sha256": h, "rows": m["n_rows"], "shards": len(m["shards"]),
-                    "records_read": r["records_read"], "rejected": r["carried"],
-                    "generated_ids": r["generated_ids"], "history": m["history"]}
-                   for p, h, m, r in zip(pieces, hashes, manifests, run.results)],
-        "run": ledger.run_summary(),
-    })
+    manifest["history"].append(report.history_entry(
+        key, inputs, ledger.run_summary(),
+        exact=not inexact, not_exact=len(inexact), not_exact_records=inexact[:100],
+        pieces=[{"path": str(p), "manifest_sha256": h, "rows": m["n_rows"], "shards": len(m["shards"]),
+                 "records_read": r["records_read"], "rejected": r["carried"],
+                 "generated_ids": r["generated_ids"], "history": m["history"]}
+                for p, h, m, r in zip(pieces, hashes, manifests, run.results)]))
     manifest["rejected_total"] = report.rejected
     return manifest

@@ -74,24 +74,59 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
             fh.write(json.dumps(r) + "\n")
 
 
-def finalize_part(work: str, lib_dir: str, part: int, shard_name: str, keep: np.ndarray,
-                  ids: list[str], dup_of: list[str | None], ordinals: np.ndarray,  # ids, dup_of: all rows; ordinals: kept rows
-                  drops: list[tuple[int, str, str]]):
+@dataclass(frozen=True)
+class Drop:
+    """A row of a part that the dedupe planner drops: why, and for a duplicate its identity
+    key and the id of the row kept instead (the reject's machine-readable fields)."""
+
+    row: int
+    reason: str
+    detail: str
+    key: str | None = None
+    duplicate_of: str | None = None
+
+
+@dataclass
+class DedupePlan:
+    """The planner's decision for one part: which rows are kept, with which ids and
+    ordinals, and which are dropped."""
+
+    part: int
+    keep: np.ndarray            # bool, one per row of the part
+    ids: list[str]              # one per row ("" for a dropped row)
+    dup_of: list[str | None]    # one per row: the id of the kept first occurrence (keep_all)
+    ordinals: np.ndarray        # one per kept row
+    drops: list[Drop]
+
+
+@dataclass
+class FinalizeTask:
+    """A shard-writing task: the work and library directories, the new shard's name, the plan."""
+
+    work: str
+    lib_dir: str
+    shard_name: str
+    plan: DedupePlan
+
+
+def finalize_part(task: FinalizeTask):
     """Phase-3 task: kept rows of a part -> one popcount-sorted shard; dropped -> rejects."""
     t0 = time.perf_counter()
-    work, lib_dir = Path(work), Path(lib_dir)
-    stem = f"parts/{part:06d}"
+    work, lib_dir, plan = Path(task.work), Path(task.lib_dir), task.plan
+    shard_name, ids, dup_of, ordinals = task.shard_name, plan.ids, plan.dup_of, plan.ordinals
+    stem = f"parts/{plan.part:06d}"
     table = pq.read_table(work / f"{stem}.parquet")
     fps = np.load(work / f"{stem}.fp.npy")
     rejects = []
-    if drops:
+    if plan.drops:
         src, rec, raw = (table.column(c).to_pylist() for c in ("source", "record", "raw"))
         rid = table.column("id").to_pylist()
-        rejects = [asdict(Reject(src[i], rec[i], code, detail, raw[i], rid[i])) for i, code, detail in drops]
+        rejects = [asdict(Reject(src[d.row], rec[d.row], d.reason, d.detail, raw[d.row], rid[d.row], d.key,
+                                 d.duplicate_of)) for d in plan.drops]
     write_jsonl(work / f"{stem}.dropped.jsonl", rejects)
     outputs = [f"{stem}.dropped.jsonl"]
     result = {"shard": None, "rows": 0}
-    idx = np.flatnonzero(keep)
+    idx = np.flatnonzero(plan.keep)
     if len(idx):
         fps = fps[idx]
         pc = popcounts(fps)
@@ -170,7 +205,7 @@ class Dedupe:
     seconds: float = 0.0
 
 
-def plan_dedupe(work: Path, parts: list[int], st: Dedupe) -> Iterator[tuple]:
+def plan_dedupe(work: Path, parts: list[int], st: Dedupe) -> Iterator[DedupePlan]:
     """Phase 2: decide, in input order, which rows are kept; assign ordinals and ids.
 
     A generator: part ``i + 1`` is planned while part ``i`` is being finalized, and only
@@ -191,7 +226,7 @@ def plan_dedupe(work: Path, parts: list[int], st: Dedupe) -> Iterator[tuple]:
             if seen is not None:
                 st.duplicates += 1
                 if st.mode == "keep_first":
-                    drops.append((i, f"duplicate_{st.key}", duplicate_detail(key, seen, st.key)))
+                    drops.append(Drop(i, f"duplicate_{st.key}", duplicate_detail(key, seen, st.key), key, seen))
                     continue
             if rid is None:  # a registry id from the ordinal; skip numbers taken by given ids
                 serial = st.ordinal + 1
@@ -199,9 +234,9 @@ def plan_dedupe(work: Path, parts: list[int], st: Dedupe) -> Iterator[tuple]:
                     serial += 1
                 rid = f"{st.id_prefix}{serial:09d}"
             elif rid in st.ids:
-                drops.append((i, "duplicate_id",
-                              f"id {rid!r} is already used in this library by another record; "
-                              "give the record a unique id"))
+                drops.append(Drop(i, "duplicate_id",
+                                  f"id {rid!r} is already used in this library by another record; "
+                                  "give the record a unique id", key))
                 continue
             keep[i], out_ids[i], ordinals[i] = True, rid, st.ordinal
             st.ordinal += 1
@@ -210,9 +245,9 @@ def plan_dedupe(work: Path, parts: list[int], st: Dedupe) -> Iterator[tuple]:
                 st.first[key] = rid
             else:
                 dup_of[i] = seen
-        st.reasons.update(code for _, code, _ in drops)
+        st.reasons.update(d.reason for d in drops)
         st.seconds += time.perf_counter() - t0
-        yield part, keep, out_ids, dup_of, ordinals[keep], drops
+        yield DedupePlan(part, keep, out_ids, dup_of, ordinals[keep], drops)
 
 
 def write_rejects(lib_dir: Path, work: Path, parts: list[int], infos: list[InputInfo], name: str) -> str:
@@ -231,7 +266,7 @@ def write_rejects(lib_dir: Path, work: Path, parts: list[int], infos: list[Input
                     rows += [json.loads(line) for line in rf]
             rows.sort(key=lambda r: (order.get(r["source"], 0), r["record"]))
             for r in rows:
-                w.writerow([r[c] if r[c] is not None else "" for c in Reject.COLUMNS])
+                w.writerow([r.get(c) if r.get(c) is not None else "" for c in Reject.COLUMNS])
     os.replace(tmp, path)
     return rel
 
@@ -267,8 +302,9 @@ _DUPLICATE_DETAIL = re.compile("|".join(
     for k in KEY_NAMES))
 
 
-def duplicate_key(detail: str | None) -> str | None:
-    """The compound key of a ``duplicate_detail`` text (rejects files store the detail only)."""
+def legacy_duplicate_key(detail: str | None) -> str | None:
+    """The compound key of a ``duplicate_detail`` text: for rejects files written before they
+    had the ``key`` column (new ones carry the key itself)."""
     m = _DUPLICATE_DETAIL.fullmatch(detail or "")
     return next((v for v in m.groupdict().values() if v is not None), None) if m else None
 

@@ -155,13 +155,13 @@ def _concat_rejects(stores: list[EmbeddingStore], out: Path) -> None:
         path = s.path / "rejects.csv"
         if path.is_file():
             with open(path, newline="") as fh:
-                rows += list(csv.reader(fh))[1:]
+                rows += list(csv.DictReader(fh))  # by name: a store may predate a column
     if not rows:
         (out / "rejects.csv").unlink(missing_ok=True)
         return
     with atomic_path(out / "rejects.csv") as tmp, open(tmp, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(Reject.COLUMNS)
+        w = csv.DictWriter(fh, Reject.COLUMNS, restval="", extrasaction="ignore")
+        w.writeheader()
         w.writerows(rows)
 
 
