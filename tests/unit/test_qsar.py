@@ -7,11 +7,10 @@ import time
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from biogen.chem.fingerprints import Fingerprinter, FingerprintSpec, pack_bits, unpack_bits
 from biogen.chem.standardize import StandardizeSpec
-from biogen.cli.config import typed
+from biogen.cli.config import from_config
 from biogen.cli.train import TrainerSpec
 from biogen.errors import ConfigError, InputError, LibraryError
 from biogen.models.data import (ActivityFileSource, MoleculeACESource, bit_indices, murcko_scaffolds,
@@ -256,8 +255,7 @@ def test_activity_file_rejects_and_converts(tmp_path):
                     "CCC,-5,train\n"
                     "CCCl,10,valid\n"
                     "CC(=O)O,1,train\n")
-    src = training_source({"source": "file", "path": str(path), "value_column": "ki_nm",
-                           "value_unit": "nM", "split_column": "set"})
+    src = ActivityFileSource(path=str(path), value_column="ki_nm", value_unit="nM", split_column="set")
     d = src.load(ECFP4, StandardizeSpec())
     assert d.smiles == ["CCO", "Oc1ccccc1", "CC(=O)O"] and d.split == ["train", "test", "train"]
     np.testing.assert_allclose(d.y, [7.0, 6.0, 9.0], atol=1e-6)
@@ -267,8 +265,12 @@ def test_activity_file_rejects_and_converts(tmp_path):
         [__import__("rdkit.Chem", fromlist=["Chem"]).MolFromSmiles("CCO")]), 2048))
     with pytest.raises(InputError, match=r"column 'pki' \(train_data.value_column\) is not in the header"):
         ActivityFileSource(path=str(path), value_column="pki").load(ECFP4, StandardizeSpec())
-    with pytest.raises(ConfigError, match="valid keys for train_data=file"):
-        training_source({"source": "file", "path": str(path), "valu_column": "x"})
+    cfg = compose_config("train", "train_data=file", f"train_data.path={path}", "++train_data.valu_column=x")
+    with pytest.raises(ConfigError, match=r"unknown train_data key\(s\) \['valu_column'\]; valid keys: source, path"):
+        from_config(cfg.train_data, "train_data")
+    with pytest.raises(ConfigError, match="train_data=kiba holds drug-target pairs: train it with model=dti"):
+        training_source(from_config(compose_config("train", "train_data=kiba", "train_data.path=x").train_data,
+                                    "train_data"))
     with pytest.raises(ConfigError, match="value_unit='mM' is not valid"):
         ActivityFileSource(path=str(path), value_unit="mM")
 
@@ -289,13 +291,13 @@ def test_moleculeace_source(thrombin):
 def test_train_config_groups_instantiate(model, trainer, data):
     cfg = compose_config("train", f"model={model}", f"trainer={trainer}", f"train_data={data}",
                          "train_data.path=x.csv" if data == "file" else "train_data.limit=5")
-    spec = typed(QSARSpec, cfg.model, "model")
+    spec = from_config(cfg.model, "model")
     assert spec.task == ("regression" if model == "qsar_mlp" else "classification")
     assert spec == QSARSpec(task=spec.task)  # the yaml defaults are the dataclass defaults
-    assert typed(TrainerSpec, cfg.trainer, "trainer").accelerator == trainer
-    src = training_source(OmegaConf.to_container(cfg.train_data))
+    assert from_config(cfg.trainer, "trainer") == TrainerSpec(trainer)
+    src = training_source(from_config(cfg.train_data, "train_data"))
     assert src.source == data
-    assert FingerprintSpec.from_dict(OmegaConf.to_container(cfg.featurizer)) == ECFP4
+    assert from_config(cfg.featurizer, "featurizer") == ECFP4
 
 
 def test_random_split_is_stratified_for_classification():

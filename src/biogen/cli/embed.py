@@ -9,10 +9,9 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from biogen.cli.config import inputs, typed
+from biogen.cli.config import from_config, inputs
 from biogen.device import resolve_device
 from biogen.errors import ConfigError
-from biogen.runtime import RuntimeSpec
 
 log = logging.getLogger("biogen")
 
@@ -27,7 +26,7 @@ def embed(cfg: DictConfig) -> None:
                          chunk_overlap=int(cfg.chunk_overlap), token_budget=int(cfg.token_budget), dtype=str(cfg.dtype))
     except TypeError as exc:
         raise ConfigError(f"invalid embedding settings ({exc})") from None
-    runtime = typed(RuntimeSpec, cfg.runtime, "runtime")
+    runtime = from_config(cfg.runtime, "runtime")
     report = embed_proteins(inputs(cfg.input), cfg.output, model=str(cfg.model), spec=spec, device=str(cfg.device),
                             shard_size=int(cfg.shard_size), cache_dir=cfg.model_cache_dir, download=bool(cfg.download),
                             overwrite=bool(cfg.overwrite), runtime=runtime)

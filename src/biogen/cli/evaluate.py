@@ -13,9 +13,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from biogen.chem.fingerprints import FingerprintSpec
-from biogen.cli.config import typed
+from biogen.cli.config import from_config
 from biogen.errors import ConfigError
-from biogen.runtime import RuntimeSpec
 
 log = logging.getLogger("biogen")
 
@@ -42,7 +41,7 @@ def evaluate(cfg: DictConfig) -> None:
     out = Path(cfg.output) if cfg.output is not None else run_dir
     out.mkdir(parents=True, exist_ok=True)
     root = check_root(str(cfg.data_dir))
-    runtime = typed(RuntimeSpec, cfg.runtime, "runtime")
+    runtime = from_config(cfg.runtime, "runtime")
     specs = {name: FingerprintSpec.from_dict(OmegaConf.to_container(d, resolve=True))
              for name, d in cfg.fingerprints.items()}
     scorers = _scorers(cfg)

@@ -10,7 +10,7 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from biogen.chem.fingerprints import FingerprintSpec
+from biogen.cli.config import from_config
 from biogen.chem.standardize import StandardizeSpec
 
 log = logging.getLogger("biogen")
@@ -29,8 +29,8 @@ def evaluate_dti(cfg: DictConfig) -> None:
                        representations=tuple(str(r) for r in cfg.representations),
                        baselines=tuple(str(b) for b in cfg.baselines), ef_fraction=float(cfg.ef_fraction),
                        ef_min_pairs=int(cfg.ef_min_pairs), model=OmegaConf.to_container(cfg.model, resolve=True))
-    featurizer = FingerprintSpec.from_dict(OmegaConf.to_container(cfg.featurizer, resolve=True))
-    data = load_pairs(OmegaConf.to_container(cfg.data, resolve=True), featurizer, StandardizeSpec())
+    featurizer = from_config(cfg.featurizer, "featurizer")
+    data = load_pairs(from_config(cfg.data, "data"), featurizer, StandardizeSpec())
     out.mkdir(parents=True, exist_ok=True)
     _write_rejects(data.rejects, out)
     log.info("evaluate dti: %s; splits %s; representations %s; baselines %s -> %s", data.summary(),

@@ -8,14 +8,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from biogen.chem.fingerprints import FingerprintSpec
-from biogen.chem.readers import ReaderOptions
-from biogen.chem.standardize import StandardizeSpec
-from biogen.cli.config import inputs, typed
+from biogen.cli.config import from_config, inputs
 from biogen.errors import ConfigError, CorruptLibraryError
-from biogen.runtime import RuntimeSpec
 
 log = logging.getLogger("biogen")
 
@@ -35,17 +32,25 @@ def _names(value) -> list[str]:
     return [str(v) for v in value]
 
 
+def _fingerprint(cfg: DictConfig) -> FingerprintSpec:
+    feat = from_config(cfg.featurizer, "featurizer")
+    if not isinstance(feat, FingerprintSpec):
+        raise ConfigError(f"featurizer={feat.type} is a QSAR input for biogen train, not a library fingerprint; a "
+                          f"library stores {feat.type} vectors with embeddings=[{feat.type}] or biogen library embed")
+    return feat
+
+
 def build(cfg: DictConfig) -> None:
     from biogen.library.ingest import build_library
 
     report = build_library(
         inputs(cfg.input), cfg.output,
-        featurizer=FingerprintSpec.from_dict(OmegaConf.to_container(cfg.featurizer)),
-        standardize=typed(StandardizeSpec, cfg.standardize, "standardize"),
+        featurizer=_fingerprint(cfg),
+        standardize=from_config(cfg.standardize, "standardize"),
         descriptors=list(cfg.descriptors),
-        reader=typed(ReaderOptions, cfg.reader, "reader"),
+        reader=from_config(cfg.reader, "reader"),
         dedupe=cfg.dedupe, dedupe_key=cfg.dedupe_key, id_prefix=str(cfg.id_prefix), chunk_size=int(cfg.chunk_size),
-        overwrite=bool(cfg.overwrite), runtime=typed(RuntimeSpec, cfg.runtime, "runtime"),
+        overwrite=bool(cfg.overwrite), runtime=from_config(cfg.runtime, "runtime"),
         embeddings=_names(cfg.embeddings),
     )
     log.info("%s", report.summary())
@@ -56,8 +61,8 @@ def append(cfg: DictConfig) -> None:
     from biogen.library.ingest import append_library
 
     report = append_library(
-        cfg.library, inputs(cfg.input), reader=typed(ReaderOptions, cfg.reader, "reader"),
-        chunk_size=int(cfg.chunk_size), runtime=typed(RuntimeSpec, cfg.runtime, "runtime"),
+        cfg.library, inputs(cfg.input), reader=from_config(cfg.reader, "reader"),
+        chunk_size=int(cfg.chunk_size), runtime=from_config(cfg.runtime, "runtime"),
     )
     log.info("%s", report.summary())
     _save_report(report)
@@ -96,7 +101,7 @@ def merge(cfg: DictConfig) -> None:
 
     report = merge_libraries(
         inputs(cfg.parts), cfg.output, overwrite=bool(cfg.overwrite), exact=bool(cfg.exact),
-        runtime=typed(RuntimeSpec, cfg.runtime, "runtime"),
+        runtime=from_config(cfg.runtime, "runtime"),
     )
     log.info("%s", report.summary())
     _save_report(report)
@@ -108,7 +113,7 @@ def embed(cfg: DictConfig) -> None:
     report = embed_library(
         cfg.library, str(cfg.model), device=str(cfg.device), dtype=str(cfg.dtype),
         compute_dtype=str(cfg.compute_dtype), batch_size=int(cfg.batch_size), overwrite=bool(cfg.overwrite),
-        runtime=typed(RuntimeSpec, cfg.runtime, "runtime"),
+        runtime=from_config(cfg.runtime, "runtime"),
     )
     rate = report["rows"] / report["seconds"] if report["seconds"] else 0.0
     log.info("%s: %s rows embedded in %d shard(s) (%d of %d were done), %s without a vector %s, %.1f s (%.0f "

@@ -6,13 +6,10 @@ import logging
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from biogen.cli.config import typed
+from biogen.cli.config import from_config
 from biogen.errors import ConfigError
-from biogen.runtime import RuntimeSpec
 
 log = logging.getLogger("biogen")
 
@@ -26,22 +23,13 @@ def build_stages(group: DictConfig | None, key: str) -> list:
         if not OmegaConf.is_dict(node) or "_target_" not in node:
             raise ConfigError(f"{key}.{name} must be a stage config with _target_ (e.g. "
                               "biogen.screen.stages.PropertyFilter), or null to drop it")
-        try:
-            stages.append(instantiate(node, name=str(name), _convert_="all"))
-        except InstantiationException as exc:
-            cause = exc.__cause__
-            if isinstance(cause, ConfigError):
-                raise cause from None
-            raise ConfigError(f"{key}.{name}: {exc}") from None
+        stages.append(from_config(node, f"{key}.{name}", name=str(name)))
     return stages
 
 
 def screen(cfg: DictConfig) -> None:
     from biogen.device import resolve_device
-    from biogen.screen.pipeline import FusionSpec, run_screen
-    from biogen.screen.presets import LibrarySpec
-    from biogen.screen.selection import SelectionSpec
-    from biogen.screen.target import TargetSpec
+    from biogen.screen.pipeline import run_screen
 
     run_dir = Path(cfg.output) if cfg.output else Path(HydraConfig.get().runtime.output_dir)
     filters = build_stages(cfg.filters, "filters")
@@ -53,10 +41,9 @@ def screen(cfg: DictConfig) -> None:
         if st.kind != "score":
             raise ConfigError(f"scoring.scorers.{st.name} is a filter; put it under filters")
     result = run_screen(
-        typed(LibrarySpec, cfg.library, "library"), typed(TargetSpec, cfg.target, "target"), filters, scorers,
-        fusion=typed(FusionSpec, cfg.scoring.fusion, "scoring.fusion"),
-        selection=typed(SelectionSpec, cfg.selection, "selection"),
-        runtime=typed(RuntimeSpec, cfg.runtime, "runtime"), run_dir=run_dir,
+        from_config(cfg.library, "library"), from_config(cfg.target, "target"), filters, scorers,
+        fusion=from_config(cfg.scoring.fusion, "scoring.fusion"), selection=from_config(cfg.selection, "selection"),
+        runtime=from_config(cfg.runtime, "runtime"), run_dir=run_dir,
         accelerator=resolve_device(cfg.device), report=bool(cfg.report),
         config_yaml=OmegaConf.to_yaml(cfg))
     funnel = " -> ".join(f"{name} {n:,}" for name, n in result.funnel)

@@ -14,11 +14,9 @@ import pyarrow.parquet as pq
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from biogen.chem.readers import ReaderOptions
 from biogen.chem.records import Reject, write_rejects
-from biogen.cli.config import typed
+from biogen.cli.config import from_config
 from biogen.errors import ConfigError, InputError
-from biogen.runtime import RuntimeSpec
 
 log = logging.getLogger("biogen")
 MODES = ("topk", "threshold", "substructure")
@@ -54,7 +52,7 @@ def search(cfg: DictConfig) -> None:
     if cfg.mode not in MODES:
         raise ConfigError(f"mode={cfg.mode!r} is not valid; choose one of {', '.join(MODES)}")
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    runtime = typed(RuntimeSpec, cfg.runtime, "runtime")
+    runtime = from_config(cfg.runtime, "runtime")
     t0 = time.perf_counter()
     report: dict = {"library": str(cfg.library), "mode": cfg.mode, "space": str(cfg.space)}
     if str(cfg.space) != "fingerprint":
@@ -70,7 +68,7 @@ def search(cfg: DictConfig) -> None:
     else:
         metric = Metric("tanimoto" if cfg.metric == "auto" else str(cfg.metric), float(cfg.alpha), float(cfg.beta))
         kwargs = dict(mode=cfg.mode, k=int(cfg.k), threshold=float(cfg.threshold), metric=metric)
-        reader = typed(ReaderOptions, cfg.reader, "reader")
+        reader = from_config(cfg.reader, "reader")
         if int(cfg.actors) > 0:
             from biogen.runtime import NO_RAY, ray_session
 
@@ -122,7 +120,7 @@ def _embedding_search(cfg: DictConfig, run_dir: Path, report: dict):
     if device is None:
         raise ConfigError(f"engine={engine!r} is not valid; choose auto, cpu or cuda")
     index = EmbeddingIndex.open(cfg.library, model, metric=metric, device=device)
-    queries = index.queries(cfg.query, typed(ReaderOptions, cfg.reader, "reader"))
+    queries = index.queries(cfg.query, from_config(cfg.reader, "reader"))
     _write_rejects(queries.rejects, run_dir)
     if not len(queries):
         raise InputError(f"no query could be embedded by {model} ({len(queries.rejects)} rejected; see "

@@ -17,8 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from biogen.chem.fingerprints import FingerprintSpec
 from biogen.chem.records import Reject, write_rejects
-from biogen.chem.standardize import StandardizeSpec
-from biogen.cli.config import typed
+from biogen.cli.config import from_config
 from biogen.errors import ConfigError
 
 log = logging.getLogger("biogen")
@@ -41,17 +40,14 @@ def _finite(d: dict) -> dict:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
 
 
-def _embedding_model(feat_cfg: dict) -> str | None:
-    """The compound embedding model named by ``featurizer`` (``featurizer=minimol``), or None."""
-    from biogen.embeddings.base import MODELS
+def featurizer_of(cfg: DictConfig):
+    """(fingerprint spec, compound model or None) of the ``featurizer`` group: a fingerprint,
+    or ``featurizer=minimol`` (a compound model's vectors; fingerprints are made first all the
+    same, for the standardization and rejects of a library build)."""
+    from biogen.embeddings.base import ModelFeaturizer
 
-    kind = str(feat_cfg.get("type", "")).lower()
-    if kind in MODELS:
-        extra = sorted(set(feat_cfg) - {"type", "dtype"})
-        if extra:
-            raise ConfigError(f"featurizer={kind} takes type and dtype only, not {extra}")
-        return kind
-    return None
+    feat = from_config(cfg.featurizer, "featurizer")
+    return (FingerprintSpec(), feat) if isinstance(feat, ModelFeaturizer) else (feat, None)
 
 
 def _embed(data, model_name: str, dtype: str, accelerator: str):
@@ -81,9 +77,11 @@ def job_settings(cfg: DictConfig, spec_cls, example: str):
     required ``train_data`` key is set (``example``: a command that sets them)."""
     from biogen.models.qsar import resolve_accelerator
 
-    standardize = typed(StandardizeSpec, cfg.standardize, "standardize")
-    spec = typed(spec_cls, cfg.model, "model")
-    accelerator = resolve_accelerator(typed(TrainerSpec, cfg.trainer, "trainer").accelerator)
+    standardize = from_config(cfg.standardize, "standardize")
+    spec = from_config(cfg.model, "model")
+    if not isinstance(spec, spec_cls):
+        raise ConfigError(f"model={type(spec).__name__} is not a {spec_cls.__name__} model")
+    accelerator = resolve_accelerator(from_config(cfg.trainer, "trainer").accelerator)
     missing = [k for k in cfg.train_data if OmegaConf.is_missing(cfg.train_data, k)]
     if missing:
         raise ConfigError(f"train_data.{missing[0]} is required for train_data={cfg.train_data.source}, e.g. "
@@ -101,16 +99,14 @@ def train(cfg: DictConfig) -> None:
 
     t0 = time.perf_counter()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    feat_cfg = OmegaConf.to_container(cfg.featurizer, resolve=True)
-    model_name = _embedding_model(feat_cfg)
-    featurizer = FingerprintSpec() if model_name else FingerprintSpec.from_dict(feat_cfg)
+    featurizer, model = featurizer_of(cfg)
     standardize, spec, accelerator = job_settings(
         cfg, QSARSpec, "biogen train train_data=file train_data.path=activities.csv train_data.value_column=pki")
-    source = training_source(OmegaConf.to_container(cfg.train_data, resolve=True))
+    source = training_source(from_config(cfg.train_data, "train_data"))
 
     data = source.load(featurizer, standardize)
-    if model_name:  # the fingerprints just made are replaced by the model's vectors
-        featurizer, data = _embed(data, model_name, str(feat_cfg.get("dtype", "float32")), accelerator)
+    if model:  # the fingerprints just made are replaced by the model's vectors
+        featurizer, data = _embed(data, model.type, model.dtype, accelerator)
     _write_rejects(data.rejects, run_dir)
     train_set, test_set = data.subset("train"), data.subset("test")
     log.info("training data %s: %d molecules (%d train, %d test), %d rejected", data.source, len(data),

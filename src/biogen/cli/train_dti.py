@@ -11,37 +11,25 @@ from pathlib import Path
 
 import numpy as np
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from biogen.chem.fingerprints import FingerprintSpec
 from biogen.chem.records import Reject
 from biogen.chem.standardize import StandardizeSpec
+from biogen.cli.config import from_config
 from biogen.errors import ConfigError, InputError
 
 log = logging.getLogger("biogen")
 
-DTI_SOURCES = ("kiba", "pairs")
+def load_pairs(source, featurizer: FingerprintSpec, standardize: StandardizeSpec):
+    """The ``DTIData`` of a built ``train_data`` source (``train_data=kiba | pairs``)."""
+    from biogen.dti.data import KibaSource, PairsSource
 
-
-def load_pairs(d: dict, featurizer: FingerprintSpec, standardize: StandardizeSpec):
-    """The ``DTIData`` of a ``train_data`` node (``source: kiba | pairs``)."""
-    from biogen.dti.data import read_kiba, read_pairs
-
-    d = dict(d)
-    kind = d.pop("source", None)
-    if kind not in DTI_SOURCES:
-        raise ConfigError(f"model=dti trains on drug-target pairs, not train_data={kind}: use train_data=kiba "
-                          "train_data.path=<DeepDTA's data/kiba folder> or train_data=pairs train_data.path=pairs.csv")
-    if kind == "kiba":
-        extra = sorted(set(d) - {"path"})
-        if extra:
-            raise ConfigError(f"train_data=kiba takes path only, not {extra}")
-        return read_kiba(d["path"], featurizer, standardize)
-    path = d.pop("path")
-    try:
-        return read_pairs(path, featurizer, standardize, **d)
-    except TypeError as exc:
-        raise ConfigError(f"invalid train_data=pairs settings ({exc})") from None
+    if not isinstance(source, (KibaSource, PairsSource)):
+        raise ConfigError(f"model=dti trains on drug-target pairs, not train_data={getattr(source, 'source', source)}: "
+                          "use train_data=kiba train_data.path=<DeepDTA's data/kiba folder> or train_data=pairs "
+                          "train_data.path=pairs.csv")
+    return source.load(featurizer, standardize)
 
 
 def _drop_proteins(data, missing: dict[int, str]):
@@ -81,19 +69,17 @@ def embed_compounds(data, model_name: str, dtype: str, accelerator: str):
 
 
 def train_dti(cfg: DictConfig) -> None:
-    from biogen.cli.train import _embedding_model, _finite, _write_rejects, job_settings
+    from biogen.cli.train import _finite, _write_rejects, featurizer_of, job_settings
     from biogen.dti.model import DTISpec, fit_dti, protein_vectors
 
     t0 = time.perf_counter()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    feat_cfg = OmegaConf.to_container(cfg.featurizer, resolve=True)
-    model_name = _embedding_model(feat_cfg)  # featurizer=minimol: the compound side reads MiniMol vectors
-    featurizer = FingerprintSpec() if model_name else FingerprintSpec.from_dict(feat_cfg)
+    featurizer, model = featurizer_of(cfg)  # featurizer=minimol: the compound side reads MiniMol vectors
     standardize, spec, accelerator = job_settings(
         cfg, DTISpec, "biogen train model=dti train_data=kiba train_data.path=data/kiba")
-    data = load_pairs(OmegaConf.to_container(cfg.train_data, resolve=True), featurizer, standardize)
-    if model_name:
-        data = embed_compounds(data, model_name, str(feat_cfg.get("dtype", "auto")), accelerator)
+    data = load_pairs(from_config(cfg.train_data, "train_data"), featurizer, standardize)
+    if model:
+        data = embed_compounds(data, model.type, model.dtype, accelerator)
     log.info("training data: %s", data.summary())
     vectors, protein, lacking = protein_vectors(data.sequences, spec, device=accelerator)
     data = _drop_proteins(data, lacking)

@@ -218,6 +218,38 @@ def _pick(columns: list[str], wanted: str | None, candidates: tuple[str, ...], w
     return None
 
 
+@dataclass(frozen=True)
+class KibaSource:
+    """``train_data=kiba``: KIBA in DeepDTA's folder layout (``read_kiba``)."""
+
+    source: str = "kiba"
+    path: str = ""
+
+    def load(self, featurizer: FingerprintSpec, standardize: StandardizeSpec) -> DTIData:
+        return read_kiba(self.path, featurizer, standardize)
+
+
+@dataclass(frozen=True)
+class PairsSource:
+    """``train_data=pairs``: drug-target pairs from a CSV/TSV (``read_pairs``; null columns
+    are found by their usual names)."""
+
+    source: str = "pairs"
+    path: str = ""
+    smiles_column: str | None = None
+    sequence_column: str | None = None
+    protein_id_column: str | None = None
+    compound_id_column: str | None = None
+    value_column: str | None = None
+    active_threshold: float | None = None
+
+    def load(self, featurizer: FingerprintSpec, standardize: StandardizeSpec) -> DTIData:
+        return read_pairs(self.path, featurizer, standardize, smiles_column=self.smiles_column,
+                          sequence_column=self.sequence_column, protein_id_column=self.protein_id_column,
+                          compound_id_column=self.compound_id_column, value_column=self.value_column,
+                          active_threshold=self.active_threshold)
+
+
 def read_pairs(path: str | Path, featurizer: FingerprintSpec = FingerprintSpec(),
                standardize: StandardizeSpec = StandardizeSpec(), *, smiles_column: str | None = None,
                sequence_column: str | None = None, protein_id_column: str | None = None,

@@ -66,6 +66,21 @@ class EmbeddingSpec:
                 if getattr(self, k) != getattr(other, k)]
 
 
+@dataclass(frozen=True)
+class ModelFeaturizer:
+    """``featurizer=minimol``: a compound embedding model's vectors as a trained model's input
+    (``biogen train``), computed in the forward precision ``dtype``. A library stores such
+    vectors with ``embeddings=[minimol]`` instead."""
+
+    type: str = "minimol"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.type not in MODELS:
+            raise ConfigError(f"featurizer.type={self.type!r} is not a compound embedding model; valid: "
+                              f"{', '.join(model_names())}")
+
+
 class CompoundModel:
     """Base of compound embedding models: SMILES in, float32 [n, dim] out."""
 

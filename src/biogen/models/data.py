@@ -202,25 +202,13 @@ class ActivityFileSource:
         return records, values, rejects, str(path)
 
 
-SOURCES = {"moleculeace": MoleculeACESource, "file": ActivityFileSource}
-
-
-def training_source(d: dict) -> MoleculeACESource | ActivityFileSource:
-    """The typed source for a ``train_data`` config node (chosen by its ``source`` key)."""
-    kind = d.get("source")
-    if kind in ("kiba", "pairs"):
+def training_source(source) -> MoleculeACESource | ActivityFileSource:
+    """``source`` (a built ``train_data`` node), checked to hold activities for a QSAR model."""
+    if not isinstance(source, (MoleculeACESource, ActivityFileSource)):
+        kind = getattr(source, "source", type(source).__name__)
         raise ConfigError(f"train_data={kind} holds drug-target pairs: train it with model=dti (a QSAR model takes "
                           "train_data=moleculeace|file)")
-    if kind not in SOURCES:
-        raise ConfigError(f"train_data.source={kind!r} is not valid; choose one of {', '.join(SOURCES)} "
-                          "(train_data=moleculeace|file)")
-    cls = SOURCES[kind]
-    try:
-        return cls(**d)
-    except TypeError as exc:
-        valid = ", ".join(cls.__dataclass_fields__)
-        raise ConfigError(f"invalid train_data settings {d} ({exc}); valid keys for "
-                          f"train_data={kind}: {valid}") from None
+    return source
 
 
 # --- splits ---------------------------------------------------------------------------
