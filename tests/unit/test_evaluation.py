@@ -14,7 +14,7 @@ from biogen.evaluation import report
 from biogen.evaluation.data import CHEMBL_SET_I, list_targets, load_list, parse_smiles, target_files
 from biogen.evaluation.protocol import ProtocolSpec, draw_split, evaluate_target
 from biogen.evaluation.scorers import (LogisticScorer, NaiveBayesScorer, NamedScorer, RankFusionScorer,
-                                       SimilarityScorer, Split, TargetContext, build_scorer)
+                                       QuerySimilarityScorer, Split, TargetContext, build_scorer)
 
 FXA = "N=[CH+](N)c1cccc(Cn2c(C(N)=O)cc3ccccc32)c1"
 ACTIVES = ["c1ccccc1O", "c1ccccc1N", "c1ccccc1CO", "c1ccc(O)cc1O", "c1ccccc1C(=O)O", "Oc1ccc(N)cc1"]
@@ -73,7 +73,7 @@ def test_similarity_scores_equal_rdkit(fusion):
     ranked = np.array([1, 4, 5, 6, 8, 9, 10, 11])
     sims = np.array([DataStructs.BulkTanimotoSimilarity(fps[q], [fps[i] for i in ranked]) for q in split.queries])
     want = {"max": sims.max(0), "mean": sims.mean(0), "topk": np.sort(sims, 0)[-2:].mean(0)}[fusion]
-    got = SimilarityScorer("e", fusion, k=2).score(ctx, split, ranked)
+    got = QuerySimilarityScorer("e", fusion, k=2).score(ctx, split, ranked)
     np.testing.assert_array_equal(got, want)
 
 
@@ -84,15 +84,31 @@ def test_trained_scorers_rank_actives_first_on_an_easy_set():
     from biogen.screen.metrics import auroc
 
     for scorer in (LogisticScorer("e", C=1.0), NaiveBayesScorer("e"),
-                   RankFusionScorer((LogisticScorer("e"), SimilarityScorer("e")))):
+                   RankFusionScorer((LogisticScorer("e"), QuerySimilarityScorer("e")))):
         s = scorer.score(ctx, split, ranked)
         assert s.shape == (10,) and np.isfinite(s).all()
         assert auroc(s, ctx.labels[ranked]) > 0.8
 
 
+def test_rank_fusion_scorer_is_the_screens_weighted_fusion():
+    """The benchmark's fusion is ``weighted_fusion`` of its members' scores, a NaN of a member
+    ranked last by that member; all-zero weights are refused."""
+    from biogen.screen.metrics import weighted_fusion
+
+    ctx = _context()
+    split = Split(np.array([0, 1]), np.array([6, 7, 8]))
+    ranked = np.array([2, 3, 4, 5, 9, 10, 11, 12, 13, 14, 15, 16, 17])
+    members = (LogisticScorer("e"), QuerySimilarityScorer("e"), QuerySimilarityScorer("e", "mean"))
+    got = RankFusionScorer(members, (1.0, 2.0, 0.5)).score(ctx, split, ranked)
+    want = weighted_fusion([m.score(ctx, split, ranked) for m in members], (1.0, 2.0, 0.5))
+    assert np.array_equal(got, want)
+    with pytest.raises(ConfigError, match="all 0"):
+        RankFusionScorer(members, (0.0, 0.0, 0.0))
+
+
 def test_evaluate_target_rows_and_pairing():
     ctx = _context()
-    scorers = [NamedScorer("sim", SimilarityScorer("e")), NamedScorer("lr", LogisticScorer("e"))]
+    scorers = [NamedScorer("sim", QuerySimilarityScorer("e")), NamedScorer("lr", LogisticScorer("e"))]
     spec = ProtocolSpec(n_queries=(2, 3), repeats=4, decoy_fraction=0.25, ml_repeats=2)
     rows = evaluate_target(ctx, scorers, spec, "DUD", "toy")
     assert len([r for r in rows if r["scorer"] == "sim"]) == 8
@@ -176,7 +192,7 @@ def test_report_groups_anchor_and_verdict():
 def test_published_similarity_level_on_real_data(vs_benchmark):
     """ECFP4-1024, max fusion, 20 queries: AUROC 0.96 on DUD, 0.88 on ChEMBL set I (+-0.02)."""
     spec = ProtocolSpec(n_queries=(20,), repeats=4)
-    scorer = [NamedScorer("sim", SimilarityScorer("e"))]
+    scorer = [NamedScorer("sim", QuerySimilarityScorer("e"))]
     assert len(list_targets(vs_benchmark, "DUD")) == 21 and len(list_targets(vs_benchmark, "ChEMBL")) == 80
     aucs = {"DUD": [], "ChEMBL": []}
     shared = None
@@ -203,13 +219,13 @@ def test_published_similarity_level_on_real_data(vs_benchmark):
 
 def test_qsar_scorer_trains_the_project_mlp():
     pytest.importorskip("biogen.models.qsar")
-    from biogen.evaluation.scorers import QSARScorer
+    from biogen.evaluation.scorers import MLPScorer
 
     ctx = _context(specs={"e": FingerprintSpec(nbits=1024)})
     ctx.specs = {"e": FingerprintSpec(nbits=1024)}
     split = Split(np.array([0, 1, 2]), np.array([6, 7, 8, 9, 10, 11, 12]))
     ranked = np.array([3, 4, 5, 13, 14, 15, 16, 17])
-    s = QSARScorer("e", hidden=(16,), max_epochs=3, patience=2).score(ctx, split, ranked)
+    s = MLPScorer("e", hidden=(16,), max_epochs=3, patience=2).score(ctx, split, ranked)
     assert s.shape == (8,) and np.isfinite(s).all()
     with pytest.raises(ConfigError, match="parameters of fingerprint 'e' are unknown"):
-        QSARScorer("e", max_epochs=1).score(_context(), split, ranked)
+        MLPScorer("e", max_epochs=1).score(_context(), split, ranked)

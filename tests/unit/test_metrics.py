@@ -11,7 +11,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
 
 from biogen.screen.metrics import (actives_in_top, auroc, bedroc, enrichment_curve, enrichment_factor,
-                                   roc_curve, summary)
+                                   roc_curve, summary, weighted_fusion)
 
 S4 = np.array([0.9, 0.8, 0.7, 0.6])
 Y4 = np.array([True, False, True, False])
@@ -170,3 +170,30 @@ def test_null_model_takes_the_better_property_and_direction():
     assert np.array_equal(property_ranking([1.0, np.nan, 3.0], True, np.array([True, True, False])),
                           [1.0, -np.inf, -np.inf])
     assert null_model({}, labels) is None and null_model({"mw": mw}, np.zeros(n, bool)) is None
+
+
+def test_weighted_fusion_against_a_plain_reference():
+    """sum_k w_k f(s_k) / sum_k |w_k|, f = scipy's average ranks / N (rank) or z-scores; NaN stays
+    NaN (a caller passes -inf to rank a missing score last); weight 0 leaves a scorer out."""
+    from scipy.stats import rankdata
+
+    rng = np.random.default_rng(5)
+    a, b, c = rng.integers(0, 6, 40).astype(float), rng.normal(size=40), rng.random(40)
+    ranks = [rankdata(x, method="average") / 40 for x in (a, b, c)]
+    got = weighted_fusion([a, b, c], [2.0, -1.0, 0.5])
+    assert np.allclose(got, (2 * ranks[0] - ranks[1] + 0.5 * ranks[2]) / 3.5, rtol=0, atol=1e-15)
+    z = [(x - x.mean()) / x.std() for x in (a, b)]
+    assert np.allclose(weighted_fusion([a, b], [1, 3], "zscore"), (z[0] + 3 * z[1]) / 4, rtol=0, atol=1e-12)
+    assert np.array_equal(weighted_fusion([a, b, c], [1, 0, 1], mapper=lambda f, xs: [f(x) for x in xs]),
+                          weighted_fusion([a, c], [1, 1]))
+    a[3] = np.nan
+    fused = weighted_fusion([a, b], [1, 1])
+    assert np.isnan(fused[3]) and np.isfinite(np.delete(fused, 3)).all()
+    last = weighted_fusion([np.where(np.isnan(a), -np.inf, a), b], [1, 1])
+    assert np.isfinite(last).all() and last[3] == (1 / 40 + rankdata(b)[3] / 40) / 2
+    with pytest.raises(ValueError, match="rank, zscore"):
+        weighted_fusion([a, b], [1, 1], "borda")
+    with pytest.raises(ValueError, match="one weight per scorer"):
+        weighted_fusion([a, b], [1])
+    with pytest.raises(ValueError, match="every fusion weight is 0"):
+        weighted_fusion([a, b], [0, 0])

@@ -8,10 +8,10 @@ target; ``runner``: one resumable shard per target (Ray); ``report``: tables and
 from biogen.evaluation.data import CompoundList, list_targets, load_list, parse_smiles, target_files
 from biogen.evaluation.protocol import ProtocolSpec, draw_split, evaluate_target
 from biogen.evaluation.runner import RunResult, run_benchmark
-from biogen.evaluation.scorers import (LogisticScorer, NaiveBayesScorer, QSARScorer, RankFusionScorer,
-                                       SimilarityScorer, Split, TargetContext, build_scorer)
+from biogen.evaluation.scorers import (LogisticScorer, MLPScorer, NaiveBayesScorer, QuerySimilarityScorer,
+                                       RankFusionScorer, Split, TargetContext, build_scorer)
 
-__all__ = ["CompoundList", "LogisticScorer", "NaiveBayesScorer", "ProtocolSpec", "QSARScorer",
-           "RankFusionScorer", "RunResult", "SimilarityScorer", "Split", "TargetContext", "build_scorer",
+__all__ = ["CompoundList", "LogisticScorer", "MLPScorer", "NaiveBayesScorer", "ProtocolSpec",
+           "QuerySimilarityScorer", "RankFusionScorer", "RunResult", "Split", "TargetContext", "build_scorer",
            "draw_split", "evaluate_target", "list_targets", "load_list", "parse_smiles", "run_benchmark",
            "target_files"]

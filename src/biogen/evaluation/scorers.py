@@ -4,21 +4,31 @@ A scorer sees one target (``TargetContext``: the fingerprints of all its molecul
 actives first) and one split (query actives and, for trained models, training decoys),
 and scores the molecules ``ranked`` (indices into the target), higher = more likely active.
 
-- ``SimilarityScorer``: Tanimoto (or Dice/Tversky, ``biogen.search.metrics.Metric``,
+- ``QuerySimilarityScorer``: Tanimoto (or Dice/Tversky, ``biogen.search.metrics.Metric``,
   scores equal to RDKit's) of each ranked molecule to each query, fused over the queries
   by ``max``, ``mean`` or ``topk`` (mean of the k best). Uses no decoys.
 - ``LogisticScorer``: L2 logistic regression on fingerprint bits (scikit-learn, liblinear,
   balanced class weights), trained on the query actives vs the training decoys.
 - ``NaiveBayesScorer``: Bernoulli naive Bayes log-odds on fingerprint bits (Laplace
   smoothing), same training set.
-- ``QSARScorer``: the project's Lightning QSAR MLP (``biogen.models.qsar.fit_qsar``).
+- ``MLPScorer``: the project's Lightning QSAR MLP (``biogen.models.qsar.fit_qsar``), trained
+  as a classifier on the same set.
 - ``RankFusionScorer``: weighted mean of the members' fractional ranks on the same list (the
-  screen's rank fusion, ``biogen.screen.metrics.fractional_ranks``).
+  screen's rank fusion, ``biogen.screen.metrics.weighted_fusion``).
 - ``PropertyScorer``: the null model: one simple property (heavy-atom count, MW), ranked in
   the direction the query actives point to (higher first when the queries' median lies
   above the ranked list's, else lower first). No fingerprint, no decoys: how much of a
   data set's enrichment the actives' size alone gives (DUD's decoys are matched in these
   properties, ChEMBL's ZINC decoys are not).
+
+Why not the screen's stages (``biogen.screen.stages.SimilarityScorer``, ``QSARScorer``):
+those score library shards streamed through a pipeline, against every known active (a
+Numba kernel that never holds a Q x N matrix) or with one model loaded from a checkpoint
+or trained once on activity data. A benchmark scorer instead sees one in-memory target
+many times, with a new query set and a new model per split: similarity comes from a
+per-target matrix of every active to every molecule, computed once and sliced per split.
+The scoring math is shared where it is the same: ``Metric`` scores the pairs of both, and
+``biogen.models.qsar`` trains and runs the MLP of both.
 
 Training decoys (Riniker, Fechner & Landrum, JCIM 53, 2829 (2013)): trained scorers
 (``uses_decoys = True``) learn from the queries plus a random ``decoy_fraction`` of the
@@ -34,7 +44,7 @@ import numpy as np
 from biogen.chem.fingerprints import FingerprintSpec, popcounts, unpack_bits
 from biogen.errors import ConfigError
 from biogen.kernels.cpu import common_counts
-from biogen.screen.metrics import fractional_ranks, property_ranking
+from biogen.screen.metrics import property_ranking, weighted_fusion
 from biogen.search.metrics import Metric
 
 FUSIONS = ("max", "mean", "topk")
@@ -102,7 +112,9 @@ def _training_set(ctx: TargetContext, fp: str, split: Split) -> tuple[np.ndarray
 
 
 @dataclass(frozen=True)
-class SimilarityScorer:
+class QuerySimilarityScorer:
+    """Similarity to the split's query actives, fused over the queries (kind ``similarity``)."""
+
     fingerprint: str = "ecfp4_1024"
     fusion: str = "max"
     k: int = 3
@@ -158,8 +170,9 @@ class NaiveBayesScorer:
 
 
 @dataclass(frozen=True)
-class QSARScorer:
-    """The project's Lightning MLP (``biogen.models.qsar``), classification on query actives vs decoys."""
+class MLPScorer:
+    """The project's Lightning QSAR MLP (``biogen.models.qsar``), trained per split as a classifier
+    on the query actives vs the training decoys (kind ``qsar``)."""
 
     fingerprint: str = "ecfp4_2048"
     hidden: tuple[int, ...] = (512, 128)
@@ -204,7 +217,8 @@ class PropertyScorer:
 
 @dataclass(frozen=True)
 class RankFusionScorer:
-    """Weighted mean of the members' rank percentiles (members score the same list)."""
+    """Weighted mean of the members' fractional ranks (members score the same list), divided by
+    the sum of |weights| (``weighted_fusion``); a member's NaN ranks last by that member."""
 
     members: tuple = ()
     weights: tuple[float, ...] | None = None
@@ -214,21 +228,22 @@ class RankFusionScorer:
             raise ConfigError("a fusion scorer needs at least two members")
         if self.weights is not None and len(self.weights) != len(self.members):
             raise ConfigError(f"fusion weights {self.weights} do not match {len(self.members)} members")
+        if self.weights is not None and not any(self.weights):
+            raise ConfigError(f"fusion weights {self.weights} are all 0: give a member a non-zero weight")
 
     @property
     def uses_decoys(self) -> bool:
         return any(m.uses_decoys for m in self.members)
 
     def score(self, ctx: TargetContext, split: Split, ranked: np.ndarray) -> np.ndarray:
-        w = np.asarray(self.weights if self.weights is not None else [1.0] * len(self.members))
-        total = np.zeros(ranked.size)
-        for wi, m in zip(w, self.members):
+        parts = []
+        for m in self.members:
             key = (m, ranked.size)  # one list per split and ranked-set size: memo is per split
             if key not in ctx.memo:
                 ctx.memo[key] = m.score(ctx, split, ranked)
             scores = ctx.memo[key]
-            total += wi * fractional_ranks(np.where(np.isnan(scores), -np.inf, scores))  # NaN ranks last
-        return total / w.sum()
+            parts.append(np.where(np.isnan(scores), -np.inf, scores))  # NaN ranks last by its member
+        return weighted_fusion(parts, self.weights if self.weights is not None else [1.0] * len(parts))
 
 
 @dataclass(frozen=True)
@@ -243,8 +258,8 @@ class NamedScorer:
         return bool(self.scorer.uses_decoys)
 
 
-KINDS = {"similarity": SimilarityScorer, "logistic": LogisticScorer, "naive_bayes": NaiveBayesScorer,
-         "qsar": QSARScorer, "fusion": RankFusionScorer, "property": PropertyScorer}
+KINDS = {"similarity": QuerySimilarityScorer, "logistic": LogisticScorer, "naive_bayes": NaiveBayesScorer,
+         "qsar": MLPScorer, "fusion": RankFusionScorer, "property": PropertyScorer}
 
 
 def build_scorer(name: str, definition: dict, catalog: dict[str, dict] | None = None) -> NamedScorer:

@@ -31,6 +31,7 @@ is missing.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +39,7 @@ import numpy as np
 __all__ = [
     "EnrichmentMetrics", "NullModel", "actives_in_top", "auroc", "bedroc", "enrichment_curve",
     "enrichment_factor", "fractional_ranks", "null_model", "property_ranking", "roc_curve", "summary",
+    "weighted_fusion", "zscores",
 ]
 
 
@@ -66,8 +68,45 @@ def average_ranks(x: np.ndarray) -> np.ndarray:
 
 def fractional_ranks(x: np.ndarray) -> np.ndarray:
     """Ranks in (0, 1], the highest score ranked 1; ties share their mean rank; NaN stays NaN.
-    The rank fusion of the screen (``selection.fuse_scores``) and of ``biogen evaluate``."""
+    The rank fusion of ``weighted_fusion``."""
     return average_ranks(x) / max(len(x), 1)
+
+
+def zscores(x: np.ndarray) -> np.ndarray:
+    """``(x - mean) / sd`` over the finite scores; NaN stays NaN; all 0 when ``sd`` is 0."""
+    x = np.asarray(x, dtype=np.float64)
+    sd = np.nanstd(x) if np.isfinite(x).any() else 0.0
+    return (x - np.nanmean(x)) / sd if sd > 0 else np.where(np.isnan(x), np.nan, 0.0)
+
+
+FUSIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {"rank": fractional_ranks, "zscore": zscores}
+
+
+def weighted_fusion(scores: Sequence[np.ndarray], weights: Sequence[float], method: str = "rank",
+                    mapper: Callable[..., Iterable[np.ndarray]] = map) -> np.ndarray:
+    """float64[N]: ``sum_k w_k f(scores_k) / sum_k |w_k|`` over K scorers of the same N molecules.
+
+    The one score fusion of the screen (``biogen.screen.selection.fuse_scores``) and of
+    ``biogen evaluate`` (``RankFusionScorer``). f: ``fractional_ranks`` (method rank:
+    Riniker & Landrum's rank fusion, robust to scale) or ``zscores`` (method zscore).
+    scores: K arrays of N higher-is-better scores; NaN stays NaN (no rank), so a molecule
+    with a NaN from any scorer has a NaN fused score: a caller that means "no score ranks
+    last by this scorer" passes ``-inf`` instead. weights: K floats, not all 0 (a negative
+    weight reverses a scorer; a scorer of weight 0 is left out). mapper: applies f to each
+    scorer (``map``, or a thread pool's ``map``: numpy sorts without the GIL).
+    """
+    if method not in FUSIONS:
+        raise ValueError(f"fusion method {method!r} is not valid; choose one of {', '.join(FUSIONS)}")
+    if len(weights) != len(scores):
+        raise ValueError(f"{len(weights)} fusion weights for {len(scores)} scorers: give one weight per scorer")
+    used = [(float(w), s) for w, s in zip(weights, scores) if float(w) != 0.0]
+    if not used:
+        raise ValueError("every fusion weight is 0: give at least one scorer a non-zero weight")
+    total = sum(abs(w) for w, _ in used)
+    fused = np.zeros(len(used[0][1]), dtype=np.float64)
+    for (w, _), part in zip(used, mapper(FUSIONS[method], [s for _, s in used])):
+        fused += w * part  # N
+    return fused / total
 
 
 def _check(scores, labels) -> tuple[np.ndarray, np.ndarray]:

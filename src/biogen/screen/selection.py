@@ -13,9 +13,9 @@ from rdkit.SimDivFilters import rdSimDivPickers
 
 from biogen.chem.fingerprints import unpack_bits
 from biogen.errors import ConfigError
-from biogen.screen.metrics import fractional_ranks
+from biogen.screen.metrics import FUSIONS, weighted_fusion
 
-FUSION_METHODS = ("rank", "zscore")
+FUSION_METHODS = tuple(FUSIONS)  # ("rank", "zscore")
 
 
 def best_first(scores: np.ndarray) -> np.ndarray:
@@ -64,29 +64,18 @@ def fuse_scores(scores: Mapping[str, np.ndarray], weights: Mapping[str, float] |
     """One fused score per molecule from several scorers (all higher-is-better).
 
     rank: weighted mean of fractional ranks (robust to scale; Riniker & Landrum's rank
-    fusion); zscore: weighted mean of z-scores. Weights default to 1; a weight of 0 drops
-    a scorer. With one scorer the fused score is that scorer's own score (ranks unchanged).
+    fusion); zscore: weighted mean of z-scores (``biogen.screen.metrics.weighted_fusion``,
+    shared with ``biogen evaluate``). Weights default to 1; a weight of 0 drops a scorer. A
+    NaN score (no score) makes the fused score NaN, ranked last. With one scorer the fused
+    score is that scorer's own score (ranks unchanged).
     """
     used = fusion_weights(list(scores), weights, method)
     if len(used) == 1:
         return np.asarray(scores[next(iter(used))], dtype=np.float64)
-    total = sum(abs(w) for w in used.values())
     n = len(next(iter(scores.values())))
-
-    def part(k: str) -> np.ndarray:
-        x = np.asarray(scores[k], dtype=np.float64)
-        if method == "rank":
-            return fractional_ranks(x)
-        sd = np.nanstd(x) if np.isfinite(x).any() else 0.0  # NaN (no score) stays NaN
-        return (x - np.nanmean(x)) / sd if sd > 0 else np.where(np.isnan(x), np.nan, 0.0)
-
     # one scorer per thread on large screens: numpy sorts without the GIL
     with ThreadPoolExecutor(min(len(used), os.cpu_count() or 1) if n >= 100_000 else 1) as pool:
-        parts = dict(zip(used, pool.map(part, used)))
-    fused = np.zeros(n, dtype=np.float64)
-    for k, w in used.items():
-        fused += w * parts[k]
-    return fused / total
+        return weighted_fusion([scores[k] for k in used], list(used.values()), method, pool.map)
 
 
 @dataclass(frozen=True)
