@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from biogen.errors import BiogenError, ConfigError, LibraryError
-from biogen.runtime import Ledger, RuntimeSpec, ray_session, run_shards, run_shards_on_actors
+from biogen.runtime import Ledger, RuntimeSpec, ray_session, run_shards, run_shards_on_actors, stream_shards
 from biogen.runtime.ray_runtime import start_actors
 from biogen.runtime.ledger import process_start as status_process_start
 from biogen.runtime.status import format_status, job_status
@@ -196,6 +196,60 @@ def test_actors_started_early_import_modules_and_run_the_shards(tmp_path, ray_rt
     assert all(r["had"] for r in res.values())  # imported when the host started, before the worker
     assert all(r["warmed"] for r in res.values())  # and "module:function" called the function
     assert {r["pid"] for r in res.values()} <= pids  # the shards ran on the hosts started early
+
+
+def mark_and_square(root: str, i: int):
+    """A shard without a ledger: leaves a marker (so a test sees which shards ran); 3 fails."""
+    (Path(root) / f"ran-{i}").write_text("x")
+    if i == 3:
+        raise ValueError("bad shard")
+    return i * i
+
+
+@pytest.fixture(params=["inline", "processes", pytest.param("ray", marks=pytest.mark.ray)])
+def any_rt(request) -> RuntimeSpec:
+    """Each runtime mode, on 2 slots (inline: 1)."""
+    if request.param == "ray":
+        import sys
+
+        import ray.cloudpickle
+
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # test module: not importable by workers
+        return request.getfixturevalue("ray_rt")
+    return RuntimeSpec(mode=request.param, workers=2, progress=False)
+
+
+def test_stream_shards_yields_every_value_and_raises_the_given_error(tmp_path, any_rt):
+    ok = [(f"s{i}", (str(tmp_path), i)) for i in (0, 1, 2, 4, 5)]
+    with ray_session(any_rt) as slots:
+        got = dict(stream_shards(mark_and_square, iter(ok), spec=any_rt, slots=slots))
+        assert got == {f"s{i}": i * i for i in (0, 1, 2, 4, 5)}  # no ledger: fn's values as they are
+        bad = shards(tmp_path, 6)
+        if any_rt.mode == "inline":  # inline raises the shard's own error (its traceback)
+            with pytest.raises(ValueError, match="bad shard"):
+                list(stream_shards(mark_and_square, bad, spec=any_rt, slots=slots, error=lambda k, e: BiogenError(k)))
+        else:
+            with pytest.raises(BiogenError, match=r"^custom s3: bad shard$"):
+                list(stream_shards(mark_and_square, bad, spec=any_rt, slots=slots,
+                                   error=lambda k, e: BiogenError(f"custom {k}: {getattr(e, 'cause', None) or e}")))
+
+
+def test_closing_a_stream_stops_it_early(tmp_path, any_rt):
+    """A consumer that has what it needs closes the stream: the shards in flight are
+    cancelled and no other shard is submitted (substructure search's max_hits)."""
+    from contextlib import closing
+
+    n = 40
+    with ray_session(any_rt) as slots:
+        in_flight = 1 if any_rt.mode == "inline" else 2 * slots
+        with closing(stream_shards(mark_and_square, ((f"s{i}", (str(tmp_path), i + 10)) for i in range(n)),
+                                   spec=any_rt, slots=slots, total=n)) as results:
+            key, value = next(results)
+    assert value == int(key[1:]) ** 2 + 20 * int(key[1:]) + 100
+    ran = list(tmp_path.glob("ran-*"))
+    assert 1 <= len(ran) <= in_flight < n
+    if any_rt.mode == "inline":  # lazily, one shard at a time
+        assert [p.name for p in ran] == ["ran-10"]
 
 
 def test_runtime_spec_validation():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import logging
 import os
+import re
 import shutil
 import stat
 from pathlib import Path
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 from rdkit import Chem, rdBase
 
-from biogen.errors import ConfigError, InputError
+from biogen.errors import BiogenError, ConfigError, InputError
 from biogen.library import Library
 from biogen.library.ingest import build_library
 from biogen.runtime import RuntimeSpec
@@ -257,6 +258,23 @@ def test_inline_and_ray_identical(library, tmp_path, ray_rt, inline_rt):
 
 def test_inline_and_processes_identical(library, tmp_path, inline_rt):
     _same_as_inline(library, tmp_path, inline_rt, RuntimeSpec(mode="processes", workers=2, progress=False))
+
+
+@pytest.mark.parametrize("mode", ["inline", "processes"])
+def test_a_broken_shard_fails_the_search_naming_it(library, tmp_path, mode):
+    """runtime=processes (and Ray) names the shard and its path; inline raises the shard's own error."""
+    lib_dir = copy_library(library, tmp_path / "lib")
+    broken = Library.open(lib_dir).shards[1]
+    (broken.path / "meta.parquet").write_bytes(b"not parquet")
+    rt = RuntimeSpec(mode=mode, workers=2, progress=False)
+    if mode == "inline":
+        with pytest.raises(Exception, match="Parquet") as exc:
+            substructure_search(lib_dir, "C(=O)N", runtime=rt, cache_dir=tmp_path / "c")
+        assert not isinstance(exc.value, BiogenError)
+    else:
+        where = re.escape(f"substructure search of shard {broken.name} ({broken.path}) failed: ArrowInvalid: ")
+        with pytest.raises(BiogenError, match=f"^{where}.*Parquet"):
+            substructure_search(lib_dir, "C(=O)N", runtime=rt, cache_dir=tmp_path / "c")
 
 
 def test_read_only_library_falls_back_to_user_cache(library, tmp_path, monkeypatch, caplog):

@@ -21,10 +21,8 @@ import logging
 import multiprocessing as mp
 import os
 import pickle
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-
-from biogen.runtime.ledger import Ledger
 
 log = logging.getLogger(__name__)
 THREAD_ENV = {"OMP_NUM_THREADS": "1"}
@@ -59,16 +57,17 @@ def _run_worker(*args):
     return _WORKER.run(*args)
 
 
-def run_in_processes(fn: Callable | None, shards: Iterable[tuple[str, tuple]], *, ledger: Ledger, slots: int,
-                     bar, phase: str, worker: tuple[type, tuple] | None = None) -> dict[str, dict]:
-    """Run each not-yet-done shard on a pool of ``slots`` processes; record each in the ledger.
+def stream_in_processes(fn: Callable | None, shards: Iterable[tuple[str, tuple]], *, slots: int,
+                        worker: tuple[type, tuple] | None = None, **loop) -> Iterator[tuple[str, object]]:
+    """Run each shard on a pool of ``slots`` processes; yield ``(key, value)`` as each finishes.
 
-    ``fn(*args) -> (output relpaths, result)`` for task-style jobs, or ``worker=(cls, args)``
-    for actor-style ones (``cls(*args).run(*shard args)`` in each process). At most
-    ``2 * slots`` shards are in flight, so the shard list is streamed. The first shard
-    that raises fails the job (recorded in the ledger; shards not yet started are cancelled).
+    ``fn(*args)`` for task-style jobs, or ``worker=(cls, args)`` for actor-style ones
+    (``cls(*args).run(*shard args)`` in each process). At most ``2 * slots`` shards are in
+    flight, so the shard list is streamed. ``loop``: ``ledger``, ``phase``, ``error`` of
+    the runtime's one loop (``ray_runtime._stream``). The first shard that raises fails the
+    job; it, or closing the iterator, cancels the shards not yet started.
     """
-    from biogen.runtime.ray_runtime import FUTURES, _drive
+    from biogen.runtime.ray_runtime import FUTURES, _stream
 
     env = {k: v for k, v in THREAD_ENV.items() if k not in os.environ}
     payload = pickle.dumps(worker) if worker is not None else None
@@ -76,7 +75,7 @@ def run_in_processes(fn: Callable | None, shards: Iterable[tuple[str, tuple]], *
     pool = ProcessPoolExecutor(max(1, slots), mp_context=mp.get_context("spawn"), initializer=_init_process,
                                initargs=(env, payload))
     try:
-        return _drive(lambda args: (pool.submit(call, *args), None), lambda token: None, shards, ledger=ledger,
-                      capacity=2 * max(1, slots), bar=bar, phase=phase, retry=None, handles=FUTURES)
+        yield from _stream(lambda args: (pool.submit(call, *args), None), shards, handles=FUTURES,
+                           capacity=2 * max(1, slots), **loop)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

@@ -5,6 +5,11 @@ as Ray configures it); ``mode=ray_cluster`` connects to a running cluster
 (``address=auto`` or ``host:port``). ``mode=processes`` runs shards on a pool of local
 processes without Ray (one machine; ``biogen.runtime.processes``). ``mode=inline`` runs
 shards in this process without Ray, for debugging and profiling only.
+
+Every mode runs shards through one loop (``_stream``): ``stream_shards`` yields each
+shard's value as it finishes and stops early, cancelling the rest, when closed (a search
+that wants only the first hits); ``run_shards`` and ``run_shards_on_actors`` run a whole
+job with a resume ledger.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -221,79 +227,141 @@ def _ready_futures(pending: list) -> list:
 FUTURES = Handles(_ready_futures, _future_result, _future_cancel, lambda exc: False)
 
 
-def _drive(submit: Callable, release: Callable, shards: Iterable[tuple[str, tuple]], *, ledger: Ledger,
-           capacity: int, bar, phase: str, retry: Callable | None, max_tries: int = 3,
-           handles: Handles | None = None) -> dict[str, dict]:
-    """Submit not-yet-done shards with at most ``capacity`` in flight; record each in the ledger.
+def _run_now(fn: Callable, args: tuple) -> Future:
+    """Run ``fn(*args)`` here and now; its value or error in a finished future (runtime=inline:
+    the same loop as the other modes then reads it through ``FUTURES``)."""
+    fut: Future = Future()
+    try:
+        fut.set_result(fn(*args))
+    except Exception as exc:
+        fut.set_exception(exc)
+    return fut
 
-    A shard whose worker or node was lost is resubmitted through ``retry(token, args, exc)``
-    (returns ``(ref, token)``) up to ``max_tries`` times, each loss recorded in the ledger;
-    an error of the shard's own code fails the job at once (recorded too). ``handles``:
-    Ray's (default) or futures'.
+
+def _stream(submit: Callable, shards: Iterable[tuple[str, tuple]], *, handles: Handles, capacity: int,
+            ledger: Ledger | None = None, phase: str = "", error: Callable[[str, Exception], Exception] = _shard_error,
+            release: Callable = lambda token: None, retry: Callable | None = None, max_tries: int = 3
+            ) -> Iterator[tuple[str, object]]:
+    """The one loop of every runner: submit ``(key, args)`` shards in order with at most
+    ``capacity`` in flight; yield ``(key, value)`` as each finishes (completion order).
+
+    ``submit(args) -> (handle, token)``; ``release(token)`` once the shard's value is read.
+    With a ``ledger``, a shard's value is ``(output relpaths, result)``: each is recorded
+    and ``(key, result)`` yielded; a shard the ledger holds is yielded from it, not run.
+    A shard whose worker or node was lost (``handles.lost``) is resubmitted through
+    ``retry(token, args, exc) -> (handle, token)`` up to ``max_tries`` times (logged, and a
+    ``retry`` event in the ledger); any other error raises ``error(key, exc)`` (a ``failed``
+    event). An error, or closing the generator (``contextlib.closing``: how a consumer
+    stops early), cancels the shards in flight and leaves the rest unsubmitted.
     """
-    h = handles or ray_handles()
-    results: dict[str, dict] = {}
     pending: dict = {}
-
-    def collect() -> None:
-        for ref in h.ready(list(pending)):
-            key, token, args, tries = pending.pop(ref)
-            try:
-                outputs, result = h.get(ref)
-            except Exception as exc:
-                if retry is not None and h.lost(exc) and tries < max_tries:
-                    log.warning("shard %s: %s; running it again", key, _why(exc))
-                    ledger.event("retry", key=key, phase=phase, error=_why(exc), attempt=tries + 1)
-                    try:
-                        again = retry(token, args, exc)
-                    except BiogenError as err:  # nowhere left to run it (every worker lost)
-                        for other in pending:
-                            h.cancel(other)
-                        ledger.event("failed", key=key, phase=phase, error=str(err))
-                        raise
-                    pending[again[0]] = (key, again[1], args, tries + 1)
+    queue = iter(shards)
+    try:
+        while True:
+            while len(pending) < capacity:
+                item = next(queue, None)
+                if item is None:
+                    break
+                key, args = item
+                prev = ledger.done(key) if ledger is not None else None
+                if prev is not None:
+                    yield key, prev
                     continue
-                for other in pending:
-                    h.cancel(other)
-                err = _shard_error(key, exc)
-                ledger.event("failed", key=key, phase=phase, error=str(err))
-                raise err from exc
-            release(token)
-            ledger.record(key, outputs, result, phase=phase)
-            results[key] = result
-            bar.update(1)
+                handle, token = submit(args)
+                pending[handle] = (key, token, args, 0)
+            if not pending:
+                return
+            for handle in handles.ready(list(pending)):
+                key, token, args, tries = pending.pop(handle)
+                try:
+                    value = handles.get(handle)
+                except Exception as exc:
+                    if retry is not None and tries < max_tries and handles.lost(exc):
+                        log.warning("shard %s: %s; running it again", key, _why(exc))
+                        if ledger is not None:
+                            ledger.event("retry", key=key, phase=phase, error=_why(exc), attempt=tries + 1)
+                        try:
+                            handle, token = retry(token, args, exc)
+                        except BiogenError as err:  # nowhere left to run it (every worker lost)
+                            if ledger is not None:
+                                ledger.event("failed", key=key, phase=phase, error=str(err))
+                            raise
+                        pending[handle] = (key, token, args, tries + 1)
+                        continue
+                    err = error(key, exc)
+                    if ledger is not None:
+                        ledger.event("failed", key=key, phase=phase, error=_why(exc) if err is exc else str(err))
+                    if err is exc:
+                        raise
+                    raise err from exc
+                release(token)
+                if ledger is not None:
+                    outputs, value = value
+                    ledger.record(key, outputs, value, phase=phase)
+                yield key, value
+    finally:
+        for handle in pending:
+            handles.cancel(handle)
 
-    for key, args in shards:
-        prev = ledger.done(key)
-        if prev is not None:
-            results[key] = prev
-            bar.update(1)
-            continue
-        while len(pending) >= capacity:
-            collect()
-        ref, token = submit(args)
-        pending[ref] = (key, token, args, 0)
-    while pending:
-        collect()
-    return results
+
+def _inline_error(error: Callable[[str, Exception], Exception]) -> Callable[[str, Exception], Exception]:
+    """runtime=inline raises a shard's own error as it is (its traceback for debugging); a
+    full disk gets the same message as in the other modes."""
+    return lambda key, exc: (error(key, exc) if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS
+                             else exc)
 
 
-def _inline(call: Callable, shards: Iterable[tuple[str, tuple]], ledger: Ledger, bar, phase: str) -> dict[str, dict]:
-    results: dict[str, dict] = {}
-    for key, args in shards:
-        prev = ledger.done(key)
-        if prev is None:
-            try:
-                outputs, prev = call(*args)
-            except Exception as exc:
-                ledger.event("failed", key=key, phase=phase, error=_why(exc))
-                if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
-                    raise _shard_error(key, exc) from exc  # full disk: the same message as on Ray
-                raise
-            ledger.record(key, outputs, prev, phase=phase)
-        results[key] = prev
+def stream_shards(
+    fn: Callable,
+    shards: Iterable[tuple[str, tuple]],
+    *,
+    spec: RuntimeSpec,
+    slots: int,
+    total: int | None = None,
+    ledger: Ledger | None = None,
+    phase: str = "",
+    error: Callable[[str, Exception], Exception] = _shard_error,
+    max_tries: int = 3,
+) -> Iterator[tuple[str, object]]:
+    """Run ``fn(*args)`` for each ``(key, args)`` where ``spec`` says; yield ``(key, value)``
+    as each shard finishes (completion order; one after another, lazily, in runtime=inline).
+
+    At most ``2 * slots`` shards are in flight (``slots`` from ``ray_session``), so
+    ``shards`` is streamed. To stop early, close the iterator (``with
+    contextlib.closing(stream_shards(...)) as results:``): shards in flight are cancelled
+    and the rest never start. Call it inside ``ray_session(spec)``.
+
+    ledger: record each finished shard (``fn`` then returns ``(output relpaths, result)``
+        and ``(key, result)`` is yielded; shards already done are yielded from the ledger).
+    error: the exception raised when shard ``key`` fails with ``exc`` (default: names the
+        shard and says how to resume); runtime=inline raises the shard's own error.
+    max_tries: runs of a shard again after its Ray worker or node was lost (``processes``
+        and ``inline`` do not retry).
+    """
+    kw = dict(ledger=ledger, phase=phase, error=error)
+    if spec.mode == "inline":
+        return _stream(lambda args: (_run_now(fn, args), None), shards, handles=FUTURES, capacity=1,
+                       **{**kw, "error": _inline_error(error)})
+    if spec.mode == "processes":
+        from biogen.runtime.processes import stream_in_processes
+
+        return stream_in_processes(fn, shards, slots=_pool_size(slots, total), **kw)
+    import ray
+
+    # Ray's own retries are off: the loop retries a shard whose worker or node was lost
+    # itself, so that the loss is logged (and recorded in the ledger for `biogen status`)
+    remote = ray.remote(num_cpus=1, max_retries=0)(fn)
+    return _stream(lambda args: (remote.remote(*args), None), shards, handles=ray_handles(), capacity=2 * slots,
+                   retry=lambda token, args, exc: (remote.remote(*args), None), max_tries=max_tries, **kw)
+
+
+def _collect(results: Iterator[tuple[str, object]], bar) -> dict[str, dict]:
+    """Every ``(key, result)`` of a stream, in a dict; the bar counts them."""
+    out: dict[str, dict] = {}
+    for key, result in results:
+        out[key] = result
         bar.update(1)
-    return results
+    return out
 
 
 @contextmanager
@@ -327,20 +395,8 @@ def run_shards(
     Returns ``{key: result}`` for all shards, finished now or before.
     """
     with _phase(ledger, desc, total, spec) as bar:
-        if spec.mode == "inline":
-            return _inline(fn, shards, ledger, bar, desc)
-        if spec.mode == "processes":
-            from biogen.runtime.processes import run_in_processes
-
-            return run_in_processes(fn, shards, ledger=ledger, slots=_pool_size(slots, total), bar=bar, phase=desc)
-        import ray
-
-        # Ray's own retries are off: the runner retries a shard whose worker or node was
-        # lost itself, so that the loss is recorded in the ledger for `biogen status`
-        remote = ray.remote(num_cpus=1, max_retries=0)(fn)
-        return _drive(lambda args: (remote.remote(*args), None), lambda token: None, shards,
-                      ledger=ledger, capacity=2 * slots, bar=bar, phase=desc,
-                      retry=lambda token, args, exc: (remote.remote(*args), None))
+        return _collect(stream_shards(fn, shards, spec=spec, slots=slots, total=total, ledger=ledger, phase=desc),
+                        bar)
 
 
 def run_shards_on_actors(
@@ -373,12 +429,12 @@ def run_shards_on_actors(
     with _phase(ledger, desc, total, spec) as bar:
         if spec.mode == "inline":
             worker = worker_cls(*worker_args)
-            return _inline(worker.run, shards, ledger, bar, desc)
+            return _collect(stream_shards(worker.run, shards, spec=spec, slots=1, ledger=ledger, phase=desc), bar)
         if spec.mode == "processes":
-            from biogen.runtime.processes import run_in_processes
+            from biogen.runtime.processes import stream_in_processes
 
-            return run_in_processes(None, shards, ledger=ledger, slots=_pool_size(slots, total), bar=bar,
-                                    phase=desc, worker=(worker_cls, worker_args))
+            return _collect(stream_in_processes(None, shards, slots=_pool_size(slots, total), ledger=ledger,
+                                                phase=desc, worker=(worker_cls, worker_args)), bar)
         import ray
 
         hosts = actors if actors is not None else start_actors(spec, slots, num_gpus=num_gpus)
@@ -443,8 +499,8 @@ def run_shards_on_actors(
             return actors[a].run.remote(*args), (a, generation[a])
 
         try:
-            return _drive(submit, release, shards, ledger=ledger, capacity=2 * len(actors), bar=bar, phase=desc,
-                          retry=retry)
+            return _collect(_stream(submit, shards, handles=ray_handles(), capacity=2 * len(actors), ledger=ledger,
+                                    phase=desc, release=release, retry=retry), bar)
         finally:
             for a in actors:
                 ray.kill(a)

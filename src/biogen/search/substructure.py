@@ -38,6 +38,7 @@ import os
 import tempfile
 import time
 from collections.abc import Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,7 +53,7 @@ from biogen.chem.pipeline import capture_rdkit_errors
 from biogen.errors import BiogenError, ConfigError, InputError
 from biogen.files import atomic_path
 from biogen.library.store import Library
-from biogen.runtime.ray_runtime import RuntimeSpec, ray_session
+from biogen.runtime.ray_runtime import RuntimeSpec, ray_session, stream_shards
 
 log = logging.getLogger(__name__)
 
@@ -408,15 +409,15 @@ def substructure_search(
         bar.set_postfix(hits=sum(len(r["rows"]) for r in done.values()), refresh=False)
         return max_hits is not None and state["hits"] >= max_hits
 
+    by_name = {t.name: t for t in tasks}
     try:
-        if runtime.mode == "inline":
-            for task in tasks:
-                if accept(search_shard(task)):
-                    break
-        elif runtime.mode == "processes":
-            _run_processes(tasks, runtime, accept)
-        else:
-            _run_ray(tasks, runtime, accept)
+        # a shard whose Ray worker or node was lost runs again at most twice (max_tries=2), as before
+        with ray_session(runtime) as slots, closing(stream_shards(
+                search_shard, ((t.name, (t,)) for t in tasks), spec=runtime, slots=slots, total=len(tasks),
+                error=lambda name, exc: _shard_failed(by_name[name], exc), max_tries=2)) as results:
+            for _, res in results:
+                if accept(res):
+                    break  # closing the stream cancels the shards still running or queued
     finally:
         bar.close()
 
@@ -454,56 +455,3 @@ def _shard_failed(task: ShardTask, exc: Exception) -> BiogenError:
     cause = getattr(exc, "cause", None) or exc  # RayTaskError wraps the task's error
     return BiogenError(f"substructure search of shard {task.name} ({task.path}) failed: "
                        f"{type(cause).__name__}: {cause}")
-
-
-def _stream(tasks: list[ShardTask], slots: int, submit, handles, accept) -> None:
-    """Submit ``tasks`` in shard order with at most ``2 * slots`` in flight; hand each result
-    to ``accept`` and stop (cancelling the rest) when it returns True."""
-    pending: dict = {}
-    queue = iter(tasks)
-    try:
-        while True:
-            while len(pending) < 2 * slots:
-                task = next(queue, None)
-                if task is None:
-                    break
-                pending[submit(task)] = task
-            if not pending:
-                return
-            for ref in handles.ready(list(pending)):
-                task = pending.pop(ref)
-                try:
-                    res = handles.get(ref)
-                except Exception as exc:
-                    raise _shard_failed(task, exc) from exc
-                if accept(res):
-                    return
-    finally:
-        for ref in pending:
-            handles.cancel(ref)
-
-
-def _run_processes(tasks: list[ShardTask], runtime: RuntimeSpec, accept) -> None:
-    """``search_shard`` over ``tasks`` on a pool of spawned local processes (runtime=processes)."""
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
-    from biogen.runtime.ray_runtime import FUTURES
-
-    with ray_session(runtime) as slots:
-        pool = ProcessPoolExecutor(max(1, min(slots, len(tasks))), mp_context=mp.get_context("spawn"))
-        try:
-            _stream(tasks, slots, lambda task: pool.submit(search_shard, task), FUTURES, accept)
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _run_ray(tasks: list[ShardTask], runtime: RuntimeSpec, accept) -> None:
-    """``search_shard`` over ``tasks`` as Ray tasks (retried twice by Ray when a worker dies)."""
-    from biogen.runtime.ray_runtime import ray_handles
-
-    with ray_session(runtime) as slots:
-        import ray
-
-        remote = ray.remote(num_cpus=1, max_retries=2)(search_shard)
-        _stream(tasks, slots, remote.remote, ray_handles(), accept)
