@@ -13,8 +13,9 @@ from biogen.errors import ConfigError
 from biogen.evaluation import report
 from biogen.evaluation.data import CHEMBL_SET_I, list_targets, load_list, parse_smiles, target_files
 from biogen.evaluation.protocol import ProtocolSpec, draw_split, evaluate_target
-from biogen.evaluation.scorers import (LogisticScorer, NaiveBayesScorer, NamedScorer, RankFusionScorer,
-                                       QuerySimilarityScorer, Split, TargetContext, build_scorer)
+from biogen.evaluation.scorers import (LogisticScorer, NaiveBayesScorer, NamedScorer, PropertyScorer,
+                                       QuerySimilarityScorer, RankFusionScorer, Split, TargetContext)
+from tests_support import compose_config
 
 FXA = "N=[CH+](N)c1cccc(Cn2c(C(N)=O)cc3ccccc32)c1"
 ACTIVES = ["c1ccccc1O", "c1ccccc1N", "c1ccccc1CO", "c1ccc(O)cc1O", "c1ccccc1C(=O)O", "Oc1ccc(N)cc1"]
@@ -126,7 +127,6 @@ def test_property_null_model_follows_the_queries():
     """Ranks by the property in the direction the query actives point to, with no labels of
     the ranked list: here the actives (benzene rings with substituents) are heavier than most
     decoys. load_list computes the properties."""
-    from biogen.evaluation.scorers import PropertyScorer
 
     mols = [Chem.MolFromSmiles(s) for s in ACTIVES + DECOYS]
     heavy = np.array([m.GetNumHeavyAtoms() for m in mols], dtype=np.float64)
@@ -139,7 +139,6 @@ def test_property_null_model_follows_the_queries():
     assert np.array_equal(PropertyScorer("heavy_atoms").score(ctx, light, ranked), -heavy[ranked])
     with pytest.raises(ConfigError, match="'tpsa' is not computed; available: heavy_atoms"):
         PropertyScorer("tpsa").score(ctx, split, ranked)
-    assert build_scorer("null-mw", {"kind": "property", "property": "mw"}).scorer == PropertyScorer("mw")
 
 
 def test_load_list_computes_the_null_model_properties(tmp_path):
@@ -151,20 +150,24 @@ def test_load_list_computes_the_null_model_properties(tmp_path):
     assert out.props["mw"] == pytest.approx([94.113, 46.069], abs=1e-3)
 
 
-def test_build_scorer_and_errors():
-    catalog = {"a": {"kind": "similarity", "fingerprint": "e"}, "b": {"kind": "logistic", "fingerprint": "e"},
-               "f": {"kind": "fusion", "members": ["a", "b"], "weights": [1, 2]}}
-    f = build_scorer("f", catalog["f"], catalog)
-    assert f.uses_decoys and f.scorer.weights == (1.0, 2.0)
-    assert not build_scorer("a", catalog["a"]).uses_decoys
-    with pytest.raises(ConfigError, match="kind='knn' is not valid; choose one of similarity"):
-        build_scorer("x", {"kind": "knn"})
-    with pytest.raises(ConfigError, match="valid keys: kind, fingerprint"):
-        build_scorer("x", {"kind": "similarity", "fingerprnt": "e"})
+def test_scorers_are_built_from_the_catalog_by_target_and_errors():
+    """Each catalog entry is a _target_ node (biogen.cli.config.from_config); a fusion's
+    members are other entries by interpolation."""
+    from biogen.cli.evaluate import _scorers
+
+    cfg = compose_config("evaluate", "scorers=[fused-lr-sim-ecfp4_1024,sim-ecfp4_1024-max,null-mw]")
+    f, sim, null = _scorers(cfg)
+    assert f.uses_decoys and not sim.uses_decoys and null.scorer == PropertyScorer("mw")
+    assert f.scorer.members == (LogisticScorer("ecfp4_1024", C=0.1), sim.scorer) and hash(f.scorer)
+    w = _scorers(compose_config("evaluate", "scorers=[fused-lr-sim-ecfp4_1024]",
+                                "+scorer_catalog.fused-lr-sim-ecfp4_1024.weights=[1,2]"))[0]
+    assert w.scorer.weights == (1.0, 2.0)
+    with pytest.raises(ConfigError, match=r"scorers \['knn'\] are not in scorer_catalog"):
+        _scorers(compose_config("evaluate", "scorers=[knn]"))
+    with pytest.raises(ConfigError, match=r"unknown scorer_catalog.sim-maccs-max key\(s\) \['fingerprnt'\]; valid keys: fingerprint"):
+        _scorers(compose_config("evaluate", "scorers=[sim-maccs-max]", "+scorer_catalog.sim-maccs-max.fingerprnt=e"))
     with pytest.raises(ConfigError, match="fusion='median'"):
-        build_scorer("x", {"kind": "similarity", "fusion": "median"})
-    with pytest.raises(ConfigError, match="member 'zz'"):
-        build_scorer("x", {"kind": "fusion", "members": ["a", "zz"]}, catalog)
+        _scorers(compose_config("evaluate", "scorers=[sim-maccs-max]", "scorer_catalog.sim-maccs-max.fusion=median"))
 
 
 def test_report_groups_anchor_and_verdict():

@@ -12,7 +12,6 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from biogen.chem.fingerprints import FingerprintSpec
 from biogen.cli.config import from_config
 from biogen.errors import ConfigError
 
@@ -20,16 +19,17 @@ log = logging.getLogger("biogen")
 
 
 def _scorers(cfg: DictConfig):
-    from biogen.evaluation.scorers import build_scorer
+    """The scorers named in ``scorers``, each built from its ``scorer_catalog`` entry (its
+    ``_target_``; a fusion's members are other entries, by interpolation)."""
+    from biogen.evaluation.scorers import NamedScorer
 
-    catalog = OmegaConf.to_container(cfg.scorer_catalog, resolve=True)
     names = list(cfg.scorers)
-    unknown = [n for n in names if n not in catalog]
+    unknown = [n for n in names if n not in cfg.scorer_catalog]
     if unknown:
-        raise ConfigError(f"scorers {unknown} are not in scorer_catalog; valid: {', '.join(catalog)}")
+        raise ConfigError(f"scorers {unknown} are not in scorer_catalog; valid: {', '.join(cfg.scorer_catalog)}")
     if len(set(names)) != len(names):
         raise ConfigError(f"scorers={names} lists a scorer twice")
-    return [build_scorer(n, catalog[n], catalog) for n in names]
+    return [NamedScorer(n, from_config(cfg.scorer_catalog[n], f"scorer_catalog.{n}")) for n in names]
 
 
 def evaluate(cfg: DictConfig) -> None:
@@ -42,8 +42,7 @@ def evaluate(cfg: DictConfig) -> None:
     out.mkdir(parents=True, exist_ok=True)
     root = check_root(str(cfg.data_dir))
     runtime = from_config(cfg.runtime, "runtime")
-    specs = {name: FingerprintSpec.from_dict(OmegaConf.to_container(d, resolve=True))
-             for name, d in cfg.fingerprints.items()}
+    specs = {name: from_config(d, f"fingerprints.{name}") for name, d in cfg.fingerprints.items()}
     scorers = _scorers(cfg)
     protocol = ProtocolSpec(n_queries=tuple(int(n) for n in cfg.n_queries), repeats=int(cfg.repeats),
                             seed=int(cfg.seed), decoy_fraction=float(cfg.decoy_fraction),

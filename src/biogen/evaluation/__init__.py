@@ -9,9 +9,9 @@ from biogen.evaluation.data import CompoundList, list_targets, load_list, parse_
 from biogen.evaluation.protocol import ProtocolSpec, draw_split, evaluate_target
 from biogen.evaluation.runner import RunResult, run_benchmark
 from biogen.evaluation.scorers import (LogisticScorer, MLPScorer, NaiveBayesScorer, QuerySimilarityScorer,
-                                       RankFusionScorer, Split, TargetContext, build_scorer)
+                                       NamedScorer, RankFusionScorer, Split, TargetContext)
 
 __all__ = ["CompoundList", "LogisticScorer", "MLPScorer", "NaiveBayesScorer", "ProtocolSpec",
-           "QuerySimilarityScorer", "RankFusionScorer", "RunResult", "Split", "TargetContext", "build_scorer",
+           "NamedScorer", "QuerySimilarityScorer", "RankFusionScorer", "RunResult", "Split", "TargetContext",
            "draw_split", "evaluate_target", "list_targets", "load_list", "parse_smiles", "run_benchmark",
            "target_files"]

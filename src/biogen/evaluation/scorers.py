@@ -113,7 +113,7 @@ def _training_set(ctx: TargetContext, fp: str, split: Split) -> tuple[np.ndarray
 
 @dataclass(frozen=True)
 class QuerySimilarityScorer:
-    """Similarity to the split's query actives, fused over the queries (kind ``similarity``)."""
+    """Similarity to the split's query actives, fused over the queries."""
 
     fingerprint: str = "ecfp4_1024"
     fusion: str = "max"
@@ -172,7 +172,7 @@ class NaiveBayesScorer:
 @dataclass(frozen=True)
 class MLPScorer:
     """The project's Lightning QSAR MLP (``biogen.models.qsar``), trained per split as a classifier
-    on the query actives vs the training decoys (kind ``qsar``)."""
+    on the query actives vs the training decoys."""
 
     fingerprint: str = "ecfp4_2048"
     hidden: tuple[int, ...] = (512, 128)
@@ -180,6 +180,9 @@ class MLPScorer:
     max_epochs: int = 60
     patience: int = 8
     uses_decoys = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))  # from config: a list
 
     def score(self, ctx: TargetContext, split: Split, ranked: np.ndarray) -> np.ndarray:
         try:
@@ -224,6 +227,9 @@ class RankFusionScorer:
     weights: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "members", tuple(self.members))  # from config: a list
+        if self.weights is not None:
+            object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
         if len(self.members) < 2:
             raise ConfigError("a fusion scorer needs at least two members")
         if self.weights is not None and len(self.weights) != len(self.members):
@@ -256,35 +262,3 @@ class NamedScorer:
     @property
     def uses_decoys(self) -> bool:
         return bool(self.scorer.uses_decoys)
-
-
-KINDS = {"similarity": QuerySimilarityScorer, "logistic": LogisticScorer, "naive_bayes": NaiveBayesScorer,
-         "qsar": MLPScorer, "fusion": RankFusionScorer, "property": PropertyScorer}
-
-
-def build_scorer(name: str, definition: dict, catalog: dict[str, dict] | None = None) -> NamedScorer:
-    """A scorer from a plain definition ``{kind: ..., <the kind's fields>}``.
-
-    A ``fusion`` names its members (other catalog entries) in ``members``.
-    """
-    d = dict(definition)
-    kind = d.pop("kind", None)
-    if kind not in KINDS:
-        raise ConfigError(f"scorer {name!r}: kind={kind!r} is not valid; choose one of {', '.join(KINDS)}")
-    if kind == "fusion":
-        catalog = catalog or {}
-        members = []
-        for m in d.pop("members", []):
-            if m not in catalog:
-                raise ConfigError(f"scorer {name!r}: member {m!r} is not in the scorer catalog")
-            members.append(build_scorer(m, catalog[m], catalog).scorer)
-        d["members"] = tuple(members)
-        if d.get("weights") is not None:
-            d["weights"] = tuple(float(x) for x in d["weights"])
-    if "hidden" in d:
-        d["hidden"] = tuple(d["hidden"])
-    try:
-        return NamedScorer(name, KINDS[kind](**d))
-    except TypeError as exc:
-        valid = ", ".join(KINDS[kind].__dataclass_fields__)
-        raise ConfigError(f"scorer {name!r} ({kind}): {exc}; valid keys: kind, {valid}") from None
