@@ -4,8 +4,6 @@ resume after a kill, embed-search, CLI."""
 
 import json
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -175,8 +173,7 @@ def test_cli_embed_kill_and_resume_then_search(tmp_path):
     manifest = json.loads((tmp_path / "store" / "manifest.json").read_text())
     assert manifest["n_sequences"] == n and not (tmp_path / "store" / "_work").exists()
     assert manifest["run"]["driver_sessions"] == 2 and manifest["run"]["resumed_shards"] == done
-    st = subprocess.run([sys.executable, "-m", "biogen.cli.main", "status", str(tmp_path / "store")],
-                        capture_output=True, text=True, timeout=60)
+    st = run_biogen("status", str(tmp_path / "store"), cwd=tmp_path, timeout=60)
     assert st.returncode == 0 and "embed at" in st.stdout and f"{n} sequences" in st.stdout
 
 

@@ -2,9 +2,9 @@
 default main job's configuration resolves to real, installed data."""
 
 import re
-import subprocess
-import sys
 from pathlib import Path
+
+from tests_support import run_biogen
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -25,8 +25,7 @@ def test_two_commands_and_ci_runs_the_second():
 
 
 def test_default_main_job_is_the_packaged_thrombin_screen(tmp_path, moleculeace):
-    p = subprocess.run([sys.executable, "-m", "biogen.cli.main", "screen", "--cfg", "job", "--resolve"],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    p = run_biogen("screen", "--cfg", "job", "--resolve", cwd=tmp_path, timeout=120)
     assert p.returncode == 0, p.stderr
     assert re.search(r"^  preset: moses_test_actives$", p.stdout, re.M)
     assert re.search(r"^  base: moses_test$", p.stdout, re.M)
@@ -38,8 +37,7 @@ def test_default_main_job_is_the_packaged_thrombin_screen(tmp_path, moleculeace)
 
 
 def test_library_build_default_resolves_to_packaged_moses(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "biogen.cli.main", "library", "build", "--cfg", "job", "--resolve"],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    p = run_biogen("library", "build", "--cfg", "job", "--resolve", cwd=tmp_path, timeout=120)
     assert p.returncode == 0, p.stderr
     m = re.search(r"^input: (.+)$", p.stdout, re.M)
     assert m and m.group(1).endswith("moses/dataset/data/test.csv.gz") and Path(m.group(1)).is_file()

@@ -7,11 +7,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests_support import run_biogen
 
 pytestmark = pytest.mark.slow
 
@@ -33,15 +34,14 @@ hydra:
     env = {**slurm.env, "BIOGEN_CONFIG_DIR": str(site), "BIOGEN_RUNS_DIR": str(tmp_path / "runs"),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{slurm.env.get('PATH', os.environ['PATH'])}"}
     # the site file is composed into every job: a plain run shows it (and still runs here)
-    cfg = subprocess.run([sys.executable, "-m", "biogen.cli.main", "library", "build", "input=x.smi", "output=o",
-                          "--cfg", "hydra"], env=env, capture_output=True, text=True, timeout=120)
+    cfg = run_biogen("library", "build", "input=x.smi", "output=o", "--cfg", "hydra", cwd=tmp_path, env=env,
+                     timeout=120)
     assert cfg.returncode == 0, cfg.stderr
     assert f"partition: {slurm.partition}" in cfg.stdout and "SlurmLauncher" in cfg.stdout
 
-    cmd = [sys.executable, "-m", "biogen.cli.main", "library", "build", "-m", f"input={data_dir / 'mixed.smi'}",
-           "featurizer=ecfp4,maccs", f"output={tmp_path}/lib_${{featurizer.type}}",
-           "runtime=inline", "runtime.progress=false"]
-    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=420)
+    p = run_biogen("library", "build", "-m", f"input={data_dir / 'mixed.smi'}", "featurizer=ecfp4,maccs",
+                   f"output={tmp_path}/lib_${{featurizer.type}}", "runtime=inline", "runtime.progress=false",
+                   cwd=tmp_path, env=env, timeout=420)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
 
     libs = sorted(tmp_path.glob("lib_*"))

@@ -10,6 +10,7 @@ from biogen.runtime import Ledger, RuntimeSpec, ray_session, run_shards, run_sha
 from biogen.runtime.ray_runtime import start_actors
 from biogen.runtime.ledger import process_start as status_process_start
 from biogen.runtime.status import format_status, job_status
+from tests_support import run_biogen
 
 CALLS = []
 
@@ -314,11 +315,7 @@ def test_status_of_a_running_job_has_throughput_and_eta(tmp_path, inline_rt):
 
 
 def test_status_of_something_else_is_exit_2(tmp_path):
-    import subprocess
-    import sys
-
-    p = subprocess.run([sys.executable, "-m", "biogen.cli.main", "status", str(tmp_path)],
-                       capture_output=True, text=True)
+    p = run_biogen("status", str(tmp_path), cwd=tmp_path)
     assert p.returncode == 2 and "holds no biogen job" in p.stderr
 
 

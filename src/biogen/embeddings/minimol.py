@@ -28,7 +28,6 @@ is the one the weights were trained with.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import logging
 import time
@@ -44,6 +43,7 @@ import torch.nn.functional as F
 
 from biogen.embeddings.base import CompoundModel, EmbedResult
 from biogen.errors import ConfigError, InputError
+from biogen.files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -86,21 +86,13 @@ def onnx_path() -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 @lru_cache(maxsize=4)
 def read_weights(path: str, expect_sha256: str | None = ONNX_SHA256) -> tuple[dict[str, np.ndarray], str]:
     """The ONNX file's initializers (name -> float32 array) and the file's sha256.
 
     ``expect_sha256``: refuse a file whose hash differs (None: accept any file whose
     tensors have the expected names and shapes, e.g. a retrained MiniMol)."""
-    digest = _sha256(Path(path))
+    digest = sha256_file(Path(path))
     if expect_sha256 and digest != expect_sha256:
         raise ModelFileError(f"{path} has sha256 {digest}, not the released MiniMol v1 file {expect_sha256}; "
                              f"reinstall it ({INSTALL}) or pass weights_sha256=null to load a different MiniMol")

@@ -255,8 +255,7 @@ def write_rejects(lib_dir: Path, work: Path, parts: list[int], infos: list[Input
     rel = f"rejects/{name}.csv"
     path = lib_dir / rel
     path.parent.mkdir(exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(Reject.COLUMNS)
         for part in parts:
@@ -267,7 +266,6 @@ def write_rejects(lib_dir: Path, work: Path, parts: list[int], infos: list[Input
             rows.sort(key=lambda r: (order.get(r["source"], 0), r["record"]))
             for r in rows:
                 w.writerow([r.get(c) if r.get(c) is not None else "" for c in Reject.COLUMNS])
-    os.replace(tmp, path)
     return rel
 
 

@@ -13,8 +13,6 @@ thousand it needs).
 from __future__ import annotations
 
 import gzip
-import hashlib
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -23,6 +21,7 @@ from pathlib import Path
 from biogen.chem.fingerprints import FingerprintSpec
 from biogen.chem.standardize import StandardizeSpec
 from biogen.errors import ConfigError, InputError
+from biogen.files import atomic_path, json_digest
 from biogen.runtime import RuntimeSpec
 
 log = logging.getLogger(__name__)
@@ -70,11 +69,12 @@ def _preset_root(spec: LibrarySpec, target_name: str, held_out: list[str]) -> tu
 
     base = Path(dataset_path(spec.base))
     featurizer = FingerprintSpec.from_dict(dict(spec.featurizer))
-    key_src = json.dumps({"preset": spec.preset, "base": _file_key(base), "limit": spec.limit,
-                          "target": target_name, "held_out": sorted(held_out),
-                          "featurizer": featurizer.to_dict(), "descriptors": list(spec.descriptors),
-                          "chunk_size": spec.chunk_size, "biogen": __version__}, sort_keys=True)
-    key = hashlib.sha256(key_src.encode()).hexdigest()[:12]
+    # json_digest is the same canonical JSON (sorted keys) this key was always hashed from, so
+    # cache directories made by earlier versions keep their names.
+    key = json_digest({"preset": spec.preset, "base": _file_key(base), "limit": spec.limit,
+                       "target": target_name, "held_out": sorted(held_out),
+                       "featurizer": featurizer.to_dict(), "descriptors": list(spec.descriptors),
+                       "chunk_size": spec.chunk_size, "biogen": __version__})[:12]
     return Path(os.path.expanduser(spec.cache_dir)) / f"{spec.preset}-{target_name}-{key}", base
 
 
@@ -102,20 +102,17 @@ def preset_library(spec: LibrarySpec, target_name: str, held_out: list[str], run
     if spec.limit is not None:
         base_input = inputs_dir / f"{spec.base}_first{spec.limit}.csv"
         if not base_input.exists():
-            tmp = base_input.with_suffix(".tmp")
-            with gzip.open(base, "rt") as src, open(tmp, "w") as dst:
+            with atomic_path(base_input) as tmp, gzip.open(base, "rt") as src, open(tmp, "w") as dst:
                 for i, line in enumerate(src):
                     if i > spec.limit:
                         break
                     dst.write(line)
-            tmp.replace(base_input)
     inputs = [str(base_input)]
     if held_out:
         spike = inputs_dir / f"{target_name}_held_out_actives.smi"
         if not spike.exists():
-            tmp = spike.with_suffix(".tmp")
-            tmp.write_text("".join(f"{s} {target_name}:heldout{i + 1}\n" for i, s in enumerate(held_out)))
-            tmp.replace(spike)
+            with atomic_path(spike) as tmp:
+                tmp.write_text("".join(f"{s} {target_name}:heldout{i + 1}\n" for i, s in enumerate(held_out)))
         inputs.append(str(spike))
     log.info("building library preset %s (%s%s + %d held-out actives of %s) into %s; cached for later runs",
              spec.preset, spec.base, f", first {spec.limit}" if spec.limit else "", len(held_out), target_name, root)

@@ -29,7 +29,6 @@ import functools
 import html
 import io
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -37,6 +36,7 @@ from typing import Iterable
 import numpy as np
 import pyarrow as pa
 
+from biogen.files import atomic_path
 from biogen.screen.metrics import EnrichmentMetrics, NullModel
 
 __all__ = ["ReportData", "ReportEnrichment", "write_report", "render_report", "MAX_TABLE_ROWS", "MAX_SCATTER_POINTS"]
@@ -135,9 +135,8 @@ def write_report(data: ReportData, path: str | Path) -> Path:
     path = Path(path)
     text = render_report(data)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return path
 
 
