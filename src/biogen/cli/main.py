@@ -186,7 +186,7 @@ def unknown_key_hint(config_name: str, overrides: list[str]) -> str | None:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
             base = compose(config_name=config_name, overrides=job_overrides(config_name))
         node = OmegaConf.select(base, parent) if parent else base
-        valid = sorted(str(k) for k in node.keys()) if OmegaConf.is_dict(node) else []
+        valid = sorted(str(k) for k in node.keys() if k != "_target_") if OmegaConf.is_dict(node) else []
     except Exception:
         return None
     where = f"'{parent}'" if parent else "the top level"
