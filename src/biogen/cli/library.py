@@ -33,11 +33,13 @@ def _names(value) -> list[str]:
 
 
 def _fingerprint(cfg: DictConfig) -> FingerprintSpec:
-    feat = from_config(cfg.featurizer, "featurizer")
-    if not isinstance(feat, FingerprintSpec):
-        raise ConfigError(f"featurizer={feat.type} is a QSAR input for biogen train, not a library fingerprint; a "
-                          f"library stores {feat.type} vectors with embeddings=[{feat.type}] or biogen library embed")
-    return feat
+    from biogen.cli.train import featurizer_of
+
+    fp, model = featurizer_of(cfg)
+    if model is not None:
+        raise ConfigError(f"featurizer={model.type} is a QSAR input for biogen train, not a library fingerprint; a "
+                          f"library stores {model.type} vectors with embeddings=[{model.type}] or biogen library embed")
+    return fp
 
 
 def build(cfg: DictConfig) -> None:
