@@ -164,7 +164,7 @@ def main() -> None:
                          selection=SelectionSpec(n=100), runtime=RuntimeSpec(mode="inline", progress=False),
                          run_dir=tmp / f"run-{len(screens)}", report=False)
         screens[label] = {"wall_seconds": round(time.perf_counter() - t, 2),
-                          "steps": {k: v for k, v in res.summary["seconds"].items()}}
+                          "steps": {k: v for k, v in res.summary.seconds.items()}}
         print(label, json.dumps(screens[label]), flush=True)
     result["screen"] = screens
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")

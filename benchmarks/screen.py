@@ -171,7 +171,7 @@ def run_large(library: str, out: Path, workers: int, limit_shards: int | None) -
         "anchor_qsar_predict_rows_per_s_1thread": round(qsar_rate, 0),
         "pipeline_similarity_rows_per_s_per_worker": round(n / s["stage similarity (cpu)"], 0),
         "pipeline_qsar_rows_per_s_per_worker": round(n / s["stage qsar (cpu)"], 0),
-        "known_actives": len(tdata.actives), "qsar_train_metrics": res.summary["qsar_train_metrics"],
+        "known_actives": len(tdata.actives), "qsar_train_metrics": res.summary.qsar_train_metrics,
         "correctness": "shard 0 scores equal the kernels' (similarity exactly, QSAR within 1e-5)",
     }
 

@@ -313,4 +313,4 @@ def test_ray_workers_score_like_the_brute_force(lib, ckpt, panel, tmp_path, ray_
     aff, _, _ = _brute(plain, ckpt, scorer.plm)
     got = pq.read_table(tmp_path / "run" / "scores.parquet").column("protein_aware").to_numpy()
     np.testing.assert_allclose(got, aff[:, 0], rtol=1e-5)
-    assert res.summary["workers"] >= 1 and (tmp_path / "run" / "panel_selective.parquet").is_file()
+    assert res.summary.workers >= 1 and (tmp_path / "run" / "panel_selective.parquet").is_file()

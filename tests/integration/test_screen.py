@@ -159,7 +159,7 @@ def test_screen_on_ray_actors_matches_inline(lib_spec, tmp_path, inline_rt, ray_
     lib_spec_small = LibrarySpec(limit=LIMIT, cache_dir=lib_spec.cache_dir, chunk_size=400)  # several shards
     a = _screen(lib_spec_small, tmp_path / "inline", inline_rt, report=False)
     b = _screen(lib_spec_small, tmp_path / "ray", ray_rt, report=False)
-    assert a.summary["shards"] >= 4
+    assert a.summary.shards >= 4
     assert a.hits.equals(b.hits)
     assert a.funnel == b.funnel and a.metrics == b.metrics
 
@@ -167,7 +167,7 @@ def test_screen_on_ray_actors_matches_inline(lib_spec, tmp_path, inline_rt, ray_
 def test_filters_that_remove_everything(lib_spec, tmp_path, inline_rt):
     res = _screen(lib_spec, tmp_path / "run", inline_rt, filters=[PropertyFilter(ranges={"mw": [0, 10]}, name="tiny")])
     assert res.hits.num_rows == 0 and res.funnel[-1] == ("selected", 0)
-    assert any("removed every molecule" in n for n in res.summary["notes"])
+    assert any("removed every molecule" in n for n in res.summary.notes)
     assert "removed every molecule" in (res.run_dir / "report.html").read_text()
 
 
@@ -224,7 +224,7 @@ def test_screen_with_qsar_trained_in_the_run(lib_spec, tmp_path, inline_rt):
     scores = pq.read_table(tmp_path / "run" / "scores.parquet")
     q = scores.column("qsar").to_numpy(zero_copy_only=False)
     assert q.shape == (LIMIT + 215,) and np.isfinite(q).all() and q.std() > 0
-    assert res.summary["qsar_train_metrics"]["qsar"]  # validation metrics of the model trained here
+    assert res.summary.qsar_train_metrics["qsar"]  # validation metrics of the model trained here
     assert set(res.hits.column_names) >= {"similarity", "qsar", "score", "rank"}
     # a rerun in the same directory reuses that model and resumes every shard
     ckpt = next((tmp_path / "run" / "model").glob("*.ckpt"))

@@ -21,7 +21,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +56,39 @@ class FusionSpec:
 
 
 @dataclass
+class ScreenSummary:
+    """summary.json (``as_dict``, keys in this order) and the report's facts: what ran on
+    what, the funnel, the metrics, the time per step, the versions."""
+
+    library: str
+    library_name: str
+    molecules: int
+    shards: int
+    featurizer: dict
+    target: str
+    target_description: str
+    known_actives: int
+    target_rejects: int
+    training_compounds: int
+    stages: list[dict]
+    fusion: dict
+    selection: dict
+    accelerator: str
+    workers: int
+    funnel: list[tuple[str, int]]
+    metrics: dict | None
+    label_name: str | None
+    notes: list[str]
+    qsar_train_metrics: dict
+    seconds: dict[str, float]
+    versions: dict
+    stage_outputs: list[dict] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
 class ScreenResult:
     run_dir: Path
     hits: pa.Table
@@ -63,7 +96,7 @@ class ScreenResult:
     metrics: dict | None
     seconds: dict[str, float]
     report: Path | None
-    summary: dict
+    summary: ScreenSummary
 
 
 class ScreenWorker:
@@ -81,7 +114,7 @@ class ScreenWorker:
         # SMILES are read only when a stage parses molecules (alerts, SMARTS, descriptors
         # the library does not store): most of a large screen's time would go to strings
         self.read_smiles = bool(needed - stored) or any(st.needs_mols for st in stages)
-        self.embedding_models = sorted({st.embeddings for st in stages if getattr(st, "embeddings", None)})
+        self.embedding_models = sorted({st.embeddings for st in stages if st.embeddings})
 
     def _vectors(self, model: str, shard, n: int) -> np.ndarray:
         """The shard's stored ``model`` vectors as float32 (NaN rows: no vector)."""
@@ -650,7 +683,7 @@ def _run_screen(
 
     summary = _summary(library, target, lib, prep.target, stages, scorers, fusion, selection, accelerator,
                        scored.workers, funnel, r.enrichment, notes, seconds)
-    summary["stage_outputs"] = [{k: sec.get(k) for k in ("title", "facts", "files")} for sec in sections]
+    summary.stage_outputs = [{k: sec.get(k) for k in ("title", "facts", "files")} for sec in sections]
     report_path = None
     if report:
         t0 = time.perf_counter()
@@ -662,8 +695,8 @@ def _run_screen(
     bg.shutdown()
     seconds["outputs"] += time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - t_start
-    summary["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    summary.seconds = {k: round(v, 3) for k, v in seconds.items()}
+    (run_dir / "summary.json").write_text(json.dumps(summary.as_dict(), indent=2, default=str) + "\n")
     (run_dir / "funnel.json").write_text(json.dumps(dict(funnel), indent=2) + "\n")
     scored.ledger.complete(hits=len(hits))
     metrics = None if r.enrichment is None else r.enrichment.as_dict()
@@ -672,23 +705,19 @@ def _run_screen(
 
 def _summary(library: LibrarySpec, target: TargetSpec, lib: Library, tdata: TargetData, stages: list[Stage],
              scorers: list[Stage], fusion: FusionSpec, selection: SelectionSpec, accelerator: str, workers: int,
-             funnel: list, enrichment: ScreenEnrichment | None, notes: list[str], seconds: dict) -> dict:
-    """summary.json: what ran on what, the funnel, the metrics, the time per step, versions."""
+             funnel: list, enrichment: ScreenEnrichment | None, notes: list[str], seconds: dict) -> ScreenSummary:
     from biogen.library.manifest import tool_versions
 
-    return {
-        "library": str(lib.path), "library_name": library.preset if not library.path else Path(lib.path).name,
-        "molecules": funnel[0][1], "shards": len(lib.shards),
-        "featurizer": lib.featurizer.to_dict(), "target": target.name, "target_description": target.description,
-        "known_actives": 0 if tdata.actives is None else len(tdata.actives),
-        "target_rejects": len(tdata.rejects), "training_compounds": 0 if tdata.training is None else len(tdata.training.y),
-        "stages": [st.describe() for st in stages], "fusion": {"method": fusion.method, "weights": dict(fusion.weights)},
-        "selection": vars(selection), "accelerator": accelerator, "workers": workers,
-        "funnel": funnel, "metrics": None if enrichment is None else enrichment.as_dict(),
-        "label_name": tdata.label_name, "notes": notes,
-        "qsar_train_metrics": {st.name: st.train_metrics for st in scorers if st.train_metrics is not None},
-        "seconds": {k: round(v, 3) for k, v in seconds.items()}, "versions": tool_versions(),
-    }
+    return ScreenSummary(
+        library=str(lib.path), library_name=library.preset if not library.path else Path(lib.path).name,
+        molecules=funnel[0][1], shards=len(lib.shards), featurizer=lib.featurizer.to_dict(), target=target.name,
+        target_description=target.description, known_actives=0 if tdata.actives is None else len(tdata.actives),
+        target_rejects=len(tdata.rejects), training_compounds=0 if tdata.training is None else len(tdata.training.y),
+        stages=[st.describe() for st in stages], fusion={"method": fusion.method, "weights": dict(fusion.weights)},
+        selection=vars(selection), accelerator=accelerator, workers=workers, funnel=funnel,
+        metrics=None if enrichment is None else enrichment.as_dict(), label_name=tdata.label_name, notes=notes,
+        qsar_train_metrics={st.name: st.train_metrics for st in scorers if st.train_metrics is not None},
+        seconds={k: round(v, 3) for k, v in seconds.items()}, versions=tool_versions())
 
 
 @functools.wraps(_run_screen)
@@ -699,7 +728,7 @@ def run_screen(*args, **kwargs) -> ScreenResult:
         wait_for_ray_shutdown()  # the local Ray instance stopped while the outputs were written
 
 
-def _write_report(run_dir: Path, target: TargetSpec, ranked: _Ranked, summary: dict, seconds: dict,
+def _write_report(run_dir: Path, target: TargetSpec, ranked: _Ranked, summary: ScreenSummary, seconds: dict,
                   score_cols: dict[str, np.ndarray], hits: pa.Table, config_yaml: str, notes: list[str],
                   wall: float, sections: list[dict] = ()) -> Path:
     """report.html; ranked.meta: library metadata columns (rows in table order), with the
@@ -721,19 +750,19 @@ def _write_report(run_dir: Path, target: TargetSpec, ranked: _Ranked, summary: d
                    if k.startswith("actives_")}  # the funnel's actives beside the metrics
         null = enrichment.null
         enr = ReportEnrichment(np.where(alive, fused, -np.inf), enrichment.labels, enrichment.metrics,
-                               summary["label_name"], null, details,
+                               summary.label_name, null, details,
                                None if null is None else property_ranking(
                                    meta.column(null.prop).to_numpy(zero_copy_only=False), null.high_first, alive))
     data = ReportData(
-        title=f"biogen screen: {target.name} vs {summary['library_name']} ({summary['molecules']:,} molecules)",
-        summary={"target": f"{target.name} {target.description}".strip(), "library": summary["library"],
-                 "molecules": f"{summary['molecules']:,}", "known actives": summary["known_actives"],
-                 "hits": hits.num_rows, "workers": summary["workers"], "accelerator": summary["accelerator"],
+        title=f"biogen screen: {target.name} vs {summary.library_name} ({summary.molecules:,} molecules)",
+        summary={"target": f"{target.name} {target.description}".strip(), "library": summary.library,
+                 "molecules": f"{summary.molecules:,}", "known actives": summary.known_actives,
+                 "hits": hits.num_rows, "workers": summary.workers, "accelerator": summary.accelerator,
                  "run directory": str(run_dir), "wall time (s)": f"{wall:.1f}"},
-        funnel=summary["funnel"], stage_seconds=list(seconds.items()),
+        funnel=summary.funnel, stage_seconds=list(seconds.items()),
         scores={k: v[alive] for k, v in score_cols.items()} | {"fused": fused[alive]},
         hits=hits, property_space=props, enrichment=enr, config_yaml=config_yaml, notes=notes,
-        versions=summary["versions"],
+        versions=summary.versions,
         sections=[ReportSection(sec["title"], sec.get("facts", {}), sec.get("tables", []), sec.get("intro", ""))
                   for sec in sections])
     return write_report(data, run_dir / "report.html")
