@@ -149,6 +149,40 @@ def test_driver_killed_then_rerun_resumes(cluster, smiles, env, reference, tmp_p
     assert info["sessions"] == 2 and info["resumed_shards"] > 0
 
 
+def ledger_keys(lib: Path, prefix: str) -> int:
+    ledger = lib / "_work" / "000-build" / "ledger.jsonl"
+    if not ledger.exists():
+        return 0
+    return sum(f'"key": "{prefix}' in line or f'"key":"{prefix}' in line for line in ledger.read_text().splitlines())
+
+
+def test_worker_node_killed_mid_partitioned_dedupe(cluster, smiles, env, reference, tmp_path):
+    """The hash-partitioned dedupe (6 key partitions, 40 parts) on the cluster, a worker
+    node killed while its tasks run: the library equals the serial planner's, byte for byte."""
+    args = ["library", "build", f"input={smiles}", "output=lib", f"chunk_size={CHUNK}", "runtime=ray_cluster",
+            f"runtime.address={cluster.address}", "runtime.progress=false", "dedupe_partitions=6"]
+    lib = tmp_path / "lib"
+    proc = biogen(*args, env={**env, **cluster.env}, cwd=tmp_path, wait=False)
+    deadline = time.monotonic() + 300
+    while ledger_keys(lib, "dedupe-p6-split") < 4:
+        assert proc.poll() is None, f"the build ended before its dedupe was under way: {proc.stderr.read()[-2000:]}"
+        assert time.monotonic() < deadline, "no dedupe task recorded in 300 s"
+        time.sleep(0.02)
+    cluster.kill_worker(1)
+    ranked_at_kill = ledger_keys(lib, "dedupe-p6-rank")
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert ranked_at_kill < 40  # the kill landed before the dedupe's last round finished
+    assert shard_signature(lib) == reference  # the serial planner's rows and bytes
+    lost = json.loads((lib / "manifest.json").read_text())["history"][-1]["run"]["retries"]
+    assert all(any(w in r["error"] for w in ("NodeDied", "WorkerCrashed", "ObjectLost", "Died")) for r in lost)
+    cluster.add_worker(1)  # the next drill starts from a head and two worker nodes again
+    deadline = time.monotonic() + 90
+    while cluster.alive_nodes() != 3 and time.monotonic() < deadline:
+        time.sleep(1)
+    assert cluster.alive_nodes() == 3
+
+
 def test_worker_node_killed_mid_build(cluster, smiles, env, reference, tmp_path):
     """Last in this module: it leaves the cluster with one worker node."""
     args = ["library", "build", f"input={smiles}", "output=lib", f"chunk_size={CHUNK}", "runtime=ray_cluster",

@@ -53,7 +53,7 @@ def build(cfg: DictConfig) -> None:
         reader=from_config(cfg.reader, "reader"),
         dedupe=cfg.dedupe, dedupe_key=cfg.dedupe_key, id_prefix=str(cfg.id_prefix), chunk_size=int(cfg.chunk_size),
         overwrite=bool(cfg.overwrite), runtime=from_config(cfg.runtime, "runtime"),
-        embeddings=_names(cfg.embeddings),
+        embeddings=_names(cfg.embeddings), dedupe_partitions=cfg.dedupe_partitions,
     )
     log.info("%s", report.summary())
     _save_report(report)
@@ -65,6 +65,7 @@ def append(cfg: DictConfig) -> None:
     report = append_library(
         cfg.library, inputs(cfg.input), reader=from_config(cfg.reader, "reader"),
         chunk_size=int(cfg.chunk_size), runtime=from_config(cfg.runtime, "runtime"),
+        dedupe_partitions=cfg.dedupe_partitions,
     )
     log.info("%s", report.summary())
     _save_report(report)

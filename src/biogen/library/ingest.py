@@ -26,6 +26,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -37,6 +38,7 @@ from biogen.chem.records import RawRecord, RecordBatch
 from biogen.chem.standardize import StandardizeSpec
 from biogen.errors import ConfigError, InputError, LibraryError
 from biogen.files import json_digest
+from biogen.library.dedupe import PartitionedDedupe, PlannedPart, choose_partitions, run_step
 from biogen.library.manifest import MANIFEST, new_manifest, now_iso, read_manifest, tool_versions, write_manifest
 from biogen.library.parts import (
     DEDUPE_KEYS, PART_COLUMNS, WORK, Dedupe, FinalizeTask, clean_committed_work, clear_for_overwrite, finalize_part, locked,
@@ -195,7 +197,8 @@ def _existing_keys(lib_dir: Path, manifest: dict) -> tuple[dict[str, str], set[s
 
 
 def _run(lib_dir: Path, manifest: dict, infos: list[InputInfo], opts: ReaderOptions, *,
-         action: str, spec: ProcessorSpec, chunk_size: int, runtime: RuntimeSpec, job_key: str) -> IngestReport:
+         action: str, spec: ProcessorSpec, chunk_size: int, runtime: RuntimeSpec, job_key: str,
+         dedupe_partitions: int | str = "auto") -> IngestReport:
     """Featurize the inputs (map), dedupe and write the new shards (finalize), record them."""
     t_start = time.perf_counter()
     clean_committed_work(lib_dir, manifest)
@@ -214,7 +217,10 @@ def _run(lib_dir: Path, manifest: dict, infos: list[InputInfo], opts: ReaderOpti
         if report.records_read == 0:
             raise InputError("no records found in " + ", ".join(i.path for i in infos)
                              + " (only empty lines or comments)")
-        dd, finals = _finalize_phase(lib_dir, manifest, work, parts, hist, ledger, runtime, slots, action)
+        part_rows = {int(k.split("-")[1]): r["rows"] for k, r in mapped.items()}
+        partitions = choose_partitions(dedupe_partitions, report.records_read, slots)
+        dd, finals = _finalize_phase(lib_dir, manifest, work, parts, hist, ledger, runtime, slots, action,
+                                     partitions, part_rows)
     new_shards = [finals[f"final-{p:06d}"]["shard"] for p in parts if finals[f"final-{p:06d}"]["shard"]]
     _tally(report, mapped, finals, dd, new_shards)
     report.rejects_file = write_rejects(lib_dir, work, parts, infos, f"{hist:03d}-{action}")
@@ -237,19 +243,68 @@ def _map_phase(work: Path, infos: list[InputInfo], opts: ReaderOptions, spec: Pr
 
 
 def _finalize_phase(lib_dir: Path, manifest: dict, work: Path, parts: list[int], hist: int, ledger: Ledger,
-                    runtime: RuntimeSpec, slots: int, action: str) -> tuple[Dedupe, dict[str, dict]]:
-    """Dedupe the parts against the library and each other (driver), then sort and write
-    each part as a shard (Ray tasks)."""
+                    runtime: RuntimeSpec, slots: int, action: str, partitions: int,
+                    part_rows: dict[int, int]) -> tuple[Dedupe, dict[str, dict]]:
+    """Dedupe the parts against the library and each other (the serial planner in the
+    driver, or ``partitions`` key partitions in Ray tasks), then sort and write each part
+    as a shard (Ray tasks)."""
     t0 = time.perf_counter()
-    dd = Dedupe(*_existing_keys(lib_dir, manifest), ordinal=manifest["n_rows"],
-                mode=manifest["dedupe"]["mode"], id_prefix=manifest["id_prefix"], key=manifest["dedupe"]["key"])
-    dd.seconds = time.perf_counter() - t0
+    plans = None
+    if partitions:
+        dd = Dedupe({}, set(), ordinal=manifest["n_rows"], mode=manifest["dedupe"]["mode"],
+                    id_prefix=manifest["id_prefix"], key=manifest["dedupe"]["key"])
+        plans = _partitioned_plans(lib_dir, manifest, work, parts, part_rows, partitions, dd, ledger, runtime,
+                                   slots, action)
+    if plans is None:
+        dd = Dedupe(*_existing_keys(lib_dir, manifest), ordinal=manifest["n_rows"],
+                    mode=manifest["dedupe"]["mode"], id_prefix=manifest["id_prefix"], key=manifest["dedupe"]["key"])
+        plans = plan_dedupe(work, parts, dd)
+    dd.seconds += time.perf_counter() - t0
     fin_shards = ((f"final-{plan.part:06d}", (FinalizeTask(str(work), str(lib_dir), f"{hist:03d}-{plan.part:06d}", plan),))
-                  for plan in plan_dedupe(work, parts, dd))
+                  for plan in plans)
     finals = run_shards(finalize_part, fin_shards, ledger=ledger, spec=runtime, slots=slots,
                         desc=f"{action}: write shards", total=len(parts))
     dd.first, dd.ids = {}, set()  # free the index before the commit
     return dd, finals
+
+
+def _partitioned_plans(lib_dir: Path, manifest: dict, work: Path, parts: list[int], part_rows: dict[int, int],
+                       partitions: int, dd: Dedupe, ledger: Ledger, runtime: RuntimeSpec, slots: int,
+                       action: str) -> list[PlannedPart] | None:
+    """The hash-partitioned dedupe (``biogen.library.dedupe``): Ray tasks decide, the driver
+    keeps one offset per part. None: the input needs the serial planner (logged)."""
+    pd = PartitionedDedupe(str(work), str(lib_dir), partitions, dd.key, dd.mode, dd.id_prefix, manifest["n_rows"])
+    tag = f"dedupe-p{partitions}"
+
+    def rounds(desc: str, tasks: list[tuple[str, tuple]]) -> dict[str, dict]:
+        return run_shards(run_step, ((f"{tag}-{k}", (pd, *a)) for k, a in tasks), ledger=ledger, spec=runtime,
+                          slots=slots, desc=f"{action}: dedupe {desc}", total=len(tasks))
+
+    split = rounds("split", [(f"split-n{p:06d}", ("split_part", p)) for p in parts]
+                   + [(f"split-l{i:06d}", ("split_shard", i, s["name"])) for i, s in enumerate(manifest["shards"])])
+    decided = rounds("decide", [(f"check-b{b:05d}", ("check_ids", b)) for b in range(partitions)]
+                     + [(f"decide-b{b:05d}", ("decide", b)) for b in range(partitions)])
+    generated_like = sum(r["generated_like"] for r in split.values())
+    repeated = sum(r.get("repeated_ids", 0) for r in decided.values())
+    if generated_like or repeated:
+        log.warning("dedupe: %d given id(s) repeat or are already in the library, %d look like ids this "
+                    "library generates (%s + 9 digits): the serial planner decides this input (same result; "
+                    "its index is held in the driver)", repeated, generated_like, dd.id_prefix)
+        return None
+    ranked = rounds("rank", [(f"rank-n{p:06d}", ("rank_part", p, part_rows[p])) for p in parts])
+    offsets = np.zeros(max(parts) + 1, dtype=np.int64)
+    total = 0
+    for p in parts:
+        offsets[p] = total
+        total += ranked[f"{tag}-rank-n{p:06d}"]["kept"]
+    offsets_file = pd.root / "offsets.npy"
+    np.save(offsets_file, offsets)
+    dd.duplicates = sum(r.get("duplicates", 0) for r in decided.values())
+    if dd.mode == "keep_first" and dd.duplicates:
+        dd.reasons[f"duplicate_{dd.key}"] = dd.duplicates
+    dd.ordinal += total
+    log.info("dedupe: %d key partitions, %d duplicates, %d rows kept", partitions, dd.duplicates, total)
+    return [PlannedPart(pd, p, str(offsets_file)) for p in parts]
 
 
 def _tally(report: IngestReport, mapped: dict[str, dict], finals: dict[str, dict], dd: Dedupe,
@@ -296,6 +351,7 @@ def build_library(
     overwrite: bool = False,
     runtime: RuntimeSpec = RuntimeSpec(),
     embeddings: Sequence[str] = (),
+    dedupe_partitions: int | str = "auto",
 ) -> IngestReport:
     """Build a new library at ``output`` from deposit files (see module docstring).
     ``embeddings``: compound models (e.g. ``["minimol"]``) whose vectors are stored too."""
@@ -308,6 +364,7 @@ def build_library(
         raise ConfigError(f"dedupe_key={dedupe_key!r} is not valid; choose one of {', '.join(DEDUPE_KEYS)}")
     if chunk_size < 1:
         raise ConfigError(f"chunk_size={chunk_size} must be >= 1")
+    choose_partitions(dedupe_partitions, 0, 1)  # a bad setting fails before any work
     spec = ProcessorSpec(featurizer, standardize, validate_descriptor_names(descriptors))
     infos = _preflight(inputs, reader)
     out = Path(output).absolute()  # tasks may run on other nodes with another cwd
@@ -322,7 +379,7 @@ def build_library(
             clear_for_overwrite(out)
         try:
             report = _run(out, manifest, infos, reader, action="build", spec=spec, chunk_size=chunk_size,
-                          runtime=runtime, job_key=key)
+                          runtime=runtime, job_key=key, dedupe_partitions=dedupe_partitions)
         except InputError:
             shutil.rmtree(out if created else out / WORK, ignore_errors=True)
             raise
@@ -374,6 +431,7 @@ def append_library(
     reader: ReaderOptions = ReaderOptions(),
     chunk_size: int = 10_000,
     runtime: RuntimeSpec = RuntimeSpec(),
+    dedupe_partitions: int | str = "auto",
 ) -> IngestReport:
     """Add a new deposit to an existing library: new shards, dedupe against what exists.
 
@@ -393,6 +451,7 @@ def append_library(
                     lib, built_with, rdBase.rdkitVersion)
     if chunk_size < 1:
         raise ConfigError(f"chunk_size={chunk_size} must be >= 1")
+    choose_partitions(dedupe_partitions, 0, 1)
     infos = _preflight(inputs, reader)
     with locked(lib):
         manifest = read_manifest(lib)  # re-read under the lock
@@ -408,8 +467,8 @@ def append_library(
             key = _job_key("append", spec, infos, reader, chunk_size, manifest["dedupe"]["mode"],
                            manifest["id_prefix"], manifest, manifest["dedupe"]["key"])
             try:
-                report = _run(lib, manifest, infos, reader, action="append", spec=spec,
-                              chunk_size=chunk_size, runtime=runtime, job_key=key)
+                report = _run(lib, manifest, infos, reader, action="append", spec=spec, chunk_size=chunk_size,
+                              runtime=runtime, job_key=key, dedupe_partitions=dedupe_partitions)
             except InputError:
                 shutil.rmtree(lib / WORK / f"{len(manifest['history']):03d}-append", ignore_errors=True)
                 raise

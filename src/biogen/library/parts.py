@@ -101,18 +101,21 @@ class DedupePlan:
 
 @dataclass
 class FinalizeTask:
-    """A shard-writing task: the work and library directories, the new shard's name, the plan."""
+    """A shard-writing task: the work and library directories, the new shard's name, the plan
+    (or what loads it: ``dedupe.PlannedPart``)."""
 
     work: str
     lib_dir: str
     shard_name: str
-    plan: DedupePlan
+    plan: DedupePlan | object
 
 
 def finalize_part(task: FinalizeTask):
     """Phase-3 task: kept rows of a part -> one popcount-sorted shard; dropped -> rejects."""
     t0 = time.perf_counter()
-    work, lib_dir, plan = Path(task.work), Path(task.lib_dir), task.plan
+    # the serial planner's plan, or a partitioned dedupe's (``dedupe.PlannedPart``) made here
+    plan = task.plan if isinstance(task.plan, DedupePlan) else task.plan.load()
+    work, lib_dir = Path(task.work), Path(task.lib_dir)
     shard_name, ids, dup_of, ordinals = task.shard_name, plan.ids, plan.dup_of, plan.ordinals
     stem = f"parts/{plan.part:06d}"
     table = pq.read_table(work / f"{stem}.parquet")

@@ -1,0 +1,93 @@
+"""The hash-partitioned dedupe (biogen.library.dedupe) gives exactly the serial planner's
+library: the same rows, ids, ordinals, duplicates and rejects, shard bytes included, for
+several partition counts, both dedupe modes, both identity keys, an append against an
+existing library, and inputs that need the serial planner (which it falls back to)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from biogen.errors import ConfigError
+from biogen.library.ingest import append_library, build_library
+from tests_support import moses_subset, shard_signature
+
+N = 600
+
+
+def deposit(tmp: Path, name: str, start: int, n: int, *, ids: str = "mixed", repeat_every: int = 7) -> Path:
+    """MOSES molecules ``start..start+n`` with every ``repeat_every``-th one repeated later
+    (a duplicate within the deposit); ids given on odd lines (``mixed``), all lines
+    (``all``: unique), or none."""
+    src = moses_subset(start + n, tmp / f"{name}.src.smi", id_prefix="X")
+    smiles = [line.split()[0] for line in src.read_text().splitlines()[start:]]
+    rows = [(s, f"{name}{i}") for i, s in enumerate(smiles)]
+    rows += [(s, f"{name}-again{i}") for i, (s, _) in enumerate(rows) if i % repeat_every == 0]
+    lines = []
+    for i, (s, rid) in enumerate(rows):
+        give = ids == "all" or (ids == "mixed" and i % 2)
+        lines.append(f"{s} {rid}" if give else s)
+    path = tmp / f"{name}.smi"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def outcome(lib: Path) -> tuple:
+    """Everything the dedupe decides: rows and shard bytes, the rejects file, the counts."""
+    m = json.loads((lib / "manifest.json").read_text())
+    hist = [(h["records_read"], h["rows_added"], h["duplicates"], h["rejected_by_reason"]) for h in m["history"]]
+    rejects = [(lib / h["rejects_file"]).read_text() for h in m["history"]]
+    return shard_signature(lib), hist, rejects
+
+
+def build(tmp_path, name, inp, partitions, rt, **kw):
+    out = tmp_path / name
+    build_library(str(inp), out, chunk_size=50, runtime=rt, dedupe_partitions=partitions, **kw)
+    return out
+
+
+@pytest.mark.parametrize("mode,key", [("keep_first", "inchikey"), ("keep_all", "smiles")])
+def test_partition_counts_give_the_serial_library(tmp_path, inline_rt, mode, key, caplog):
+    inp = deposit(tmp_path, "d", 0, N)
+    serial = outcome(build(tmp_path, "serial", inp, 0, inline_rt, dedupe=mode, dedupe_key=key))
+    assert serial[1][0][2] > 80  # the input holds duplicates to decide
+    with caplog.at_level(logging.INFO, logger="biogen.library"):
+        for p in (1, 3, 8):
+            assert outcome(build(tmp_path, f"p{p}", inp, p, inline_rt, dedupe=mode, dedupe_key=key)) == serial, p
+    assert "dedupe: 8 key partitions" in caplog.text and "serial planner" not in caplog.text
+
+
+def test_append_dedupes_against_the_library_by_partition(tmp_path, inline_rt):
+    first = deposit(tmp_path, "a", 0, 350)
+    second = deposit(tmp_path, "b", 250, 300)  # 100 molecules the library already holds
+    libs = {}
+    for p in (0, 5):
+        lib = build(tmp_path, f"lib{p}", first, p, inline_rt)
+        rep = append_library(lib, str(second), chunk_size=50, runtime=inline_rt, dedupe_partitions=p)
+        assert rep.duplicates >= 100
+        libs[p] = outcome(lib)
+    assert libs[5] == libs[0]
+
+
+def test_inputs_that_need_the_serial_planner_fall_back_to_it(tmp_path, inline_rt, caplog):
+    inp = deposit(tmp_path, "r", 0, 400, ids="all")
+    text = inp.read_text().splitlines()
+    # a given id used twice (the second is a duplicate_id reject) and one that looks generated
+    text[5] = text[5].split()[0] + " " + text[3].split()[1]
+    text[7] = text[7].split()[0] + " BG000000099"
+    inp.write_text("\n".join(text) + "\n")
+    serial = outcome(build(tmp_path, "serial", inp, 0, inline_rt))
+    assert "duplicate_id" in serial[1][0][3]
+    with caplog.at_level(logging.WARNING, logger="biogen.library"):
+        assert outcome(build(tmp_path, "p4", inp, 4, inline_rt)) == serial
+    assert "the serial planner decides this input" in caplog.text
+
+
+def test_partition_setting_is_checked_before_any_work(tmp_path, inline_rt):
+    for bad in (-1, "many", 2.5):
+        with pytest.raises(ConfigError, match="dedupe_partitions"):
+            build_library(str(tmp_path / "missing.smi"), tmp_path / "x", runtime=inline_rt, dedupe_partitions=bad)
+    assert not (tmp_path / "x").exists()
