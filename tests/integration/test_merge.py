@@ -22,6 +22,7 @@ from biogen.library import Library
 from biogen.library.ingest import build_library
 from biogen.library.merge import merge_libraries
 from biogen.library.verify import verify_library
+from tests_support import run_biogen
 
 N = 3000  # MOSES test molecules, in three pieces of 1000 input lines (plus the extra records below)
 PIECES = ("part-8", "part-9", "part-10")  # natural order differs from the lexical one
@@ -327,16 +328,14 @@ def test_records_one_build_would_keep_stop_an_exact_merge(tmp_path, inline_rt):
 
 
 def test_cli_library_merge(built, tmp_path):
-    env = {**os.environ, "BIOGEN_RUNS_DIR": str(tmp_path / "runs"), "PYTHONPATH": os.pathsep.join(sys.path)}
     pieces = ",".join(str(built / "lib.parts" / name) for name in PIECES)
-    args = [sys.executable, "-m", "biogen.cli.main", "library", "merge", f"parts=[{pieces}]",
-            f"output={tmp_path / 'lib'}", "runtime.progress=false"]
-    p = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
+    p = run_biogen("library", "merge", f"parts=[{pieces}]", f"output={tmp_path / 'lib'}", "runtime.progress=false",
+                   cwd=tmp_path, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "added 3001 molecules" in p.stderr
     assert_same_rows(tmp_path / "lib", built / "single")
-    p = subprocess.run([*args[:5], f"parts={built / 'lib.parts'}/part-*", f"output={built / 'lib.parts' / 'part-9'}"],
-                       capture_output=True, text=True, timeout=300, env=env)
+    p = run_biogen("library", "merge", f"parts={built / 'lib.parts'}/part-*", f"output={built / 'lib.parts' / 'part-9'}",
+                   cwd=tmp_path, timeout=300)
     assert p.returncode == 2 and "is one of the pieces" in p.stderr, p.stderr[-2000:]
 
 
@@ -436,15 +435,12 @@ def test_embed_merge_refuses_other_settings_and_cli_search(tiny, fastas, tmp_pat
         merge_stores([tmp_path / "a", tmp_path / "b-layer1"], tmp_path / "m", progress=False)
     with pytest.raises(InputError, match="not an embedding store"):
         merge_stores([tmp_path / "a", tmp_path], tmp_path / "m", progress=False)
-    env = {**os.environ, "BIOGEN_RUNS_DIR": str(tmp_path / "runs"), "PYTHONPATH": os.pathsep.join(sys.path)}
-    p = subprocess.run([sys.executable, "-m", "biogen.cli.main", "embed", "merge", f"parts=[{tmp_path / 'a'},"
-                        f"{tmp_path / 'b'}]", f"output={tmp_path / 'm'}", "progress=false"],
-                       capture_output=True, text=True, timeout=300, env=env)
+    p = run_biogen("embed", "merge", f"parts=[{tmp_path / 'a'},{tmp_path / 'b'}]", f"output={tmp_path / 'm'}",
+                   "progress=false", cwd=tmp_path, timeout=300)
     assert p.returncode == 0 and "merged 2 stores: 10 unique sequences" in p.stdout, p.stderr[-3000:]
     q = tmp_path / "q.fasta"
     q.write_text(f">q\n{seqs[6]}\n")
-    p = subprocess.run([sys.executable, "-m", "biogen.cli.main", "embed-search", f"store={tmp_path / 'm'}",
-                        f"query={q}", "k=1"], capture_output=True, text=True, timeout=300, env=env)
+    p = run_biogen("embed-search", f"store={tmp_path / 'm'}", f"query={q}", "k=1", cwd=tmp_path, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.splitlines()[1].split("\t")[:3] == ["q", "1", "b6"]
 

@@ -149,22 +149,7 @@ def finalize_part(task: FinalizeTask):
                if c not in ("id", "smiles", "inchikey", "source", "record", "props")},
             "props": kept.column("props").take(order),
         })
-        shards = lib_dir / "shards"
-        final = shards / shard_name
-        if final.exists():  # left by a kill between rename and ledger record: redo it
-            shutil.rmtree(final)
-        tmp = shards / f".tmp-{shard_name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        pq.write_table(meta, tmp / "meta.parquet", compression="zstd")
-        np.save(tmp / "fp.npy", np.ascontiguousarray(fps[order]))
-        np.save(tmp / "popcnt.npy", pc[order])
-        for f in SHARD_FILES:
-            with open(tmp / f, "rb") as fh:
-                os.fsync(fh.fileno())
-        os.rename(tmp, final)
-        files = {f: {"sha256": sha256_file(final / f), "bytes": (final / f).stat().st_size}
-                 for f in SHARD_FILES}
+        final, files = _publish_shard(lib_dir / "shards", shard_name, meta, fps[order], pc[order])
         rel = os.path.relpath(final, work)
         outputs += [f"{rel}/{f}" for f in SHARD_FILES]
         result = {"shard": {"name": shard_name, "rows": int(len(idx)),
@@ -172,6 +157,25 @@ def finalize_part(task: FinalizeTask):
                             "files": files}, "rows": int(len(idx))}
     result["seconds"] = time.perf_counter() - t0
     return outputs, result
+
+
+def _publish_shard(shards: Path, name: str, meta: pa.Table, fps: np.ndarray, pc: np.ndarray) -> tuple[Path, dict]:
+    """Write a shard's files to ``.tmp-<name>``, fsync them, rename it into place; their
+    sha256 and sizes (the manifest's ``files``)."""
+    final = shards / name
+    if final.exists():  # left by a kill between rename and ledger record: redo it
+        shutil.rmtree(final)
+    tmp = shards / f".tmp-{name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    pq.write_table(meta, tmp / "meta.parquet", compression="zstd")
+    np.save(tmp / "fp.npy", np.ascontiguousarray(fps))
+    np.save(tmp / "popcnt.npy", pc)
+    for f in SHARD_FILES:
+        with open(tmp / f, "rb") as fh:
+            os.fsync(fh.fileno())
+    os.rename(tmp, final)
+    return final, {f: {"sha256": sha256_file(final / f), "bytes": (final / f).stat().st_size} for f in SHARD_FILES}
 
 
 @contextmanager
