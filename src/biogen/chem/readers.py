@@ -6,6 +6,10 @@ before any work starts (see ``inspect_input``); problems of one record (wrong fi
 count, a truncated gzip stream) become records with ``error`` set, which the processor
 turns into rejects. No chemistry happens here: SDF blocks are split as text and parsed
 by the workers.
+
+Library build/append may have its tasks read byte ranges of the inputs instead
+(``biogen.chem.ranges``): they parse from a record boundary with ``iter_text``, the same
+functions as ``iter_records``, so either way the records are the same.
 """
 
 from __future__ import annotations
@@ -17,8 +21,8 @@ import hashlib
 import io
 import os
 import zlib
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from biogen.chem.records import RawRecord
@@ -36,6 +40,8 @@ _ID_COLUMNS = ("id", "compound_id", "mol_id", "molecule_id", "name", "mol_title"
                "title", "zinc_id", "chembl_id", "identifier")
 _GZIP_MAGIC = b"\x1f\x8b"
 MAX_SDF_RECORD_LINES = 100_000  # the largest real molblocks (proteins as SDF) stay well below
+PARALLEL_FROM_RECORDS = 1_000_000  # reader.parallel=auto: tasks read inputs of this many records on
+_HOW = ("parallel", "range_mb")  # ReaderOptions keys that change how, not what, is read
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,14 @@ class ReaderOptions:
     delimiter: overrides the delimiter implied by the format.
     smi_header: the first line of a SMILES file is a header to skip.
     sdf_id_property: take SDF ids from this data item instead of the title line.
+    parallel: library build/append only: who reads the records. ``true``: Ray tasks read
+    byte ranges of the inputs themselves (``biogen.chem.ranges``), the driver only plans;
+    ``false``: the driver reads every record and ships chunks to the tasks; ``auto``:
+    tasks from ``PARALLEL_FROM_RECORDS`` records on (estimated by the pre-flight pass),
+    except for a single gzip file. Both give the same library, byte for byte.
+    range_mb: size of the byte ranges the tasks count and read (``parallel``).
+    ``parallel`` and ``range_mb`` change how, not what, is read: they are not part of
+    ``identity()`` (the job and deposit keys), so a build resumes under either setting.
     """
 
     format: str = "auto"
@@ -56,6 +70,8 @@ class ReaderOptions:
     delimiter: str | None = None
     smi_header: bool = False
     sdf_id_property: str | None = None
+    parallel: bool | str = "auto"
+    range_mb: float = 8.0
 
     def __post_init__(self) -> None:
         if self.format != "auto" and self.format not in FORMATS:
@@ -71,6 +87,16 @@ class ReaderOptions:
                 f"reader.delimiter={self.delimiter!r} must be one character or one of "
                 f"{', '.join(aliases)} (e.g. reader.delimiter=tab)"
             )
+        parallel = {"auto": "auto", "true": True, "false": False}.get(str(self.parallel).lower())
+        if parallel is None:
+            raise ConfigError(f"reader.parallel={self.parallel!r} is not valid; choose auto, true or false")
+        object.__setattr__(self, "parallel", parallel)
+        if not self.range_mb > 0:
+            raise ConfigError(f"reader.range_mb={self.range_mb} must be > 0 (MiB per byte range, e.g. 8)")
+
+    def identity(self) -> dict:
+        """The settings that decide which records are read (for job and deposit keys)."""
+        return {k: v for k, v in asdict(self).items() if k not in _HOW}
 
 
 @dataclass
@@ -84,6 +110,7 @@ class InputInfo:
     gzip: bool
     records_estimate: int
     truncated: str | None = None  # the decompressor's complaint, if the gzip stream is cut
+    quotes: bool = False  # a CSV with '"' somewhere: a quoted field may span lines
     columns: list[str] = field(default_factory=list)
     smiles_column: str | None = None
     id_column: str | None = None
@@ -148,8 +175,9 @@ def open_text(path: Path) -> io.TextIOBase:
     return open(path, encoding="utf-8-sig", errors="replace", newline="")
 
 
-def _scan(path: Path, fmt: str) -> tuple[str, int, bool, int, str | None]:
-    """One pass over the raw bytes: sha256, size, gzip?, record estimate, truncation."""
+def _scan(path: Path, fmt: str) -> tuple[str, int, bool, int, str | None, bool]:
+    """One pass over the raw bytes: sha256, size, gzip?, record estimate, truncation, and
+    for CSV whether any '"' occurs (then a quoted field may span lines)."""
     h = hashlib.sha256()
     size = 0
     gz = _is_gzip(path)
@@ -157,6 +185,7 @@ def _scan(path: Path, fmt: str) -> tuple[str, int, bool, int, str | None]:
     count = 0
     last = b""
     truncated = None
+    quotes = False
     dec = zlib.decompressobj(wbits=31) if gz else None
     with open(path, "rb") as fh:
         while block := fh.read(1 << 20):
@@ -178,13 +207,14 @@ def _scan(path: Path, fmt: str) -> tuple[str, int, bool, int, str | None]:
             elif dec is None:
                 data = block
             count += data.count(marker)
+            quotes = quotes or (fmt == "csv" and b'"' in data)
             if data:
                 last = data[-1:]
     if dec is not None and truncated is None and not dec.eof:
         truncated = "gzip stream ends early (file truncated: the end-of-stream marker is missing)"
     if last not in (b"", b"\n") or (fmt == "sdf" and size and count == 0):
         count += 1  # last line without newline; an SDF/.mol record without "$$$$"
-    return h.hexdigest(), size, gz, count, truncated
+    return h.hexdigest(), size, gz, count, truncated, quotes
 
 
 def _pick_column(columns: list[str], wanted: str | None, candidates: tuple[str, ...],
@@ -226,9 +256,9 @@ def _read_header(fh, delimiter: str) -> tuple[list[str], int]:
 def inspect_input(path: Path, opts: ReaderOptions) -> InputInfo:
     """Pre-flight check of one file: hash it, estimate its records, validate its header."""
     fmt = detect_format(path, opts)
-    sha, size, gz, count, truncated = _scan(path, fmt)
+    sha, size, gz, count, truncated, quotes = _scan(path, fmt)
     info = InputInfo(path=str(path), format=fmt, sha256=sha, bytes=size, gzip=gz,
-                     records_estimate=count, truncated=truncated)
+                     records_estimate=count, truncated=truncated, quotes=quotes)
     if fmt in ("csv", "tsv"):
         delim = opts.delimiter or ("," if fmt == "csv" else "\t")
         other = "\t" if delim == "," else ","
@@ -254,13 +284,13 @@ def inspect_input(path: Path, opts: ReaderOptions) -> InputInfo:
     return info
 
 
-def iter_records(info: InputInfo, opts: ReaderOptions) -> Iterator[RawRecord]:
-    """Yield the records of one inspected file, in order."""
-    reader = {"smi": _iter_smi, "csv": _iter_delimited, "tsv": _iter_delimited, "sdf": _iter_sdf}
+def iter_records(info: InputInfo, opts: ReaderOptions, *, file: str | None = None) -> Iterator[RawRecord]:
+    """Yield the records of one inspected file, in order. ``file``: the path to open when
+    it differs from ``info.path`` (an absolute path for a task; records keep ``info.path``)."""
     last = 0
-    with open_text(Path(info.path)) as fh:
+    with open_text(Path(file or info.path)) as fh:
         try:
-            for rec in reader[info.format](fh, info, opts):
+            for rec in _READERS[info.format](fh, info, opts):
                 last = rec.record
                 yield rec
         except (EOFError, OSError, zlib.error) as exc:
@@ -273,27 +303,66 @@ def iter_records(info: InputInfo, opts: ReaderOptions) -> Iterator[RawRecord]:
             )
 
 
-def _iter_smi(fh, info: InputInfo, opts: ReaderOptions) -> Iterator[RawRecord]:
-    for lineno, line in enumerate(fh, 1):
-        text = line.strip()
-        if not text or text.startswith("#") or (opts.smi_header and lineno == 1):
+def iter_text(lines: Iterable[str], info: InputInfo, opts: ReaderOptions, at: int) -> Iterator[RawRecord]:
+    """The records in ``lines``, text of ``info``'s file from a record boundary on (a byte
+    range a task reads), as ``iter_records`` yields them: ``at`` is the number of the first
+    line (SMILES, CSV/TSV; a line after the header) or of SDF records before it."""
+    if at < 1 and info.format != "sdf":
+        raise ValueError(f"iter_text: line numbers start at 1, got {at}")
+    return _READERS[info.format](lines, info, opts, at)
+
+
+def is_record_line(line: str, info: InputInfo) -> bool:
+    """Whether one line of a SMILES or CSV/TSV file, past its header, is a record (or a
+    rejected one) for ``iter_records``: the exact test for lines a byte scan cannot judge."""
+    if info.format == "smi":
+        return _smi_text(line) is not None  # the header line (smi_header) is the caller's to skip
+    try:
+        row = next(csv.reader([line], delimiter=info.delimiter, quoting=_quoting(info)), [])
+    except csv.Error:
+        return True  # an unreadable line is a csv_error record
+    return not _blank_row(row)
+
+
+def _smi_text(line: str) -> str | None:
+    """A SMILES file line's text; None for blank and comment lines."""
+    text = line.strip()
+    return None if not text or text.startswith("#") else text
+
+
+def _blank_row(row: list[str]) -> bool:
+    return not row or (len(row) == 1 and not row[0].strip())
+
+
+def _quoting(info: InputInfo) -> int:
+    # TSV has no quoting convention: a '"' in a name is just a character there
+    return csv.QUOTE_NONE if info.format == "tsv" else csv.QUOTE_MINIMAL
+
+
+def _iter_smi(fh, info: InputInfo, opts: ReaderOptions, first_line: int = 1) -> Iterator[RawRecord]:
+    for lineno, line in enumerate(fh, first_line):
+        text = _smi_text(line)
+        if text is None or (opts.smi_header and lineno == 1):
             continue
         parts = text.split(None, 1)
         yield RawRecord(info.path, lineno, "smiles", parts[0], text,
                         parts[1].strip() if len(parts) > 1 else None)
 
 
-def _iter_delimited(fh, info: InputInfo, opts: ReaderOptions) -> Iterator[RawRecord]:
-    cols, header_line = _read_header(fh, info.delimiter)
+def _iter_delimited(fh, info: InputInfo, opts: ReaderOptions, first_line: int = 0) -> Iterator[RawRecord]:
+    """first_line: 0 reads the header from ``fh``; else ``fh`` starts at that line, after
+    the header (as read by ``inspect_input``)."""
+    if first_line:
+        cols, header_line = info.columns, first_line - 1
+    else:
+        cols, header_line = _read_header(fh, info.delimiter)
     if not cols:
         return
     n = len(cols)
     si = cols.index(info.smiles_column)
     ii = cols.index(info.id_column) if info.id_column else None
     extra = [(j, c) for j, c in enumerate(cols) if j != si and j != ii]
-    # TSV has no quoting convention: a '"' in a name is just a character there
-    quoting = csv.QUOTE_NONE if info.format == "tsv" else csv.QUOTE_MINIMAL
-    reader = csv.reader(fh, delimiter=info.delimiter, quoting=quoting)
+    reader = csv.reader(fh, delimiter=info.delimiter, quoting=_quoting(info))
     prev = 0
     while True:
         try:
@@ -308,7 +377,7 @@ def _iter_delimited(fh, info: InputInfo, opts: ReaderOptions) -> Iterator[RawRec
             continue
         lineno, end = header_line + prev + 1, header_line + reader.line_num
         prev = reader.line_num
-        if not row or (len(row) == 1 and not row[0].strip()):
+        if _blank_row(row):
             continue
         raw = info.delimiter.join(row)
         if end != lineno:
@@ -360,9 +429,14 @@ def _parse_sdf_block(lines: list[str]) -> tuple[str, dict[str, str]]:
     return "".join(lines[: end + 1]), props
 
 
-def _iter_sdf(fh, info: InputInfo, opts: ReaderOptions) -> Iterator[RawRecord]:
+def is_sdf_terminator(line: str) -> bool:
+    """An SDF line that ends a record."""
+    return line.strip() == "$$$$"
+
+
+def _iter_sdf(fh, info: InputInfo, opts: ReaderOptions, ordinal: int = 0) -> Iterator[RawRecord]:
+    """ordinal: the records before ``fh``'s first line (which starts a record)."""
     block: list[str] = []
-    ordinal = 0
 
     def make(lines: list[str]) -> RawRecord:
         molblock, props = _parse_sdf_block(lines)
@@ -372,7 +446,7 @@ def _iter_sdf(fh, info: InputInfo, opts: ReaderOptions) -> Iterator[RawRecord]:
                          (rid or "").strip() or None, props or None)
 
     for line in fh:
-        if line.rstrip("\r\n").strip() == "$$$$":
+        if is_sdf_terminator(line):
             ordinal += 1
             yield make(block)
             block = []
@@ -383,10 +457,15 @@ def _iter_sdf(fh, info: InputInfo, opts: ReaderOptions) -> Iterator[RawRecord]:
                 "an SDF file? (the first 50 lines are in raw; the rest of the record is skipped)"))
             block = []
             for line in fh:  # skip to the next terminator
-                if line.strip() == "$$$$":
+                if is_sdf_terminator(line):
                     break
         else:
             block.append(line if line.endswith("\n") else line + "\n")
     if any(ln.strip() for ln in block):  # last record without its "$$$$" terminator
         ordinal += 1
         yield make(block)
+
+
+# each takes (lines, info, opts) and, from a record boundary, the first line's number
+# (SMILES, CSV/TSV; CSV: 0 = the header comes first) or the SDF records before it
+_READERS = {"smi": _iter_smi, "csv": _iter_delimited, "tsv": _iter_delimited, "sdf": _iter_sdf}

@@ -60,6 +60,11 @@ class RecordBatch(Sequence):
     def __eq__(self, other: object) -> bool:
         return isinstance(other, RecordBatch) and self._records == other._records
 
+    def read(self) -> RecordBatch:
+        """The records (a map task's chunk is a batch the driver read, or a
+        ``biogen.chem.ranges.ChunkPlan`` that the task reads: both have ``read()``)."""
+        return self
+
     def __reduce__(self):
         return _batch_from_columns, tuple([getattr(r, f) for r in self._records] for f in _RECORD_FIELDS)
 

@@ -1,10 +1,14 @@
 """Build and append: deposit files -> new shards of a library, resumable and deduplicated.
 
 Three phases, each over the same deterministic list of parts (chunk ``i`` = input
-records ``[i*chunk_size, (i+1)*chunk_size)`` in input order):
+records ``[i*chunk_size, (i+1)*chunk_size)`` in input order, across input files):
 
-1. map (Ray tasks, ledgered): parse, standardize, identify, featurize one chunk and
-   write it as a *part* (Parquet + ``.npy``) under ``_work/<action>/``.
+1. map (Ray tasks, ledgered): read, parse, standardize, identify, featurize one chunk
+   and write it as a *part* (Parquet + ``.npy``) under ``_work/<action>/``. Who reads the
+   records (``biogen.library.reading``, ``reader.parallel``): the tasks themselves, from
+   byte ranges of the inputs counted by a first round of tasks (the driver sees only
+   plans and counts; gzip files are read whole by one task each), or, for small
+   inputs, the driver, which ships each chunk's records to its task. Same parts.
 2. dedupe (driver, in input order, cheap): decide for every row whether it is kept
    (first occurrence of its InChIKey, or of its canonical SMILES with ``dedupe_key=smiles``;
    unused id), and give it its library ordinal and id.
@@ -22,7 +26,7 @@ import logging
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,8 +37,9 @@ import pyarrow.parquet as pq
 from biogen.chem.descriptors import DEFAULT_DESCRIPTORS, validate_descriptor_names
 from biogen.chem.fingerprints import FingerprintSpec
 from biogen.chem.pipeline import MoleculeProcessor, ProcessorSpec, descriptor_arrow_types
-from biogen.chem.readers import InputInfo, ReaderOptions, inspect_input, iter_records, resolve_inputs
-from biogen.chem.records import RawRecord, RecordBatch
+from biogen.chem.ranges import ChunkPlan
+from biogen.chem.readers import InputInfo, ReaderOptions, inspect_input, resolve_inputs
+from biogen.chem.records import RecordBatch
 from biogen.chem.standardize import StandardizeSpec
 from biogen.errors import ConfigError, InputError, LibraryError
 from biogen.files import json_digest
@@ -44,6 +49,7 @@ from biogen.library.parts import (
     DEDUPE_KEYS, PART_COLUMNS, WORK, Dedupe, FinalizeTask, clean_committed_work, clear_for_overwrite, finalize_part, locked,
     part_stem, plan_dedupe, write_jsonl, write_part, write_rejects,
 )
+from biogen.library.reading import open_chunks
 from biogen.runtime import Ledger, RuntimeSpec, ray_session, run_shards
 
 log = logging.getLogger(__name__)
@@ -108,11 +114,14 @@ def _processor(spec: ProcessorSpec, inchikey: bool) -> MoleculeProcessor:
 
 
 
-def map_part(work: str, part: int, records: Sequence[RawRecord], spec: ProcessorSpec, inchikey: bool = True):
-    """Phase-1 task: one chunk of raw records -> part files. Returns (outputs, result).
-    inchikey=False (``dedupe_key=smiles``): the InChIKey column is left empty."""
+def map_part(work: str, part: int, source: RecordBatch | ChunkPlan, spec: ProcessorSpec, inchikey: bool = True):
+    """Phase-1 task: one chunk -> part files. ``source``: the chunk's records (read by the
+    driver) or where the task reads them. Returns (outputs, result). inchikey=False
+    (``dedupe_key=smiles``): the InChIKey column is left empty."""
     work = Path(work)
     t0 = time.perf_counter()
+    records = source.read()
+    t_read = time.perf_counter() - t0
     chunk = _processor(spec, inchikey).process(records)
     t1 = time.perf_counter()
     cols = {c: pa.array(getattr(chunk, c), t) for c, t in PART_COLUMNS}
@@ -121,7 +130,7 @@ def map_part(work: str, part: int, records: Sequence[RawRecord], spec: Processor
     outputs = write_part(work, part, cols, chunk.fps)
     stem = part_stem(part)
     write_jsonl(work / f"{stem}.rejects.jsonl", [asdict(r) for r in chunk.rejects])
-    timings = dict(chunk.timings)
+    timings = {"read": t_read, **chunk.timings}
     timings["write"] = time.perf_counter() - t1
     timings["task"] = time.perf_counter() - t0
     result = {"n_in": chunk.n_in, "rows": len(chunk), "rejected": len(chunk.rejects),
@@ -133,20 +142,6 @@ def map_part(work: str, part: int, records: Sequence[RawRecord], spec: Processor
 
 
 # ---------------------------------------------------------------------------- the job itself
-
-
-def _chunks(infos: list[InputInfo], opts: ReaderOptions, size: int) -> Iterator[tuple[int, RecordBatch]]:
-    """The records of all inputs in chunks of ``size``, as batches that cross to the Ray
-    tasks column-wise (a list would be pickled record by record in the driver)."""
-    part, buf = 0, []
-    for info in infos:
-        for rec in iter_records(info, opts):
-            buf.append(rec)
-            if len(buf) == size:
-                yield part, RecordBatch(buf)
-                part, buf = part + 1, []
-    if buf:
-        yield part, RecordBatch(buf)
 
 
 def _preflight(inputs: str | Sequence[str], opts: ReaderOptions) -> list[InputInfo]:
@@ -164,7 +159,7 @@ def _preflight(inputs: str | Sequence[str], opts: ReaderOptions) -> list[InputIn
 
 def _job_key(action: str, spec: ProcessorSpec, infos: list[InputInfo], opts: ReaderOptions,
              chunk_size: int, dedupe: str, id_prefix: str, base: dict | None, dedupe_key: str = "inchikey") -> str:
-    state = {"action": action, "spec": spec.to_dict(), "reader": asdict(opts), "chunk_size": chunk_size,
+    state = {"action": action, "spec": spec.to_dict(), "reader": opts.identity(), "chunk_size": chunk_size,
              "dedupe": dedupe, "id_prefix": id_prefix,
              **({} if dedupe_key == "inchikey" else {"dedupe_key": dedupe_key}),  # keys of older builds stay
              "inputs": [(i.path, i.sha256) for i in infos],
@@ -175,7 +170,7 @@ def _job_key(action: str, spec: ProcessorSpec, infos: list[InputInfo], opts: Rea
 
 def _deposit_key(infos: list[InputInfo], opts: ReaderOptions) -> str:
     """Identity of a deposit: the input files' content and how they are read."""
-    state = {"inputs": sorted(i.sha256 for i in infos), "reader": asdict(opts)}
+    state = {"inputs": sorted(i.sha256 for i in infos), "reader": opts.identity()}
     return json_digest(state)
 
 
@@ -234,12 +229,12 @@ def _run(lib_dir: Path, manifest: dict, infos: list[InputInfo], opts: ReaderOpti
 
 def _map_phase(work: Path, infos: list[InputInfo], opts: ReaderOptions, spec: ProcessorSpec, chunk_size: int,
                key: str, ledger: Ledger, runtime: RuntimeSpec, slots: int, action: str) -> dict[str, dict]:
-    """Read the inputs in chunks and featurize each into a part (Ray tasks)."""
-    est = sum(i.records_estimate for i in infos)
-    shards = ((f"map-{p:06d}", (str(work), p, recs, spec, key == "inchikey"))
-              for p, recs in _chunks(infos, opts, chunk_size))
+    """Featurize the inputs chunk by chunk into parts (Ray tasks); the chunks are read by
+    the tasks or by the driver (``open_chunks``: after a counting round for the tasks)."""
+    chunks = open_chunks(infos, opts, chunk_size, work, ledger=ledger, runtime=runtime, slots=slots, action=action)
+    shards = ((f"map-{p:06d}", (str(work), p, chunk, spec, key == "inchikey")) for p, chunk in chunks)
     return run_shards(map_part, shards, ledger=ledger, spec=runtime, slots=slots,
-                      desc=f"{action}: featurize", total=max(1, -(-est // chunk_size)))
+                      desc=f"{action}: featurize", total=chunks.total)
 
 
 def _finalize_phase(lib_dir: Path, manifest: dict, work: Path, parts: list[int], hist: int, ledger: Ledger,
