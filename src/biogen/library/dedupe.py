@@ -233,7 +233,7 @@ class PartitionedDedupe:
         keep = rank >= 0
         n = len(rank)
         ordinal = self.base_ordinal + offset + rank
-        ids = [given[i] if given[i] is not None else f"{self.id_prefix}{ordinal[i] + 1:09d}" if keep[i] else ""
+        ids = [("" if not keep[i] else given[i] if given[i] is not None else f"{self.id_prefix}{ordinal[i] + 1:09d}")
                for i in range(n)]
         keys, dup = d.column("key").to_pylist(), d.column("dup").to_numpy(zero_copy_only=False)
         ref_id, ref_part = d.column("ref_id").to_pylist(), d.column("ref_part").to_numpy()
