@@ -157,6 +157,8 @@ def _quiet_lightning():
             warnings.filterwarnings("ignore", message=".*log_every_n_steps.*")
             warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # Lightning 2.6 on torch 2.13
             warnings.filterwarnings("ignore", message=".*have no `val_dataloader`.*")  # val_fraction=0
+            # on a SLURM node: biogen trains in one process by design (Ray places the work), not under srun
+            warnings.filterwarnings("ignore", message=".*The `srun` command is available.*")
             yield
     finally:
         for lg, level in zip(loggers, levels):
