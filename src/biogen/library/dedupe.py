@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pac
 import pyarrow.parquet as pq
 
 from biogen.errors import ConfigError
@@ -139,7 +140,7 @@ class PartitionedDedupe:
     def split_shard(self, index: int, name: str) -> tuple[list[str], dict]:
         """Round 1 for a shard of the library: first occurrences' (key, id) by key; ids by id."""
         t = pq.read_table(Path(self.lib_dir) / "shards" / name / "meta.parquet", columns=["id", self.key, "duplicate_of"])
-        first = t.filter(pa.compute.is_null(t.column("duplicate_of")))
+        first = t.filter(pac.is_null(t.column("duplicate_of")))
         keys = first.column(self.key).to_pylist()
         stem = f"l{index:06d}"
         outputs = self._write_split(stem, pa.table({"key": pa.array(keys, pa.string()), "id": first.column("id")}),
