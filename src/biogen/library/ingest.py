@@ -9,9 +9,11 @@ records ``[i*chunk_size, (i+1)*chunk_size)`` in input order, across input files)
    byte ranges of the inputs counted by a first round of tasks (the driver sees only
    plans and counts; gzip files are read whole by one task each), or, for small
    inputs, the driver, which ships each chunk's records to its task. Same parts.
-2. dedupe (driver, in input order, cheap): decide for every row whether it is kept
-   (first occurrence of its InChIKey, or of its canonical SMILES with ``dedupe_key=smiles``;
-   unused id), and give it its library ordinal and id.
+2. dedupe, in input order: decide for every row whether it is kept (first occurrence of
+   its InChIKey, or of its canonical SMILES with ``dedupe_key=smiles``; unused id), and give
+   it its library ordinal and id. Below ``dedupe_partitions=auto``'s threshold the driver's
+   planner (``parts.plan_dedupe``, one index); above it, or with ``dedupe_partitions=P``,
+   Ray tasks over P key partitions (``biogen.library.dedupe``): the same decisions.
 3. finalize (Ray tasks, ledgered): write each part's kept rows as a shard sorted by
    popcount (``shards/.tmp-*`` renamed into place), and the dropped rows as rejects.
 
