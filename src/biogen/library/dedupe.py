@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 
 from biogen.errors import ConfigError
 from biogen.files import atomic_path
-from biogen.library.parts import DedupePlan, Drop, duplicate_detail
+from biogen.library.parts import DedupePlan, Drop, duplicate_detail, generated_id, generated_id_pattern
 
 log = logging.getLogger(__name__)
 AUTO_RECORDS = 2_000_000        # partitions=auto: the serial planner below this many records
@@ -97,7 +97,7 @@ class PartitionedDedupe:
         return str(path.relative_to(self.work))
 
     def _pattern(self) -> re.Pattern:
-        return re.compile(re.escape(self.id_prefix) + r"(\d{9})")
+        return generated_id_pattern(self.id_prefix)
 
     def _generated_like(self, ids: list[str | None]) -> int:
         """How many ids look like a generated id past the library's rows (the serial planner
@@ -234,7 +234,7 @@ class PartitionedDedupe:
         keep = rank >= 0
         n = len(rank)
         ordinal = self.base_ordinal + offset + rank
-        ids = [("" if not keep[i] else given[i] if given[i] is not None else f"{self.id_prefix}{ordinal[i] + 1:09d}")
+        ids = [("" if not keep[i] else given[i] if given[i] is not None else generated_id(self.id_prefix, int(ordinal[i]) + 1))
                for i in range(n)]
         keys, dup = d.column("key").to_pylist(), d.column("dup").to_numpy(zero_copy_only=False)
         ref_id, ref_part = d.column("ref_id").to_pylist(), d.column("ref_part").to_numpy()
@@ -248,7 +248,7 @@ class PartitionedDedupe:
                 p = int(ref_part[i])
                 if p not in ranks:
                     ranks[p] = np.load(self.root / "rank" / f"n{p:06d}.npy", mmap_mode="r")
-                seen = f"{self.id_prefix}{self.base_ordinal + int(offsets[p]) + int(ranks[p][ref_row[i]]) + 1:09d}"
+                seen = generated_id(self.id_prefix, self.base_ordinal + int(offsets[p]) + int(ranks[p][ref_row[i]]) + 1)
             if self.mode == "keep_first":
                 drops.append(Drop(int(i), f"duplicate_{self.key}", duplicate_detail(keys[i], seen, self.key), keys[i],
                                   seen))

@@ -60,7 +60,7 @@ from biogen.errors import ConfigError, LibraryError
 from biogen.library.ingest import IngestReport
 from biogen.library.parts import (
     DUPLICATE_REASONS, WORK, Dedupe, DedupePlan, FinalizeTask, clean_committed_work, clear_for_overwrite,
-    duplicate_detail, empty_part_columns, finalize_part, legacy_duplicate_key, locked, part_stem, plan_dedupe,
+    duplicate_detail, empty_part_columns, generated_id_pattern, finalize_part, legacy_duplicate_key, locked, part_stem, plan_dedupe,
     write_jsonl, write_part, write_rejects,
 )
 from biogen.library.manifest import (
@@ -173,7 +173,7 @@ def _generated(meta: pa.Table, prefix: str) -> tuple[np.ndarray, bool]:
     form (a shard written before the ``id_generated`` column existed)."""
     if "id_generated" in meta.column_names:
         return meta.column("id_generated").to_numpy(zero_copy_only=False).astype(bool), False
-    pat = re.compile(re.escape(prefix) + r"(\d{9})")
+    pat = generated_id_pattern(prefix)
     flags = [bool(m) and int(m.group(1)) >= o + 1
              for m, o in zip(map(pat.fullmatch, meta.column("id").to_pylist()), meta.column("ordinal").to_pylist())]
     return np.array(flags, dtype=bool), True

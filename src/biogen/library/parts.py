@@ -74,6 +74,16 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
             fh.write(json.dumps(r) + "\n")
 
 
+def generated_id(prefix: str, serial: int) -> str:
+    """The id a record without one gets: ``{prefix}{serial:09d}`` (serial = ordinal + 1)."""
+    return f"{prefix}{serial:09d}"
+
+
+def generated_id_pattern(prefix: str) -> re.Pattern:
+    """Ids of the generated form; group 1 is the serial."""
+    return re.compile(re.escape(prefix) + r"(\d{9})")
+
+
 @dataclass(frozen=True)
 class Drop:
     """A row of a part that the dedupe planner drops: why, and for a duplicate its identity
@@ -237,9 +247,9 @@ def plan_dedupe(work: Path, parts: list[int], st: Dedupe) -> Iterator[DedupePlan
                     continue
             if rid is None:  # a registry id from the ordinal; skip numbers taken by given ids
                 serial = st.ordinal + 1
-                while f"{st.id_prefix}{serial:09d}" in st.ids:
+                while generated_id(st.id_prefix, serial) in st.ids:
                     serial += 1
-                rid = f"{st.id_prefix}{serial:09d}"
+                rid = generated_id(st.id_prefix, serial)
             elif rid in st.ids:
                 drops.append(Drop(i, "duplicate_id",
                                   f"id {rid!r} is already used in this library by another record; "
