@@ -75,13 +75,13 @@ def _embed(data, model_name: str, dtype: str, accelerator: str):
 def job_settings(cfg: DictConfig, spec_cls, example: str):
     """(standardize, model spec, accelerator) of a train job, after checking that every
     required ``train_data`` key is set (``example``: a command that sets them)."""
-    from biogen.models.qsar import resolve_accelerator
+    from biogen.device import resolve_device
 
     standardize = from_config(cfg.standardize, "standardize")
     spec = from_config(cfg.model, "model")
     if not isinstance(spec, spec_cls):
         raise ConfigError(f"model={type(spec).__name__} is not a {spec_cls.__name__} model")
-    accelerator = resolve_accelerator(from_config(cfg.trainer, "trainer").accelerator)
+    accelerator = resolve_device(from_config(cfg.trainer, "trainer").accelerator, "trainer.accelerator")
     missing = [k for k in cfg.train_data if OmegaConf.is_missing(cfg.train_data, k)]
     if missing:
         raise ConfigError(f"train_data.{missing[0]} is required for train_data={cfg.train_data.source}, e.g. "
@@ -95,7 +95,7 @@ def train(cfg: DictConfig) -> None:
 
         return train_dti(cfg)
     from biogen.models.data import training_source
-    from biogen.models.qsar import QSARSpec, fit_qsar
+    from biogen.models.predictor import QSARSpec
 
     t0 = time.perf_counter()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -103,6 +103,7 @@ def train(cfg: DictConfig) -> None:
     standardize, spec, accelerator = job_settings(
         cfg, QSARSpec, "biogen train train_data=file train_data.path=activities.csv train_data.value_column=pki")
     source = training_source(from_config(cfg.train_data, "train_data"))
+    from biogen.models.qsar import fit_qsar  # Lightning (~3 s to import): after the config is checked
 
     data = source.load(featurizer, standardize)
     if model:  # the fingerprints just made are replaced by the model's vectors

@@ -70,7 +70,7 @@ def embed_compounds(data, model_name: str, dtype: str, accelerator: str):
 
 def train_dti(cfg: DictConfig) -> None:
     from biogen.cli.train import _finite, _write_rejects, featurizer_of, job_settings
-    from biogen.dti.model import DTISpec, fit_dti, protein_vectors
+    from biogen.dti.predictor import DTISpec, protein_vectors
 
     t0 = time.perf_counter()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -78,6 +78,7 @@ def train_dti(cfg: DictConfig) -> None:
     standardize, spec, accelerator = job_settings(
         cfg, DTISpec, "biogen train model=dti train_data=kiba train_data.path=data/kiba")
     data = load_pairs(from_config(cfg.train_data, "train_data"), featurizer, standardize)
+    from biogen.dti.model import fit_dti  # Lightning (~3 s to import): after the config and data are checked
     if model:
         data = embed_compounds(data, model.type, model.dtype, accelerator)
     log.info("training data: %s", data.summary())
