@@ -111,6 +111,19 @@ def protein_representation(name: str, sequences: list[str], work: Path, device: 
     return vec.astype(np.float32), info
 
 
+def _used_proteins_representation(name: str, data, work: Path, device: str) -> tuple[np.ndarray, dict]:
+    """``protein_representation`` of the proteins that have pairs (a subset of KIBA holds
+    all 229 sequences): one row per ``data.protein_ids``, zeros for proteins without pairs
+    (no pair reads them)."""
+    used = np.unique(data.pairs[:, 1])
+    vec, info = protein_representation(name, [data.sequences[i] for i in used], work, device)
+    full = np.zeros((len(data.sequences), vec.shape[1]), np.float32)
+    full[used] = vec
+    log.info("protein representation %s: %d proteins with pairs (of %d) x %d (%.1f s)", name, len(used),
+             len(data.sequences), vec.shape[1], info["seconds"])
+    return full, info
+
+
 def _bits(fps: np.ndarray) -> np.ndarray:
     return np.unpackbits(np.ascontiguousarray(fps).view(np.uint8), axis=1, bitorder="little").astype(np.float32)
 
@@ -181,11 +194,7 @@ def run_dti_evaluation(data, spec: DTIEvalSpec, out_dir: Path, *, accelerator: s
         base = DTISpec(**{k: v for k, v in spec.model.items() if k not in ("type", "split")})
     except TypeError as exc:
         raise ConfigError(f"invalid model settings ({exc})") from None
-    reps: dict[str, tuple[np.ndarray, dict]] = {}
-    for name in spec.representations:
-        vec, info = protein_representation(name, data.sequences, out_dir, accelerator)
-        log.info("protein representation %s: %d x %d (%.1f s)", name, *vec.shape, info["seconds"])
-        reps[name] = (vec, info)
+    reps = {name: _used_proteins_representation(name, data, out_dir, accelerator) for name in spec.representations}
     rows: list[dict] = []
     y = data.y.astype(np.float64)
     for split in spec.splits:
