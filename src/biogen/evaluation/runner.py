@@ -12,8 +12,9 @@ command resumes, a run with other parameters is refused.
 from __future__ import annotations
 
 import csv
+import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,8 @@ from biogen.evaluation.protocol import ProtocolSpec, evaluate_target
 from biogen.evaluation.scorers import NamedScorer, TargetContext
 from biogen.files import atomic_path, json_digest
 from biogen.runtime import NO_RAY, Ledger, RuntimeSpec, ray_session, run_shards
+
+log = logging.getLogger(__name__)
 
 ROW_FIELDS = ("dataset", "target", "scorer", "n_queries", "repeat", "auroc", "ef1", "ef5", "bedroc20",
               "n_actives", "n", "seconds")
@@ -117,6 +120,9 @@ def run_benchmark(root: str | Path, out_dir: str | Path, *, datasets: list[str],
         _, decoys = target_files(root, "ChEMBL", next(t for ds, t in plan if ds == "ChEMBL"))
         shared = load_list(decoys, specs, invalid)
         notes += _notes("ChEMBL", "*", shared.notes)
+    if all(ledger.done(f"{ds}/{t}") is not None for ds, t in plan):  # a finished job's rerun: no Ray to start
+        log.info("all %d targets are done (ledger %s): reading their results", len(plan), ledger.path)
+        runtime = replace(runtime, mode="inline")
     with ray_session(runtime) as slots:
         shared_arg = shared
         if shared is not None and runtime.mode not in NO_RAY:
