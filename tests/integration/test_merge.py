@@ -172,6 +172,7 @@ def test_pieces_with_rejects_files_from_before_the_key_column(built, tmp_path, i
     assert len(dups) == 6 and all(r["key"] and r["duplicate_of"] for r in dups)
 
 
+@pytest.mark.slow  # two more builds of the pieces (~15 s); the InChIKey merge above is in the fast tier
 def test_merge_of_pieces_deduplicated_by_smiles(tmp_path, inline_rt):
     """dedupe_key=smiles pieces merge into what one build makes: duplicates across pieces are
     found by canonical SMILES and their rejects name the merged library's kept ids."""

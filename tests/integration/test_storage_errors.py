@@ -52,6 +52,7 @@ def small_tmpfs(tmp_path):
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+@pytest.mark.slow  # a drill (~30 s): the injected-error test below keeps the fast tier's coverage
 def test_full_disk_stops_keeps_and_resumes(small_tmpfs, deposit, reference, tmp_path):
     args = ["library", "build", f"input={deposit}", f"output={small_tmpfs / 'lib'}", "chunk_size=100",
             "runtime=local", "runtime.workers=2", "runtime.progress=false"]
