@@ -15,7 +15,7 @@ from biogen.errors import ConfigError
 from biogen.library.ingest import append_library, build_library
 from tests_support import moses_subset, shard_signature
 
-N = 600
+N = 300
 
 
 def deposit(tmp: Path, name: str, start: int, n: int, *, ids: str = "mixed", repeat_every: int = 7) -> Path:
@@ -51,7 +51,7 @@ def build(tmp_path, name, inp, partitions, rt, **kw):
 
 @pytest.mark.parametrize("mode,key", [("keep_first", "inchikey"), ("keep_all", "smiles")])
 def test_partition_counts_give_the_serial_library(tmp_path, inline_rt, mode, key, caplog):
-    inp = deposit(tmp_path, "d", 0, N)
+    inp = deposit(tmp_path, "d", 0, N, repeat_every=3)
     serial = outcome(build(tmp_path, "serial", inp, 0, inline_rt, dedupe=mode, dedupe_key=key))
     assert serial[1][0][2] > 80  # the input holds duplicates to decide
     with caplog.at_level(logging.INFO, logger="biogen.library"):
