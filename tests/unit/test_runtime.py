@@ -371,3 +371,55 @@ def test_rays_token_auth_notice_is_kept_out_of_the_terminal(caplog):
         logger.warning("Token authentication is disabled for this Ray cluster. Anyone with network access ...")
     texts = [r.getMessage() for r in caplog.records if r.name == RAY_AUTH_LOGGER]
     assert texts == ["Token authentication is disabled for this Ray cluster. Anyone with network access ..."]
+
+
+def _no_driver_hashing(*args, **kwargs):
+    raise AssertionError("the driver hashed a shard's outputs")
+
+
+@pytest.mark.parametrize("actors", [False, True], ids=["tasks", "actors"])
+def test_outputs_are_hashed_where_they_were_written_and_resume_checks_a_stat(tmp_path, any_rt, actors,
+                                                                               monkeypatch):
+    """Ray and processes: the worker hashes its outputs (the driver reads no shard data); a
+    rerun skips a shard whose files keep their recorded size and mtime, without re-reading
+    them, and redoes one rewritten with the same size; a ledger entry without a stat (an
+    older ledger) is checked by its hash."""
+    import os
+
+    from biogen.files import hash_files
+    from biogen.runtime import ledger as ledger_mod
+
+    def run(n):
+        led = Ledger(tmp_path / "ledger.jsonl", "job")
+        with ray_session(any_rt) as slots:
+            if actors:
+                return led, run_shards_on_actors(CountingWorker, (str(tmp_path),),
+                                                 ((f"s{i}", (i,)) for i in range(n)), ledger=led, spec=any_rt,
+                                                 slots=slots, desc="t")
+            return led, run_shards(write_square, shards(tmp_path, n), ledger=led, spec=any_rt, slots=slots, desc="t")
+
+    (tmp_path / "died-once").write_text("x")  # CountingWorker: no lost worker here
+    if any_rt.mode != "inline":
+        monkeypatch.setattr(ledger_mod, "hash_files", _no_driver_hashing)  # workers import their own copy
+    led, res = run(4)
+    assert {k: v["value"] for k, v in res.items()} == {f"s{i}": i * i for i in range(4)}
+    monkeypatch.setattr(ledger_mod, "hash_files", _no_driver_hashing)  # a resume by stat reads nothing
+    led_again, again = run(4)
+    assert again == res and len(led_again.entries) == 4
+    assert [json.loads(x).get("key") for x in (tmp_path / "ledger.jsonl").read_text().splitlines()].count("s0") == 1
+    for i in range(4):
+        entry = led.entries[f"s{i}"]
+        assert entry["sha256"] == hash_files(tmp_path, [f"out-{i}.txt"])
+        st = (tmp_path / f"out-{i}.txt").stat()
+        assert entry["stat"] == [[st.st_size, st.st_mtime_ns]]
+    (tmp_path / "out-1.txt").write_text("9")  # rewritten with the same size: a new mtime
+    os.utime(tmp_path / "out-1.txt", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    lines = (tmp_path / "ledger.jsonl").read_text().splitlines()
+    old = next(e for e in map(json.loads, lines) if e.get("key") == "s3")
+    del old["stat"]  # s3 as an older ledger wrote it: no stat, checked by its hash
+    (tmp_path / "ledger.jsonl").write_text("\n".join(lines + [json.dumps(old)]) + "\n")
+    monkeypatch.setattr(ledger_mod, "hash_files", hash_files)
+    led2, res2 = run(5)
+    assert {k: v["value"] for k, v in res2.items()} == {f"s{i}": i * i for i in range(5)}
+    redone = sorted(k for k, e in led2.entries.items() if e["t"] > led.entries.get(k, {"t": 0})["t"])
+    assert redone == ["s1", "s4"] and (tmp_path / "out-1.txt").read_text() == "1"

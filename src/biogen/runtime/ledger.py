@@ -2,10 +2,16 @@
 
 A job is a list of shards with stable keys. When a shard's outputs are complete (written
 to a temporary name and renamed), the runner appends ``{"key", "outputs", "sha256",
-"result"}`` to ``ledger.jsonl`` and fsyncs it. A rerun re-hashes the outputs of each
-recorded shard and skips it only when they still match; so a kill at any point neither
-repeats a finished shard nor keeps a half-written one. The first line holds the job key
-(a hash of the parameters and inputs); a ledger of another job is refused.
+"stat", "result"}`` to ``ledger.jsonl`` and fsyncs it. The sha256 (of the outputs' names
+and contents) and the stat (each output's size and modification time in ns) are taken by
+the worker that wrote the files (``OutputRecord``, ``hashed_outputs``), so the driver never
+reads a shard's data; in runtime=inline the ledger takes them itself. A rerun skips a
+recorded shard only when each output still has its recorded size and modification time (a
+stat per file, not a re-read: the resume of a billion-row build does not re-hash it;
+``biogen library verify`` re-hashes); entries without a stat (older ledgers) are re-hashed.
+So a kill at any point neither repeats a finished shard nor keeps a half-written or
+rewritten one. The first line holds the job key (a hash of the parameters and inputs); a
+ledger of another job is refused.
 
 Besides shard entries the ledger holds *events* (``{"event": ...}``) that ``biogen status``
 reads: ``start`` (a driver began or resumed the job: host, pid, command), ``plan`` (a phase
@@ -22,6 +28,7 @@ import logging
 import os
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from biogen.errors import BiogenError, LibraryError
@@ -29,6 +36,42 @@ from biogen.files import hash_files
 
 log = logging.getLogger(__name__)
 COMMAND: str | None = None  # the command line of this job, set by the CLI (shown by `biogen status`)
+
+
+@dataclass(frozen=True)
+class OutputRecord:
+    """A shard's outputs as its worker saw them just after writing: relative paths, one
+    sha256 over names and contents (``files.hash_files``) and each file's [size, mtime_ns]."""
+
+    paths: list[str]
+    sha256: str
+    stat: list[list[int]]
+
+
+def output_stat(root: Path, relpaths: list[str]) -> list[list[int]]:
+    out = []
+    for rel in relpaths:
+        st = os.stat(Path(root) / rel)
+        out.append([st.st_size, st.st_mtime_ns])
+    return out
+
+
+def hashed_outputs(root: Path, relpaths: list[str]) -> OutputRecord:
+    """The ``OutputRecord`` of files just written under ``root`` (run where they were written)."""
+    return OutputRecord(list(relpaths), hash_files(Path(root), relpaths), output_stat(root, relpaths))
+
+
+class HashingCall:
+    """``fn(*args) -> (output relpaths, result)`` run in a worker, returning
+    ``(OutputRecord, result)``: the outputs are hashed where they were written, in parallel
+    across workers, not by the driver. Picklable when ``fn`` is."""
+
+    def __init__(self, fn, root: Path):
+        self.fn, self.root = fn, str(root)
+
+    def __call__(self, *args):
+        outputs, result = self.fn(*args)
+        return hashed_outputs(Path(self.root), outputs), result
 
 
 def shard_rows(result: dict) -> int | None:
@@ -152,12 +195,17 @@ class Ledger:
         outputs = entry["outputs"]
         if not all((self.root / rel).is_file() for rel in outputs):
             return None
+        if "stat" in entry:  # size and mtime as written: a stat per file, no re-read
+            return entry["result"] if output_stat(self.root, outputs) == entry["stat"] else None
         if hash_files(self.root, outputs) != entry["sha256"]:
             return None
         return entry["result"]
 
-    def record(self, key: str, outputs: list[str], result: dict, phase: str | None = None) -> None:
-        entry = {"key": key, "outputs": outputs, "sha256": hash_files(self.root, outputs),
+    def record(self, key: str, outputs: list[str] | OutputRecord, result: dict, phase: str | None = None) -> None:
+        """Record a finished shard: ``outputs`` as its worker hashed them (``OutputRecord``),
+        or relative paths that are hashed here (runtime=inline)."""
+        rec = outputs if isinstance(outputs, OutputRecord) else hashed_outputs(self.root, outputs)
+        entry = {"key": key, "outputs": rec.paths, "sha256": rec.sha256, "stat": rec.stat,
                  "result": result, "t": round(time.time(), 3)}
         if phase:
             entry["phase"] = phase

@@ -72,6 +72,10 @@ def stream_in_processes(fn: Callable | None, shards: Iterable[tuple[str, tuple]]
     env = {k: v for k, v in THREAD_ENV.items() if k not in os.environ}
     payload = pickle.dumps(worker) if worker is not None else None
     call = _run_worker if worker is not None else fn
+    if loop.get("ledger") is not None:  # the outputs are hashed in the process that wrote them
+        from biogen.runtime.ledger import HashingCall
+
+        call = HashingCall(call, loop["ledger"].root)
     pool = ProcessPoolExecutor(max(1, slots), mp_context=mp.get_context("spawn"), initializer=_init_process,
                                initargs=(env, payload))
     try:

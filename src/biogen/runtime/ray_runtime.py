@@ -28,7 +28,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from biogen.errors import BiogenError, ConfigError
-from biogen.runtime.ledger import STORAGE_ERRNOS, Ledger, storage_error
+from biogen.runtime.ledger import STORAGE_ERRNOS, HashingCall, Ledger, storage_error
 
 log = logging.getLogger(__name__)
 MODES = ("local", "ray_cluster", "processes", "inline")
@@ -350,9 +350,16 @@ def stream_shards(
 
     # Ray's own retries are off: the loop retries a shard whose worker or node was lost
     # itself, so that the loss is logged (and recorded in the ledger for `biogen status`)
-    remote = ray.remote(num_cpus=1, max_retries=0)(fn)
-    return _stream(lambda args: (remote.remote(*args), None), shards, handles=ray_handles(), capacity=2 * slots,
-                   retry=lambda token, args, exc: (remote.remote(*args), None), max_tries=max_tries, **kw)
+    remote = ray.remote(num_cpus=1, max_retries=0)(_call)
+    call = fn if ledger is None else HashingCall(fn, ledger.root)  # outputs hashed in the task
+    return _stream(lambda args: (remote.remote(call, *args), None), shards, handles=ray_handles(),
+                   capacity=2 * slots, retry=lambda token, args, exc: (remote.remote(call, *args), None),
+                   max_tries=max_tries, **kw)
+
+
+def _call(fn: Callable, *args):
+    """A Ray task that runs ``fn(*args)`` (``fn`` a function or a picklable callable)."""
+    return fn(*args)
 
 
 def _collect(results: Iterator[tuple[str, object]], bar) -> dict[str, dict]:
@@ -450,12 +457,14 @@ def run_shards_on_actors(
         load = [0] * len(actors)  # shards queued or running per actor
         generation = [0] * len(actors)  # bumped when an actor is replaced
 
+        root = str(ledger.root)  # the actors hash the outputs they wrote (ledger.OutputRecord)
+
         def submit(args):
             # two shards per actor in flight: the next one is queued on the actor while the
             # driver records the last in the ledger (an fsync), so actors never wait on it
             a = min(range(len(actors)), key=load.__getitem__)
             load[a] += 1
-            return actors[a].run.remote(*args), (a, generation[a])
+            return actors[a].run_recorded.remote(root, *args), (a, generation[a])
 
         def release(token):
             load[token[0]] -= 1
@@ -496,7 +505,7 @@ def run_shards_on_actors(
                                       "kept: rerun the same command when the cluster has nodes again")
                 a = min(live, key=load.__getitem__)
                 load[a] += 1
-            return actors[a].run.remote(*args), (a, generation[a])
+            return actors[a].run_recorded.remote(root, *args), (a, generation[a])
 
         try:
             return _collect(_stream(submit, shards, handles=ray_handles(), capacity=2 * len(actors), ledger=ledger,
@@ -552,6 +561,10 @@ class _Host:
         if self._worker is None:
             raise WorkerInitError(self._error)
         return self._worker.run(*args)
+
+    def run_recorded(self, root: str, *args):
+        """``run``, with the outputs (relative to ``root``) hashed here: ``(OutputRecord, result)``."""
+        return HashingCall(self.run, root)(*args)
 
 
 @dataclass
