@@ -39,7 +39,10 @@ carries across exec from the parent; CPU = its user + sys seconds):
                       of ``--part-gib`` (``index_streamed``), and ``ShardedSearch`` (``sharded``,
                       2 Ray actors of 1 thread)
   screen              ``run_screen`` with similarity + QSAR (CHEMBL204_Ki, trained in the run),
-                      as ``benchmarks/screen.py::run_large``; not yet streaming (the 'before')
+                      as ``benchmarks/screen.py::run_large``, ``streaming=false`` (whole-library
+                      columns in the driver: the 'before')
+  screen_streaming    the same screen with ``streaming=true`` (``biogen.screen.streaming``); where
+                      both ran at a size, their hits tables and metrics are compared (equal)
 A measure runs up to the size in ``--max-rows`` (what fits this 23 GiB, 2-core machine: the
 JSON says why each skipped one was skipped).
 
@@ -568,7 +571,7 @@ def child_screen(a: dict) -> dict:
                      [SimilarityScorer(name="similarity"),
                       QSARScorer(model={"task": "regression", "max_epochs": 40, "patience": 6}, name="qsar")],
                      selection=SelectionSpec(n=100, top_m=2000), runtime=RuntimeSpec(workers=2, progress=False),
-                     run_dir=run_dir, report=True)
+                     run_dir=run_dir, report=True, streaming=a.get("streaming", "false"))
     out = m.read()
     # correctness (after the measurement): shard 0's scores equal the kernels'
     import torch
@@ -622,7 +625,7 @@ def _timed(fn) -> float:
 
 CHILDREN = {"ray_idle": child_ray_idle, "dedupe_serial": child_dedupe_serial, "dedupe_partitioned": child_dedupe_partitioned,
             "dedupe_exact": child_dedupe_exact, "search_index": child_search_index,
-            "search_sharded": child_search_sharded, "screen": child_screen}
+            "search_sharded": child_search_sharded, "screen": child_screen, "screen_streaming": child_screen}
 
 
 def child_main(kind: str, arg: str) -> None:
@@ -703,11 +706,11 @@ def save(result: dict, out: Path) -> None:
     out.write_text(json.dumps(result, indent=2, default=str) + "\n")
 
 
-MEASURES = ("index", "index_streamed", "sharded", "screen")
+MEASURES = ("index", "index_streamed", "sharded", "screen", "screen_streaming")
 # what the in-driver SimilarityIndex and the search actors hold: about 1.1 KB per row at the
 # peak (measured at 1M: ids/SMILES/id ranks ~0.3 KB, a part's fingerprints twice while it is
 # sorted, the memory-mapped shard pages); more than this machine has beyond 10M rows
-DEFAULT_MAX_ROWS = "index=10M,index_streamed=30M,sharded=10M,screen=30M"
+DEFAULT_MAX_ROWS = "index=10M,index_streamed=30M,sharded=10M,screen=30M,screen_streaming=100M"
 WHY_SKIPPED = {
     "index": "the resident index peaks at ~1.1 KB/row in the driver (measured): beyond this size it does not fit "
              "this 23 GiB machine, although its own budget (300 B/row vs half the available memory) would try",
@@ -715,6 +718,7 @@ WHY_SKIPPED = {
                "beyond this size the actors do not fit this machine's memory",
     "screen": "memory: the screen's driver grew 3.7 -> 8.5 GiB from 10M to 30M (~0.24 KiB/row), so ~25 GiB at "
               "100M, more than this machine has (and ~12 min of shards on 2 cores)",
+    "screen_streaming": "~12 min of shards on 2 cores at 100M, and the rounds after them",
     "index_streamed": "the streamed index still holds every row's id, SMILES and id rank in the driver (~0.3 KB/row "
                       "measured): beyond this size they alone do not fit this machine",
 }
@@ -729,9 +733,10 @@ def measure_rows(result: dict) -> list[tuple]:
         for name, v in r.get("search", {}).items():
             rows.append((size, f"search {name}", v.get("peak_rss_mib"), None, v.get("wall_s"),
                          v.get("error") or v.get("skipped")))
-        if "screen" in r:
-            v = r["screen"]
-            rows.append((size, "screen", v.get("peak_rss_mib"), None, v.get("wall_s"), v.get("error") or v.get("skipped")))
+        for name in ("screen", "screen_streaming"):
+            if name in r:
+                v = r[name]
+                rows.append((size, name, v.get("peak_rss_mib"), None, v.get("wall_s"), v.get("error") or v.get("skipped")))
     return rows
 
 
@@ -754,8 +759,9 @@ def summarize_targets(result: dict) -> dict:
             for name, v in r.get(group, {}).items():
                 if v.get("peak_rss_mib"):
                     series.setdefault(f"{group} {name}", []).append((size, v["peak_rss_mib"]))
-        if r.get("screen", {}).get("peak_rss_mib"):
-            series.setdefault("screen", []).append((size, r["screen"]["peak_rss_mib"]))
+        for name in ("screen", "screen_streaming"):
+            if r.get(name, {}).get("peak_rss_mib"):
+                series.setdefault(name, []).append((size, r[name]["peak_rss_mib"]))
     for name, pts in series.items():
         if len(pts) >= 2:
             (s0, a), (s1, b) = pts[0], pts[-1]
@@ -857,13 +863,24 @@ def run_library_measures(res: dict, n: int, label: str, want: list[str], args, w
         p.unlink()
     print(f"{label} search: " + ", ".join(f"{k} {v.get('peak_rss_mib')} MiB {v.get('wall_s')} s {v.get('error', '')}"
                                           for k, v in srch.items()), flush=True)
-    if "screen" in want:
-        out = work / f"screen_{label}"
+    hits = {}
+    for m in ("screen", "screen_streaming"):
+        if m not in want:
+            continue
+        out = work / f"{m}_{label}"
         shutil.rmtree(out, ignore_errors=True)
-        res["screen"] = run_child("screen", logs, args.timeout, library=str(lib), out=str(out))
+        res[m] = run_child(m, logs, args.timeout, library=str(lib), out=str(out),
+                           streaming="true" if m == "screen_streaming" else "false")
+        if (out / "hits.parquet").is_file():
+            hits[m] = (pq.read_table(out / "hits.parquet"), json.loads((out / "summary.json").read_text())["metrics"])
         shutil.rmtree(out, ignore_errors=True)
-        print(f"{label} screen: {res['screen'].get('peak_rss_mib')} MiB {res['screen'].get('wall_s')} s "
-              f"{res['screen'].get('error', '')}", flush=True)
+        print(f"{label} {m}: {res[m].get('peak_rss_mib')} MiB {res[m].get('wall_s')} s {res[m].get('error', '')}",
+              flush=True)
+    if len(hits) == 2:
+        (a, ma), (b, mb) = hits.values()
+        assert a.equals(b), f"{label}: the streaming screen's hits differ from the in-memory screen's"
+        assert ma == mb, f"{label}: the streaming screen's metrics differ: {ma} vs {mb}"
+        res["screen_check"] = "streaming and in-memory screens: identical hits tables and metrics"
     shutil.rmtree(lib)
 
 
@@ -960,7 +977,7 @@ def main() -> None:
         want = [m for m in MEASURES if m not in skip and n <= max_rows.get(m, n)]
         for m in MEASURES:
             if m not in skip and m not in want:
-                where = res.setdefault("search", {}) if m != "screen" else res
+                where = res.setdefault("search", {}) if not m.startswith("screen") else res
                 where[m] = {"skipped": f"above --max-rows {m}={human(max_rows[m])}: {WHY_SKIPPED[m]}"}
         if want:
             run_library_measures(res, n, label, want, args, work, logs, queries, i == 0, result)

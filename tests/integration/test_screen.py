@@ -202,7 +202,8 @@ def test_cli_screen_and_config_errors(lib_spec, tmp_path):
     assert "labelled actives: 215 in the library" in p.stdout
     assert (tmp_path / "out" / "report.html").is_file()
     typo = _biogen(["screen", "filterz=none"], tmp_path, env)
-    assert typo.returncode == 2 and "'filterz' is not a setting" in typo.stderr and "selection, target" in typo.stderr
+    assert typo.returncode == 2 and "'filterz' is not a setting" in typo.stderr
+    assert "selection, streaming, target" in typo.stderr
     typo2 = _biogen(["screen", "selection.nn=3"], tmp_path, env)
     assert "valid keys at 'selection': diversity, n, scaffold_cap, seed, top_m" in typo2.stderr
     preset = _biogen(["screen", "filters=nope"], tmp_path, env)

@@ -45,7 +45,7 @@ def screen(cfg: DictConfig) -> None:
         fusion=from_config(cfg.scoring.fusion, "scoring.fusion"), selection=from_config(cfg.selection, "selection"),
         runtime=from_config(cfg.runtime, "runtime"), run_dir=run_dir,
         accelerator=resolve_device(cfg.device), report=bool(cfg.report),
-        config_yaml=OmegaConf.to_yaml(cfg))
+        config_yaml=OmegaConf.to_yaml(cfg), streaming=cfg.streaming)
     funnel = " -> ".join(f"{name} {n:,}" for name, n in result.funnel)
     print(f"funnel: {funnel}")
     if result.metrics:

@@ -37,9 +37,9 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = [
-    "EnrichmentMetrics", "NullModel", "actives_in_top", "auroc", "bedroc", "enrichment_curve",
-    "enrichment_factor", "fractional_ranks", "null_model", "property_ranking", "roc_curve", "summary",
-    "weighted_fusion", "zscores",
+    "EnrichmentMetrics", "NullModel", "TieCounts", "actives_in_top", "auroc", "bedroc", "distinct_values",
+    "enrichment_curve", "enrichment_factor", "fractional_ranks", "null_model", "pick_null_model",
+    "property_ranking", "roc_curve", "summary", "tie_counts", "weighted_fusion", "zscores",
 ]
 
 
@@ -262,9 +262,152 @@ class EnrichmentMetrics:
         return cls(s["auroc"], s["ef1"], s["ef5"], s["bedroc20"], s["n_actives"], s["n"],
                    int(actives_in_top(scores, labels, top)))
 
+    @classmethod
+    def from_counts(cls, counts: "TieCounts") -> "EnrichmentMetrics":
+        """The same metrics from ``TieCounts`` alone (a streaming screen sums them over its
+        shards). AUROC, EF1/5 % and the recovered count equal ``of``'s bit for bit (the EF
+        sums replay numpy's pairwise summation: ``_block_sum``); BEDROC within ~1e-12 (a
+        geometric series per tie block where ``of`` takes a dot product)."""
+        g, e, a, n = counts.greater, counts.equal, counts.actives, counts.n
+        p = int(a.sum())
+        if p == 0:
+            raise ValueError(f"no actives among the {n} labels: a screening metric needs at least one")
+        if p == n:
+            raise ValueError(f"no inactives among the {n} labels: a screening metric needs at least one")
+        mid = (2 * n - 2 * g - e + 1) / 2.0  # ascending mid-rank of each block (as _auroc)
+        auc = float((float(np.dot(a, mid)) - p * (p + 1) / 2.0) / (p * (n - p)))
+
+        w = a.astype(np.float64) / e  # the expected actives at each position of a block (as _ranked)
+
+        def found(top: int) -> float:  # expected actives in the first ``top`` positions: w[:top].sum()
+            return _block_sum(g, e, w, top)
+
+        ef1, ef5 = ((found(_n_top(n, f)) / _n_top(n, f)) / (p / n) for f in (0.01, 0.05))
+        alpha = 20.0
+        # sum over a block's positions r = g+1 .. g+e of exp(-alpha r / n): a geometric series
+        series = np.exp(-alpha * (g + 1) / n) * np.expm1(-alpha * e / n) / math.expm1(-alpha / n)
+        s = math.fsum((a / e * series).tolist())
+        ra = p / n
+        rie = (s / p) / ((1.0 / n) * (1.0 - math.exp(-alpha)) / math.expm1(alpha / n))
+        factor = ra * math.sinh(alpha / 2) / (math.cosh(alpha / 2) - math.cosh(alpha / 2 - alpha * ra))
+        bed = float(rie * factor + 1.0 / (1.0 - math.exp(alpha * (1.0 - ra))))
+        return cls(auc, ef1, ef5, bed, p, n, int(found(max(1, int(round(0.01 * n))))))
+
     def as_dict(self) -> dict:
         return {"auroc": self.auroc, "ef1": self.ef1, "ef5": self.ef5, "bedroc20": self.bedroc20,
                 "n_actives": self.n_actives, "n": self.n, "recovered_top_1%": self.recovered_top_1pct}
+
+
+@dataclass(frozen=True)
+class TieCounts:
+    """A ranking as far as the enrichment metrics see it: one entry per distinct score ``v``
+    that an active holds (NaN counted as ``-inf``, as ``_check`` does), best first.
+    greater: molecules scored above ``v``; equal: molecules scored ``v``; actives: actives
+    scored ``v`` (int64 arrays); n: all molecules. Every metric of ``EnrichmentMetrics``
+    (AUROC, EF, BEDROC, actives in the top) depends on the ranking only through these,
+    under the tie rule of this module; a streaming screen sums ``greater``/``equal`` over
+    its shards (``tie_counts``) for the actives' values, which the driver collects."""
+
+    greater: np.ndarray
+    equal: np.ndarray
+    actives: np.ndarray
+    n: int
+
+    @classmethod
+    def of(cls, values: np.ndarray, greater: np.ndarray, equal: np.ndarray, active_values: np.ndarray,
+           n: int) -> "TieCounts":
+        """From the distinct active ``values`` (ascending, as ``distinct_values`` gives them),
+        their summed counts and every active's value (NaN: ``-inf``)."""
+        av = np.asarray(active_values, dtype=np.float64)
+        av = np.sort(np.where(np.isnan(av), -np.inf, av))
+        act = np.searchsorted(av, values, "right") - np.searchsorted(av, values, "left")
+        order = np.argsort(np.asarray(greater))  # best first
+        return cls(np.asarray(greater, dtype=np.int64)[order], np.asarray(equal, dtype=np.int64)[order],
+                   act.astype(np.int64)[order], int(n))
+
+
+_PW_BLOCK = 128  # numpy's pairwise summation: leaves of at most 128 values, 8 accumulators
+
+
+def _pairwise_leaf(x: list[float]) -> float:
+    """numpy's ``pairwise_sum`` of at most 128 float64 values, step by step."""
+    if len(x) < 8:
+        res = 0.0
+        for v in x:
+            res += v
+        return res
+    r = x[:8]
+    n, i = len(x), 8
+    while i < n - n % 8:
+        for j in range(8):
+            r[j] += x[i + j]
+        i += 8
+    res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]))
+    for v in x[i:]:
+        res += v
+    return res
+
+
+def _block_sum(starts: np.ndarray, sizes: np.ndarray, values: np.ndarray, top: int) -> float:
+    """``w[:top].sum()`` bit for bit (numpy's pairwise summation) for the array ``w`` that is
+    ``values[b]`` on positions ``starts[b] .. starts[b] + sizes[b] - 1`` (blocks disjoint,
+    ascending) and 0 elsewhere, without building ``w``: a range without blocks sums to 0, a
+    range inside one block depends only on its value and length (memoized); only ranges
+    that cut a block boundary are split further (O(blocks x log(top)) calls). So the
+    counts-based EF and recovered count equal the in-memory ones exactly (``int()`` of
+    0.9999999999999999 included). Mirrors numpy's float64 ``add.reduce`` of a contiguous
+    array (numpy 1.x-2.x); ``tests/unit/test_streaming_metrics.py`` checks it against numpy."""
+    starts = np.asarray(starts, dtype=np.int64)
+    ends = starts + np.asarray(sizes, dtype=np.int64)
+    values = np.asarray(values, dtype=np.float64)
+    keep = (values != 0) & (starts < top)
+    starts, ends, values = starts[keep], ends[keep], values[keep]
+    memo: dict[tuple[float, int], float] = {}
+
+    def const(v: float, n: int) -> float:
+        if (v, n) not in memo:
+            memo[(v, n)] = _pairwise_leaf([v] * n) if n <= _PW_BLOCK else const(v, _half(n)) + const(v, n - _half(n))
+        return memo[(v, n)]
+
+    def rec(lo: int, hi: int) -> float:
+        first = int(np.searchsorted(ends, lo, "right"))  # the first block ending after lo
+        if first == len(starts) or starts[first] >= hi:
+            return 0.0
+        if starts[first] <= lo and ends[first] >= hi:
+            return const(float(values[first]), hi - lo)
+        if hi - lo <= _PW_BLOCK:
+            x = [0.0] * (hi - lo)
+            b = first
+            while b < len(starts) and starts[b] < hi:
+                for i in range(max(int(starts[b]), lo), min(int(ends[b]), hi)):
+                    x[i - lo] = float(values[b])
+                b += 1
+            return _pairwise_leaf(x)
+        mid = lo + _half(hi - lo)
+        return rec(lo, mid) + rec(mid, hi)
+
+    return rec(0, top) if top > 0 else 0.0
+
+
+def _half(n: int) -> int:
+    """Where numpy's pairwise summation splits ``n`` (> 128) values."""
+    n2 = n // 2
+    return n2 - n2 % 8
+
+
+def distinct_values(active_values: np.ndarray) -> np.ndarray:
+    """The distinct scores of the actives, ascending (NaN as ``-inf``): what ``tie_counts`` counts at."""
+    v = np.asarray(active_values, dtype=np.float64)
+    return np.unique(np.where(np.isnan(v), -np.inf, v))
+
+
+def tie_counts(scores: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(molecules of ``scores`` above each of ``values``, molecules equal to it), NaN as
+    ``-inf``: one shard's part of ``TieCounts`` (int64 arrays)."""
+    s = np.sort(np.where(np.isnan(scores), -np.inf, np.asarray(scores, dtype=np.float64)))
+    lo = np.searchsorted(s, values, "left")
+    hi = np.searchsorted(s, values, "right")
+    return (len(s) - hi).astype(np.int64), (hi - lo).astype(np.int64)
 
 
 NULL_PROPERTIES = ("heavy_atoms", "mw")  # simple properties a null model may rank by
@@ -303,10 +446,15 @@ def null_model(props: dict[str, np.ndarray], labels, keep: np.ndarray | None = N
     y = np.asarray(labels, dtype=bool)
     if not props or not y.any() or y.all():
         return None
+    return pick_null_model((name, high_first, EnrichmentMetrics.of(property_ranking(values, high_first, keep), y))
+                           for name, values in props.items() for high_first in (True, False))
+
+
+def pick_null_model(options: Iterable[tuple[str, bool, EnrichmentMetrics]]) -> NullModel | None:
+    """The best of (property, high_first, metrics) options by AUROC, EF1 % breaking ties (the
+    first wins a full tie): ``null_model``'s choice, also over metrics made from counts."""
     best = None
-    for name, values in props.items():
-        for high_first in (True, False):
-            m = EnrichmentMetrics.of(property_ranking(values, high_first, keep), y)
-            if best is None or (m.auroc, m.ef1) > (best.metrics.auroc, best.metrics.ef1):
-                best = NullModel(name, high_first, m)
+    for name, high_first, m in options:
+        if best is None or (m.auroc, m.ef1) > (best.metrics.auroc, best.metrics.ef1):
+            best = NullModel(name, high_first, m)
     return best

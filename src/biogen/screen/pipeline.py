@@ -7,7 +7,10 @@ written and read back without encoding, ~7x faster than Parquet for this interme
 each molecule's pass/fail and score per stage, and is recorded in the ledger, so a rerun
 with the same ``output`` resumes. The driver then fuses the scores of the molecules that
 passed every filter, ranks them, picks the hits (scaffold cap, MaxMin diversity) and
-writes the outputs and the report.
+writes the outputs and the report. A streaming screen (``streaming``: true, or auto for
+libraries above 2,000,000 rows) does the steps after the shards in rounds of tasks instead
+(``biogen.screen.streaming``), with the same results and no whole-library column in the
+driver; its per-molecule scores go to ``scores/<shard>.parquet``.
 """
 
 from __future__ import annotations
@@ -41,10 +44,13 @@ from biogen.screen.metrics import NULL_PROPERTIES, EnrichmentMetrics, NullModel,
 from biogen.screen.presets import LibrarySpec, cached_preset, preset_library
 from biogen.screen.selection import SelectionSpec, best_first, fuse_scores, fusion_weights, select_hits
 from biogen.screen.stages import MoleculeBatch, ScreenContext, Stage
+from biogen.screen.streaming import StreamingSpec, Streamed, hit_values, make_job, run_streaming
 from biogen.screen.target import TargetData, TargetSpec, held_out_actives, load_target
 
 log = logging.getLogger(__name__)
 PROPERTY_COLUMNS = ("mw", "clogp", "tpsa")
+ALL_FILTERED = ("the filters removed every molecule of the library: no hits. Loosen or remove "
+                "filters (filters=none, or filters.<name>=null).")
 
 
 @dataclass(frozen=True)
@@ -459,8 +465,7 @@ def _rank(table: pa.Table, filters: list[Stage], scorers: list[Stage], fusion: F
     if alive.any():
         fused[alive] = fuse_scores({k: v[alive] for k, v in score_cols.items()}, fusion.weights, fusion.method)
     else:
-        notes.append("the filters removed every molecule of the library: no hits. Loosen or remove "
-                     "filters (filters=none, or filters.<name>=null).")
+        notes.append(ALL_FILTERED)
         log.warning("%s", notes[-1])
     cand = np.flatnonzero(alive)
     # best first; ties in library order (deterministic, and numeric: no sort of 1M strings)
@@ -517,28 +522,39 @@ def _write_outputs(run_dir: Path, lib: Library, table: pa.Table, ids: pa.Array, 
                    config_yaml: str) -> tuple[pa.Table, Future, ThreadPoolExecutor]:
     """hits.parquet/csv/sdf, library_manifest.json, config.yaml now; scores.parquet (every
     library row) in a background thread (the caller joins it after the report)."""
+    chosen = selection.chosen
+    hits = _hits_table(ids.take(pa.array(chosen)) if len(chosen) else pa.array([], pa.string()), selection.smiles,
+                       ranking.fused[chosen], ranking.rank_of[chosen], {k: v[chosen] for k, v in score_cols.items()},
+                       selection.scaffolds, None if labels is None else labels[chosen])
+    _write_hits(run_dir, lib, hits, config_yaml)
+    bg = ThreadPoolExecutor(1, thread_name_prefix="screen-bg")
+    scores_written = bg.submit(pq.write_table, table, run_dir / "scores.parquet")
+    return hits, scores_written, bg
+
+
+def _hits_table(ids: pa.Array, smiles: list[str], fused: np.ndarray, rank: np.ndarray,
+                score_cols: dict[str, np.ndarray], scaffolds: list[str], labels: np.ndarray | None) -> pa.Table:
+    """hits.parquet's table from the hits' values (each in hit order)."""
+    hit_cols = {"rank": pa.array(np.arange(1, len(fused) + 1)), "id": ids, "smiles": pa.array(smiles, pa.string()),
+                "score": pa.array(fused), "score_rank": pa.array(rank)}
+    for k, v in score_cols.items():
+        hit_cols[k] = pa.array(v)
+    hit_cols["scaffold"] = pa.array(scaffolds, pa.string())
+    if labels is not None:
+        hit_cols["label"] = pa.array(labels)
+    return pa.table(hit_cols)
+
+
+def _write_hits(run_dir: Path, lib: Library, hits: pa.Table, config_yaml: str) -> None:
+    """hits.parquet/csv/sdf, library_manifest.json, config.yaml."""
     import pyarrow.csv as pacsv
 
-    chosen = selection.chosen
-    hit_cols = {"rank": pa.array(np.arange(1, len(chosen) + 1)), "id": ids.take(pa.array(chosen))
-                if len(chosen) else pa.array([], pa.string()),
-                "smiles": pa.array(selection.smiles, pa.string()), "score": pa.array(ranking.fused[chosen]),
-                "score_rank": pa.array(ranking.rank_of[chosen])}
-    for k, v in score_cols.items():
-        hit_cols[k] = pa.array(v[chosen])
-    hit_cols["scaffold"] = pa.array(selection.scaffolds, pa.string())
-    if labels is not None:
-        hit_cols["label"] = pa.array(labels[chosen])
-    hits = pa.table(hit_cols)
     pq.write_table(hits, run_dir / "hits.parquet")
     pacsv.write_csv(hits, run_dir / "hits.csv")
     _write_sdf(hits, run_dir / "hits.sdf")
-    bg = ThreadPoolExecutor(1, thread_name_prefix="screen-bg")
-    scores_written = bg.submit(pq.write_table, table, run_dir / "scores.parquet")
     shutil.copy(lib.path / "manifest.json", run_dir / "library_manifest.json")
     if config_yaml:
         (run_dir / "config.yaml").write_text(config_yaml)  # also when output= is not the Hydra run dir
-    return hits, scores_written, bg
 
 
 def _score_table(table: pa.Table, ranking: Ranking, ids: pa.Array, labels: np.ndarray | None) -> pa.Table:
@@ -553,22 +569,47 @@ def _score_table(table: pa.Table, ranking: Ranking, ids: pa.Array, labels: np.nd
 @dataclass
 class _Scored:
     """What the shards phase leaves: the library, the set-up, the outputs' metadata columns
-    (being read at idle priority), the stages' CPU seconds, the workers and the ledger."""
+    (being read at idle priority; None when streaming), the stages' CPU seconds, the workers,
+    the ledger and, for a streaming screen, what its rounds left."""
 
     library: Library
     prepared: _Prepared
     key: str
     label_set: set | None
-    columns: Future
+    columns: Future | None
     stage_cpu: dict[str, float]
     workers: int
     ledger: Ledger
+    streamed: Streamed | None = None
+
+
+# the streaming rounds, run inside the session: (library, dedupe key, label set, ledger, slots) -> Streamed
+StreamRounds = Callable[[Library, str, "set | None", Ledger, int], Streamed]
+
+
+def _own_outputs(stages: list[Stage]) -> list[str]:
+    """The stages with driver-side outputs of their own (``Stage.finish``: the protein-aware panel)."""
+    return [st.name for st in stages if type(st).finish.__qualname__ != "_Base.finish"]
+
+
+def _streams(spec: StreamingSpec, lib: Library, stages: list[Stage]) -> bool:
+    """Whether this screen streams: ``streaming`` and the library's size; a stage with its own
+    driver-side outputs (``Stage.finish`` over the whole library's mask) keeps it in memory."""
+    if not spec.applies(lib.n_rows):
+        return False
+    own = _own_outputs(stages)
+    if own:
+        log.warning("stage(s) %s need the whole library in the driver: this screen of %d molecules is not "
+                    "streamed (streaming=auto)", own, lib.n_rows)
+    return not own
 
 
 def _score_shards(library: LibrarySpec, target: TargetSpec, stages: list[Stage], scorers: list[Stage],
                   runtime: RuntimeSpec, run_dir: Path, accelerator: str, report: bool,
-                  seconds: dict[str, float]) -> _Scored:
-    """Open the library, prepare the target and stages, run every shard (in a runtime session)."""
+                  seconds: dict[str, float], streaming: StreamingSpec = StreamingSpec("false"),
+                  stream: StreamRounds | None = None) -> _Scored:
+    """Open the library, prepare the target and stages, run every shard (in a runtime session);
+    a streaming screen runs its rounds (``stream``) in the same session."""
 
     def prepare(lib: Library) -> _Prepared:
         return _prepare(lib, target, stages, run_dir, accelerator, runtime.progress, seconds)
@@ -583,13 +624,21 @@ def _score_shards(library: LibrarySpec, target: TargetSpec, stages: list[Stage],
         for st in stages:
             log.info("stage %s", st.describe())
         key, wanted, label_set = _outputs_columns(lib, prep.target, report)
-        prefetch, columns = _prefetch_library_columns(lib, wanted)
-        prefetch.shutdown(wait=False)
+        streams = stream is not None and _streams(streaming, lib, stages)
+        columns = None
+        if not streams:
+            prefetch, columns = _prefetch_library_columns(lib, wanted)
+            prefetch.shutdown(wait=False)
         t0 = time.perf_counter()
         results = session.run(stages, run_dir)
         seconds["shards (wall)"] = time.perf_counter() - t0
+        streamed = None
+        if streams:
+            t0 = time.perf_counter()
+            streamed = stream(lib, key, label_set, session.ledger, session.slots)
+            seconds["streaming rounds (wall)"] = time.perf_counter() - t0
     stage_cpu = {st.name: sum(r["seconds"].get(st.name, 0.0) for r in results.values()) for st in stages}
-    return _Scored(lib, prep, key, label_set, columns, stage_cpu, session.slots, session.ledger)
+    return _Scored(lib, prep, key, label_set, columns, stage_cpu, session.slots, session.ledger, streamed)
 
 
 @dataclass
@@ -627,10 +676,10 @@ def _rank_and_select(scored: _Scored, run_dir: Path, filters: list[Stage], score
     return _Ranked(table, meta, ranking, chosen, meta.column("id").combine_chunks(), labels, enrichment)
 
 
-def _notes(ranking: Ranking, enrichment: ScreenEnrichment | None, label_name: str | None) -> list[str]:
+def _notes(ranking_notes: list[str], enrichment: ScreenEnrichment | None, label_name: str | None) -> list[str]:
     """Warnings for the report and summary: the ranking's, missing labels, a null model that
     does as well as the screen."""
-    notes = list(ranking.notes)
+    notes = list(ranking_notes)
     if label_name is not None and enrichment is None:
         notes.append(f"no labelled actives found in the library ({label_name}); enrichment not computed")
     if enrichment is not None and enrichment.null is not None:
@@ -641,6 +690,24 @@ def _notes(ranking: Ranking, enrichment: ScreenEnrichment | None, label_name: st
                          "the actives differ from the library in size, and the enrichment says little about the "
                          "scoring. Compare with decoys matched in properties (e.g. the DUD sets of biogen evaluate).")
     return notes
+
+
+@dataclass(frozen=True)
+class _ScreenJob:
+    """One screen's settings as ``run_screen`` received them (stages: filters then scorers)."""
+
+    library: LibrarySpec
+    target: TargetSpec
+    filters: list[Stage]
+    scorers: list[Stage]
+    stages: list[Stage]
+    fusion: FusionSpec
+    selection: SelectionSpec
+    runtime: RuntimeSpec
+    run_dir: Path
+    accelerator: str
+    report: bool
+    config_yaml: str
 
 
 def _run_screen(
@@ -656,22 +723,39 @@ def _run_screen(
     accelerator: str = "cpu",
     report: bool = True,
     config_yaml: str = "",
+    streaming: StreamingSpec | bool | str = "auto",
 ) -> ScreenResult:
-    """Run a screen and write its outputs to ``run_dir`` (see module docstring)."""
+    """Run a screen and write its outputs to ``run_dir`` (see module docstring). streaming:
+    auto | true | false (``biogen.screen.streaming``: the driver holds no whole-library column;
+    auto streams libraries above 2,000,000 rows)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     stages = _check_stages(filters, scorers, fusion)
+    spec = StreamingSpec.of(streaming)
+    if spec.mode == "true" and _own_outputs(stages):
+        raise ConfigError(f"streaming=true cannot run stage(s) {_own_outputs(stages)}: their outputs need the whole "
+                          "library's pass/fail mask in the driver; set streaming=false (or auto)")
+    job = _ScreenJob(library, target, filters, scorers, stages, fusion, selection, runtime, run_dir, accelerator,
+                     report, config_yaml)
     seconds: dict[str, float] = {}
     t_start = time.perf_counter()
+    scored = _score_shards(library, target, stages, scorers, runtime, run_dir, accelerator, report, seconds,
+                           spec, functools.partial(_stream_rounds, job, spec))
+    if scored.streamed is not None:
+        return _finish_streaming(job, scored, seconds, t_start)
+    return _finish_in_memory(job, scored, seconds, t_start)
 
-    scored = _score_shards(library, target, stages, scorers, runtime, run_dir, accelerator, report, seconds)
+
+def _finish_in_memory(job: _ScreenJob, scored: _Scored, seconds: dict[str, float], t_start: float) -> ScreenResult:
+    """Rank, select and write the outputs with whole-library columns in the driver."""
+    run_dir, scorers, config_yaml = job.run_dir, job.scorers, job.config_yaml
     lib, prep = scored.library, scored.prepared
-    r = _rank_and_select(scored, run_dir, filters, scorers, fusion, selection, seconds)
+    r = _rank_and_select(scored, run_dir, job.filters, scorers, job.fusion, job.selection, seconds)
     t0 = time.perf_counter()
-    sections = [sec for st in stages if (sec := st.finish(lib, r.ranking.alive, run_dir))]
+    sections = [sec for st in job.stages if (sec := st.finish(lib, r.ranking.alive, run_dir))]
     if sections:
         seconds["stage outputs"] = time.perf_counter() - t0
-    notes = _notes(r.ranking, r.enrichment, prep.target.label_name if scored.label_set else None)
+    notes = _notes(r.ranking.notes, r.enrichment, prep.target.label_name if scored.label_set else None)
     t0 = time.perf_counter()
     table = _score_table(r.table, r.ranking, r.ids, r.labels)
     score_cols = _score_columns(table, scorers)
@@ -681,26 +765,82 @@ def _run_screen(
     seconds["outputs"] = time.perf_counter() - t0
     seconds.update({f"stage {k} (cpu)": v for k, v in scored.stage_cpu.items()})
 
-    summary = _summary(library, target, lib, prep.target, stages, scorers, fusion, selection, accelerator,
-                       scored.workers, funnel, r.enrichment, notes, seconds)
+    summary = _summary(job.library, job.target, lib, prep.target, job.stages, scorers, job.fusion, job.selection,
+                       job.accelerator, scored.workers, funnel, r.enrichment, notes, seconds)
     summary.stage_outputs = [{k: sec.get(k) for k in ("title", "facts", "files")} for sec in sections]
     report_path = None
-    if report:
+    if job.report:
         t0 = time.perf_counter()
-        report_path = _write_report(run_dir, target, r, summary, seconds, score_cols, hits, config_yaml, notes,
-                                    time.perf_counter() - t_start, sections)
+        report_path = _write_report(run_dir, job.target, summary, seconds, hits, config_yaml, notes,
+                                    time.perf_counter() - t_start, sections, *_report_inputs(r, score_cols))
         seconds["report"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     scores_written.result()
     bg.shutdown()
     seconds["outputs"] += time.perf_counter() - t0
+    return _close(job, scored, summary, funnel, hits, r.enrichment, seconds, t_start, report_path)
+
+
+def _close(job: _ScreenJob, scored: _Scored, summary: ScreenSummary, funnel: list[tuple[str, int]], hits: pa.Table,
+           enrichment: ScreenEnrichment | None, seconds: dict[str, float], t_start: float,
+           report_path: Path | None) -> ScreenResult:
+    """summary.json, funnel.json, the ledger's ``complete``; the result."""
     seconds["total"] = time.perf_counter() - t_start
     summary.seconds = {k: round(v, 3) for k, v in seconds.items()}
-    (run_dir / "summary.json").write_text(json.dumps(summary.as_dict(), indent=2, default=str) + "\n")
-    (run_dir / "funnel.json").write_text(json.dumps(dict(funnel), indent=2) + "\n")
+    (job.run_dir / "summary.json").write_text(json.dumps(summary.as_dict(), indent=2, default=str) + "\n")
+    (job.run_dir / "funnel.json").write_text(json.dumps(dict(funnel), indent=2) + "\n")
     scored.ledger.complete(hits=len(hits))
-    metrics = None if r.enrichment is None else r.enrichment.as_dict()
-    return ScreenResult(run_dir, hits, funnel, metrics, seconds, report_path, summary)
+    metrics = None if enrichment is None else enrichment.as_dict()
+    return ScreenResult(job.run_dir, hits, funnel, metrics, seconds, report_path, summary)
+
+
+def _stream_rounds(job: _ScreenJob, spec: StreamingSpec, lib: Library, key: str, label_set: set | None,
+                   ledger: Ledger, slots: int) -> Streamed:
+    """The streaming rounds of this screen (inside its runtime session)."""
+    stored = lib.manifest.get("descriptors", [])
+    names = [st.name for st in job.scorers]
+    task = make_job(job.run_dir, lib, [st.name for st in job.filters], names,
+                    fusion_weights(names, job.fusion.weights, job.fusion.method), job.fusion.method, key, label_set,
+                    [c for c in NULL_PROPERTIES if c in stored],
+                    [c for c in PROPERTY_COLUMNS if c in stored] if job.report else [], spec)
+    return run_streaming(task, lib, job.selection, spec, ledger, job.runtime, slots, job.report)
+
+
+def _finish_streaming(job: _ScreenJob, scored: _Scored, seconds: dict[str, float], t_start: float) -> ScreenResult:
+    """The outputs of a streaming screen: hits from the candidates, metrics from the counts."""
+    st, lib, prep = scored.streamed, scored.library, scored.prepared
+    t0 = time.perf_counter()
+    if not st.alive:
+        log.warning("%s", ALL_FILTERED)
+    chosen = st.chosen
+    labels = None if st.active_keys is None else np.asarray(
+        [(int(st.cands.shard[i]), int(st.cands.row[i])) in st.active_keys for i in chosen], dtype=bool)
+    enrichment = None if st.enrichment is None else ScreenEnrichment(
+        np.zeros(0, dtype=bool), st.enrichment.metrics, st.enrichment.null,
+        actives_in_library=st.enrichment.actives_in_library,
+        actives_passing_filters=st.enrichment.actives_passing_filters,
+        actives_after_filter=st.enrichment.actives_after_filter, actives_in_hits=int(labels.sum()))
+    notes = _notes([] if st.alive else [ALL_FILTERED], enrichment,
+                   prep.target.label_name if scored.label_set else None)
+    fused, score_cols = hit_values(st, [s.name for s in job.scorers])
+    id_type = pq.read_schema(lib.shards[0].path / "meta.parquet").field("id").type if lib.shards else pa.string()
+    hits = _hits_table(pa.array(st.rows.column("id", chosen), id_type) if len(chosen) else pa.array([], pa.string()),
+                       st.rows.column("smiles", chosen), fused, st.cands.rank[chosen], score_cols, st.scaffolds,
+                       labels)
+    _write_hits(job.run_dir, lib, hits, job.config_yaml)
+    funnel = [*st.funnel, ("scored", st.alive), ("selected", len(chosen))]
+    seconds["outputs"] = time.perf_counter() - t0
+    seconds.update({f"stage {k} (cpu)": v for k, v in scored.stage_cpu.items()})
+    summary = _summary(job.library, job.target, lib, prep.target, job.stages, job.scorers, job.fusion,
+                       job.selection, job.accelerator, scored.workers, funnel, enrichment, notes, seconds)
+    report_path = None
+    if job.report:
+        t0 = time.perf_counter()
+        inputs = _streamed_report_inputs(st, chosen, enrichment)
+        report_path = _write_report(job.run_dir, job.target, summary, seconds, hits, job.config_yaml, notes,
+                                    time.perf_counter() - t_start, [], *inputs)
+        seconds["report"] = time.perf_counter() - t0
+    return _close(job, scored, summary, funnel, hits, enrichment, seconds, t_start, report_path)
 
 
 def _summary(library: LibrarySpec, target: TargetSpec, lib: Library, tdata: TargetData, stages: list[Stage],
@@ -728,12 +868,11 @@ def run_screen(*args, **kwargs) -> ScreenResult:
         wait_for_ray_shutdown()  # the local Ray instance stopped while the outputs were written
 
 
-def _write_report(run_dir: Path, target: TargetSpec, ranked: _Ranked, summary: ScreenSummary, seconds: dict,
-                  score_cols: dict[str, np.ndarray], hits: pa.Table, config_yaml: str, notes: list[str],
-                  wall: float, sections: list[dict] = ()) -> Path:
-    """report.html; ranked.meta: library metadata columns (rows in table order), with the
-    stored PROPERTY_COLUMNS; sections: the stages' own (``Stage.finish``)."""
-    from biogen.screen.report import ReportData, ReportEnrichment, ReportSection, write_report
+def _report_inputs(ranked: _Ranked, score_cols: dict[str, np.ndarray]) -> tuple[dict, dict | None, object]:
+    """The report's scores (molecules that passed), property space and enrichment, from the
+    in-memory ranking; ranked.meta: library metadata columns (rows in table order), with the
+    stored PROPERTY_COLUMNS."""
+    from biogen.screen.report import ReportEnrichment
 
     meta, ranking, enrichment, chosen = ranked.meta, ranked.ranking, ranked.enrichment, ranked.selection.chosen
     props = None
@@ -746,13 +885,52 @@ def _write_report(run_dir: Path, target: TargetSpec, ranked: _Ranked, summary: S
     alive, fused = ranking.alive, ranking.fused
     enr = None
     if enrichment is not None:
-        details = {k: v for k, v in enrichment.as_dict().items()
-                   if k.startswith("actives_")}  # the funnel's actives beside the metrics
         null = enrichment.null
         enr = ReportEnrichment(np.where(alive, fused, -np.inf), enrichment.labels, enrichment.metrics,
-                               summary.label_name, null, details,
+                               None, null, _report_details(enrichment),
                                None if null is None else property_ranking(
                                    meta.column(null.prop).to_numpy(zero_copy_only=False), null.high_first, alive))
+    return {k: v[alive] for k, v in score_cols.items()} | {"fused": fused[alive]}, props, enr
+
+
+def _report_details(enrichment: ScreenEnrichment) -> dict:
+    return {k: v for k, v in enrichment.as_dict().items()
+            if k.startswith("actives_")}  # the funnel's actives beside the metrics
+
+
+def _streamed_report_inputs(st: Streamed, chosen: np.ndarray, enrichment: ScreenEnrichment | None
+                            ) -> tuple[dict, dict | None, object]:
+    """The same from a streaming screen: histograms and the library's property cloud from the
+    shards' seeded sample, the enrichment curves from the tie counts."""
+    from biogen.screen.report import ReportEnrichment
+
+    sample, scores, props = st.sample, {}, None
+    if sample is not None:
+        col = {c: sample.column(c).to_numpy(zero_copy_only=False) for c in sample.column_names}
+        alive = col["alive"].astype(bool)
+        scores = {c.removeprefix("score:"): v[alive] for c, v in col.items() if c.startswith("score:")}
+        scores["fused"] = col["fused"][alive]
+        have = [c for c in PROPERTY_COLUMNS if f"prop:{c}" in col]
+        if have:
+            props = {"library": {c: col[f"prop:{c}"] for c in have},
+                     "hits": {c: np.asarray(st.rows.column(c, chosen), dtype=np.float64) for c in have}}
+    enr = None
+    e = st.enrichment
+    if e is not None and enrichment is not None:
+        enr = ReportEnrichment(np.zeros(0), np.zeros(0, dtype=bool), e.metrics, None, e.null,
+                               _report_details(enrichment), counts=e.counts, null_counts=e.null_counts)
+    return scores, props, enr
+
+
+def _write_report(run_dir: Path, target: TargetSpec, summary: ScreenSummary, seconds: dict, hits: pa.Table,
+                  config_yaml: str, notes: list[str], wall: float, sections: list[dict], scores: dict,
+                  props: dict | None, enr) -> Path:
+    """report.html; scores, props, enr: from ``_report_inputs`` or ``_streamed_report_inputs``;
+    sections: the stages' own (``Stage.finish``)."""
+    from biogen.screen.report import ReportData, ReportSection, write_report
+
+    if enr is not None:
+        enr.label_name = summary.label_name
     data = ReportData(
         title=f"biogen screen: {target.name} vs {summary.library_name} ({summary.molecules:,} molecules)",
         summary={"target": f"{target.name} {target.description}".strip(), "library": summary.library,
@@ -760,8 +938,7 @@ def _write_report(run_dir: Path, target: TargetSpec, ranked: _Ranked, summary: S
                  "hits": hits.num_rows, "workers": summary.workers, "accelerator": summary.accelerator,
                  "run directory": str(run_dir), "wall time (s)": f"{wall:.1f}"},
         funnel=summary.funnel, stage_seconds=list(seconds.items()),
-        scores={k: v[alive] for k, v in score_cols.items()} | {"fused": fused[alive]},
-        hits=hits, property_space=props, enrichment=enr, config_yaml=config_yaml, notes=notes,
+        scores=scores, hits=hits, property_space=props, enrichment=enr, config_yaml=config_yaml, notes=notes,
         versions=summary.versions,
         sections=[ReportSection(sec["title"], sec.get("facts", {}), sec.get("tables", []), sec.get("intro", ""))
                   for sec in sections])

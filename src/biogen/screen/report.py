@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 
 from biogen.files import atomic_path
-from biogen.screen.metrics import EnrichmentMetrics, NullModel
+from biogen.screen.metrics import EnrichmentMetrics, NullModel, TieCounts
 
 __all__ = ["ReportData", "ReportEnrichment", "write_report", "render_report", "MAX_TABLE_ROWS", "MAX_SCATTER_POINTS"]
 
@@ -113,6 +113,10 @@ class ReportEnrichment:
     null: NullModel | None = None
     details: dict = field(default_factory=dict)
     null_scores: np.ndarray | None = None  # the null model's ranking (shape N), for its curve
+    # a streaming screen gives its rankings as tie counts instead (scores and labels empty):
+    # the curves then come from the counts (``metrics.TieCounts``)
+    counts: TieCounts | None = None
+    null_counts: TieCounts | None = None
 
 
 @dataclass
@@ -195,6 +199,8 @@ def _check(data: ReportData) -> None:
         if not isinstance(data.enrichment, ReportEnrichment):
             raise TypeError(f"ReportData.enrichment must be a ReportEnrichment or None, got "
                             f"{type(data.enrichment).__name__}")
+        if data.enrichment.counts is not None:
+            return
         n_s = len(data.enrichment.scores)
         n_l = len(data.enrichment.labels)
         if n_s != n_l:
@@ -527,15 +533,36 @@ def _enrichment_curve(scores: np.ndarray, labels: np.ndarray):
     sizes = np.diff(np.r_[starts, n])
     k_block = np.add.reduceat(lab[order].astype(np.int64), starts)
     before = np.r_[0, np.cumsum(k_block)[:-1]]  # actives ranked above each block
-    ranks = np.unique(np.concatenate([
-        np.geomspace(1, n, CURVE_POINTS).astype(np.int64),
-        np.linspace(1, n, CURVE_POINTS).astype(np.int64),
-    ]))
+    ranks = _curve_grid(n)
     block = np.searchsorted(starts, ranks - 1, side="right") - 1
     found = before[block] + (ranks - starts[block]) * k_block[block] / sizes[block]
     x = np.concatenate([[0.0], ranks / n])
     y = np.concatenate([[0.0], found / n_act])
     return x, y
+
+
+def _curve_grid(n: int) -> np.ndarray:
+    """The ranks an enrichment curve is drawn at: log- and linear-spaced from 1 to ``n``."""
+    return np.unique(np.concatenate([
+        np.geomspace(1, n, CURVE_POINTS).astype(np.int64),
+        np.linspace(1, n, CURVE_POINTS).astype(np.int64),
+    ]))
+
+
+def _counts_curve(counts: TieCounts):
+    """``_enrichment_curve`` from tie counts: the blocks holding actives (start ``greater``,
+    size ``equal``, ``actives`` of them), best first; the same grid and tie rule."""
+    n, g, e, a = counts.n, counts.greater, counts.equal, counts.actives
+    n_act = int(a.sum())
+    if n == 0 or n_act == 0:
+        return None
+    ranks = _curve_grid(n)
+    full = np.searchsorted(g + e, ranks, side="right")  # blocks wholly within the first r
+    before = np.r_[0, np.cumsum(a)][full]
+    nxt = np.minimum(full, len(g) - 1)
+    partial = np.where((full < len(g)) & (g[nxt] < ranks), (ranks - g[nxt]) * a[nxt] / e[nxt], 0.0)
+    found = before + partial
+    return np.concatenate([[0.0], ranks / n]), np.concatenate([[0.0], found / n_act])
 
 
 def _enrichment_section(data: ReportData) -> str:
@@ -545,9 +572,14 @@ def _enrichment_section(data: ReportData) -> str:
                         _nodata("no activity labels for this library, so no enrichment curve"))
     enr = data.enrichment
     label = enr.label_name or "labelled actives"
-    curve = _enrichment_curve(enr.scores, enr.labels)
-    null_curve = None if enr.null_scores is None else _enrichment_curve(enr.null_scores, enr.labels)
-    n = len(enr.scores)
+    if enr.counts is not None:
+        curve, n, n_act = _counts_curve(enr.counts), enr.counts.n, int(enr.counts.actives.sum())
+        null_curve = None if enr.null_counts is None else _counts_curve(enr.null_counts)
+    else:
+        curve = _enrichment_curve(enr.scores, enr.labels)
+        null_curve = None if enr.null_scores is None else _enrichment_curve(enr.null_scores, enr.labels)
+        n = len(enr.scores)
+        n_act = int(np.count_nonzero(np.asarray(enr.labels, dtype=bool)))
     screen = enr.metrics.as_dict()
     null = enr.null.metrics.as_dict() if enr.null is not None else {}
     mrows = [(_e(k), _e(_fmt(v)), _e(_fmt(null[k])) if k in null else "") for k, v in screen.items()]
@@ -585,7 +617,6 @@ def _enrichment_section(data: ReportData) -> str:
             ax.legend(loc="lower right")
 
     uri = _plot(draw, 9.0, 3.4)
-    n_act = int(np.count_nonzero(np.asarray(enr.labels, dtype=bool)))
     caption = (f"Enrichment of {_e(label)}: {n_act:,} actives among {n:,} ranked molecules. "
                "Left: linear axis; right: log axis, which shows the early enrichment that "
                "matters for a screen. The dotted line is random ranking"

@@ -1,0 +1,677 @@
+"""The streaming screen: fusion, ranking, selection and enrichment with a driver that never
+holds a whole-library column (its memory is O(shards + actives + candidates), not O(rows)).
+
+After the score round (``shards/<name>.arrow``, as the in-memory screen) rounds of Ray tasks
+run through one entry point (``run_step``), each ledgered like the score round (a rerun of
+the same command resumes; keys carry a digest of the fusion, labels and knobs, files live in
+``streaming/<digest>/``):
+
+1. stats (per shard): the funnel's counts, the shard's labelled actives (the label key set
+   is broadcast and matched with ``pc.is_in``, as the in-memory screen does) with their
+   null-model properties, per-scorer moments (count, mean, M2 of the non-NaN scores of the
+   molecules that passed the filters: merged with Chan's formula for zscore fusion) and,
+   for rank fusion of several scorers, each scorer's sorted run (values + rows) and a
+   small sample of it.
+2. rank <scorer> (per bucket, rank fusion of several scorers only): a sample sort. The
+   driver picks bucket boundaries from the shards' samples; a bucket task gathers its value
+   range from every shard's run (``np.searchsorted`` on memory maps), computes average
+   ranks exactly as ``metrics.average_ranks`` with the bucket's global offset (equal values
+   never straddle buckets) and writes them back per (shard, bucket).
+3. fuse (per shard): the fused score (``weighted_fusion`` over the reassembled fractional
+   ranks: the same float operations, so bit for bit the in-memory value; z-scores from the
+   merged moments, equal to ~1e-12), the sorted run of ``-fused`` and the actives' values.
+4. order (per bucket): the same sample sort on ``-fused`` with stable ties in (shard, row)
+   order: every row's 1-based rank in ``best_first`` order.
+5. final (per shard): ``scores/<shard>.parquet`` (the columns of scores.parquet), the
+   shard's tie counts at the actives' distinct values (``metrics.TieCounts``: the screen's
+   and the null model's orderings) and a seeded sample for the report.
+6. top K (per shard): the rows ranked <= K, so the driver holds only the global top K
+   (exact: ranks are global; no merge is needed). ``select_hits`` walks them, reading
+   scaffolds, SMILES and fingerprints of those rows only; if the walk reaches the end of
+   the K candidates while rows remain, K doubles and the round runs again (exact).
+
+``biogen.screen.pipeline`` picks this path with ``streaming`` (auto: above ``AUTO_ROWS``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.feather as feather
+import pyarrow.parquet as pq
+
+from biogen.errors import ConfigError, CorruptLibraryError
+from biogen.files import atomic_path, json_digest
+from biogen.runtime import Ledger, RuntimeSpec, run_shards
+from biogen.screen.metrics import (EnrichmentMetrics, NullModel, TieCounts, distinct_values, pick_null_model,
+                                   property_ranking, tie_counts, weighted_fusion)
+from biogen.screen.selection import SelectionSpec, select_hits
+
+log = logging.getLogger(__name__)
+AUTO_ROWS = 2_000_000          # streaming=auto: streaming above this many library rows
+ROWS_PER_BUCKET = 4_000_000    # sample sort: values per bucket task (default bucket count)
+RUN_SAMPLE = 64                # values each shard's sorted run offers for the bucket boundaries
+REPORT_SAMPLE = 20_000         # rows (all shards) behind the report's histograms and property plot
+FUSED = "_fused"               # the run of -fused scores (the screen's order)
+
+
+@dataclass(frozen=True)
+class StreamingSpec:
+    """Top-level screen setting ``streaming``: auto (streaming when the library has more than
+    ``AUTO_ROWS`` rows) | true | false. Test knobs (Python API only): ``buckets``, the sample
+    sort's bucket count (default: one per ``ROWS_PER_BUCKET`` molecules that pass the
+    filters); ``candidates``, the first K of the selection (default 4 * selection.top_m)."""
+
+    mode: str = "auto"
+    buckets: int | None = None
+    candidates: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("auto", "true", "false"):
+            raise ConfigError(f"streaming={self.mode!r} is not valid; choose auto, true or false")
+        for name in ("buckets", "candidates"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ConfigError(f"streaming {name}={v} must be >= 1")
+
+    @classmethod
+    def of(cls, setting: "StreamingSpec | bool | str | None") -> "StreamingSpec":
+        if isinstance(setting, StreamingSpec):
+            return setting
+        if setting is None:
+            return cls()
+        if isinstance(setting, bool):
+            return cls("true" if setting else "false")
+        return cls(str(setting).lower())
+
+    def applies(self, rows: int) -> bool:
+        return self.mode == "true" or (self.mode == "auto" and rows > AUTO_ROWS)
+
+
+# ----------------------------------------------------------------------------- the tasks
+
+@dataclass(frozen=True)
+class StreamingScreen:
+    """What every task of a streaming screen needs (small: sent with each task). shards:
+    (name, rows) in library order; used: the scorers in the fusion with their weights;
+    key/labels: the dedupe-key column and the label key set (None: no labels)."""
+
+    run_dir: str
+    library: str
+    shards: tuple[tuple[str, int], ...]
+    filters: tuple[str, ...]
+    scorers: tuple[str, ...]
+    used: tuple[tuple[str, float], ...]
+    method: str
+    key: str | None
+    labels: tuple[str, ...] | None
+    null_props: tuple[str, ...]
+    report_props: tuple[str, ...]
+    tag: str
+
+    @property
+    def root(self) -> Path:
+        return Path(self.run_dir) / "streaming" / self.tag
+
+    @property
+    def fractional(self) -> bool:
+        """Rank fusion of several scorers: global fractional ranks are needed."""
+        return self.method == "rank" and len(self.used) > 1
+
+    @property
+    def n_rows(self) -> int:
+        return sum(r for _, r in self.shards)
+
+    def _rel(self, path: Path) -> str:
+        return str(path.relative_to(self.run_dir))
+
+    def _shard(self, i: int):
+        return _open_library(self.library).shards[i]
+
+    def _scores(self, i: int) -> tuple[pa.Table, np.ndarray, list[int]]:
+        """The shard's score table, its alive mask and the alive count after each filter."""
+        t = feather.read_table(Path(self.run_dir) / f"shards/{self.shards[i][0]}.arrow", memory_map=True)
+        alive = np.ones(t.num_rows, dtype=bool)
+        after = []
+        for f in self.filters:
+            alive &= t.column(f"{f}_pass").to_numpy(zero_copy_only=False).astype(bool) if t.num_rows else alive
+            after.append(int(alive.sum()))
+        return t, alive, after
+
+    def _labels(self, i: int) -> np.ndarray:
+        col = self._shard(i).metadata([self.key]).column(self.key)
+        return pc.is_in(col, value_set=pa.array(sorted(self.labels))).to_numpy(zero_copy_only=False).astype(bool)
+
+    def _write_run(self, name: str, i: int, values: np.ndarray, rows: np.ndarray) -> tuple[list[str], list[float]]:
+        """Sorted run (ascending, NaN last, ties in row order) of a shard's values, and a sample."""
+        order = np.argsort(values, kind="stable")
+        out = []
+        for suffix, arr in (("val", values[order]), ("idx", rows[order].astype(np.int64))):
+            path = self.root / "runs" / name / f"{i:06d}.{suffix}.npy"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+                np.save(fh, arr)
+            out.append(self._rel(path))
+        v = values[order]
+        m = len(v) - int(np.isnan(v).sum())
+        pick = np.unique(np.linspace(0, m - 1, min(m, RUN_SAMPLE)).astype(np.int64)) if m else np.zeros(0, np.int64)
+        return out, v[pick].tolist()
+
+    def _run(self, name: str, i: int) -> tuple[np.ndarray, np.ndarray]:
+        d = self.root / "runs" / name
+        return np.load(d / f"{i:06d}.val.npy", mmap_mode="r"), np.load(d / f"{i:06d}.idx.npy", mmap_mode="r")
+
+    def _piece(self, name: str, i: int, j: int) -> Path:
+        return self.root / "ranks" / name / f"{i:06d}" / f"b{j:05d}.npy"
+
+    def _assemble(self, name: str, i: int, bounds: list[float], n: int, fill) -> np.ndarray:
+        """A shard's ranks from its bucket pieces, in row order (``fill`` where it has no value)."""
+        val, idx = self._run(name, i)
+        out = np.full(n, fill, dtype=np.float64 if isinstance(fill, float) else np.int64)
+        for j in range(len(bounds) + 1):
+            lo, hi = _cut(val, bounds, j)
+            if hi > lo:
+                out[np.asarray(idx[lo:hi])] = np.load(self._piece(name, i, j))
+        return out
+
+    # ------------------------------------------------------------- round 1: stats
+    def stats(self, i: int) -> tuple[list[str], dict]:
+        t, alive, after = self._scores(i)
+        rows = np.flatnonzero(alive)
+        res: dict = {"rows": t.num_rows, "after": after, "alive": len(rows), "samples": {}, "moments": {}}
+        outputs: list[str] = []
+        for name, _ in self.used if len(self.used) > 1 else ():
+            v = _column(t, name)[alive]
+            if self.fractional:
+                files, res["samples"][name] = self._write_run(name, i, v, rows)
+                outputs += files
+            else:  # zscore fusion
+                res["moments"][name] = _moments(v)
+        if self.labels is not None:
+            lab = self._labels(i)
+            act = np.flatnonzero(lab)
+            keep = np.ones(len(lab), dtype=bool)
+            res["actives_after"] = []
+            for f in self.filters:
+                keep &= t.column(f"{f}_pass").to_numpy(zero_copy_only=False).astype(bool)
+                res["actives_after"].append(int((lab & keep).sum()))
+            props = self._shard(i).metadata(list(self.null_props)) if self.null_props else None
+            res.update(actives=act.tolist(), actives_alive=alive[act].tolist(),
+                       active_props={c: props.column(c).take(pa.array(act, pa.int64())).to_numpy(
+                           zero_copy_only=False).astype(np.float64).tolist() for c in self.null_props})
+        return outputs, res
+
+    # ------------------------------------------------------------- rounds 2 and 4: bucket ranks
+    def bucket_ranks(self, name: str, j: int, bounds: list[float], n_alive: int, average: bool
+                     ) -> tuple[list[str], dict]:
+        """Bucket ``j`` of run ``name``: average ranks / ``n_alive`` (fractional ranks) or
+        1-based positions (stable: ties in shard, row order), written per shard."""
+        pieces, offset = [], 0
+        for i in range(len(self.shards)):
+            val, _ = self._run(name, i)
+            lo, hi = _cut(val, bounds, j)
+            offset += lo  # values of this shard in the buckets below
+            pieces.append(np.asarray(val[lo:hi]))
+        x = np.concatenate(pieces) if pieces else np.zeros(0)
+        if average:
+            ranks = _average_ranks(x, offset) / max(n_alive, 1)  # as fractional_ranks
+        else:
+            ranks = np.empty(len(x), dtype=np.int64)
+            ranks[np.argsort(x, kind="stable")] = offset + np.arange(1, len(x) + 1)
+        outputs, at = [], 0
+        for i, p in enumerate(pieces):
+            if len(p):
+                path = self._piece(name, i, j)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+                    np.save(fh, ranks[at:at + len(p)])
+                outputs.append(self._rel(path))
+            at += len(p)
+        return outputs, {"rows": len(x)}
+
+    # ------------------------------------------------------------- round 3: fuse
+    def fuse(self, i: int, bounds: dict, moments: dict, actives: list[int]) -> tuple[list[str], dict]:
+        t, alive, _ = self._scores(i)
+        n = t.num_rows
+        if len(self.used) == 1:  # fuse_scores: the scorer's own score
+            fused_alive = np.asarray(_column(t, self.used[0][0])[alive], dtype=np.float64)
+        else:
+            if self.fractional:
+                parts = [self._assemble(k, i, bounds.get(k, []), n, np.nan)[alive] for k, _ in self.used]
+            else:
+                parts = [_zscore(_column(t, k)[alive], *moments[k]) for k, _ in self.used]
+            fused_alive = weighted_fusion(parts, [w for _, w in self.used], self.method, lambda f, xs: xs)
+        fused = np.full(n, np.nan)
+        fused[alive] = fused_alive
+        path = self.root / "fused" / f"{i:06d}.npy"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, fused)
+        files, sample = self._write_run(FUSED, i, -fused_alive, np.flatnonzero(alive))
+        ranked = np.where(alive, fused, -np.inf)
+        return [self._rel(path), *files], {"rows": n, "sample": sample,
+                                            "active_values": ranked[np.asarray(actives, np.int64)].tolist()}
+
+    # ------------------------------------------------------------- round 5: final
+    def final(self, i: int, bounds: list[float], values_file: str, sample: int) -> tuple[list[str], dict]:
+        """``values_file``: the actives' distinct values per ordering (``write_values``), one
+        file for every task rather than a copy in each task's arguments."""
+        t, alive, _ = self._scores(i)
+        n = t.num_rows
+        fused = np.load(self.root / "fused" / f"{i:06d}.npy")
+        rank = self._assemble(FUSED, i, bounds, n, -1)
+        shard = self._shard(i)
+        meta = shard.metadata(["id", *self.null_props, *[c for c in self.report_props if c not in self.null_props]])
+        if meta.num_rows != n:
+            raise CorruptLibraryError(f"shard {shard.name} of the library at {self.library} has {meta.num_rows} rows "
+                                      f"of metadata but {n} fingerprints; run `biogen library verify` on it")
+        out = [self._write(self.root / "rank" / f"{i:06d}.npy", rank)]
+        table = t.append_column("passed_filters", pa.array(alive)).append_column(
+            "score", pa.array(fused, mask=~alive)).append_column("rank", pa.array(rank, mask=rank < 0))
+        table = table.add_column(2, "id", meta.column("id").combine_chunks())
+        if self.labels is not None:
+            table = table.append_column("label", pa.array(self._labels(i)))
+        path = Path(self.run_dir) / "scores" / f"{shard.name}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            pq.write_table(table, tmp)
+        out.append(self._rel(path))
+        counts = {}
+        with np.load(Path(self.run_dir) / values_file) as values:
+            values = {k: values[k] for k in values.files}
+        for key, v in values.items():  # "screen", or "<prop>|<high_first>" for the null model
+            if key == "screen":
+                scores = np.where(alive, fused, -np.inf)
+            else:
+                prop, high = key.split("|")
+                scores = property_ranking(meta.column(prop).to_numpy(zero_copy_only=False), high == "1", alive)
+            g, e = tie_counts(scores, np.asarray(v, dtype=np.float64))
+            counts[key] = [g.tolist(), e.tolist()]
+        out.append(self._sample(i, t, alive, fused, meta, sample))
+        return out, {"rows": n, "counts": counts}
+
+    def _write(self, path: Path, arr: np.ndarray) -> str:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, arr)
+        return self._rel(path)
+
+    def _sample(self, i: int, t: pa.Table, alive: np.ndarray, fused: np.ndarray, meta: pa.Table, size: int) -> str:
+        """A seeded sample of the shard's rows for the report: ``alive``, ``fused``, each scorer's
+        score (``score:<name>``) and the report's properties (``prop:<name>``)."""
+        rng = np.random.default_rng([0, i])
+        take = np.sort(rng.choice(t.num_rows, size=min(size, t.num_rows), replace=False))
+        cols = {"alive": pa.array(alive[take]), "fused": pa.array(fused[take])}
+        cols.update({f"score:{k}": pa.array(_column(t, k)[take]) for k in self.scorers})
+        cols.update({f"prop:{c}": pa.array(meta.column(c).to_numpy(zero_copy_only=False).astype(np.float64)[take])
+                     for c in self.report_props})
+        path = self.root / "sample" / f"{i:06d}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            pq.write_table(pa.table(cols), tmp)
+        return self._rel(path)
+
+    # ------------------------------------------------------------- round 6: top K
+    def top(self, i: int, k: int) -> tuple[list[str], dict]:
+        rank = np.load(self.root / "rank" / f"{i:06d}.npy", mmap_mode="r")
+        rows = np.flatnonzero((rank > 0) & (rank <= k))
+        return [], {"rank": np.asarray(rank[rows]).tolist(), "row": rows.tolist()}
+
+
+STEPS = ("stats", "bucket_ranks", "fuse", "final", "top")
+
+
+def _open_library(path: str):
+    """The library a task reads, opened once per worker process (its manifest lists every
+    shard) while its manifest is unchanged."""
+    st = (Path(path) / "manifest.json").stat()
+    return _open_cached(path, st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _open_cached(path: str, mtime_ns: int, size: int):
+    from biogen.library.store import Library
+
+    return Library.open(path)
+
+
+def run_step(job: StreamingScreen, step: str, *args) -> tuple[list[str], dict]:
+    """One task of a streaming screen (a Ray task): a ``StreamingScreen`` method with its arguments."""
+    if step not in STEPS:
+        raise ValueError(f"unknown streaming screen step {step!r}")
+    return getattr(job, step)(*args)
+
+
+def _column(t: pa.Table, name: str) -> np.ndarray:
+    return t.column(name).to_numpy(zero_copy_only=False)
+
+
+def _cut(val: np.ndarray, bounds: list[float], j: int) -> tuple[int, int]:
+    """Positions [lo, hi) of bucket ``j`` (values in [bounds[j-1], bounds[j])) in a sorted run."""
+    lo = 0 if j == 0 else int(np.searchsorted(val, bounds[j - 1], "left"))
+    hi = len(val) if j == len(bounds) else int(np.searchsorted(val, bounds[j], "left"))
+    return lo, hi
+
+
+def _average_ranks(x: np.ndarray, offset: int) -> np.ndarray:
+    """``metrics.average_ranks`` of a bucket whose values follow ``offset`` smaller ones: the
+    same integer starts and ends (shifted by the offset), the same float formula."""
+    n = len(x)
+    if n == 0:
+        return np.zeros(0, dtype=np.float64)
+    order = np.argsort(x)
+    xs = x[order]
+    first = np.empty(n, dtype=bool)
+    first[0] = True
+    np.not_equal(xs[1:], xs[:-1], out=first[1:])
+    starts = np.flatnonzero(first)
+    ends = np.append(starts[1:], n)
+    mean_rank = ((starts + offset) + (ends + offset) + 1) / 2.0
+    ranks = np.empty(n, dtype=np.float64)
+    ranks[order] = mean_rank[np.cumsum(first) - 1]
+    ranks[np.isnan(x)] = np.nan
+    return ranks
+
+
+def _moments(v: np.ndarray) -> list:
+    """(count, mean, M2) of the non-NaN values (as nanmean/nanstd see them), any finite value."""
+    m = v[~np.isnan(v)]
+    mean = float(m.mean()) if len(m) else 0.0
+    return [len(m), mean, float(((m - mean) ** 2).sum()) if len(m) else 0.0, bool(np.isfinite(v).any())]
+
+
+def merge_moments(parts: list[list]) -> tuple[float, float]:
+    """(mean, sd) over every shard from their (count, mean, M2, any finite): Chan et al.'s
+    pairwise update; sd 0 when no value is finite (as ``metrics.zscores``)."""
+    n, mean, m2, finite = 0, 0.0, 0.0, False
+    for c, mu, q, f in parts:
+        finite |= bool(f)
+        if c == 0:
+            continue
+        if n == 0:
+            n, mean, m2 = c, mu, q
+            continue
+        d = mu - mean
+        tot = n + c
+        mean, m2, n = mean + d * c / tot, m2 + q + d * d * n * c / tot, tot
+    return mean, (math.sqrt(m2 / n) if finite and n else 0.0)
+
+
+def _zscore(x: np.ndarray, mean: float, sd: float) -> np.ndarray:
+    return (x - mean) / sd if sd > 0 else np.where(np.isnan(x), np.nan, 0.0)
+
+
+def bucket_bounds(samples: list[list[float]], buckets: int) -> list[float]:
+    """Up to ``buckets - 1`` increasing boundaries from the shards' samples (NaN left out)."""
+    s = np.sort(np.asarray([v for part in samples for v in part], dtype=np.float64))
+    s = s[~np.isnan(s)]
+    if buckets <= 1 or not len(s):
+        return []
+    return np.unique(s[(np.arange(1, buckets) * len(s)) // buckets]).tolist()
+
+
+# ----------------------------------------------------------------------------- the driver
+
+@dataclass
+class Candidates:
+    """The global top K rows (rank order): their 1-based ranks, shards and rows."""
+
+    rank: np.ndarray
+    shard: np.ndarray
+    row: np.ndarray
+
+
+class CandidateRows:
+    """SMILES, scaffolds (stored, or computed from the SMILES), fingerprints and metadata of
+    candidate rows, read from their shards only (each value once)."""
+
+    def __init__(self, library, cands: Candidates, stored_scaffolds: bool):
+        self.library, self.cands, self.stored = library, cands, stored_scaffolds
+        self._cache: dict[tuple[str, int], object] = {}
+
+    def column(self, name: str, idx) -> list:
+        idx = [int(i) for i in np.asarray(idx).tolist()]
+        missing: dict[int, list[int]] = {}
+        for i in dict.fromkeys(idx):
+            if (name, i) not in self._cache:
+                missing.setdefault(int(self.cands.shard[i]), []).append(i)
+        def read(s: int) -> list:  # in threads: pyarrow reads without the GIL
+            col = self.library.shards[s].metadata([name]).column(name)
+            return col.take(pa.array(self.cands.row[missing[s]], pa.int64())).to_pylist()
+
+        with ThreadPoolExecutor(min(8, max(1, len(missing)))) as pool:
+            for s, vals in zip(missing, pool.map(read, missing)):
+                self._cache.update({(name, i): v for i, v in zip(missing[s], vals)})
+        return [self._cache[(name, i)] for i in idx]
+
+    def scaffolds(self, idx) -> list[str]:
+        from biogen.chem.scaffolds import murcko_scaffolds
+
+        idx = np.asarray(idx, dtype=np.int64)
+        if self.stored:
+            return self.column("scaffold", idx)
+        todo = [int(i) for i in dict.fromkeys(idx.tolist()) if ("_scaffold", int(i)) not in self._cache]
+        if todo:  # library SMILES are RDKit's canonical ones: the fast scaffold path applies
+            self._cache.update({("_scaffold", i): sc for i, sc in
+                                zip(todo, murcko_scaffolds(self.column("smiles", todo), canonical=True))})
+        return [self._cache[("_scaffold", int(i))] for i in idx]
+
+    def fingerprints(self, idx) -> np.ndarray:
+        return np.stack([self.library.shards[int(self.cands.shard[i])].fingerprints[int(self.cands.row[i])]
+                         for i in np.asarray(idx)])
+
+
+@dataclass
+class StreamedEnrichment:
+    """The enrichment from tie counts: metrics, null model, the counts (report curves) and
+    the actives through the funnel."""
+
+    metrics: EnrichmentMetrics
+    null: NullModel | None
+    counts: TieCounts
+    null_counts: TieCounts | None
+    actives_in_library: int
+    actives_passing_filters: int
+    actives_after_filter: dict[str, int]
+
+
+@dataclass
+class Streamed:
+    """What the streaming rounds leave for the outputs: funnel (library and filters), the
+    molecules that passed, the hits (candidate positions in rank order) with their rows,
+    the labels' share (None without labels) and the report's sample."""
+
+    job: StreamingScreen
+    funnel: list[tuple[str, int]]
+    alive: int
+    cands: Candidates
+    rows: CandidateRows
+    chosen: np.ndarray
+    scaffolds: list[str]
+    active_keys: set[tuple[int, int]] | None
+    enrichment: StreamedEnrichment | None
+    sample: pa.Table | None
+
+
+def make_job(run_dir: Path, lib, filters: list[str], scorers: list[str], used: dict[str, float], method: str,
+             key: str, label_set: set | None, null_props: list[str], report_props: list[str],
+             spec: StreamingSpec) -> StreamingScreen:
+    labels = tuple(sorted(label_set)) if label_set else None
+    tag = json_digest({"used": list(used.items()), "method": method, "labels": labels, "key": key,
+                       "null": null_props, "report": report_props, "buckets": spec.buckets})[:12]
+    return StreamingScreen(str(run_dir), str(lib.path), tuple((s.name, s.rows) for s in lib.shards), tuple(filters),
+                           tuple(scorers), tuple(used.items()), method, key if labels else None, labels,
+                           tuple(null_props) if labels else (), tuple(report_props), tag)
+
+
+class _Rounds:
+    """Runs one round's tasks (ledgered, with a progress bar) and returns results in task order."""
+
+    def __init__(self, job: StreamingScreen, ledger: Ledger, runtime: RuntimeSpec, slots: int):
+        self.job, self.ledger, self.runtime, self.slots = job, ledger, runtime, slots
+
+    def __call__(self, desc: str, tasks: list[tuple[str, tuple]]) -> list[dict]:
+        if not tasks:
+            return []
+        keys = [f"stream-{self.job.tag}-{k}" for k, _ in tasks]
+        done = run_shards(run_step, ((k, (self.job, *a)) for k, (_, a) in zip(keys, tasks)), ledger=self.ledger,
+                          spec=self.runtime, slots=self.slots, desc=f"screen: {desc}", total=len(tasks))
+        return [done[k] for k in keys]
+
+
+def run_streaming(job: StreamingScreen, library, selection: SelectionSpec, spec: StreamingSpec, ledger: Ledger,
+                  runtime: RuntimeSpec, slots: int, report: bool) -> Streamed:
+    """Every round after the score round, then the selection (see the module docstring)."""
+    rounds = _Rounds(job, ledger, runtime, slots)
+    shards = range(len(job.shards))
+    stats = rounds("stats", [(f"stats-{i:06d}", ("stats", i)) for i in shards])
+    n_alive = sum(r["alive"] for r in stats)
+    funnel = [("library", job.n_rows)] + [(f, sum(r["after"][k] for r in stats)) for k, f in enumerate(job.filters)]
+    buckets = spec.buckets or max(1, -(-n_alive // ROWS_PER_BUCKET))
+    bounds: dict[str, list[float]] = {}
+    if job.fractional and n_alive:
+        for name, _ in job.used:
+            bounds[name] = bucket_bounds([r["samples"][name] for r in stats], buckets)
+            rounds(f"rank {name}", [(f"rank-{name}-b{j:05d}", ("bucket_ranks", name, j, bounds[name], n_alive, True))
+                                    for j in range(len(bounds[name]) + 1)])
+    moments = ({k: merge_moments([r["moments"][k] for r in stats]) for k, _ in job.used}
+               if job.method == "zscore" and len(job.used) > 1 else {})
+    fused = rounds("fuse", [(f"fuse-{i:06d}", ("fuse", i, bounds, moments, stats[i].get("actives", [])))
+                            for i in shards])
+    order_bounds = bucket_bounds([r["sample"] for r in fused], buckets)
+    if n_alive:
+        rounds("order", [(f"order-b{j:05d}", ("bucket_ranks", FUSED, j, order_bounds, n_alive, False))
+                         for j in range(len(order_bounds) + 1)])
+    values = _active_values(job, stats, fused)
+    values_file = job.root / "active_values.npz"
+    values_file.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(values_file) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **values)
+    sizes = _sample_sizes(job, REPORT_SAMPLE if report else 0)
+    final = rounds("final", [(f"final-{i:06d}", ("final", i, order_bounds, job._rel(values_file), sizes[i]))
+                             for i in shards])
+    enrichment = _enrichment(job, stats, fused, values, final)
+    cands, rows, chosen, scaffolds = _select(job, library, selection, spec, n_alive, rounds)
+    active_keys = None
+    if job.labels is not None:
+        active_keys = {(i, a) for i, r in enumerate(stats) for a in r["actives"]}
+    sample = None
+    if report:
+        parts = [pq.read_table(job.root / "sample" / f"{i:06d}.parquet") for i in shards]
+        sample = pa.concat_tables(parts) if parts else None
+    return Streamed(job, funnel, n_alive, cands, rows, chosen, scaffolds, active_keys, enrichment, sample)
+
+
+def hit_values(st: Streamed, scorers: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The hits' fused scores and each scorer's score (hit order), read from their shards only."""
+    job, chosen = st.job, st.chosen
+    fused = np.full(len(chosen), np.nan)
+    cols = {k: np.full(len(chosen), np.nan) for k in scorers}
+    shard, row = st.cands.shard[chosen], st.cands.row[chosen]
+    for i in np.unique(shard).tolist():
+        at = np.flatnonzero(shard == i)
+        fused[at] = np.load(job.root / "fused" / f"{i:06d}.npy", mmap_mode="r")[row[at]]
+        t = feather.read_table(Path(job.run_dir) / f"shards/{job.shards[i][0]}.arrow", memory_map=True)
+        part = t.take(pa.array(row[at], pa.int64()))
+        for k in scorers:
+            cols[k][at] = _column(part, k)
+    return fused, cols
+
+
+def _sample_sizes(job: StreamingScreen, total: int) -> list[int]:
+    n = max(job.n_rows, 1)
+    return [min(rows, -(-min(total, n) * rows // n)) for _, rows in job.shards]
+
+
+def _active_values(job: StreamingScreen, stats: list[dict], fused: list[dict]) -> dict[str, np.ndarray]:
+    """The distinct values the actives hold in each ordering: the screen's, and each null-model
+    property's both ways round (key ``<prop>|1`` high first, ``<prop>|0`` low first)."""
+    if job.labels is None:
+        return {}
+    out = {"screen": distinct_values(np.asarray([v for r in fused for v in r["active_values"]], dtype=np.float64))}
+    alive = np.asarray([a for r in stats for a in r["actives_alive"]], dtype=bool)
+    for c in job.null_props:
+        v = np.asarray([x for r in stats for x in r["active_props"][c]], dtype=np.float64)
+        for high in (True, False):
+            out[f"{c}|{int(high)}"] = distinct_values(property_ranking(v, high, alive))
+    return out
+
+
+def _counts(key: str, values: np.ndarray, active_values: np.ndarray, final: list[dict], n: int) -> TieCounts:
+    g = np.zeros(len(values), dtype=np.int64)
+    e = np.zeros(len(values), dtype=np.int64)
+    for r in final:
+        gg, ee = r["counts"][key]
+        g += np.asarray(gg, dtype=np.int64)
+        e += np.asarray(ee, dtype=np.int64)
+    return TieCounts.of(values, g, e, active_values, n)
+
+
+def _enrichment(job: StreamingScreen, stats: list[dict], fused: list[dict], values: dict[str, np.ndarray],
+                final: list[dict]) -> StreamedEnrichment | None:
+    """The screen's metrics and the null model's from the summed tie counts (None: no labels,
+    or the labels lack a class)."""
+    if job.labels is None:
+        return None
+    n = job.n_rows
+    p = sum(len(r["actives"]) for r in stats)
+    if p == 0 or p == n:
+        return None
+    screen_values = np.asarray([v for r in fused for v in r["active_values"]], dtype=np.float64)
+    counts = _counts("screen", values["screen"], screen_values, final, n)
+    alive = np.asarray([a for r in stats for a in r["actives_alive"]], dtype=bool)
+    options, null_counts = [], {}
+    for c in job.null_props:
+        v = np.asarray([x for r in stats for x in r["active_props"][c]], dtype=np.float64)
+        for high in (True, False):
+            key = f"{c}|{int(high)}"
+            null_counts[key] = _counts(key, values[key], property_ranking(v, high, alive), final, n)
+            options.append((c, high, EnrichmentMetrics.from_counts(null_counts[key])))
+    null = pick_null_model(options)
+    after = {f: sum(r["actives_after"][k] for r in stats) for k, f in enumerate(job.filters)}
+    return StreamedEnrichment(EnrichmentMetrics.from_counts(counts), null, counts,
+                              None if null is None else null_counts[f"{null.prop}|{int(null.high_first)}"],
+                              p, int(alive.sum()), after)
+
+
+def _candidates(job: StreamingScreen, k: int, rounds: Callable) -> Candidates:
+    res = rounds(f"top {k:,}", [(f"top{k}-{i:06d}", ("top", i, k)) for i in range(len(job.shards))])
+    rank = np.asarray([x for r in res for x in r["rank"]], dtype=np.int64)
+    shard = np.asarray([i for i, r in enumerate(res) for _ in r["rank"]], dtype=np.int64)
+    row = np.asarray([x for r in res for x in r["row"]], dtype=np.int64)
+    order = np.argsort(rank)
+    return Candidates(rank[order], shard[order], row[order])
+
+
+def _select(job: StreamingScreen, library, selection: SelectionSpec, spec: StreamingSpec, n_alive: int,
+            rounds: Callable) -> tuple[Candidates, CandidateRows, np.ndarray, list[str]]:
+    """``select_hits`` over the global top K. Its walk down the ranking (scaffold cap) stops
+    once it holds ``want`` candidates; when the K candidates run out first while rows remain,
+    K doubles and the walk starts again, so the hits are those of the whole ranking (exact).
+    Whether the walk filled is asked of ``select_hits`` itself (diversity none, n = want:
+    the same walk; the scaffolds it reads are kept for the real call)."""
+    want = selection.top_m if selection.diversity == "maxmin" else selection.n
+    walk = SelectionSpec(n=want, top_m=want, diversity="none", scaffold_cap=selection.scaffold_cap)
+    k = spec.candidates or 4 * selection.top_m
+    stored = "scaffold" in library.manifest.get("descriptors", [])
+    while True:
+        k = min(k, max(n_alive, 1))
+        cands = _candidates(job, k, rounds) if n_alive else Candidates(*(np.zeros(0, np.int64),) * 3)
+        rows = CandidateRows(library, cands, stored)
+        order = np.arange(len(cands.rank))
+        if not len(order):
+            return cands, rows, np.zeros(0, dtype=np.int64), []
+        filled = len(select_hits(order, rows.scaffolds, rows.fingerprints, walk)[0]) == want
+        if filled or len(order) >= n_alive:
+            return (cands, rows, *select_hits(order, rows.scaffolds, rows.fingerprints, selection))
+        log.info("the selection's walk used all %d candidates; doubling them", len(order))
+        k *= 2
