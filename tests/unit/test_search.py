@@ -363,3 +363,29 @@ def test_sharded_search_on_ray_actors_equals_one_index(moses_lib, ray_local):
 def test_popcount_starts():
     pcs = np.array([0, 0, 2, 2, 2, 5], np.int32)
     assert popcount_starts(pcs, 6).tolist() == [0, 2, 2, 5, 5, 5, 6, 6]
+
+
+def test_the_default_budget_leaves_room_for_the_per_row_state_and_streamed_parts_are_let_go(moses_lib,
+                                                                                          monkeypatch):
+    """The default memory budget is for parts: the ids, SMILES and ranks the index keeps per
+    row come off it first; a streamed index lets go of each part before it builds the next."""
+    lib = moses_lib["lib"]
+    resident = SimilarityIndex.open(moses_lib["path"], engine="cpu", workers=1)
+    assert not resident.streamed
+    part = SimilarityIndex.part_row_bytes(lib.featurizer, "cpu")
+    assert part == 2 * 2048 // 8 + 2048 // 64 + 40  # the words twice (part + shard pages), the sketch, ~40 B
+    fixed = resident.resident_bytes()
+    assert fixed > 16 * N_MOLS  # ids and SMILES too
+    # a budget that holds all rows in one part only if the per-row state is not counted
+    monkeypatch.setattr(SimilarityIndex, "_default_part_bytes", lambda self: part * N_MOLS + fixed // 2)
+    streamed = SimilarityIndex.open(moses_lib["path"], engine="cpu", workers=1)
+    assert streamed.streamed and len(streamed._groups) >= 2
+    seen = []
+    for p, engine in streamed._parts():
+        if seen:
+            assert seen[-1].fps is None  # the previous part was released before this one was built
+        seen.append(p)
+        assert p.fps is not None and engine.fps is not None
+    assert seen[-1].fps is None
+    q = moses_lib["smiles"][:3]
+    assert streamed.top_k(q, 20).equals(resident.top_k(q, 20))

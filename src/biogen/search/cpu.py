@@ -69,6 +69,8 @@ class CpuEngine:
         return tuple(np.concatenate(x) for x in zip(*parts))
 
     def close(self) -> None:
+        """Stop the threads and let go of the rows (a streamed index loads the next part after this)."""
         if self._pool is not None:
             self._pool.shutdown(wait=False)
             self._pool = None
+        self.fps = self.sketch = None

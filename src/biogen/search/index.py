@@ -65,15 +65,23 @@ def _make_part(blocks: list[tuple[np.ndarray, np.ndarray, int]], nbits: int) -> 
     """Merge blocks ``(fps, pcs, first position)`` into one part sorted by popcount.
 
     Blocks from a library are already sorted (shards are), which the stable sort merges
-    in about linear time; in-memory fingerprints may come in any order.
+    in about linear time; in-memory fingerprints may come in any order. Each block's rows
+    are scattered straight into the part (one copy of the fingerprints, not a concatenation
+    and then a sorted copy of it: the part's peak is its own size).
     """
-    fps = np.concatenate([b[0] for b in blocks]) if len(blocks) > 1 else np.asarray(blocks[0][0])
-    pcs = np.concatenate([b[1] for b in blocks]) if len(blocks) > 1 else np.asarray(blocks[0][1])
-    rows = np.concatenate([np.arange(b[2], b[2] + len(b[1]), dtype=np.int64) for b in blocks])
+    pcs = np.concatenate([np.asarray(b[1]) for b in blocks])
     order = np.argsort(pcs, kind="stable")  # sorted runs: timsort merges them in ~linear time
-    fps = np.ascontiguousarray(fps[order], dtype=np.uint64)
-    pcs = np.ascontiguousarray(pcs[order], dtype=np.int32)
-    return _Part(fps, pcs, rows[order], popcount_starts(pcs, nbits))
+    dest = np.empty(len(order), dtype=np.int64)  # the sorted position of each block row
+    dest[order] = np.arange(len(order))
+    rows = np.concatenate([np.arange(b[2], b[2] + len(b[1]), dtype=np.int64) for b in blocks])[order]
+    words = blocks[0][0].shape[1] if blocks and np.ndim(blocks[0][0]) == 2 else 0
+    fps = np.empty((len(order), words), dtype=np.uint64)
+    at = 0
+    for b in blocks:
+        n = len(b[1])
+        fps[dest[at:at + n]] = b[0]
+        at += n
+    return _Part(fps, np.ascontiguousarray(pcs[order], dtype=np.int32), rows, popcount_starts(pcs[order], nbits))
 
 
 class SimilarityIndex:
@@ -96,9 +104,10 @@ class SimilarityIndex:
         self.n_rows = len(ids)
         self._id_rank = np.empty(self.n_rows, np.int64)
         self._id_rank[np.asarray(pc.sort_indices(ids))] = np.arange(self.n_rows)
-        # fingerprint words + popcount + library row; the CPU engine adds its block sketch (1/8)
-        row_bytes = spec.n_words * (9 if self.engine_name == "cpu" else 8) + 12
         budget = part_bytes or self._default_part_bytes()
+        if part_bytes is None and self.engine_name == "cpu":  # host memory: the per-row state above stays
+            budget = max(budget - self.resident_bytes(), budget // 4)
+        row_bytes = self.part_row_bytes(spec, self.engine_name)
         groups: list[list] = [[]]
         size = 0
         for blk in blocks:
@@ -177,6 +186,21 @@ class SimilarityIndex:
     library_rows: np.ndarray | None = None  # position -> row in library order (set by from_library)
     library_version: str | None = None
 
+    def resident_bytes(self) -> int:
+        """Bytes this index holds per row outside its parts: ids, SMILES, the id ranks and the
+        library rows (~0.3 KB/row for MOSES-like molecules)."""
+        text = self.ids.nbytes + (self.smiles.nbytes if self.smiles is not None else 0)
+        return int(text + 16 * self.n_rows)
+
+    @staticmethod
+    def part_row_bytes(spec: FingerprintSpec, engine: str) -> int:
+        """A part's peak bytes per row. CPU (host memory): the fingerprint words, the shard
+        pages the build reads (memory-mapped: resident while it reads them), the engine's
+        block sketch (1/8 of the words), popcounts, library rows and the sort's permutations
+        (~40 B). CUDA (device memory): the words and the popcount."""
+        words = spec.n_words * 8
+        return words + 8 if engine == "cuda" else 2 * words + words // 8 + 40
+
     def _default_part_bytes(self) -> int:
         if self.engine_name == "cuda":
             from biogen.search.cuda import free_device_bytes
@@ -206,8 +230,10 @@ class SimilarityIndex:
             part, engine = self._load(g)
             try:
                 yield part, engine
-            finally:
+            finally:  # before the next part is built: the caller's loop variable still refers to this one
                 engine.close()
+                part.fps = part.pcs = part.rows = None
+                del part, engine
 
     def close(self) -> None:
         for _, engine in self._resident or []:
