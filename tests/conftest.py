@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,9 @@ DATA = Path(__file__).resolve().parent / "data"
 SHARED = Path(os.environ.get("BIOGEN_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# dtype=auto's measured choice (biogen.precision) is cached per machine in ~/.cache/biogen: the
+# tests, and the CLI and workers they start, keep theirs in a directory of this session
+os.environ.setdefault("BIOGEN_DTYPE_CACHE", str(Path(tempfile.mkdtemp(prefix="biogen-test-")) / "cpu_dtype.json"))
 
 
 MMSEQS_DB = Path("/usr/share/doc/mmseqs2/example-data/DB.fasta.gz")

@@ -5,12 +5,23 @@ QSAR inference as they adopt it):
 
 - ``cpu_instructions()``: the matrix instructions this CPU has (``avx512_bf16``,
   ``amx_bf16``, ``amx_int8``, ``avx512_vnni``, ``avx_vnni``), read from ``/proc/cpuinfo``.
-- ``auto_cpu_dtype()``: ``bfloat16`` where the CPU multiplies bf16 natively (AVX512-BF16
-  or AMX), ``int8`` where it has int8 dot products (VNNI) but no bf16, ``float32``
-  otherwise; with the reason, for the log. On an AVX512-BF16 + VNNI CPU, measured here
-  for an ESM-2 150M-sized linear layer (4096 x 640 x 2560, 2 threads): fp32 154, bf16
-  369, int8 (dynamic, per-channel) 352 GFLOP/s: bf16 is as fast as int8 and needs no
-  quantization.
+- ``auto_cpu_dtype()``: what the instruction flags alone allow (``cpu_candidates()``: bf16
+  where the CPU multiplies bf16 natively (AVX512-BF16 or AMX), int8 where it has int8 dot
+  products (VNNI, AMX-INT8)), ``float32`` where neither is there.
+- ``choose_cpu_dtype(shape)``: among those candidates, the one that is *measured* faster on
+  the model's own largest linear layer, on the threads the model will run on (as
+  ``cudnn.benchmark`` or FFTW's planner do): a flag says an instruction exists, not which
+  kernel PyTorch has for it. Measured on two CPUs of this project, 2 threads: AMD EPYC
+  (AVX512-BF16 + VNNI, no AMX), a 640 x 2560 layer: bf16 369, int8 352 GFLOP/s, and int8
+  1.1-1.25x faster end to end; Intel Xeon with AMX: bf16 2,600, int8 1,130, fp32 430
+  GFLOP/s. The measurement is cached per (CPU model, torch version, threads, shape,
+  candidates) in-process and in ``$XDG_CACHE_HOME/biogen/cpu_dtype.json``
+  (``~/.cache/biogen``), under a file lock: the first worker on a node measures, the
+  others read its numbers, so that the actors of one job agree (a noisy neighbour could
+  otherwise tip one of them the other way). Delete the file to measure again
+  (``BIOGEN_DTYPE_CACHE`` names another file).
+- ``set_worker_threads()``: torch's intra-op threads in a CPU model worker = the CPUs Ray
+  assigned to it (no oversubscription when several actors share a node).
 - ``check_parity(...)``: the cosine per item between a reduced-precision run and fp32 on a
   calibration set; below ``MIN_COSINE`` it refuses, naming the measured cosine and the fix.
 
@@ -21,9 +32,19 @@ batch), not hand-written GEMMs.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import logging
+import multiprocessing
+import os
+import sys
+import time
 import warnings
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from functools import cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -50,25 +71,249 @@ def cpu_instructions() -> frozenset[str]:
     return frozenset()
 
 
+def cpu_candidates() -> tuple[str, ...]:
+    """The reduced dtypes this CPU has instructions for, in tie-break order (bf16 first:
+    it needs no quantization and keeps closer to fp32)."""
+    found = cpu_instructions()
+    return tuple(d for d, flags in (("bfloat16", BF16_FLAGS), ("int8", INT8_FLAGS)) if found & set(flags))
+
+
 def auto_cpu_dtype() -> tuple[str, str]:
-    """(``bfloat16`` | ``int8`` | ``float32``, why) for this CPU."""
+    """(``bfloat16`` | ``int8`` | ``float32``, why) by the instruction flags alone (the
+    candidate filter of ``choose_cpu_dtype``, and the answer where no model shape is known)."""
     found = cpu_instructions()
     if found & set(BF16_FLAGS):
         return "bfloat16", f"the CPU multiplies bf16 natively ({', '.join(sorted(found))})"
     if found & set(INT8_FLAGS):
         return "int8", f"the CPU has int8 dot products ({', '.join(sorted(found))}) but no bf16 instructions"
-    return "float32", "the CPU has neither bf16 nor int8 matrix instructions (AVX512-BF16, AMX, VNNI)"
+    return "float32", NO_REDUCED
+
+
+NO_REDUCED = "the CPU has neither bf16 nor int8 matrix instructions (AVX512-BF16, AMX, VNNI)"
+TIMING_FLOP = 2e9     # FLOPs of the timed layer call: M rows chosen so that one call is ~2 GFLOP
+TIMING_SECONDS = 0.1  # per dtype, after one warm-up call (so the whole choice stays well under a second)
+TIE = 1.05            # int8 must be >= 5% faster than bf16 to be chosen (bf16 needs no quantization)
+
+
+@cache
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), "unknown")
+    except OSError:
+        return "unknown"
+
+
+def timing_rows(k: int, n: int) -> int:
+    """Rows (tokens) of the timed ``M x K -> N`` call: ~``TIMING_FLOP`` per call, 64..1024."""
+    return int(max(64, min(1024, TIMING_FLOP / (2 * k * n) // 64 * 64)))
+
+
+def linear_gflops(dtypes: tuple[str, ...], shape: tuple[int, int, int], threads: int) -> dict[str, float]:
+    """Measured GFLOP/s of one ``M x K -> N`` linear layer (``shape`` = (M, K, N)) in each of
+    ``dtypes`` as the models run it (bf16: bf16 weights and activations through
+    ``F.linear``; int8: ``int8_apply`` on fp32 activations; fp32: ``F.linear``) on
+    ``threads`` threads. The dtypes take turns (one warm-up call each, then rounds of one
+    call each, at least 3 and at most 7 rounds within ``TIMING_SECONDS`` per dtype), so a
+    burst of load from a neighbour hits them alike; each dtype's best call counts. On an
+    oversubscribed node (more busy threads than cores) short multi-threaded calls wait for
+    preempted threads and the numbers are noise; the cache file keeps the first answer."""
+    m, k, n = shape
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(m, k, generator=gen)
+    w = torch.randn(n, k, generator=gen) / k ** 0.5
+    b = torch.randn(n, generator=gen) * 0.1
+    calls = {}
+    for d in dtypes:
+        if d == "int8":
+            packed = int8_linear(w, b)
+            calls[d] = lambda packed=packed: int8_apply(x, packed)
+        else:
+            td = {"bfloat16": torch.bfloat16, "float32": torch.float32}[d]
+            xd, wd, bd = x.to(td), w.to(td), b.to(td)
+            calls[d] = lambda xd=xd, wd=wd, bd=bd: torch.nn.functional.linear(xd, wd, bd)
+    best = dict.fromkeys(dtypes, float("inf"))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            for call in calls.values():
+                call()
+            t0, rounds = time.perf_counter(), 0
+            while rounds < 7 and (rounds < 3 or time.perf_counter() - t0 < TIMING_SECONDS * len(dtypes)):
+                for d, call in calls.items():
+                    t = time.perf_counter()
+                    call()
+                    best[d] = min(best[d], time.perf_counter() - t)
+                rounds += 1
+    finally:
+        torch.set_num_threads(before)
+    return {d: 2.0 * m * k * n / t / 1e9 for d, t in best.items()}
+
+
+@dataclass(frozen=True)
+class CpuDtypeChoice:
+    """What ``dtype=auto`` runs on this CPU and why. ``order``: the dtypes to try, chosen
+    first, then the other candidate, ``float32`` last (the parity gate moves down it);
+    ``gflops``: measured per candidate on ``shape`` = (M, K, N) with ``threads`` threads."""
+
+    dtype: str
+    order: tuple[str, ...]
+    reason: str
+    shape: tuple[int, int, int] | None = None
+    threads: int | None = None
+    cpu: str = ""
+    gflops: dict[str, float] = field(default_factory=dict)
+    source: str = "measured"  # or the cache file the numbers were read from
+
+    def record(self) -> dict:
+        return {"chosen": self.dtype, "order": list(self.order), "reason": self.reason,
+                "timed_linear_mkn": list(self.shape) if self.shape else None, "threads": self.threads,
+                "cpu": self.cpu, "gflops": {k: round(v, 1) for k, v in self.gflops.items()}, "source": self.source}
+
+
+def dtype_cache_file() -> Path:
+    """``$BIOGEN_DTYPE_CACHE`` if set (a benchmark points it at a fresh file), else
+    ``$XDG_CACHE_HOME/biogen/cpu_dtype.json`` (``~/.cache/biogen/...`` when unset)."""
+    if os.environ.get("BIOGEN_DTYPE_CACHE"):
+        return Path(os.environ["BIOGEN_DTYPE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "biogen" / "cpu_dtype.json"
+
+
+@contextlib.contextmanager
+def _dtype_cache():
+    """The saved measurements (a dict, written back on exit when changed) under an exclusive
+    lock; None where the cache directory cannot be used (then each process measures)."""
+    path = dtype_cache_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.with_suffix(".lock"), "a")
+    except OSError as exc:
+        log.info("dtype=auto: no measurement cache (%s); measuring in this process only", exc)
+        yield None
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            saved = json.loads(path.read_text()) if path.exists() else {}
+        except (OSError, ValueError):
+            saved = {}
+        before = json.dumps(saved, sort_keys=True)
+        yield saved
+        if json.dumps(saved, sort_keys=True) != before:
+            try:
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(saved, indent=1, sort_keys=True) + "\n")
+                tmp.replace(path)
+            except OSError as exc:
+                log.info("dtype=auto: could not write the measurement cache %s (%s)", path, exc)
+
+
+def choose_cpu_dtype(k: int, n: int, threads: int | None = None) -> CpuDtypeChoice:
+    """``dtype=auto`` on the CPU for a model whose largest linear layer is ``K -> N``: the
+    candidates the instruction flags allow (``cpu_candidates``), timed on that layer
+    (``linear_gflops``) on ``threads`` (default: torch's current count); the faster one
+    wins (bf16 on ties within ``TIE``); ``float32`` when there is no candidate. Cached
+    in-process per (shape, threads, CPU model); the choice is logged with the GFLOP/s."""
+    threads = int(threads or torch.get_num_threads())
+    return _choose(timing_rows(k, n), int(k), int(n), threads, cpu_model())
+
+
+@cache
+def _choose(m: int, k: int, n: int, threads: int, cpu: str) -> CpuDtypeChoice:
+    cands = cpu_candidates()
+    if not cands:
+        choice = CpuDtypeChoice("float32", ("float32",), NO_REDUCED, cpu=cpu)
+        log.info("dtype=auto on the CPU: float32 (%s)", choice.reason)
+        return choice
+    flags = ", ".join(sorted(cpu_instructions()))
+    shape = (m, k, n)
+    key = f"{cpu} | torch {torch.__version__} | {threads} threads | {m}x{k}x{n} | {','.join(cands)}"
+    source = "measured"
+    with _dtype_cache() as saved:
+        if saved is not None and key in saved and set(saved[key].get("gflops", {})) == set(cands):
+            gflops, source = saved[key]["gflops"], str(dtype_cache_file())
+        else:
+            gflops = linear_gflops(cands, shape, threads)
+            if saved is not None:
+                saved[key] = {"gflops": gflops, "measured": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    if len(cands) == 1:
+        best, why = cands[0], f"the only reduced dtype the CPU has instructions for ({flags})"
+    else:
+        best = "int8" if gflops["int8"] >= TIE * gflops["bfloat16"] else "bfloat16"
+        other = "bfloat16" if best == "int8" else "int8"
+        why = (f"faster on the model's largest linear layer ({m} x {k} -> {n}, {threads} threads): "
+               f"{gflops[best]:.0f} vs {other} {gflops[other]:.0f} GFLOP/s"
+               + ("" if best == "int8" or gflops["bfloat16"] >= gflops["int8"] else
+                  f" (int8 within {100 * (TIE - 1):.0f}%: bf16 needs no quantization)") + f"; {flags}")
+    order = (best, *[d for d in cands if d != best], "float32")
+    choice = CpuDtypeChoice(best, order, why, shape, threads, cpu, gflops, source)
+    log.info("dtype=auto on the CPU (%s): %s; %s %s", cpu, best,
+             "measured" if source == "measured" else f"measured earlier ({source}):",
+             ", ".join(f"{d} {g:.0f} GFLOP/s" for d, g in gflops.items()))
+    log.info("dtype=auto chose %s: %s", best, why)
+    return choice
 
 
 def check_cpu_dtype(dtype: str) -> None:
-    """Warn when a reduced dtype asked for on the CPU lacks the instructions that make it pay."""
+    """Warn when a reduced dtype asked for on the CPU lacks the instructions that make it pay;
+    refuse int8 where PyTorch has no quantized CPU kernels at all."""
     found = cpu_instructions()
     if dtype in ("bfloat16", "float16") and not found & set(BF16_FLAGS):
         log.warning("dtype=%s on a CPU without bf16 instructions (no AVX512-BF16 or AMX): it is emulated and "
                     "usually slower than float32; use dtype=auto or float32", dtype)
-    if dtype == "int8" and not found & set(INT8_FLAGS):
-        log.warning("dtype=int8 on a CPU without int8 dot products (no VNNI or AMX): usually slower than float32; "
-                    "use dtype=auto or float32")
+    if dtype == "int8":
+        engines = quantized_engines()
+        if not engines & {"x86", "fbgemm", "onednn"}:
+            raise ConfigError(f"dtype=int8: this torch build has no x86 quantized kernels (engines: "
+                              f"{', '.join(sorted(engines)) or 'none'}); use dtype=float32 or auto")
+        if not found & set(INT8_FLAGS):
+            log.warning("dtype=int8 on a CPU without int8 dot products (no VNNI or AMX): usually slower than "
+                        "float32; use dtype=auto or float32")
+
+
+def quantized_engines() -> set[str]:
+    """PyTorch's quantized CPU engines in this build (x86/fbgemm/onednn run ``int8_apply``)."""
+    return set(torch.backends.quantized.supported_engines) - {"none"}
+
+
+def worker_threads(requested: int | None = None) -> int | None:
+    """Torch intra-op threads for a CPU model worker, never more than the cores this
+    process may run on:
+
+    - in a Ray actor: the CPUs Ray assigned to it (``get_assigned_resources()["CPU"]``, at
+      least 1; at most ``requested`` where given), so that actors sharing a node share its
+      cores instead of each starting a thread per core;
+    - in a worker process of ``runtime.mode=processes`` (a multiprocessing child): its
+      ``OMP_NUM_THREADS`` (that mode sets 1 per process unless the user set it), applied
+      explicitly because torch may have been imported before the variable was set;
+    - else ``requested``, or None: keep torch's default (inline runs)."""
+    n = requested
+    ray = sys.modules.get("ray")  # only a process Ray started has it imported and initialized
+    if ray is not None and ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+        if cpus:
+            n = max(1, int(cpus)) if n is None else min(int(n), max(1, int(cpus)))
+    elif n is None and multiprocessing.parent_process() is not None and os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        n = int(os.environ["OMP_NUM_THREADS"])
+    if n is None:
+        return None
+    return max(1, min(int(n), len(os.sched_getaffinity(0))))
+
+
+def set_worker_threads(requested: int | None = None, what: str = "model worker") -> int:
+    """Set torch's intra-op threads to ``worker_threads(requested)`` and log it; returns the
+    threads in use."""
+    n = worker_threads(requested)
+    if n is None:
+        log.info("%s: torch's default threads (%d)", what, torch.get_num_threads())
+        return torch.get_num_threads()
+    torch.set_num_threads(n)
+    log.info("%s: %d torch thread(s) (%s; %d cores here)", what, n,
+             f"requested {requested}" if requested is not None else
+             "the CPUs Ray assigned" if multiprocessing.parent_process() is None else "OMP_NUM_THREADS",
+             len(os.sched_getaffinity(0)))
+    return n
 
 
 def int8_linear(weight: torch.Tensor, bias: torch.Tensor | None):

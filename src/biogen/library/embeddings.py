@@ -66,12 +66,12 @@ class EmbedShardWorker:
     """Holds one compound model (on its GPU or the CPU) and embeds one library shard at a time."""
 
     def __init__(self, model: str, model_kwargs: dict, lib_dir: str, dtype: str, threads: int | None):
-        import torch
-
         from biogen.embeddings.base import load_model
 
-        if threads:
-            torch.set_num_threads(int(threads))
+        if threads:  # CPU workers under Ray or processes; inline and GPU runs keep torch's default
+            from biogen.precision import set_worker_threads
+
+            set_worker_threads(threads, what="library embed worker")
         self.model = load_model(model, **model_kwargs)
         self.lib_dir = Path(lib_dir)
         self.dtype = np.dtype(dtype)

@@ -56,8 +56,10 @@ class EmbedSpec:
     i, negative from the end, -1 = last layer after the final LayerNorm, as fair-esm's
     ``repr_layers``); ``pooling``: ``mean`` over residues (BOS/EOS excluded), ``bos`` (the
     CLS token) or ``both``; ``dtype``: ``auto`` = bf16 on a GPU (fp16 before compute
-    capability 8.0), on the CPU by its instructions (``biogen.precision.auto_cpu_dtype``:
-    bf16 with AVX512-BF16/AMX, int8 with VNNI only, else fp32); ``int8`` is CPU-only."""
+    capability 8.0); on the CPU the faster of the reduced dtypes its instructions allow
+    (bf16 with AVX512-BF16/AMX, int8 with VNNI/AMX-INT8), measured on the model's largest
+    linear layer (``biogen.precision.choose_cpu_dtype``), fp32 where it has neither;
+    ``int8`` is CPU-only."""
 
     layers: tuple[int, ...] = (-1,)
     pooling: str = "mean"
@@ -93,12 +95,26 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return torch.device(devices.resolve_device(device))
 
 
-def resolve_precision(dtype: str, device: torch.device) -> str:
-    """The dtype word a run uses. ``auto``: on a GPU bf16 where the architecture has it natively
-    (compute capability >= 8.0: A100, H100/H200, L40...), fp16 before (V100, T4: bf16 would be
-    emulated, slowly); on the CPU by its instructions (``biogen.precision``). The choice and
-    why are logged; ``int8`` on a GPU is refused."""
-    from biogen.precision import auto_cpu_dtype, check_cpu_dtype
+@dataclass(frozen=True)
+class PrecisionPlan:
+    """The dtypes a run tries, in order: the parity gate moves to the next one when a
+    reduced dtype chosen by ``auto`` fails it (an explicit dtype has one entry and is
+    refused instead). ``choice``: the CPU measurement behind ``auto`` (for the manifest)."""
+
+    order: tuple[str, ...]
+    auto: bool = False
+    choice: dict | None = None
+
+
+def plan_precision(dtype: str, device: torch.device, linear: tuple[int, int] | None = None) -> PrecisionPlan:
+    """The precision plan of ``dtype`` on ``device``. ``auto``: on a GPU bf16 where the
+    architecture has it natively (compute capability >= 8.0: A100, H100/H200, L40...), fp16
+    before (V100, T4: bf16 would be emulated, slowly); on the CPU the measured faster of the
+    reduced dtypes its instructions allow, timed on the model's largest linear layer
+    ``linear`` = (K, N) (``biogen.precision.choose_cpu_dtype``; without it, by the flags
+    alone), then the other one, then float32. The choice and why are logged; ``int8`` on a
+    GPU is refused (PyTorch's int8 linear kernels used here are CPU kernels)."""
+    from biogen.precision import auto_cpu_dtype, check_cpu_dtype, choose_cpu_dtype
 
     if dtype == "auto":
         if device.type == "cuda":
@@ -106,16 +122,26 @@ def resolve_precision(dtype: str, device: torch.device) -> str:
             choice = "bfloat16" if cap >= BF16_CAPABILITY else "float16"
             log.info("dtype=auto: %s on %s (compute capability %d.%d%s)", choice, torch.cuda.get_device_name(device),
                      *cap, "" if choice == "bfloat16" else "; bf16 needs >= 8.0")
-            return choice
-        choice, why = auto_cpu_dtype()
-        log.info("dtype=auto on the CPU: %s (%s)", choice, why)
-        return choice
+            return PrecisionPlan((choice,), auto=True)
+        if linear is None:
+            choice, why = auto_cpu_dtype()
+            log.info("dtype=auto on the CPU: %s (%s; by instruction flags, no layer shape to time)", choice, why)
+            return PrecisionPlan(tuple(dict.fromkeys((choice, "float32"))), auto=True,
+                                 choice={"chosen": choice, "reason": why})
+        c = choose_cpu_dtype(*linear)
+        return PrecisionPlan(c.order, auto=True, choice=c.record())
     if dtype == "int8" and device.type != "cpu":
-        raise ConfigError("embed.dtype=int8 is a CPU path (int8 linear layers through PyTorch's CPU kernels); on a "
-                          "GPU use dtype=auto (bfloat16) or float16")
+        raise ConfigError(f"embed.dtype=int8 is a CPU path (int8 linear layers through PyTorch's CPU kernels); "
+                          f"refused on {device}: use dtype=auto (bfloat16 on compute capability >= 8.0) or float16 "
+                          "there, or device=cpu for int8")
     if device.type == "cpu":
         check_cpu_dtype(dtype)
-    return dtype
+    return PrecisionPlan((dtype,))
+
+
+def resolve_precision(dtype: str, device: torch.device, linear: tuple[int, int] | None = None) -> str:
+    """The dtype word a run starts with (``plan_precision``'s first)."""
+    return plan_precision(dtype, device, linear).order[0]
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -162,19 +188,12 @@ class Embedder:
                  cache_dir: str | Path | None = None, *, download: bool = False):
         self.spec = spec
         self.device = resolve_device(device)
-        self.precision = resolve_precision(spec.dtype, self.device)
-        self.dtype = DTYPES[self.precision]
         ckpt = load_checkpoint(model, cache_dir, download=download)
         self.arch = ckpt.arch
         self.layers = resolve_layers(spec.layers, self.arch.num_layers)
-        self.parity = None
-        reference = None
-        if self.precision != "float32":  # the parity gate's reference, computed before the model is
-            self.model = FastESM2.from_checkpoint(ckpt, device=self.device, dtype=torch.float32)
-            reference = self._calibration_vectors()
-        self.model = FastESM2.from_checkpoint(ckpt, device=self.device, dtype=self.dtype)
-        if self.precision == "int8":
-            self.model.quantize_int8()
+        plan = plan_precision(spec.dtype, self.device, (self.arch.embed_dim, self.arch.ffn_dim))
+        self.parity, self.parity_failed = None, []
+        self._build(ckpt, plan)
         self.max_len = MAX_RESIDUES
         self.token_budget = spec.token_budget
         if self.device.type == "cpu" and spec.token_budget > CPU_TOKEN_BUDGET:
@@ -182,18 +201,14 @@ class Embedder:
             log.info("token_budget=%d capped to %d on the CPU (faster: activations stay in cache)",
                      spec.token_budget, CPU_TOKEN_BUDGET)
         self.last_stats: dict = {}
-        if reference is not None:
-            from biogen.precision import check_parity
-
-            self.parity = check_parity(self._calibration_vectors(), reference, f"{self.arch.name} ({ckpt.path})",
-                                       self.precision)
-            log.info("dtype=%s parity with float32: min cosine %.5f over %d calibration sequences", self.precision,
-                     self.parity["min_cosine"], self.parity["calibration_items"])
         self.info = {**ckpt.info(), "layers": list(self.layers), "dtype": self.precision,
                      "quantization": ("int8 linear layers, per-channel weight scales, dynamic activations"
                                       if self.precision == "int8" else None),
                      "parity_vs_float32": self.parity,
-                     "device": str(self.device), "attention": self.model.attention, "pooling": spec.pooling,
+                     "dtype_auto": plan.choice, "parity_failed": self.parity_failed or None,
+                     "device": str(self.device),
+                     "threads": torch.get_num_threads() if self.device.type == "cpu" else None,
+                     "attention": self.model.attention, "pooling": spec.pooling,
                      "per_residue": spec.per_residue, "long_policy": spec.long_policy,
                      "chunk_overlap": spec.chunk_overlap if spec.long_policy == "chunk" else None,
                      "max_len": self.max_len, "token_budget": self.token_budget,
@@ -203,6 +218,36 @@ class Embedder:
         del ckpt
         log.info("embedder ready: %s on %s (%s, attention=%s), layers %s", self.arch.name, self.device,
                  self.info["dtype"], self.model.attention, list(self.layers))
+
+    def _build(self, ckpt, plan: PrecisionPlan) -> None:
+        """The model in the first dtype of ``plan`` that passes the parity gate (float32 needs
+        none). An explicit reduced dtype that fails is refused (ConfigError with the measured
+        cosine); under ``auto`` the next dtype of the plan is tried, and why is logged."""
+        from biogen.precision import check_parity
+
+        reference = None
+        for k, prec in enumerate(plan.order):
+            self.precision, self.dtype = prec, DTYPES[prec]
+            if prec != "float32" and reference is None:  # the parity gate's reference, fp32 on the same device
+                self.model = FastESM2.from_checkpoint(ckpt, device=self.device, dtype=torch.float32)
+                reference = self._calibration_vectors()
+            self.model = FastESM2.from_checkpoint(ckpt, device=self.device, dtype=self.dtype)
+            if prec == "int8":
+                self.model.quantize_int8()
+            if prec == "float32":
+                return
+            try:
+                self.parity = check_parity(self._calibration_vectors(), reference,
+                                           f"{self.arch.name} ({ckpt.path})", prec)
+            except ConfigError as exc:
+                if not plan.auto or k + 1 == len(plan.order):
+                    raise
+                self.parity_failed.append({"dtype": prec, "error": str(exc)})
+                log.warning("dtype=auto: %s failed the parity gate (%s); trying %s", prec, exc, plan.order[k + 1])
+                continue
+            log.info("dtype=%s parity with float32: min cosine %.5f over %d calibration sequences", prec,
+                     self.parity["min_cosine"], self.parity["calibration_items"])
+            return
 
     def _calibration_vectors(self) -> np.ndarray:
         """Mean-pooled last requested layer of the fixed calibration sequences (parity gate)."""

@@ -53,11 +53,18 @@ class EmbedReport:
 
 
 class EmbedWorker:
-    """Holds one model (on its GPU or the CPU) and embeds one shard at a time."""
+    """Holds one model (on its GPU or the CPU) and embeds one shard at a time. On the CPU,
+    torch runs on the CPUs Ray assigned to this actor, or on ``OMP_NUM_THREADS`` (1) in a
+    ``processes`` worker (``biogen.precision.set_worker_threads``); inline runs keep
+    torch's default."""
 
     def __init__(self, model: str, spec, device: str, out_dir: str, cache_dir: str | None, download: bool = False):
         from biogen.protein.embed import load_embedder
 
+        if device == "cpu":  # before the model is built: dtype=auto times its layer on these threads
+            from biogen.precision import set_worker_threads
+
+            set_worker_threads(what="embed worker")
         self.embedder = load_embedder(model, spec, device=device, cache_dir=cache_dir, download=download)
         self.pooling = spec.pooling
         self.per_residue = spec.per_residue
@@ -174,6 +181,10 @@ def embed_proteins(inputs, output: str | Path, *, model: str, spec=None, device:
             shards, ledger=ledger, spec=runtime,
             slots=min(slots, len(shards)), desc="embed", total=len(shards), num_gpus=gpus)
     first = results[shards[0][0]]
+    dtypes = sorted({r["info"].get("dtype") for r in results.values()} - {None})
+    if len(dtypes) > 1:  # dtype=auto measured on each worker: workers on unlike CPUs may choose differently
+        log.warning("embed workers ran in different dtypes (%s; dtype=%s chose per worker): the store mixes "
+                    "them; rerun with embed.dtype=%s to make it uniform", ", ".join(dtypes), spec.dtype, dtypes[0])
     manifest = {
         "format": FORMAT, "schema_version": SCHEMA_VERSION, "created": now_iso(),
         "model": first["info"], "spec": asdict(spec), "device": device, "dim": first["dim"],
@@ -184,6 +195,7 @@ def embed_proteins(inputs, output: str | Path, *, model: str, spec=None, device:
                     "sha256": hash_files(out, [f"shards/{n}/{f}" for f in sorted(p.name for p in (out / "shards" / n).iterdir())])}
                    for n in names],
         "versions": {**tool_versions(), "torch": __import__("torch").__version__},
+        "dtypes": dtypes,  # all workers' dtypes (one, unless dtype=auto chose differently on unlike CPUs)
         "run": ledger.run_summary(),  # driver sessions, workers or nodes lost (the ledger goes with _work)
     }
     write_rejects(pset.rejects, out / "rejects.csv")
