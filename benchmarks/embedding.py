@@ -15,8 +15,28 @@ depend on weight values), saved as a fair-esm ``.pt`` and a Hugging Face directo
           padded batches: ``hf_padded`` = fixed batches in input order (the usual HF loop),
           ``hf_sorted`` = the same length-sorted token-budget batches as fair-esm
           (the fairer engineering anchor); fp32 on CPU, bf16 on GPU
+  anchor  esm-cpp (CPU; PyPI ``esm-cpp``, C++, int8 weights with VNNI/AMX): ``esm_cpp_fp32``
+          and ``esm_cpp_int8`` (``Model.quantize_weights``: per-channel symmetric int8; with
+          SmoothQuant, alpha 0.5, calibrated on the first 8 sequences, for models >= 100M
+          parameters, as esm-cpp's own recipe does for 150M+), at 1 and 2 threads
+          (``--esm-cpp-threads``), each thread count in its own process (esm-cpp sizes its
+          thread pool once per process from ``ESM_NUM_THREADS``). Same weights: it reads the
+          Hugging Face directory written for the HF anchor, rewritten with the keys of the
+          official checkpoints (LayerNorm ``weight``/``bias``, per-layer rotary ``inv_freq``).
+          Like for like: its tokenizer adds ``<cls>``/``<eos>`` and truncates to 1,024 tokens
+          (1,022 residues, as biogen); the last hidden state (after the final LayerNorm) comes
+          from ``forward_with_hidden_states``, one sequence at a time (its only embedding API;
+          it also computes the LM-head logits and copies every layer's states), mean-pooled
+          over the residues (BOS/EOS excluded), as biogen. ``--esm-cpp-packed`` also times its
+          packed ``forward_scheduled`` (logits only, no embeddings: its best-case speed).
   biogen  ``Embedder``: packed batches of ``token_budget`` tokens, no padding, no LM head;
-          fp32 on CPU, bf16 on GPU (FlashAttention varlen)
+          fp32 on CPU, bf16 on GPU (FlashAttention varlen); on the CPU also bf16 and int8
+          (``--biogen-dtypes``) and the same at 1 thread (``<path>@1t``) when the main run
+          uses more; ``dtype_auto`` records what ``dtype=auto`` picks on this CPU (measured)
+  job     ``--job-models``: biogen's own embed job (``embed_proteins``, Ray actors by
+          default, ``--job-runtime processes`` for a process pool) with 1 and 2 workers of
+          1 thread each on the same proteins: wall time (start-up and model loading
+          included) and the speed-up
 
 Ratios are reported twice: ``speedup`` from the medians and ``speedup_best`` from each
 path's fastest run (the least disturbed one on a shared machine).
@@ -25,15 +45,19 @@ Correctness first: for every model, each anchor's pooled vectors are compared wi
 (max abs difference in fp32, cosine in bf16) before anything is timed. On a GPU,
 ``--parity N`` also embeds N sequences with biogen in fp32 and bf16 and reports the
 cosine per sequence (PERFORMANCE.md: >= 0.999). Each path is then
-run ``--repeats`` times, paths interleaved, median and spread reported. tokens/s counts
-residues + BOS + EOS of the (truncated) sequences, the same count for every path; MFU =
-useful FLOPs (no padding, no LM head) / time / peak, the peak being a square matmul
-measured in the same run (fp32 on CPU, bf16 on GPU) and, on a GPU, also the nominal
-bf16 peak (790 TFLOP/s for an H100, PERFORMANCE.md).
+run ``--repeats`` times, paths interleaved (esm-cpp after them, in its own processes),
+median and spread reported. tokens/s counts residues + BOS + EOS of the (truncated)
+sequences, the same count for every path; MFU = useful FLOPs (no padding, no LM head) /
+time / peak: ``mfu_vs_measured_matmul`` against the fp32 (CPU) or bf16 (GPU) square
+matmul measured in the same run, ``mfu`` against the measured peak of the path's own
+dtype at its own thread count (fp32 and bf16: ``torch.matmul``; int8: ``int8_apply``
+of ``biogen.precision``, PyTorch's quantized linear, activations quantized on the fly)
+and, on a GPU, also the nominal bf16 peak (790 TFLOP/s for an H100, PERFORMANCE.md).
 
     python benchmarks/embedding.py                                # CPU: 8M, 35M, 150M, 650M
     python benchmarks/embedding.py --device cuda --models 8M,35M,150M,650M,3B
     python benchmarks/embedding.py --device cuda --paths hf_padded --sample 2000 --parity 200
+    python benchmarks/embedding.py --models 35M --sample 35M=6 --repeats 1 --job-models 35M   # smoke
 """
 
 from __future__ import annotations
@@ -41,7 +65,9 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -60,11 +86,12 @@ import esm_fixtures as fx  # noqa: E402
 from _common import machine, versions  # noqa: E402
 
 from biogen.datasets import dataset_path  # noqa: E402
+from biogen.precision import cpu_instructions  # noqa: E402
 from biogen.protein.embed import Embedder, EmbedSpec  # noqa: E402
 from biogen.protein.models import ESM2_ARCHS, MAX_RESIDUES  # noqa: E402
 from biogen.protein.tokenizer import TOKENS  # noqa: E402
 
-ANCHORS = ("fair_esm", "hf_padded", "hf_sorted")
+ANCHORS = ("fair_esm", "hf_padded", "hf_sorted", "esm_cpp")
 SHORT = {"8M": "esm2_t6_8M_UR50D", "35M": "esm2_t12_35M_UR50D", "150M": "esm2_t30_150M_UR50D",
          "650M": "esm2_t33_650M_UR50D", "3B": "esm2_t36_3B_UR50D", "15B": "esm2_t48_15B_UR50D"}
 NOMINAL_BF16 = {"H100": 790e12, "H200": 790e12, "A100": 312e12}
@@ -123,21 +150,189 @@ class PeakMemory:
             self.extra_bytes = self.peak - self.base
 
 
-def matmul_peak(device: str, dtype: torch.dtype) -> float:
+def matmul_peak(device: str, dtype: torch.dtype, threads: int | None = None) -> float:
+    """Best FLOP/s of a square matmul (``threads``: torch's intra-op threads meanwhile)."""
     n = 4096 if device == "cuda" else 1536
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     best = 0.0
-    for _ in range(5 if device == "cpu" else 20):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(10 if device == "cuda" else 2):
-            a @ b
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = max(best, (10 if device == "cuda" else 2) * 2 * n**3 / (time.perf_counter() - t))
+    with torch_threads(threads):
+        for _ in range(5 if device == "cpu" else 20):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(10 if device == "cuda" else 2):
+                a @ b
+            if device == "cuda":
+                torch.cuda.synchronize()
+            best = max(best, (10 if device == "cuda" else 2) * 2 * n**3 / (time.perf_counter() - t))
     return best
+
+
+def int8_peak(threads: int | None = None, n: int = 1536) -> float:
+    """Best FLOP/s of a square int8 GEMM as biogen runs it (``precision.int8_apply``: int8
+    weights, per-channel scales, fp32 activations quantized per call)."""
+    from biogen.precision import int8_apply, int8_linear
+
+    x = torch.randn(n, n)
+    packed = int8_linear(torch.randn(n, n) / n ** 0.5, None)
+    best = 0.0
+    with torch_threads(threads), torch.inference_mode():
+        int8_apply(x, packed)
+        for _ in range(5):
+            t = time.perf_counter()
+            for _ in range(2):
+                int8_apply(x, packed)
+            best = max(best, 2 * 2 * n**3 / (time.perf_counter() - t))
+    return best
+
+
+class torch_threads:
+    """torch's intra-op threads set to ``n`` within the block (None: unchanged)."""
+
+    def __init__(self, n: int | None):
+        self.n = n
+
+    def __enter__(self):
+        self.before = torch.get_num_threads()
+        if self.n:
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.before)
+
+
+def set_mfu(res: dict, peaks: dict) -> None:
+    """Each path's ``mfu`` against the measured GEMM peak of its dtype at its thread count (CPU)."""
+    if "by_threads" not in peaks:
+        return
+    for p in res["paths"].values():
+        p["mfu"] = res["flops"] / p["median_s"] / peaks["by_threads"][str(p["threads"])][
+            "bfloat16" if p["dtype"] == "float16" else p["dtype"]]
+
+
+def cpu_peaks(thread_counts: list[int]) -> dict[str, dict[str, float]]:
+    """Measured fp32, bf16 and int8 GEMM peaks (FLOP/s) per thread count, keyed ``"<threads>"``."""
+    out = {}
+    for t in sorted(set(thread_counts)):
+        out[str(t)] = {"float32": matmul_peak("cpu", torch.float32, t),
+                       "bfloat16": matmul_peak("cpu", torch.bfloat16, t), "int8": int8_peak(t)}
+        print(f"GEMM peaks, {t} thread(s): " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in out[str(t)].items()),
+              flush=True)
+    return out
+
+
+# ----------------------------------------------------------------------------- esm-cpp (own processes)
+
+def write_official_hf_keys(hf_dir: Path, fair_model) -> Path:
+    """Rewrite ``hf_dir/model.safetensors`` with the keys of the official facebook/esm2_*
+    checkpoints, which esm-cpp needs: LayerNorm ``weight``/``bias`` (transformers 5 saves
+    ``gamma``/``beta``) and ``esm.encoder.layer.<i>.attention.self.rotary_embeddings.inv_freq``
+    per layer (fp32, from the fair-esm model). Hugging Face reads either spelling."""
+    from safetensors.torch import load_file, save_file
+
+    path = Path(hf_dir) / "model.safetensors"
+    state = load_file(str(path))
+    out = {k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias"): v.contiguous()
+           for k, v in state.items() if "*" not in k}  # transformers 5 writes one wildcard inv_freq key
+    for k, v in fair_model.state_dict().items():
+        if k.endswith("self_attn.rot_emb.inv_freq"):
+            i = k.split(".")[1]
+            out[f"esm.encoder.layer.{i}.attention.self.rotary_embeddings.inv_freq"] = v.float().contiguous()
+    save_file(out, str(path), metadata={"format": "pt"})
+    return path
+
+
+def esm_cpp_worker(job_path: str) -> int:
+    """Runs in its own process (``ESM_NUM_THREADS`` set by the parent): esm-cpp fp32, then
+    int8, on the job's sequences; writes timings (JSON) and pooled vectors (.npy)."""
+    import esm_cpp
+
+    job = json.loads(Path(job_path).read_text())
+    out = Path(job["out"])
+    model = esm_cpp.Model.load_from_safetensors(job["weights"])
+    tok = esm_cpp.Tokenizer()
+    ids = [np.asarray(tok.encode(s), dtype=np.int32) for s in job["seqs"]]  # <cls> s <eos>, truncated to 1,024
+
+    def embed(xs):  # last hidden state (after the final LayerNorm), mean over residues
+        return np.stack([model.forward_with_hidden_states(x)[1][-1][1:-1].mean(0) for x in xs])
+
+    res = {"isa": esm_cpp.current_isa(), "host_isa": esm_cpp.host_isa(), "threads": esm_cpp.Model.num_threads,
+           "tokens": int(sum(len(x) for x in ids)), "modes": {}}
+    for mode in job["modes"]:
+        rec: dict = {}
+        if mode == "int8":
+            if job["smoothquant"]:
+                obs = esm_cpp.ActivationObserver()
+                for x in ids[:8]:
+                    model.forward_with_observer(x, np.ones_like(x), obs)
+                model.apply_smoothquant(obs.percentile(99.9), 0.5)
+                rec["smoothquant"] = {"alpha": 0.5, "percentile": 99.9, "calibration_sequences": min(8, len(ids))}
+            model.quantize_weights()
+            rec["weights_quantized"] = bool(model.config.weights_quantized)
+        embed(ids[:2])  # warm-up
+        times = []
+        for _ in range(job["repeats"]):
+            t = time.perf_counter()
+            vec = embed(ids)
+            times.append(time.perf_counter() - t)
+        np.save(out / f"{mode}.npy", vec.astype(np.float32))
+        rec["times"] = times
+        if job["packed"]:
+            model.forward_scheduled(ids[:2])
+            packed = []
+            for _ in range(job["repeats"]):
+                t = time.perf_counter()
+                model.forward_scheduled(ids)
+                packed.append(time.perf_counter() - t)
+            rec["packed_logits_times"] = packed
+        res["modes"][mode] = rec
+        print(f"   esm-cpp {mode} ({res['threads']} threads, {res['isa']}): "
+              f"{res['tokens'] / statistics.median(times):.0f} tokens/s", flush=True)
+    (out / "result.json").write_text(json.dumps(res))
+    return 0
+
+
+def run_esm_cpp(weights: Path, seqs: list[str], threads: int, repeats: int, smoothquant: bool, packed: bool,
+                tmp: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """esm-cpp in a child process with ``threads`` threads: (its result, pooled vectors per mode)."""
+    out = tmp / f"esm-cpp-{threads}t"
+    out.mkdir(exist_ok=True)
+    job = out / "job.json"
+    job.write_text(json.dumps({"weights": str(weights), "seqs": seqs, "modes": ["fp32", "int8"], "repeats": repeats,
+                               "smoothquant": smoothquant, "packed": packed, "out": str(out)}))
+    env = {**os.environ, "ESM_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+    subprocess.run([sys.executable, __file__, "--esm-cpp-worker", str(job)], env=env, check=True)
+    res = json.loads((out / "result.json").read_text())
+    if res["threads"] != threads:
+        raise RuntimeError(f"esm-cpp ran {res['threads']} threads, asked for {threads} (ESM_NUM_THREADS)")
+    return res, {m: np.load(out / f"{m}.npy") for m in res["modes"]}
+
+
+# ----------------------------------------------------------------------------- biogen's embed job, 1 vs 2 workers
+
+def job_scaling(pt_path: Path, seqs: list[str], args, tmp: Path) -> dict:
+    """``embed_proteins`` on the same proteins with 1 and 2 workers of 1 thread each."""
+    from biogen.protein.job import embed_proteins
+    from biogen.runtime import RuntimeSpec
+
+    fasta = tmp / "job.fasta"
+    fasta.write_text("".join(f">p{i}\n{s}\n" for i, s in enumerate(seqs)))
+    shard = max(1, -(-len(seqs) // 8))  # 8 shards: work for both workers to the end
+    runs = []
+    for w in (1, 2):
+        t = time.perf_counter()
+        rep = embed_proteins(str(fasta), tmp / f"store-{w}", model=str(pt_path),
+                             spec=EmbedSpec(dtype=args.job_dtype), device="cpu", shard_size=shard,
+                             runtime=RuntimeSpec(mode=args.job_runtime, workers=w, progress=False))
+        dt = time.perf_counter() - t
+        runs.append({"workers": w, "threads_per_worker": 1, "seconds": dt, "tokens": rep.tokens,
+                     "tokens_per_s": rep.tokens / dt, "dtype": rep.info.get("dtype"), "shards": rep.shards})
+        print(f"   embed job, {w} worker(s) x 1 thread ({args.job_runtime}, dtype {rep.info.get('dtype')}): "
+              f"{dt:.1f} s, {rep.tokens / dt:.0f} tokens/s", flush=True)
+    return {"runtime": args.job_runtime, "dtype_requested": args.job_dtype, "sequences": len(seqs),
+            "shard_size": shard, "runs": runs, "speedup_2_vs_1": runs[1]["tokens_per_s"] / runs[0]["tokens_per_s"],
+            "note": "wall time of embed_proteins: Ray or process start-up and model loading included"}
 
 
 # ----------------------------------------------------------------------------- the three paths
@@ -191,6 +386,17 @@ def ours_path(emb: Embedder, seqs: list[str], layer: int) -> np.ndarray:
     return np.stack([r["pooled"][layer] for r in emb.embed(seqs)])
 
 
+def one_thread(f, seqs: list[str]) -> np.ndarray:
+    with torch_threads(1):
+        return f(seqs)
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    from biogen.precision import cosines as cos
+
+    return cos(a, b)
+
+
 # ----------------------------------------------------------------------------- one model
 
 def bench_model(short: str, seqs: list[str], args, tmp: Path, peaks: dict) -> dict:
@@ -201,8 +407,11 @@ def bench_model(short: str, seqs: list[str], args, tmp: Path, peaks: dict) -> di
     dtype = torch.bfloat16 if gpu else torch.float32
     print(f"\n== {arch.name}: building random weights ({arch.n_params / 1e6:.0f}M trunk parameters)", flush=True)
     want_hf = any(k.startswith("hf_") for k in args.paths)
+    want_cpp = "esm_cpp" in args.paths
     r = fx.build(tmp, arch.name, arch.num_layers, arch.embed_dim, arch.attention_heads, seed=0,
-                 formats=("fair-esm", "hf") if want_hf else ("fair-esm",))
+                 formats=("fair-esm", "hf") if want_hf or want_cpp else ("fair-esm",))
+    if want_cpp:  # before Hugging Face reads it: the HF anchor then checks the rewritten file too
+        cpp_weights = write_official_hf_keys(r.hf_dir, r.model)
     layer = arch.num_layers
     ref_model = None
     if "fair_esm" in args.paths:
@@ -239,6 +448,10 @@ def bench_model(short: str, seqs: list[str], args, tmp: Path, peaks: dict) -> di
         "biogen": lambda s: ours_path(emb, s, layer),
     }
     paths = {k: f for k, f in paths.items() if k == "biogen" or k in args.paths}
+    main_threads = torch.get_num_threads()
+    # (dtype, threads) of each path: its MFU is taken against the measured GEMM peak of both
+    meta = {k: ("float32" if not gpu else "bfloat16", main_threads) for k in paths}
+    meta["biogen"] = (emb.precision, main_threads)
     # correctness first (also the warm-up): every path on the same 6 sequences
     check = seqs[:6]
     got = {k: f(check) for k, f in paths.items()}
@@ -261,6 +474,11 @@ def bench_model(short: str, seqs: list[str], args, tmp: Path, peaks: dict) -> di
         correctness[k] = {"vs": "biogen", "min_cosine": float(cos.min()), "ok": bool(cos.min() >= 0.999),
                           "parity_gate": e.parity}
         paths[k] = lambda s, e=e: ours_path(e, s, layer)
+        meta[k] = (e.precision, main_threads)
+    if not gpu and 1 in args.esm_cpp_threads and main_threads != 1:  # biogen at 1 thread, beside esm-cpp's
+        for k in [k for k in paths if k.startswith("biogen")]:
+            paths[f"{k}@1t"] = lambda s, f=paths[k]: one_thread(f, s)
+            meta[f"{k}@1t"] = (meta[k][0], 1)
     if reduced:
         print(f"   reduced precision vs biogen {args.biogen_dtypes[0]}: "
               f"{ {k: correctness[k]['min_cosine'] for k in reduced} }", flush=True)
@@ -278,40 +496,87 @@ def bench_model(short: str, seqs: list[str], args, tmp: Path, peaks: dict) -> di
 
     times: dict[str, list[float]] = {k: [] for k in paths}
     mem: dict[str, float] = {}
+    vectors: dict[str, np.ndarray] = {}
     for rep in range(args.model_repeats):
         for k, f in paths.items():
             with PeakMemory(dev) as pm:
                 if gpu:
                     torch.cuda.synchronize()
                 t = time.perf_counter()
-                f(seqs)
+                vectors[k] = f(seqs)
                 if gpu:
                     torch.cuda.synchronize()
                 dt = time.perf_counter() - t
             times[k].append(dt)
             mem[k] = max(mem.get(k, 0), pm.extra_bytes)
             print(f"   repeat {rep}: {k:10s} {dt:8.2f} s  {n_tokens / dt:10.0f} tokens/s", flush=True)
+    cpp = {}
+    if want_cpp:
+        ref = vectors["biogen"] if emb.precision == "float32" else None
+        for t in args.esm_cpp_threads:
+            out, vecs = run_esm_cpp(cpp_weights, seqs, t, args.esm_cpp_repeats or args.model_repeats,
+                                    arch.n_params >= 100e6,
+                                    args.esm_cpp_packed, tmp)
+            if out["tokens"] != n_tokens:
+                raise RuntimeError(f"esm-cpp counted {out['tokens']} tokens, biogen {n_tokens}: not the same input")
+            cpp[str(t)] = {"isa": out["isa"], "host_isa": out["host_isa"]}
+            for mode, rec in out["modes"].items():
+                k = f"esm_cpp_{mode}@{t}t"
+                times[k], mem[k] = rec["times"], None  # its own process: not sampled
+                meta[k] = ("int8" if mode == "int8" else "float32", t)
+                if ref is not None:
+                    cos = cosines(vecs[mode], ref)
+                    correctness[k] = {"vs": "biogen float32 (all timed sequences)", "min_cosine": float(cos.min()),
+                                      "median_cosine": float(np.median(cos)), "max_abs_diff":
+                                      float(np.abs(vecs[mode] - ref).max()), "ok": bool(cos.min() >= 0.999),
+                                      **{k2: v for k2, v in rec.items() if k2 not in ("times", "packed_logits_times")}}
+                if "packed_logits_times" in rec:
+                    cpp[str(t)][f"{mode}_packed_logits_tokens_per_s"] = n_tokens / statistics.median(
+                        rec["packed_logits_times"])
+        cpp_cos = {k: round(v["min_cosine"], 5) for k, v in correctness.items() if k.startswith("esm_cpp")}
+        print(f"   esm-cpp vs biogen float32, min cosine per sequence: {cpp_cos}", flush=True)
+    for k in [k for k in vectors if k.startswith("biogen_") and "biogen" in vectors and emb.precision == "float32"]:
+        correctness.setdefault(k, {})["min_cosine_all_timed"] = float(cosines(vectors[k], vectors["biogen"]).min())
+    from biogen.precision import choose_cpu_dtype
+
+    auto = None if gpu else choose_cpu_dtype(arch.embed_dim, arch.ffn_dim).record()
     res = {"model": arch.name, "architecture": arch.as_dict(), "sequences": len(seqs), "tokens": n_tokens,
            "flops": flops, "correctness": correctness, "bf16_vs_fp32": parity, "paths": {},
-           "padded_tokens": {**padded, "biogen": n_tokens}, "biogen_info": emb.info, "biogen_stats": emb.last_stats}
+           "padded_tokens": {**padded, "biogen": n_tokens}, "biogen_info": emb.info, "biogen_stats": emb.last_stats,
+           "dtype_auto": auto, "esm_cpp": cpp or None}
     for k, ts in times.items():
         med = statistics.median(ts)
         res["paths"][k] = {"median_s": med, "min_s": min(ts), "max_s": max(ts), "n": len(ts),
                            "tokens_per_s": n_tokens / med, "sequences_per_s": len(seqs) / med,
-                           "peak_memory_extra_mib": mem[k] / 2**20,
-                           "mfu_vs_measured_matmul": flops / med / peaks["measured"]}
+                           "peak_memory_extra_mib": None if mem[k] is None else mem[k] / 2**20,
+                           "mfu_vs_measured_matmul": flops / med / peaks["measured"],
+                           "dtype": meta[k][0], "threads": meta[k][1]}
         if "nominal" in peaks:
             res["paths"][k]["mfu_vs_nominal"] = flops / med / peaks["nominal"]
+    set_mfu(res, peaks)
     b = res["paths"]["biogen"]["tokens_per_s"]
     res["speedup"] = {k: b / res["paths"][k]["tokens_per_s"] for k in paths if k != "biogen"}
     # on a shared machine the least-disturbed run of each path is the better estimate of its speed
     res["speedup_best"] = {k: res["paths"][k]["min_s"] / res["paths"]["biogen"]["min_s"] for k in paths
                            if k != "biogen"}
     print(f"   speedup of biogen: {res['speedup']}", flush=True)
+    if cpp:  # biogen's fastest path vs esm-cpp int8 at the same thread count
+        res["vs_esm_cpp_int8"] = {}
+        for t in args.esm_cpp_threads:
+            mine = {k: v["tokens_per_s"] for k, v in res["paths"].items()
+                    if k.startswith("biogen") and v["threads"] == t}
+            if mine:
+                best = max(mine, key=mine.get)
+                res["vs_esm_cpp_int8"][f"{t}t"] = {"biogen_path": best, "ratio": mine[best] / res["paths"][
+                    f"esm_cpp_int8@{t}t"]["tokens_per_s"]}
+        print(f"   biogen's best vs esm-cpp int8: {res['vs_esm_cpp_int8']}", flush=True)
     if reduced:
         res["reduced_vs_first_dtype"] = {k: res["paths"][k]["tokens_per_s"] / b for k in reduced}
         print(f"   reduced precision, tokens/s vs biogen {args.biogen_dtypes[0]}: {res['reduced_vs_first_dtype']}",
               flush=True)
+    if short in args.job_models:
+        res["embed_job"] = job_scaling(r.pt_path, seqs, args, tmp)
+        print(f"   embed job speed-up, 2 vs 1 worker: {res['embed_job']['speedup_2_vs_1']:.2f}x", flush=True)
     ref_model = hf = emb = r = reduced = None  # free the models (the path lambdas close over these names)
     if gpu:
         torch.cuda.empty_cache()
@@ -339,9 +604,25 @@ def main(argv=None) -> int:
     ap.add_argument("--biogen-dtypes", default=None,
                     help="biogen's dtypes: the first is compared with the anchors, the others (reduced precision) "
                          "with it; default: float32,bfloat16,int8 on the CPU, auto on a GPU")
+    ap.add_argument("--esm-cpp-threads", default="1,2", help="CPU: thread counts of the esm-cpp anchor (and of "
+                                                             "biogen's @1t paths), capped at the cores here")
+    ap.add_argument("--esm-cpp-repeats", type=int, default=None,
+                    help="runs of each esm-cpp mode (default: the model's --repeats; its fp32 is the slowest path)")
+    ap.add_argument("--esm-cpp-packed", action="store_true", help="also time esm-cpp's packed forward_scheduled "
+                                                                 "(logits only: its best case, no embeddings)")
+    ap.add_argument("--job-models", default="", help="CPU: models whose embed job runs with 1 and 2 workers, e.g. 35M")
+    ap.add_argument("--job-runtime", default="local", choices=["local", "processes"],
+                    help="the embed job's runtime: Ray actors (local) or a process pool")
+    ap.add_argument("--job-dtype", default="auto", help="the embed job's embed.dtype")
+    ap.add_argument("--esm-cpp-worker", default=None, help=argparse.SUPPRESS)  # internal: one esm-cpp process
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if args.esm_cpp_worker:
+        return esm_cpp_worker(args.esm_cpp_worker)
     args.paths = [p for p in args.paths.split(",") if p]
+    args.job_models = [m for m in args.job_models.split(",") if m]
+    cores = len(os.sched_getaffinity(0))
+    args.esm_cpp_threads = sorted({min(int(t), cores) for t in args.esm_cpp_threads.split(",") if t})
     args.biogen_dtypes = (args.biogen_dtypes or ("auto" if args.device == "cuda" else
                                                  "float32,bfloat16,int8")).split(",")
     unknown = sorted(set(args.paths) - set(ANCHORS))
@@ -350,6 +631,14 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     gpu = args.device == "cuda"
+    if gpu and "esm_cpp" in args.paths:
+        args.paths.remove("esm_cpp")  # a CPU engine
+    if "esm_cpp" in args.paths:
+        import importlib.util
+
+        if importlib.util.find_spec("esm_cpp") is None:
+            ap.error("--paths esm_cpp needs esm-cpp: pip install --no-deps esm-cpp==0.2.1 (it declares numpy<2 but "
+                     "runs with numpy 2; see pyproject.toml), or leave esm_cpp out of --paths")
     models = (args.models or ("8M,35M,150M,650M,3B" if gpu else "8M,35M,150M,650M")).split(",")
     default_sample = {} if gpu else {"8M": 240, "35M": 120, "150M": 48, "650M": 16}
     sample = dict(default_sample)
@@ -363,7 +652,11 @@ def main(argv=None) -> int:
     allseqs = read_fasta(db)
     rng = np.random.default_rng(args.seed)
     dtype = torch.bfloat16 if gpu else torch.float32
-    peaks = {"measured": matmul_peak(args.device, dtype)}
+    if gpu:
+        peaks = {"measured": matmul_peak(args.device, dtype)}
+    else:
+        by_threads = cpu_peaks([torch.get_num_threads(), *args.esm_cpp_threads])
+        peaks = {"measured": by_threads[str(torch.get_num_threads())]["float32"], "by_threads": by_threads}
     if gpu:
         name = torch.cuda.get_device_name(0)
         nominal = next((v for k, v in NOMINAL_BF16.items() if k in name), None)
@@ -376,17 +669,22 @@ def main(argv=None) -> int:
            "command": " ".join(["python", "benchmarks/embedding.py", *(argv or sys.argv[1:])]),
            "machine": {**machine(), **({"gpu": torch.cuda.get_device_name(0)} if gpu else {}),
                        "torch_threads": torch.get_num_threads()},
-           "versions": versions("torch", "fair-esm", "transformers"),
+           "versions": versions("torch", "fair-esm", "transformers", "esm-cpp"),
            "device": args.device, "dtype": str(dtype).removeprefix("torch."),
            "data": {"source": str(db), "proteins": len(allseqs), "median_length": float(np.median(lens)),
                     "within_1022": int((lens <= MAX_RESIDUES).sum()), "seed": args.seed},
            "settings": {"paths": ["biogen", *args.paths], "biogen_dtypes": args.biogen_dtypes,
                         "token_budget": args.token_budget,
                         "toks_per_batch": args.toks_per_batch, "hf_batch_size": args.hf_batch_size,
-                        "repeats": repeats},
+                        "repeats": repeats, "esm_cpp_threads": args.esm_cpp_threads,
+                        "esm_cpp_repeats": args.esm_cpp_repeats, "esm_cpp_packed": args.esm_cpp_packed,
+                        "job_models": args.job_models, "job_runtime": args.job_runtime},
+           "cpu_instructions": sorted(cpu_instructions()),
            "matmul_peak_flops": peaks, "results": results}
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"embedding-{args.device}.json")
     with tempfile.TemporaryDirectory(prefix="esm-bench-") as tmp:
+        # dtype=auto measures in this run (and the embed job's workers share it), not reads ~/.cache
+        os.environ["BIOGEN_DTYPE_CACHE"] = str(Path(tmp) / "cpu_dtype.json")
         for short in models:
             n = sample.get(short, len(allseqs))
             pick = rng.choice(len(allseqs), size=min(n, len(allseqs)), replace=False)
@@ -396,6 +694,15 @@ def main(argv=None) -> int:
             args.model_repeats = repeats.get(short, repeats["*"])
             results.append(bench_model(short, seqs, args, d, peaks))
             out.write_text(json.dumps(doc, indent=1, default=float))  # after each model: a killed run keeps them
+        if "by_threads" in peaks:  # peaks again at the end, the best of both kept (a busy neighbour lowers one)
+            for t, d in cpu_peaks(list(map(int, peaks["by_threads"]))).items():
+                peaks["by_threads"][t] = {k: max(v, peaks["by_threads"][t][k]) for k, v in d.items()}
+            peaks["measured"] = peaks["by_threads"][str(torch.get_num_threads())]["float32"]
+            for r in results:
+                set_mfu(r, peaks)
+                for p in r["paths"].values():
+                    p["mfu_vs_measured_matmul"] = r["flops"] / p["median_s"] / peaks["measured"]
+            out.write_text(json.dumps(doc, indent=1, default=float))
     print(f"\nwrote {out}")
     print(f"{'model':22s} " + " ".join(f"{k:>12s}" for k in results[0]["paths"]) + "   (tokens/s)")
     for r in results:
