@@ -176,3 +176,23 @@ def test_streaming_on_ray_matches_in_memory(lib_spec, tmp_path, inline_rt, ray_r
     mem = _screen(lib_spec, tmp_path / "mem", inline_rt, False, report=False)
     stream = _screen(lib_spec, tmp_path / "ray", ray_rt, KNOBS, report=False)
     _same(mem, stream)
+
+
+def test_a_stage_with_whole_library_outputs_keeps_the_screen_in_memory(tmp_path, caplog):
+    """``Stage.whole_library_outputs`` (the protein-aware panel): streaming=true is refused
+    before anything runs; auto keeps such a screen in memory, with a warning."""
+    from types import SimpleNamespace
+
+    from biogen.errors import ConfigError
+    from biogen.screen.pipeline import _streams
+
+    panel = SimilarityScorer(name="panel")
+    panel.whole_library_outputs = True
+    with pytest.raises(ConfigError, match=r"streaming=true cannot run stage\(s\) \['panel'\].*streaming=false"):
+        run_screen(LibrarySpec(path=str(tmp_path / "nolib")), THROMBIN, [], [panel], run_dir=tmp_path / "run",
+                   streaming="true")
+    big = SimpleNamespace(n_rows=3_000_000)
+    assert _streams(StreamingSpec("auto"), big, _scorers())
+    assert not _streams(StreamingSpec("auto"), big, [*_scorers(), panel])
+    assert "need the whole library in the driver" in caplog.text
+    assert not _streams(StreamingSpec("auto"), SimpleNamespace(n_rows=1000), _scorers())

@@ -117,6 +117,7 @@ class ProteinAwareScorer(_Base):
 
     kind = "score"
     worker_modules = ("torch",)
+    whole_library_outputs = True  # finish: the panel's per-protein tables over the whole library
 
     def __init__(self, checkpoint: str | None = None, protein_store: str | None = None,
                  protein_model: str | None = None, top_k: int = 100, pool: int = 1000, neighbours: int = 3,

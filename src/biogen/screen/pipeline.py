@@ -589,7 +589,7 @@ StreamRounds = Callable[[Library, str, "set | None", Ledger, int], Streamed]
 
 def _own_outputs(stages: list[Stage]) -> list[str]:
     """The stages with driver-side outputs of their own (``Stage.finish``: the protein-aware panel)."""
-    return [st.name for st in stages if type(st).finish.__qualname__ != "_Base.finish"]
+    return [st.name for st in stages if st.whole_library_outputs]
 
 
 def _streams(spec: StreamingSpec, lib: Library, stages: list[Stage]) -> bool:

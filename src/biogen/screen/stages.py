@@ -103,6 +103,7 @@ class Stage(Protocol):
     train_metrics: dict | None  # metrics of a model trained by ``prepare`` (summary.json)
     worker_modules: tuple[str, ...]  # imported by worker processes at their start ("module:warm_up" calls it)
     embeddings: str | None  # a compound model whose stored library vectors it reads (batch.embeddings)
+    whole_library_outputs: bool  # its ``finish`` needs the whole library's mask: no streaming screen
 
     def prepare(self, ctx: ScreenContext) -> None: ...
     def load(self) -> None: ...
@@ -120,6 +121,7 @@ class _Base:
     train_metrics: dict | None = None
     worker_modules: tuple[str, ...] = ()
     embeddings: str | None = None
+    whole_library_outputs = False
 
     def prepare(self, ctx: ScreenContext) -> None:
         """Driver-side set-up (featurize actives, train or check a model)."""
