@@ -58,7 +58,7 @@ def test_featurizer_typos_get_clear_errors(tmp_path, data_dir):
 
 def test_build_info_verify_append_through_the_cli(tmp_path, data_dir):
     p = run(["library", "build", f"input=[{data_dir / 'mixed.smi'},{data_dir / 'small.sdf'}]", "output=lib",
-             "chunk_size=3", "runtime.workers=2", "runtime.progress=false"], tmp_path)
+             "chunk_size=3", "runtime=processes", "runtime.workers=2", "runtime.progress=false"], tmp_path)
     assert "read 15 records, added 8 molecules" in p.stdout + p.stderr
     run_dir = next((tmp_path / "runs" / "library_build").iterdir())
     cfg = (run_dir / ".hydra" / "config.yaml").read_text()

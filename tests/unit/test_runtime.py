@@ -423,3 +423,20 @@ def test_outputs_are_hashed_where_they_were_written_and_resume_checks_a_stat(tmp
     assert {k: v["value"] for k, v in res2.items()} == {f"s{i}": i * i for i in range(5)}
     redone = sorted(k for k, e in led2.entries.items() if e["t"] > led.entries.get(k, {"t": 0})["t"])
     assert redone == ["s1", "s4"] and (tmp_path / "out-1.txt").read_text() == "1"
+
+
+def test_a_short_write_is_a_full_disk():
+    """numpy's np.save on a full device raises ``OSError("1600 requested and 1008 written")``
+    without an errno (seen on a full tmpfs): it gets the full-disk message, not a shard bug's."""
+    import errno
+
+    from biogen.runtime.ledger import is_storage_error, storage_error
+    from biogen.runtime.ray_runtime import _shard_error
+
+    short = OSError("1600 requested and 1008 written")
+    assert is_storage_error(short) and is_storage_error(OSError(errno.ENOSPC, "No space left on device"))
+    assert not is_storage_error(OSError("something else")) and not is_storage_error(ValueError("1 requested and 0 written"))
+    assert "no space left on the device (a short write" in str(storage_error(Path("x.npy"), short))
+    msg = str(_shard_error("map-000015", short))
+    assert msg.startswith("shard map-000015: could not write the output directory: no space left on the device")
+    assert "rerun the same command to resume" in msg

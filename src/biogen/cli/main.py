@@ -87,13 +87,13 @@ def _user_error(exc: BaseException) -> BiogenError | None:
     """The ``BiogenError`` behind ``exc`` (OmegaConf wraps errors raised by resolvers)."""
     from pathlib import Path
 
-    from biogen.runtime.ledger import STORAGE_ERRNOS, storage_error
+    from biogen.runtime.ledger import is_storage_error, storage_error
 
     seen = set()
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, BiogenError):
             return exc
-        if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+        if is_storage_error(exc):
             return storage_error(Path(exc.filename or "the output directory"), exc)  # full disk, quota
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__

@@ -26,6 +26,7 @@ import errno
 import json
 import logging
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass
@@ -101,11 +102,22 @@ class StorageError(BiogenError):
 
 
 STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+# numpy's ndarray.tofile (np.save) reports a short write without an errno: a full device
+_SHORT_WRITE = re.compile(r"^\d+ requested and \d+ written$")
+
+
+def is_storage_error(exc: BaseException) -> bool:
+    """A write that failed for want of space or permission to write (full disk, quota,
+    read-only filesystem), including numpy's errno-less short write."""
+    return isinstance(exc, OSError) and (exc.errno in STORAGE_ERRNOS or (
+        exc.errno is None and bool(_SHORT_WRITE.match(str(exc)))))
 
 
 def storage_error(path: Path, exc: OSError) -> StorageError:
     why = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
            errno.EROFS: "read-only filesystem"}.get(exc.errno, exc.strerror or str(exc))
+    if exc.errno is None and _SHORT_WRITE.match(str(exc)):
+        why = f"no space left on the device (a short write: {exc})"
     return StorageError(f"could not write {path}: {why}. Everything finished before this is kept; "
                         "free space (or raise the quota) and rerun the same command to resume")
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from biogen.errors import BiogenError, ConfigError
-from biogen.runtime.ledger import STORAGE_ERRNOS, HashingCall, Ledger, storage_error
+from biogen.runtime.ledger import HashingCall, Ledger, is_storage_error, storage_error
 
 log = logging.getLogger(__name__)
 MODES = ("local", "ray_cluster", "processes", "inline")
@@ -169,7 +169,7 @@ def _shard_error(key: str, exc: Exception) -> BiogenError:
     cause = getattr(exc, "cause", None) or exc  # RayTaskError wraps the task's own error
     if isinstance(cause, WorkerInitError):  # the worker's constructor raised inside its host actor
         return BiogenError(f"the workers could not start (shard {key}): {cause}")
-    if isinstance(cause, OSError) and cause.errno in STORAGE_ERRNOS:
+    if is_storage_error(cause):
         err = storage_error(Path(cause.filename or "the output directory"), cause)
         return type(err)(f"shard {key}: {err}")
     return BiogenError(f"shard {key} failed: {type(cause).__name__}: {cause}. Finished shards are "
@@ -307,7 +307,7 @@ def _stream(submit: Callable, shards: Iterable[tuple[str, tuple]], *, handles: H
 def _inline_error(error: Callable[[str, Exception], Exception]) -> Callable[[str, Exception], Exception]:
     """runtime=inline raises a shard's own error as it is (its traceback for debugging); a
     full disk gets the same message as in the other modes."""
-    return lambda key, exc: (error(key, exc) if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS
+    return lambda key, exc: (error(key, exc) if is_storage_error(exc)
                              else exc)
 
 
