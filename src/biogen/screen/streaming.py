@@ -147,8 +147,9 @@ class StreamingScreen:
             after.append(int(alive.sum()))
         return t, alive, after
 
-    def _labels(self, i: int) -> np.ndarray:
-        col = self._shard(i).metadata([self.key]).column(self.key)
+    def _labels(self, i: int, meta: pa.Table | None = None) -> np.ndarray:
+        """The shard's rows whose dedupe key is a label key (``meta``: its metadata, if read)."""
+        col = (meta if meta is not None else self._shard(i).metadata([self.key])).column(self.key)
         return pc.is_in(col, value_set=pa.array(sorted(self.labels))).to_numpy(zero_copy_only=False).astype(bool)
 
     def _write_run(self, name: str, i: int, values: np.ndarray, rows: np.ndarray) -> tuple[list[str], list[float]]:
@@ -156,11 +157,7 @@ class StreamingScreen:
         order = np.argsort(values, kind="stable")
         out = []
         for suffix, arr in (("val", values[order]), ("idx", rows[order].astype(np.int64))):
-            path = self.root / "runs" / name / f"{i:06d}.{suffix}.npy"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-                np.save(fh, arr)
-            out.append(self._rel(path))
+            out.append(self._write(self.root / "runs" / name / f"{i:06d}.{suffix}.npy", arr))
         v = values[order]
         m = len(v) - int(np.isnan(v).sum())
         pick = np.unique(np.linspace(0, m - 1, min(m, RUN_SAMPLE)).astype(np.int64)) if m else np.zeros(0, np.int64)
@@ -230,11 +227,7 @@ class StreamingScreen:
         outputs, at = [], 0
         for i, p in enumerate(pieces):
             if len(p):
-                path = self._piece(name, i, j)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-                    np.save(fh, ranks[at:at + len(p)])
-                outputs.append(self._rel(path))
+                outputs.append(self._write(self._piece(name, i, j), ranks[at:at + len(p)]))
             at += len(p)
         return outputs, {"rows": len(x)}
 
@@ -252,13 +245,10 @@ class StreamingScreen:
             fused_alive = weighted_fusion(parts, [w for _, w in self.used], self.method, lambda f, xs: xs)
         fused = np.full(n, np.nan)
         fused[alive] = fused_alive
-        path = self.root / "fused" / f"{i:06d}.npy"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-            np.save(fh, fused)
+        fused_file = self._write(self.root / "fused" / f"{i:06d}.npy", fused)
         files, sample = self._write_run(FUSED, i, -fused_alive, np.flatnonzero(alive))
         ranked = np.where(alive, fused, -np.inf)
-        return [self._rel(path), *files], {"rows": n, "sample": sample,
+        return [fused_file, *files], {"rows": n, "sample": sample,
                                             "active_values": ranked[np.asarray(actives, np.int64)].tolist()}
 
     # ------------------------------------------------------------- round 5: final
@@ -270,7 +260,8 @@ class StreamingScreen:
         fused = np.load(self.root / "fused" / f"{i:06d}.npy")
         rank = self._assemble(FUSED, i, bounds, n, -1)
         shard = self._shard(i)
-        meta = shard.metadata(["id", *self.null_props, *[c for c in self.report_props if c not in self.null_props]])
+        wanted = ["id", *([self.key] if self.labels is not None else []), *self.null_props, *self.report_props]
+        meta = shard.metadata(list(dict.fromkeys(wanted)))
         if meta.num_rows != n:
             raise CorruptLibraryError(f"shard {shard.name} of the library at {self.library} has {meta.num_rows} rows "
                                       f"of metadata but {n} fingerprints; run `biogen library verify` on it")
@@ -279,7 +270,7 @@ class StreamingScreen:
             "score", pa.array(fused, mask=~alive)).append_column("rank", pa.array(rank, mask=rank < 0))
         table = table.add_column(2, "id", meta.column("id").combine_chunks())
         if self.labels is not None:
-            table = table.append_column("label", pa.array(self._labels(i)))
+            table = table.append_column("label", pa.array(self._labels(i, meta)))
         path = Path(self.run_dir) / "scores" / f"{shard.name}.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
