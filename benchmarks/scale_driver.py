@@ -423,6 +423,7 @@ def child_dedupe_serial(a: dict) -> dict:
 
 
 def child_dedupe_partitioned(a: dict) -> dict:
+    from biogen.library.dedupe import work_tag
     from biogen.library.ingest import _partitioned_plans
     from biogen.library.parts import Dedupe
     from biogen.runtime import Ledger, RuntimeSpec, ray_session
@@ -446,7 +447,7 @@ def child_dedupe_partitioned(a: dict) -> dict:
     out = m.read()
     if plans is None:
         raise SystemExit("the partitioned dedupe fell back to the serial planner: the generator's ids are wrong")
-    root = work / f"dedupe-p{P}"
+    root = work / work_tag(P)
     files = [f for f in root.rglob("*") if f.is_file()]
     h, kept = hashlib.sha256(), 0
     for p in parts:  # the keep flags, from the rank files (after the measurement)
@@ -468,6 +469,7 @@ def child_dedupe_partitioned(a: dict) -> dict:
 
 def child_dedupe_exact(a: dict) -> dict:
     """Plan for plan: the partitioned dedupe (each P) equals the serial planner."""
+    from biogen.library.dedupe import work_tag
     from biogen.library.ingest import _partitioned_plans
     from biogen.library.parts import Dedupe, plan_dedupe
     from biogen.runtime import Ledger, RuntimeSpec, ray_session
@@ -499,7 +501,7 @@ def child_dedupe_exact(a: dict) -> dict:
                 drops += len(q.drops)
             checked[str(P)] = {"parts": len(parts), "drops": drops, "duplicates": dd.duplicates,
                                "dropped_rows_whose_plan_id_differs": id_mismatch_dropped}
-            shutil.rmtree(work / f"dedupe-p{P}")
+            shutil.rmtree(work / work_tag(P))
             (work / f"ledger-check-p{P}.jsonl").unlink()
     return {"rows": a["rows"], "serial_duplicates": sum(len(s.drops) for s in serial), "partitioned": checked,
             "compared": "keep, ids of kept rows, duplicate_of, ordinals and drops of every part"}

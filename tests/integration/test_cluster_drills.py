@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from biogen.library.dedupe import work_tag
 from local_cluster import LocalCluster
 from tests_support import moses_subset, shard_signature
 from tests_support import run_biogen as biogen
@@ -165,12 +166,12 @@ def test_worker_node_killed_mid_partitioned_dedupe(cluster, smiles, env, referen
     lib = tmp_path / "lib"
     proc = biogen(*args, env={**env, **cluster.env}, cwd=tmp_path, wait=False)
     deadline = time.monotonic() + 300
-    while ledger_keys(lib, "dedupe-p6-split") < 4:
+    while ledger_keys(lib, f"{work_tag(6)}-split") < 4:
         assert proc.poll() is None, f"the build ended before its dedupe was under way: {proc.stderr.read()[-2000:]}"
         assert time.monotonic() < deadline, "no dedupe task recorded in 300 s"
         time.sleep(0.02)
     cluster.kill_worker(1)
-    ranked_at_kill = ledger_keys(lib, "dedupe-p6-rank")
+    ranked_at_kill = ledger_keys(lib, f"{work_tag(6)}-rank")
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     assert ranked_at_kill < 40  # the kill landed before the dedupe's last round finished

@@ -1,17 +1,22 @@
 """The hash-partitioned dedupe (biogen.library.dedupe) gives exactly the serial planner's
 library: the same rows, ids, ordinals, duplicates and rejects, shard bytes included, for
 several partition counts, both dedupe modes, both identity keys, an append against an
-existing library, and inputs that need the serial planner (which it falls back to)."""
+existing library, and inputs that need the serial planner (which it falls back to); a full
+disk in a dedupe round stops the job, keeps the library and what was done, and resumes."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import shutil
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
-from biogen.errors import ConfigError
+from biogen.errors import BiogenError, ConfigError
+from biogen.library.dedupe import work_tag
 from biogen.library.ingest import append_library, build_library
 from tests_support import moses_subset, shard_signature
 
@@ -91,3 +96,40 @@ def test_partition_setting_is_checked_before_any_work(tmp_path, inline_rt):
         with pytest.raises(ConfigError, match="dedupe_partitions"):
             build_library(str(tmp_path / "missing.smi"), tmp_path / "x", runtime=inline_rt, dedupe_partitions=bad)
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("fail_at,step", [(3, "split-n000002"), (12, "decide-b00002")])
+def test_full_disk_in_a_dedupe_round_keeps_the_library_and_resumes(tmp_path, inline_rt, monkeypatch, fail_at, step):
+    """An append (7 parts against 2 shards, 4 partitions): the ``fail_at``-th dedupe file
+    written (splits of parts, then of shards, then decisions) hits a full disk."""
+    lib = build(tmp_path, "lib", deposit(tmp_path, "a", 0, 80), 4, inline_rt)  # 2 shards
+    second = deposit(tmp_path, "b", 40, 300)
+    before = outcome(lib), (lib / "manifest.json").read_text()
+    shutil.copytree(lib, tmp_path / "undisturbed")
+    append_library(tmp_path / "undisturbed", str(second), chunk_size=50, runtime=inline_rt, dedupe_partitions=4)
+
+    real, calls = pa.ipc.new_file, {"n": 0}
+
+    def full_disk(sink, schema, **kw):
+        calls["n"] += 1
+        if calls["n"] == fail_at:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(sink, schema, **kw)
+
+    monkeypatch.setattr(pa.ipc, "new_file", full_disk)
+    tag = work_tag(4)
+    with pytest.raises(BiogenError, match=rf"shard {tag}-{step}: could not write \S+/{tag}/\S+\.arrow: no space left "
+                                          "on the device.*rerun the same command"):
+        append_library(lib, str(second), chunk_size=50, runtime=inline_rt, dedupe_partitions=4)
+    monkeypatch.undo()
+    assert (outcome(lib), (lib / "manifest.json").read_text()) == before  # the library as it was
+    events = [json.loads(x) for x in next((lib / "_work").glob("*-append/ledger.jsonl")).read_text().splitlines()[1:]]
+    assert [e["key"] for e in events if e.get("event") == "failed"] == [f"{tag}-{step}"]
+    done = [e for e in events if "outputs" in e]
+    assert sum(e["key"].startswith("map-") for e in done) == 7
+    assert sum(len(e["outputs"]) for e in done if e["key"].startswith(tag)) == fail_at - 1  # the files before it
+    assert not list((lib / "_work").rglob(".*.tmp*"))  # no half-written file left behind
+
+    report = append_library(lib, str(second), chunk_size=50, runtime=inline_rt, dedupe_partitions=4)
+    assert report.resumed_shards == len(done)
+    assert outcome(lib) == outcome(tmp_path / "undisturbed")

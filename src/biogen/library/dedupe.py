@@ -2,22 +2,31 @@
 a driver-side index, so that driver memory and serial time stay flat as a library grows.
 
 The identity key (InChIKey or canonical SMILES) is hash-partitioned into ``P`` partitions
-(blake2b of the key, stable across processes and machines). Four rounds of Ray tasks, each
-ledgered like every other step of a build, with the driver seeing counts, never keys:
+(``kernels.keyhash``: FNV-1a 64 + splitmix64's finalizer over the key's UTF-8 bytes, a Numba
+kernel over the Arrow column's buffers; stable across processes and machines). Four rounds
+of Ray tasks, each ledgered like every other step of a build, with the driver seeing counts,
+never keys:
 
-1. split (one task per new part and per existing shard): each row's key, position
-   (part, row) and given id go to the files of its key partition; given ids also go to
-   their id partition.
-2. decide (one task per key partition): in input order, each row is the first
-   occurrence of its key, or a duplicate of a library row (its id) or of an earlier new
-   row (its position); per part, one small decision file.
+1. split (one task per new part and per existing shard): ONE file per part or shard (Arrow
+   IPC, ``write_grouped``): its (key, row, given id) rows sorted, stably, by key partition,
+   and its given ids sorted by id partition, with each partition's row offsets; a later task
+   memory-maps it and reads one partition's slice.
+2. decide (one task per key partition): in input order (shards in order, then parts in
+   order, rows in order), each row is the first occurrence of its key, or a duplicate of a
+   library row (its id) or of an earlier new row (its position); ONE decision file per
+   partition, grouped by part.
    check (one task per id partition): does a given id repeat, or collide with a library id?
-3. rank (one task per part): the part's keep flags from its P decision files; the driver
-   turns the kept counts into ordinal offsets (one number per part).
+3. rank (one task per part): the part's keep flags from its slice of the P decision files;
+   the driver turns the kept counts into ordinal offsets (one number per part).
 4. finalize (``parts.finalize_part``, one task per part): the part's ``DedupePlan`` built
    from its decisions, its offset and, for a duplicate of a row in another part, that
    part's rank file (memory-mapped): the same ids, ordinals, ``duplicate_of`` and rejects
    as the serial planner.
+
+Files: parts + shards (split) + P (decide) + parts (rank), not (parts + shards) x P x 2 + parts x P.
+The hash scheme (``SCHEME``) names the work directory and the ledger keys (``work_tag``) and
+is written into every file (checked on read): a work directory left by another scheme is
+never mixed with this one's partitions (its steps are simply redone under the new name).
 
 Exactness: the serial planner assigns a generated id (``{id_prefix}{serial:09d}``) from the
 ordinal, skipping numbers taken by given ids, and drops a row whose given id is already used.
@@ -29,11 +38,9 @@ uses the serial planner.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import shutil
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,13 +49,25 @@ import pyarrow as pa
 import pyarrow.compute as pac
 import pyarrow.parquet as pq
 
-from biogen.errors import ConfigError
+from biogen.errors import ConfigError, LibraryError
 from biogen.files import atomic_path
 from biogen.library.parts import DedupePlan, Drop, duplicate_detail, generated_id, generated_id_pattern
 
 log = logging.getLogger(__name__)
 AUTO_RECORDS = 2_000_000        # partitions=auto: the serial planner below this many records
 RECORDS_PER_PARTITION = 1_000_000
+SCHEME = 2  # 1: blake2b per key in Python, a file per part x partition; 2: keyhash, a file per part
+KEYS, IDS = 0, 1  # the two sections of a split file
+# rows and parts as int32 (a part or shard of 2^31 rows is refused): 12 bytes/record less scratch
+SPLIT_SCHEMA = pa.schema([("key", pa.string()), ("row", pa.int32()), ("id", pa.string())])
+DECISION_SCHEMA = pa.schema([("row", pa.int32()), ("key", pa.string()), ("dup", pa.bool_()),
+                             ("ref_id", pa.string()), ("ref_part", pa.int32()), ("ref_row", pa.int32())])
+
+
+def work_tag(partitions: int) -> str:
+    """The dedupe's work directory and ledger-key prefix: with the hash scheme in it, a work
+    directory resumed by code of another scheme never mixes old and new partitions."""
+    return f"dedupe-s{SCHEME}-p{partitions}"
 
 
 def choose_partitions(setting: int | str, records: int, slots: int) -> int:
@@ -69,11 +88,119 @@ def choose_partitions(setting: int | str, records: int, slots: int) -> int:
     return n
 
 
-def key_partition(keys: list[str | None], partitions: int) -> np.ndarray:
-    """The partition of each key: blake2b (8 bytes) mod ``partitions``; stable everywhere."""
-    h = np.fromiter((int.from_bytes(hashlib.blake2b((k or "").encode(), digest_size=8).digest(), "little")
-                     for k in keys), dtype=np.uint64, count=len(keys))
-    return (h % np.uint64(partitions)).astype(np.int64)
+def _string_array(keys: pa.Array | pa.ChunkedArray | list[str | None]) -> pa.Array:
+    """One string array without nulls (a null key hashes as ``""``, as before)."""
+    if not isinstance(keys, (pa.Array, pa.ChunkedArray)):
+        keys = pa.array(keys, pa.string())
+    if isinstance(keys, pa.ChunkedArray):
+        keys = keys.combine_chunks()
+    if not (pa.types.is_string(keys.type) or pa.types.is_large_string(keys.type)):
+        keys = keys.cast(pa.string())
+    return pac.fill_null(keys, "") if keys.null_count else keys
+
+
+def key_hashes(keys: pa.Array | pa.ChunkedArray | list[str | None]) -> np.ndarray:
+    """uint64[N]: ``kernels.keyhash.fnv1a_mix64`` of each key's UTF-8 bytes, read in place
+    from the Arrow array's offsets and data buffers (no Python string per key)."""
+    from biogen.kernels.keyhash import fnv1a_mix64  # here: the driver never loads Numba (~60 MiB RSS)
+
+    arr = _string_array(keys)
+    out = np.empty(len(arr), dtype=np.uint64)
+    if not len(arr):
+        return out
+    _, off, data = arr.buffers()
+    dtype = np.int64 if pa.types.is_large_string(arr.type) else np.int32
+    offsets = np.frombuffer(off, dtype=dtype)[arr.offset: arr.offset + len(arr) + 1]
+    raw = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8)
+    return fnv1a_mix64(raw, offsets, out)
+
+
+def key_partition(keys: pa.Array | pa.ChunkedArray | list[str | None], partitions: int) -> np.ndarray:
+    """int64[N]: the partition of each key, ``key_hashes(keys) % partitions``; stable everywhere."""
+    return (key_hashes(keys) % np.uint64(partitions)).astype(np.int64)
+
+
+# ---------------------------------------------------------------- grouped files
+def _offsets(groups: np.ndarray, n_groups: int) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(np.bincount(groups, minlength=n_groups))]).astype(np.int64)
+
+
+def write_grouped(path: Path, sections: list[tuple[pa.RecordBatch, np.ndarray]], meta: dict[str, np.ndarray]) -> None:
+    """One Arrow IPC file, uncompressed (a memory-mapped reader slices it without copying):
+    record batch ``s`` is section ``s``, its rows sorted by group, group ``g`` at rows
+    ``offsets[g]:offsets[g + 1]``. The offsets and ``meta`` (int64 arrays, little-endian)
+    and the hash scheme go in the schema's metadata. A failed write names the file."""
+    md = {b"scheme": str(SCHEME).encode()}
+    md.update({k.encode(): np.asarray(v).astype("<i8").tobytes() for k, v in meta.items()})
+    md.update({f"offsets{s}".encode(): off.astype("<i8").tobytes() for s, (_, off) in enumerate(sections)})
+    schema = sections[0][0].schema.with_metadata(md)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with atomic_path(path) as tmp, pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as w:
+            for batch, _ in sections:
+                w.write_batch(batch)
+    except OSError as exc:  # Arrow's errors carry an errno but no file name
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
+
+
+class GroupedFile:
+    """A file ``write_grouped`` wrote, memory-mapped: one group of one section is read
+    without reading the rest; a file of another hash scheme is refused."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.reader = pa.ipc.open_file(pa.memory_map(str(path)))
+        self.meta = self.reader.schema.metadata or {}
+        if self.meta.get(b"scheme") != str(SCHEME).encode():
+            raise LibraryError(f"{path} was written by dedupe scheme {self.meta.get(b'scheme')!r}, not {SCHEME}; "
+                               f"delete {path.parent.parent} and rerun the same command")
+
+    def array(self, name: str) -> np.ndarray:
+        return np.frombuffer(self.meta[name.encode()], dtype="<i8")
+
+    def group(self, section: int, g: int) -> pa.RecordBatch:
+        off = self.array(f"offsets{section}")
+        return self.reader.get_batch(section).slice(int(off[g]), int(off[g + 1] - off[g]))
+
+
+def _row_numbers(n: int) -> pa.Array:
+    if n >= 2**31:
+        raise ValueError(f"a part or shard of {n} rows: the partitioned dedupe takes < 2^31 (use a smaller chunk_size)")
+    return pa.array(np.arange(n, dtype=np.int32))
+
+
+def _one_batch(batches: list[pa.RecordBatch], schema: pa.Schema) -> pa.RecordBatch:
+    t = pa.Table.from_batches(batches, schema)
+    return pa.record_batch([c.combine_chunks() for c in t.columns], schema=schema)
+
+
+def _decide_rows(batch: pa.RecordBatch, part: int, first: dict[str, str],
+                 new_first: dict[str, tuple[int, int, str | None]]) -> pa.RecordBatch:
+    """One part's rows of a key partition (in row order): first occurrence, or a duplicate of
+    a library row (``first``: key -> id) or of an earlier new row (``new_first``, updated).
+    The key is kept for duplicates only (``plan`` puts it in their reject)."""
+    keys, ids = batch.column(0).to_pylist(), batch.column(2).to_pylist()
+    rows = batch.column(1).to_numpy()
+    n = len(keys)
+    dup = np.zeros(n, dtype=bool)
+    ref_id: list[str | None] = [None] * n
+    ref_part = np.full(n, -1, dtype=np.int32)
+    ref_row = np.full(n, -1, dtype=np.int32)
+    for j, k in enumerate(keys):
+        lib_id = first.get(k)
+        if lib_id is not None:
+            dup[j], ref_id[j] = True, lib_id
+            continue
+        seen = new_first.get(k)
+        if seen is None:
+            new_first[k] = (part, int(rows[j]), ids[j])
+            continue
+        dup[j], ref_part[j], ref_row[j], ref_id[j] = True, seen[0], seen[1], seen[2]
+    dup_key = batch.column(0).take(pa.array(np.arange(n), mask=~dup))  # null where kept: only the bytes of dups
+    return pa.record_batch([batch.column(1), dup_key, pa.array(dup), pa.array(ref_id, pa.string()),
+                            pa.array(ref_part), pa.array(ref_row)], schema=DECISION_SCHEMA)
 
 
 @dataclass(frozen=True)
@@ -91,7 +218,7 @@ class PartitionedDedupe:
 
     @property
     def root(self) -> Path:
-        return Path(self.work) / f"dedupe-p{self.partitions}"
+        return Path(self.work) / work_tag(self.partitions)
 
     def rel(self, path: Path) -> str:
         return str(path.relative_to(self.work))
@@ -99,117 +226,95 @@ class PartitionedDedupe:
     def _pattern(self) -> re.Pattern:
         return generated_id_pattern(self.id_prefix)
 
-    def _generated_like(self, ids: list[str | None]) -> int:
+    def _generated_like(self, ids: pa.Array) -> int:
         """How many ids look like a generated id past the library's rows (the serial planner
         would skip their numbers when generating ids: that case goes to the serial planner)."""
-        pat = self._pattern()
-        return sum(1 for i in ids if i is not None and (m := pat.fullmatch(i)) and int(m.group(1)) > self.base_ordinal)
+        pat, width = self._pattern(), len(self.id_prefix) + 9
+        ids = ids.filter(pac.and_(pac.starts_with(ids, self.id_prefix), pac.equal(pac.utf8_length(ids), width)))
+        return sum(1 for i in ids.to_pylist() if (m := pat.fullmatch(i)) and int(m.group(1)) > self.base_ordinal)
 
     # ---------------------------------------------------------------- round 1: split
-    def _write_split(self, stem: str, table: pa.Table, buckets: np.ndarray, kind: str) -> list[str]:
-        outputs = []
-        order = np.argsort(buckets, kind="stable")
-        sorted_b = buckets[order]
-        edges = np.flatnonzero(np.diff(sorted_b)) + 1
-        for chunk in np.split(order, edges):
-            if not len(chunk):
-                continue
-            b = int(buckets[chunk[0]])
-            path = self.root / kind / f"b{b:05d}" / f"{stem}.parquet"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(path) as tmp:
-                pq.write_table(table.take(pa.array(chunk)), tmp, compression="zstd")
-            outputs.append(self.rel(path))
-        return outputs
+    def _by_partition(self, batch: pa.RecordBatch, by: pa.Array) -> tuple[pa.RecordBatch, np.ndarray]:
+        """The rows sorted (stably: input order within a partition) by the partition of ``by``."""
+        b = key_partition(by, self.partitions)
+        return batch.take(pa.array(np.argsort(b, kind="stable"))), _offsets(b, self.partitions)
+
+    def _write_split(self, stem: str, keys: pa.RecordBatch, ids: pa.RecordBatch) -> str:
+        path = self.root / "split" / f"{stem}.arrow"
+        write_grouped(path, [self._by_partition(keys, keys.column(0)), self._by_partition(ids, ids.column(2))],
+                      {"partitions": np.array([self.partitions])})
+        return self.rel(path)
 
     def split_part(self, part: int) -> tuple[list[str], dict]:
-        """Round 1 for a new part: (key, part, row, given id) by key; given ids by id."""
+        """Round 1 for a new part: (key, row, given id) by key; given ids by id."""
         t = pq.read_table(Path(self.work) / f"parts/{part:06d}.parquet", columns=[self.key, "id"])
-        keys, ids = t.column(self.key).to_pylist(), t.column("id").to_pylist()
-        n = len(keys)
-        rows = pa.table({"key": pa.array(keys, pa.string()), "part": pa.array(np.full(n, part, np.int64)),
-                         "row": pa.array(np.arange(n, dtype=np.int64)), "id": pa.array(ids, pa.string())})
-        stem = f"n{part:06d}"
-        outputs = self._write_split(stem, rows, key_partition(keys, self.partitions), "keys")
-        given = [i for i in ids if i is not None]
-        if given:
-            outputs += self._write_split(stem, pa.table({"id": pa.array(given, pa.string())}),
-                                         key_partition(given, self.partitions), "ids")
-        return outputs, {"rows": n, "generated_like": self._generated_like(given)}
+        keys, ids = t.column(self.key).combine_chunks().cast(pa.string()), t.column("id").combine_chunks()
+        n = len(ids)
+        given = pac.is_valid(ids)
+        gids = ids.filter(given)
+        rows = _row_numbers(n)
+        out = self._write_split(f"n{part:06d}", pa.record_batch([keys, rows, ids], schema=SPLIT_SCHEMA),
+                                pa.record_batch([pa.nulls(len(gids), pa.string()), rows.filter(given), gids],
+                                                schema=SPLIT_SCHEMA))
+        return [out], {"rows": n, "generated_like": self._generated_like(gids)}
 
     def split_shard(self, index: int, name: str) -> tuple[list[str], dict]:
-        """Round 1 for a shard of the library: first occurrences' (key, id) by key; ids by id."""
+        """Round 1 for a shard of the library: first occurrences' (key, row, id) by key; ids by id."""
         t = pq.read_table(Path(self.lib_dir) / "shards" / name / "meta.parquet", columns=["id", self.key, "duplicate_of"])
-        first = t.filter(pac.is_null(t.column("duplicate_of")))
-        keys = first.column(self.key).to_pylist()
-        stem = f"l{index:06d}"
-        outputs = self._write_split(stem, pa.table({"key": pa.array(keys, pa.string()), "id": first.column("id")}),
-                                    key_partition(keys, self.partitions), "keys")
-        ids = t.column("id").to_pylist()
-        outputs += self._write_split(stem, pa.table({"id": pa.array(ids, pa.string())}),
-                                     key_partition(ids, self.partitions), "ids")
-        return outputs, {"rows": len(ids), "generated_like": self._generated_like(ids)}
+        ids, keys = t.column("id").combine_chunks(), t.column(self.key).combine_chunks().cast(pa.string())
+        is_first = pac.is_null(t.column("duplicate_of").combine_chunks())
+        rows = _row_numbers(len(ids))
+        out = self._write_split(f"l{index:06d}", pa.record_batch([keys.filter(is_first), rows.filter(is_first),
+                                                                  ids.filter(is_first)], schema=SPLIT_SCHEMA),
+                                pa.record_batch([pa.nulls(len(ids), pa.string()), rows, ids], schema=SPLIT_SCHEMA))
+        return [out], {"rows": len(ids), "generated_like": self._generated_like(ids)}
 
     # ---------------------------------------------------------------- round 2: decide, check
-    def _bucket_files(self, kind: str, bucket: int, prefix: str) -> list[Path]:
-        d = self.root / kind / f"b{bucket:05d}"
-        return sorted(d.glob(f"{prefix}*.parquet")) if d.is_dir() else []  # names sort in input order
+    def _split_files(self, prefix: str) -> list[Path]:
+        """The split files (``l``: library shards, ``n``: new parts), names sorting in input order."""
+        d = self.root / "split"
+        return sorted(d.glob(f"[{prefix}]*.arrow")) if d.is_dir() else []
 
     def decide(self, bucket: int) -> tuple[list[str], dict]:
         """Round 2 for a key partition: each new row's first occurrence, in input order."""
         first: dict[str, str] = {}  # key -> library id (shard order, then row order: as setdefault)
-        for f in self._bucket_files("keys", bucket, "l"):
-            t = pq.read_table(f)
-            for k, i in zip(t.column("key").to_pylist(), t.column("id").to_pylist()):
+        for f in self._split_files("l"):
+            b = GroupedFile(f).group(KEYS, bucket)
+            for k, i in zip(b.column(0).to_pylist(), b.column(2).to_pylist()):
                 first.setdefault(k, i)
-        files = self._bucket_files("keys", bucket, "n")
-        outputs, duplicates = [], 0
         new_first: dict[str, tuple[int, int, str | None]] = {}  # key -> (part, row, given id)
-        for f in files:
-            t = pq.read_table(f)
-            keys, part = t.column("key").to_pylist(), int(t.column("part")[0].as_py())
-            rows, ids = t.column("row").to_numpy(), t.column("id").to_pylist()
-            n = len(keys)
-            dup = np.zeros(n, dtype=bool)
-            ref_id: list[str | None] = [None] * n
-            ref_part = np.full(n, -1, dtype=np.int64)
-            ref_row = np.full(n, -1, dtype=np.int64)
-            for j, k in enumerate(keys):
-                lib_id = first.get(k)
-                if lib_id is not None:
-                    dup[j], ref_id[j] = True, lib_id
-                    continue
-                seen = new_first.get(k)
-                if seen is None:
-                    new_first[k] = (part, int(rows[j]), ids[j])
-                    continue
-                dup[j], ref_part[j], ref_row[j], ref_id[j] = True, seen[0], seen[1], seen[2]
-            duplicates += int(dup.sum())
-            out = self.root / "decide" / f"n{part:06d}" / f"b{bucket:05d}.parquet"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(out) as tmp:
-                pq.write_table(pa.table({"row": pa.array(rows), "key": pa.array(keys, pa.string()),
-                                         "dup": pa.array(dup), "ref_id": pa.array(ref_id, pa.string()),
-                                         "ref_part": pa.array(ref_part), "ref_row": pa.array(ref_row)}),
-                               tmp, compression="zstd")
-            outputs.append(self.rel(out))
-        return outputs, {"duplicates": duplicates, "keys": len(first) + len(new_first)}
+        parts, decided = [], []
+        for f in self._split_files("n"):
+            parts.append(int(f.stem[1:]))
+            decided.append(_decide_rows(GroupedFile(f).group(KEYS, bucket), parts[-1], first, new_first))
+        out = self.root / "decide" / f"b{bucket:05d}.arrow"
+        counts = np.array([len(d) for d in decided], dtype=np.int64)
+        write_grouped(out, [(_one_batch(decided, DECISION_SCHEMA), np.concatenate([[0], np.cumsum(counts)]))],
+                      {"parts": np.array(parts, dtype=np.int64)})
+        duplicates = sum(int(pac.sum(d.column(2)).as_py() or 0) for d in decided)
+        return [self.rel(out)], {"duplicates": duplicates, "keys": len(first) + len(new_first)}
 
     def check_ids(self, bucket: int) -> tuple[list[str], dict]:
         """Round 2 for an id partition: given ids that repeat or that a library row has."""
-        ids: Counter = Counter()
-        for f in self._bucket_files("ids", bucket, ""):
-            ids.update(pq.read_table(f).column("id").to_pylist())
-        return [], {"repeated_ids": sum(1 for c in ids.values() if c > 1)}
+        ids = [GroupedFile(f).group(IDS, bucket).column(2) for f in self._split_files("ln")]
+        counts = pac.value_counts(pa.chunked_array(ids, pa.string())).field("counts")
+        return [], {"repeated_ids": int(pac.sum(pac.greater(counts, 1)).as_py() or 0)}
 
     # ---------------------------------------------------------------- round 3: rank
     def _decisions(self, part: int) -> pa.Table:
-        files = sorted((self.root / "decide" / f"n{part:06d}").glob("b*.parquet"))
-        if not files:  # a part whose every record was rejected
-            return pa.table({"row": pa.array([], pa.int64()), "key": pa.array([], pa.string()),
-                             "dup": pa.array([], pa.bool_()), "ref_id": pa.array([], pa.string()),
-                             "ref_part": pa.array([], pa.int64()), "ref_row": pa.array([], pa.int64())})
-        return pa.concat_tables([pq.read_table(f) for f in files]).sort_by("row")
+        """The part's decisions, in row order: its group of each partition's decision file."""
+        files = sorted((self.root / "decide").glob("b*.arrow"))
+        if len(files) != self.partitions:
+            raise RuntimeError(f"dedupe: {len(files)} of {self.partitions} decision files in {self.root / 'decide'}")
+        batches = []
+        for f in files:
+            g = GroupedFile(f)
+            parts = g.array("parts")
+            i = int(np.searchsorted(parts, part))
+            if i == len(parts) or parts[i] != part:
+                raise RuntimeError(f"dedupe: {f} holds no decisions for part {part}")
+            batches.append(g.group(0, i))
+        return pa.Table.from_batches(batches, DECISION_SCHEMA).sort_by("row")
 
     def rank_part(self, part: int, rows: int) -> tuple[list[str], dict]:
         """Round 3: the part's kept rank (its ordinal minus the part's offset; -1: dropped)."""

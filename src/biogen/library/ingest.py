@@ -45,7 +45,7 @@ from biogen.chem.records import RecordBatch
 from biogen.chem.standardize import StandardizeSpec
 from biogen.errors import ConfigError, InputError, LibraryError
 from biogen.files import json_digest
-from biogen.library.dedupe import PartitionedDedupe, PlannedPart, choose_partitions, run_step
+from biogen.library.dedupe import PartitionedDedupe, PlannedPart, choose_partitions, run_step, work_tag
 from biogen.library.manifest import MANIFEST, new_manifest, now_iso, read_manifest, tool_versions, write_manifest
 from biogen.library.parts import (
     DEDUPE_KEYS, PART_COLUMNS, WORK, Dedupe, FinalizeTask, clean_committed_work, clear_for_overwrite, finalize_part, locked,
@@ -271,7 +271,7 @@ def _partitioned_plans(lib_dir: Path, manifest: dict, work: Path, parts: list[in
     """The hash-partitioned dedupe (``biogen.library.dedupe``): Ray tasks decide, the driver
     keeps one offset per part. None: the input needs the serial planner (logged)."""
     pd = PartitionedDedupe(str(work), str(lib_dir), partitions, dd.key, dd.mode, dd.id_prefix, manifest["n_rows"])
-    tag = f"dedupe-p{partitions}"
+    tag = work_tag(partitions)  # names the hash scheme: no mixing with another's steps
 
     def rounds(desc: str, tasks: list[tuple[str, tuple]]) -> dict[str, dict]:
         return run_shards(run_step, ((f"{tag}-{k}", (pd, *a)) for k, a in tasks), ledger=ledger, spec=runtime,
