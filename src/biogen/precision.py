@@ -25,6 +25,13 @@ QSAR inference as they adopt it):
 - ``check_parity(...)``: the cosine per item between a reduced-precision run and fp32 on a
   calibration set; below ``MIN_COSINE`` it refuses, naming the measured cosine and the fix.
 
+- ``plan_precision(dtype, device, linear, what, valid)`` -> ``PrecisionPlan`` (the dtypes to
+  try, in order) and ``build_gated(plan, build, calibrate, what)`` -> ``Gated``: the one
+  switch and gate every model uses (ESM-2, MiniMol, UniRep): fp32 reference built once and
+  only when a reduced dtype is tried, an explicit dtype that fails refused with its cosine,
+  ``auto`` moving down the plan with a warning. ``Int8Linear``/``quantize_linears`` and
+  ``autocast`` for plain ``nn.Module`` models.
+
 int8 goes through PyTorch's own quantized kernels (``torch.ops.quantized.linear_dynamic``:
 fbgemm/oneDNN, int8 weights with one scale per output channel, activations quantized per
 batch), not hand-written GEMMs.
@@ -41,10 +48,12 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import cache
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import numpy as np
 import torch
@@ -348,3 +357,173 @@ def check_parity(reduced: np.ndarray, reference: np.ndarray, what: str, dtype: s
                           f"{c.min():.5f} per item (needed >= {min_cosine}); use dtype=float32 (or bfloat16 where "
                           "int8 failed)")
     return rec
+
+
+# ---------------------------------------------------------------- the plan and the gate, shared by every model
+
+DTYPE_WORDS = ("float32", "bfloat16", "float16", "int8")
+BF16_CAPABILITY = (8, 0)  # native bf16 matrix units from Ampere on
+# auto on the CPU runs float32 without timing a model whose largest linear layer has fewer
+# weights (K x N) than this: a 512 x 128 layer takes ~0.1 ms per 4,096 rows in fp32 on the
+# 2-core AMX Xeon, so casting or quantizing activations cannot win back the gate's start-up
+SMALL_LINEAR = 1 << 16
+INT8_QUANTIZATION = "int8 linear layers, per-channel weight scales, dynamic activations"
+M = TypeVar("M")
+
+
+@dataclass(frozen=True)
+class PrecisionPlan:
+    """The dtypes a run tries, in order: the parity gate moves to the next one when a
+    reduced dtype chosen by ``auto`` fails it (an explicit dtype has one entry and is
+    refused instead). ``choice``: the CPU measurement behind ``auto`` (for the manifest)."""
+
+    order: tuple[str, ...]
+    auto: bool = False
+    choice: dict | None = None
+
+
+def plan_precision(dtype: str, device: torch.device, linear: tuple[int, int] | None = None,
+                   what: str = "dtype", valid: tuple[str, ...] = DTYPE_WORDS) -> PrecisionPlan:
+    """The precision plan of ``dtype`` (a word of ``valid``, or ``auto``) on ``device`` for a
+    model whose largest linear layer is ``linear`` = (K, N); ``what`` names the config key
+    in messages. ``auto``: on a GPU bf16 where the architecture has it natively (compute
+    capability >= 8.0: A100, H100/H200, L40...), fp16 before (V100, T4: bf16 would be
+    emulated, slowly); on the CPU the measured faster of the reduced dtypes its
+    instructions allow, timed on ``linear`` (``choose_cpu_dtype``; without a shape, by the
+    flags alone; below ``SMALL_LINEAR`` weights float32, untimed), then the other one;
+    float32 last everywhere. ``int8`` on a GPU and words outside ``valid`` are refused."""
+    _check_word(dtype, device, what, valid)
+    if dtype == "auto":
+        return _plan_gpu(device, valid) if device.type == "cuda" else _plan_cpu(linear, valid)
+    if device.type == "cpu":
+        check_cpu_dtype(dtype)
+    return PrecisionPlan((dtype,))
+
+
+def _check_word(dtype: str, device: torch.device, what: str, valid: tuple[str, ...]) -> None:
+    if dtype == "int8" and device.type != "cpu":
+        raise ConfigError(f"{what}=int8 is a CPU path (int8 linear layers through PyTorch's CPU kernels); "
+                          f"refused on {device}: use {what}=auto (bfloat16 on compute capability >= 8.0) or "
+                          "float16 there, or device=cpu for int8")
+    if dtype != "auto" and dtype not in valid:
+        hint = ("; float16 is for GPUs: on the CPU use bfloat16 (or auto)"
+                if dtype == "float16" and device.type == "cpu" else "")
+        raise ConfigError(f"{what}={dtype!r} is not one of auto, {', '.join(valid)} (this model on "
+                          f"{device.type}){hint}")
+
+
+def _plan_gpu(device: torch.device, valid: tuple[str, ...]) -> PrecisionPlan:
+    cap = torch.cuda.get_device_capability(device)
+    choice = "bfloat16" if cap >= BF16_CAPABILITY else "float16"
+    log.info("dtype=auto: %s on %s (compute capability %d.%d%s)", choice, torch.cuda.get_device_name(device),
+             *cap, "" if choice == "bfloat16" else "; bf16 needs >= 8.0")
+    return PrecisionPlan(tuple(dict.fromkeys([d for d in (choice,) if d in valid] + ["float32"])), auto=True)
+
+
+def _plan_cpu(linear: tuple[int, int] | None, valid: tuple[str, ...]) -> PrecisionPlan:
+    if linear is None:
+        choice, why = auto_cpu_dtype()
+        choice = choice if choice in valid else "float32"
+        log.info("dtype=auto on the CPU: %s (%s; by instruction flags, no layer shape to time)", choice, why)
+        return PrecisionPlan(tuple(dict.fromkeys((choice, "float32"))), auto=True,
+                             choice={"chosen": choice, "reason": why})
+    k, n = int(linear[0]), int(linear[1])
+    if k * n < SMALL_LINEAR:
+        why = (f"the largest linear layer ({k} -> {n}) has fewer than {SMALL_LINEAR:,} weights: casting or "
+               "quantizing its inputs costs more than a reduced GEMM saves (not timed)")
+        log.info("dtype=auto on the CPU: float32 (%s)", why)
+        return PrecisionPlan(("float32",), auto=True, choice={"chosen": "float32", "reason": why,
+                                                             "largest_linear_kn": [k, n]})
+    c = choose_cpu_dtype(k, n)
+    order = tuple(d for d in c.order if d in valid or d == "float32")
+    return PrecisionPlan(order, auto=True, choice={**c.record(), "chosen": order[0]})
+
+
+@dataclass
+class Gated(Generic[M]):
+    """A model built by ``build_gated``: ``precision`` (the dtype word it runs in),
+    ``parity`` (``check_parity``'s record; None in float32), ``parity_failed`` (the dtypes
+    ``auto`` tried first and why they failed), ``choice`` (the CPU measurement behind auto)."""
+
+    model: M
+    precision: str
+    parity: dict | None = None
+    parity_failed: list[dict] = field(default_factory=list)
+    choice: dict | None = None
+
+    def record(self) -> dict:
+        """The manifest fields every model records (the same keys as ESM-2's info)."""
+        return {"dtype": self.precision, "quantization": INT8_QUANTIZATION if self.precision == "int8" else None,
+                "parity_vs_float32": self.parity, "dtype_auto": self.choice,
+                "parity_failed": self.parity_failed or None}
+
+
+def build_gated(plan: PrecisionPlan, build: Callable[[str], M], calibrate: Callable[[M], np.ndarray],
+                what: str) -> Gated[M]:
+    """The model in the first dtype of ``plan`` that passes the parity gate: ``build(dtype)``
+    makes the model, ``calibrate(model)`` its vectors on a fixed calibration set (items x
+    dim); the float32 reference is built once, only when a reduced dtype is tried, and is
+    the model returned when the plan ends in float32 (which needs no gate). An explicit
+    reduced dtype that fails is refused (ConfigError with the measured cosine); under
+    ``auto`` the next dtype is tried and why is logged as a warning."""
+    failed: list[dict] = []
+    reference = ref_model = None
+    for k, prec in enumerate(plan.order):
+        if prec == "float32":
+            return Gated(ref_model if ref_model is not None else build("float32"), prec, None, failed, plan.choice)
+        if reference is None:  # the gate's reference, fp32 on the same device
+            ref_model = build("float32")
+            reference = calibrate(ref_model)
+        model = build(prec)
+        try:
+            parity = check_parity(calibrate(model), reference, what, prec)
+        except ConfigError as exc:
+            if not plan.auto or k + 1 == len(plan.order):
+                raise
+            failed.append({"dtype": prec, "error": str(exc)})
+            log.warning("dtype=auto: %s failed the parity gate (%s); trying %s", prec, exc, plan.order[k + 1])
+            continue
+        log.info("%s: dtype=%s parity with float32: min cosine %.5f over %d calibration items", what, prec,
+                 parity["min_cosine"], parity["calibration_items"])
+        return Gated(model, prec, parity, failed, plan.choice)
+    raise ConfigError(f"{what}: empty precision plan")  # pragma: no cover - plans are never empty
+
+
+# ---------------------------------------------------------------- torch.nn modules in int8 and bf16
+
+class Int8Linear(torch.nn.Module):
+    """An ``nn.Linear`` run through ``int8_apply`` (per-channel int8 weights; ``x`` any float
+    dtype, computed in fp32 activations quantized per batch; any leading shape)."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed = int8_linear(linear.weight, linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = int8_apply(x.reshape(-1, self.in_features).float().contiguous(), self.packed)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def quantize_linears(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` with every ``nn.Linear`` below it replaced by an ``Int8Linear`` (in place)."""
+    for name, child in list(module.named_children()):
+        if isinstance(child, torch.nn.Linear):
+            setattr(module, name, Int8Linear(child))
+        else:
+            quantize_linears(child)
+    return module
+
+
+def largest_linear(module: torch.nn.Module) -> tuple[int, int] | None:
+    """(K, N) of the ``nn.Linear`` with the most weights below ``module`` (None: none)."""
+    shapes = [(m.in_features, m.out_features) for m in module.modules() if isinstance(m, torch.nn.Linear)]
+    return max(shapes, key=lambda s: s[0] * s[1]) if shapes else None
+
+
+def autocast(device: torch.device, precision: str):
+    """The context a module built by ``build`` runs under: bf16/fp16 autocast for those words,
+    nothing for float32 and int8 (whose linear layers are ``Int8Linear``)."""
+    if precision in ("bfloat16", "float16"):
+        return torch.autocast(device.type, dtype=getattr(torch, precision))
+    return contextlib.nullcontext()

@@ -85,8 +85,8 @@ def test_settings_unirep_cannot_honour_are_refused_with_the_fix():
         UniRepEmbedder("unirep64", EmbedSpec(pooling="bos"))
     with pytest.raises(ConfigError, match=r"layers=\[-1\]"):
         UniRepEmbedder("unirep64", EmbedSpec(layers=(2,)))
-    with pytest.raises(ConfigError, match="float32"):
-        UniRepEmbedder("unirep64", EmbedSpec(dtype="int8"))
+    with pytest.raises(ConfigError, match="embed.dtype='float16' is not one of auto, float32, bfloat16, int8"):
+        UniRepEmbedder("unirep64", EmbedSpec(dtype="float16"))
     with pytest.raises(InputError, match="sequence 1 is empty"):
         UniRepEmbedder("unirep64").embed(["MKV", ""])
     with pytest.raises(InputError, match="sequence 0 has letters outside UniRep's vocabulary: 1"):

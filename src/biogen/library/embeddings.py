@@ -219,7 +219,8 @@ def embed_library(library: str | Path, model: str = "minimol", *, device: str = 
         _record_run(lib_dir, model, {**identity, "source": source}, dtype, dict(zip(todo, results)),
                     {"time": now_iso(), "job_key": key, "shards": todo, "rows": report["rows"],
                      "failed": report["failed"], "device": device,
-                     "compute_dtype": results[0]["identity"].get("dtype"), "seconds": report["seconds"],
+                     "compute_dtype": results[0]["identity"].get("dtype"),
+                     "precision": results[0]["identity"].get("precision"), "seconds": report["seconds"],
                      "stage_seconds": report["stage_seconds"], "versions": tool_versions(),
                      "run": ledger.run_summary()})
         shutil.rmtree(work, ignore_errors=True)

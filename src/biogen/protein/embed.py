@@ -28,7 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from biogen import precision
 from biogen.errors import ConfigError, InputError
+from biogen.precision import PrecisionPlan  # the shared planner (its name kept here for callers)
 from biogen.protein.batching import run_with_oom_halving
 from biogen.protein.esm import FastESM2, PackedBatch
 from biogen.protein.models import MAX_RESIDUES, load_checkpoint
@@ -47,7 +49,6 @@ CALIBRATION_LENGTHS = (8, 40, 90, 160)
 # the 2-core benchmark VM, 8M model, 160 UniProt proteins: 8,200 tokens/s at 4,096 vs 6,700 at
 # 16,384. The CPU plan caps token_budget there (logged and recorded in info).
 CPU_TOKEN_BUDGET = 4096
-BF16_CAPABILITY = (8, 0)  # native bf16 matrix units from Ampere on
 
 
 @dataclass(frozen=True)
@@ -95,48 +96,9 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return torch.device(devices.resolve_device(device))
 
 
-@dataclass(frozen=True)
-class PrecisionPlan:
-    """The dtypes a run tries, in order: the parity gate moves to the next one when a
-    reduced dtype chosen by ``auto`` fails it (an explicit dtype has one entry and is
-    refused instead). ``choice``: the CPU measurement behind ``auto`` (for the manifest)."""
-
-    order: tuple[str, ...]
-    auto: bool = False
-    choice: dict | None = None
-
-
 def plan_precision(dtype: str, device: torch.device, linear: tuple[int, int] | None = None) -> PrecisionPlan:
-    """The precision plan of ``dtype`` on ``device``. ``auto``: on a GPU bf16 where the
-    architecture has it natively (compute capability >= 8.0: A100, H100/H200, L40...), fp16
-    before (V100, T4: bf16 would be emulated, slowly); on the CPU the measured faster of the
-    reduced dtypes its instructions allow, timed on the model's largest linear layer
-    ``linear`` = (K, N) (``biogen.precision.choose_cpu_dtype``; without it, by the flags
-    alone), then the other one, then float32. The choice and why are logged; ``int8`` on a
-    GPU is refused (PyTorch's int8 linear kernels used here are CPU kernels)."""
-    from biogen.precision import auto_cpu_dtype, check_cpu_dtype, choose_cpu_dtype
-
-    if dtype == "auto":
-        if device.type == "cuda":
-            cap = torch.cuda.get_device_capability(device)
-            choice = "bfloat16" if cap >= BF16_CAPABILITY else "float16"
-            log.info("dtype=auto: %s on %s (compute capability %d.%d%s)", choice, torch.cuda.get_device_name(device),
-                     *cap, "" if choice == "bfloat16" else "; bf16 needs >= 8.0")
-            return PrecisionPlan((choice,), auto=True)
-        if linear is None:
-            choice, why = auto_cpu_dtype()
-            log.info("dtype=auto on the CPU: %s (%s; by instruction flags, no layer shape to time)", choice, why)
-            return PrecisionPlan(tuple(dict.fromkeys((choice, "float32"))), auto=True,
-                                 choice={"chosen": choice, "reason": why})
-        c = choose_cpu_dtype(*linear)
-        return PrecisionPlan(c.order, auto=True, choice=c.record())
-    if dtype == "int8" and device.type != "cpu":
-        raise ConfigError(f"embed.dtype=int8 is a CPU path (int8 linear layers through PyTorch's CPU kernels); "
-                          f"refused on {device}: use dtype=auto (bfloat16 on compute capability >= 8.0) or float16 "
-                          "there, or device=cpu for int8")
-    if device.type == "cpu":
-        check_cpu_dtype(dtype)
-    return PrecisionPlan((dtype,))
+    """ESM-2's precision plan: ``biogen.precision.plan_precision`` under the key ``embed.dtype``."""
+    return precision.plan_precision(dtype, device, linear, what="embed.dtype")
 
 
 def resolve_precision(dtype: str, device: torch.device, linear: tuple[int, int] | None = None) -> str:
@@ -220,43 +182,28 @@ class Embedder:
                  self.info["dtype"], self.model.attention, list(self.layers))
 
     def _build(self, ckpt, plan: PrecisionPlan) -> None:
-        """The model in the first dtype of ``plan`` that passes the parity gate (float32 needs
-        none). An explicit reduced dtype that fails is refused (ConfigError with the measured
-        cosine); under ``auto`` the next dtype of the plan is tried, and why is logged."""
-        from biogen.precision import check_parity
+        """The model in the first dtype of ``plan`` that passes the parity gate
+        (``biogen.precision.build_gated``: an explicit reduced dtype that fails is refused,
+        ``auto`` moves down the plan)."""
 
-        reference = None
-        for k, prec in enumerate(plan.order):
-            self.precision, self.dtype = prec, DTYPES[prec]
-            if prec != "float32" and reference is None:  # the parity gate's reference, fp32 on the same device
-                self.model = FastESM2.from_checkpoint(ckpt, device=self.device, dtype=torch.float32)
-                reference = self._calibration_vectors()
-            self.model = FastESM2.from_checkpoint(ckpt, device=self.device, dtype=self.dtype)
+        def build(prec: str) -> FastESM2:
+            model = FastESM2.from_checkpoint(ckpt, device=self.device, dtype=DTYPES[prec])
             if prec == "int8":
-                self.model.quantize_int8()
-            if prec == "float32":
-                return
-            try:
-                self.parity = check_parity(self._calibration_vectors(), reference,
-                                           f"{self.arch.name} ({ckpt.path})", prec)
-            except ConfigError as exc:
-                if not plan.auto or k + 1 == len(plan.order):
-                    raise
-                self.parity_failed.append({"dtype": prec, "error": str(exc)})
-                log.warning("dtype=auto: %s failed the parity gate (%s); trying %s", prec, exc, plan.order[k + 1])
-                continue
-            log.info("dtype=%s parity with float32: min cosine %.5f over %d calibration sequences", prec,
-                     self.parity["min_cosine"], self.parity["calibration_items"])
-            return
+                model.quantize_int8()
+            return model
 
-    def _calibration_vectors(self) -> np.ndarray:
+        gated = precision.build_gated(plan, build, self._calibration_vectors, f"{self.arch.name} ({ckpt.path})")
+        self.model, self.precision, self.dtype = gated.model, gated.precision, DTYPES[gated.precision]
+        self.parity, self.parity_failed = gated.parity, gated.parity_failed
+
+    def _calibration_vectors(self, model: FastESM2) -> np.ndarray:
         """Mean-pooled last requested layer of the fixed calibration sequences (parity gate)."""
         rng = np.random.default_rng(20261204)
         seqs = ["".join(rng.choice(list("LAGVSERTIDPKQNFYMHWC"), size=n)) for n in CALIBRATION_LENGTHS]
         packed = encode_packed(seqs)
         batch = PackedBatch(packed.tokens, packed.cu_seqlens, self.device)
         layer = max(self.layers)
-        rep = self.model(batch, frozenset([layer]))[layer].float().cpu().numpy()
+        rep = model(batch, frozenset([layer]))[layer].float().cpu().numpy()
         cu = packed.cu_seqlens
         return np.stack([rep[cu[i] + 1:cu[i + 1] - 1].mean(0) for i in range(len(seqs))])
 

