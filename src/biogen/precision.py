@@ -368,6 +368,10 @@ BF16_CAPABILITY = (8, 0)  # native bf16 matrix units from Ampere on
 # 2-core AMX Xeon, so casting or quantizing activations cannot win back the gate's start-up
 SMALL_LINEAR = 1 << 16
 INT8_QUANTIZATION = "int8 linear layers, per-channel weight scales, dynamic activations"
+# dtypes whose result for one item depends on its batch mates: int8 quantizes activations
+# with one scale per batch. Models that store vectors (library embeddings) leave them out of
+# dtype=auto, so that a molecule's stored vector is a function of the molecule alone.
+PER_BATCH_SCALE = ("int8",)
 M = TypeVar("M")
 
 
@@ -512,6 +516,35 @@ def quantize_linears(module: torch.nn.Module) -> torch.nn.Module:
             setattr(module, name, Int8Linear(child))
         else:
             quantize_linears(child)
+    return module
+
+
+class ReducedLinear(torch.nn.Module):
+    """An ``nn.Linear`` whose product runs in ``dtype`` (bfloat16/float16 weights) and whose
+    output is float32: a model can run some layers reduced and keep others (an output layer
+    whose value is the score itself) in float32, which autocast cannot."""
+
+    def __init__(self, linear: torch.nn.Linear, dtype: torch.dtype):
+        super().__init__()
+        self.register_buffer("weight", linear.weight.detach().to(dtype))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x.to(self.weight.dtype), self.weight, self.bias).float()
+
+
+def reduce_linears(module: torch.nn.Module, precision: str) -> torch.nn.Module:
+    """``module`` with every ``nn.Linear`` below it run in ``precision`` (in place): an
+    ``Int8Linear`` for int8, a ``ReducedLinear`` for bfloat16/float16, unchanged for float32."""
+    if precision == "int8":
+        return quantize_linears(module)
+    if precision == "float32":
+        return module
+    for name, child in list(module.named_children()):
+        if isinstance(child, torch.nn.Linear):
+            setattr(module, name, ReducedLinear(child, getattr(torch, precision)))
+        else:
+            reduce_linears(child, precision)
     return module
 
 

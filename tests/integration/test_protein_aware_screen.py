@@ -107,7 +107,7 @@ def test_library_embed_stores_the_compound_projections_of_a_dti_checkpoint(lib, 
     from biogen.embeddings.dti import store_name
     from biogen.search.embedding import vectors_of
 
-    rep = embed_library(lib, str(ckpt), dtype="float32", runtime=RT)
+    rep = embed_library(lib, str(ckpt), dtype="float32", compute_dtype="float32", runtime=RT)
     pred = DTIPredictor.load(ckpt)
     name = store_name(pred.sha256)
     assert rep["model"] == name and rep["rows"] == Library.open(lib).n_rows
@@ -118,13 +118,48 @@ def test_library_embed_stores_the_compound_projections_of_a_dti_checkpoint(lib, 
     assert ok.all()
     np.testing.assert_allclose(v, pred.project_compounds(library.fingerprints()), atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
-    assert embed_library(lib, str(ckpt), dtype="float32", runtime=RT)["shards_embedded"] == 0  # nothing to redo
+    again = embed_library(lib, str(ckpt), dtype="float32", compute_dtype="float32", runtime=RT)
+    assert again["shards_embedded"] == 0  # nothing to redo
 
     other = _checkpoint(tmp_path / "fcfp.ckpt", FingerprintSpec(use_features=True))
     with pytest.raises(LibraryError, match="reads fingerprints .* build the library with the model's featurizer"):
         embed_library(lib, str(other), runtime=RT)
     with pytest.raises(ConfigError, match="no such checkpoint file"):
         embed_library(lib, str(tmp_path / "missing.ckpt"), runtime=RT)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_the_compound_tower_in_reduced_precision_passes_the_gate_and_records_it(lib, ckpt, dtype):
+    from biogen.dti.predictor import DTIPredictor
+    from biogen.embeddings.dti import DTICompounds
+
+    fps = Library.open(lib).fingerprints()
+    want = DTIPredictor.load(ckpt).project_compounds(fps)
+    m = DTICompounds(ckpt, dtype=dtype)
+    got = m.embed_stored(fps).vectors
+    assert (got * want).sum(1).min() >= 0.999  # unit vectors: the cosine per molecule
+    ident = m.identity()
+    assert ident["dtype"] == dtype and ident["precision"]["parity_vs_float32"]["min_cosine"] >= 0.999
+    assert (ident["precision"]["quantization"] is not None) == (dtype == "int8")
+    assert DTICompounds(ckpt, dtype="float32").identity()["precision"]["parity_vs_float32"] is None
+
+
+def test_the_compound_towers_auto_never_picks_int8(ckpt, monkeypatch):
+    # stored projections must not depend on batch mates (int8's activation scale is per batch)
+    from biogen import precision
+    from biogen.embeddings.dti import DTICompounds
+
+    monkeypatch.setattr(precision, "cpu_instructions", lambda: frozenset({"amx_bf16", "amx_int8"}))
+    monkeypatch.setattr(precision, "linear_gflops", lambda dtypes, shape, threads: {"bfloat16": 1.0, "int8": 9.0})
+    monkeypatch.setattr(precision, "dtype_cache_file", lambda: Path("/nonexistent/x.json"))
+    precision._choose.cache_clear()
+    try:
+        m = DTICompounds(ckpt, dtype="auto")
+    finally:
+        precision._choose.cache_clear()
+    assert m.dtype == "bfloat16" and m.identity()["precision"]["dtype_auto"]["gflops"]["int8"] == 9.0
+    with pytest.raises(ConfigError, match="float16.*is for GPUs"):
+        DTICompounds(ckpt, dtype="float16")
 
 
 def _plain(lib: Path, dest: Path) -> Path:
@@ -154,7 +189,7 @@ def _screen(lib, ckpt, target, run_dir, **kw):
 def test_a_panel_screen_ranks_exactly_and_views_selectivity(lib, ckpt, panel, tmp_path):
     from biogen.embeddings.dti import store_name
 
-    embed_library(lib, str(ckpt), dtype="float32", runtime=RT)
+    embed_library(lib, str(ckpt), dtype="float32", compute_dtype="float32", runtime=RT)
     fasta, names, _ = panel
     target = TargetSpec(name="panel", fasta=str(fasta))
     res, scorer = _screen(lib, ckpt, target, tmp_path / "run", report=True)
@@ -288,7 +323,8 @@ def test_a_model_on_minimol_vectors_reads_the_librarys_stored_vectors(lib, panel
     np.testing.assert_allclose(got[ok], want[ok], rtol=1e-5)
     assert np.isnan(got[~ok]).all()   # no MiniMol vector, no score
 
-    rep = embed_library(mlib, str(ckpt), dtype="float32", runtime=RT)  # the tower over the stored MiniMol vectors
+    # the tower over the stored MiniMol vectors
+    rep = embed_library(mlib, str(ckpt), dtype="float32", compute_dtype="float32", runtime=RT)
     assert rep["failed"] == int((~ok).sum())
     pv, pok = vectors_of(Library.open(mlib), store_name(pred.sha256))
     assert np.array_equal(pok, ok)

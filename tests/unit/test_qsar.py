@@ -15,6 +15,7 @@ from biogen.cli.train import TrainerSpec
 from biogen.errors import ConfigError, InputError, LibraryError
 from biogen.models.data import (ActivityFileSource, MoleculeACESource, bit_indices, murcko_scaffolds,
                                 split_indices, training_source)
+from biogen.models.predictor import QSARNet
 from biogen.models.qsar import QSARModule, QSARPredictor, QSARSpec, auroc, fit_qsar, qsar_metrics
 from tests_support import compose_config
 
@@ -348,3 +349,38 @@ print("ok")
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+# --- reduced precision (biogen.precision's shared plan and gate) ----------------------------
+
+
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
+def test_reduced_precision_runs_the_hidden_layers_reduced_and_the_score_layer_in_float32(thrombin, dtype):
+    torch.manual_seed(0)
+    p = QSARPredictor(QSARNet(2048, [256, 128], task="regression", featurizer=ECFP4.to_dict(), y_mean=6.0,
+                              y_std=1.5))
+    q = p.with_precision(dtype)
+    assert q is not p and q.precision == dtype and p.precision == "float32"
+    assert isinstance(q.module.head[-1], torch.nn.Linear)  # the layer whose value is the score
+    assert isinstance(q.module.input, torch.nn.Linear)     # on the CPU a sparse sum of weight rows
+    assert not isinstance(q.module.head[2], torch.nn.Linear) and isinstance(p.module.head[2], torch.nn.Linear)
+    got, want = q.predict(thrombin.fps, batch_size=100), p.predict(thrombin.fps)
+    assert np.abs(got - want).max() < 0.02 and np.corrcoef(got, want)[0, 1] > 0.999
+    rec = q.precision_record
+    assert rec["dtype"] == dtype and rec["parity_vs_float32"]["min_cosine"] >= 0.999
+    assert (rec["quantization"] is not None) == (dtype == "int8")
+    f = p.with_precision("float32")
+    assert f is p and f.precision_record["parity_vs_float32"] is None
+
+
+def test_qsar_scorer_dtype_is_checked_in_the_driver_and_used_by_workers(trained, thrombin):
+    from biogen.screen.stages import QSARScorer
+
+    _, out = trained
+    s = QSARScorer(checkpoint=str(out / "model.ckpt"), dtype="float16")
+    with pytest.raises(ConfigError, match="float16.*is for GPUs"):
+        s.load()
+    s = QSARScorer(checkpoint=str(out / "model.ckpt"))  # float32 by default: the checkpoint's scores exactly
+    s.load()
+    assert s._predictor.precision == "float32"
+    assert np.array_equal(s._predictor.predict(thrombin.fps), QSARPredictor.load(out).predict(thrombin.fps))

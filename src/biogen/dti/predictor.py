@@ -100,7 +100,7 @@ class DTINet(nn.Module):
 
     def compounds(self, x: torch.Tensor) -> torch.Tensor:
         """B x nbytes packed bits (or B x dim compound embeddings) -> B x latent, L2-normalized."""
-        return F.normalize(self.compound(x.float() if self.dense else self.unpack(x)), dim=-1)
+        return F.normalize(self.compound(x.float() if self.dense else self.unpack(x)).float(), dim=-1)
 
     def proteins(self, vectors: torch.Tensor) -> torch.Tensor:
         """B x E PLM vectors -> B x latent, L2-normalized."""
@@ -129,6 +129,8 @@ class DTIPredictor:
     info: dict = field(default_factory=dict)
     path: str | None = None        # the checkpoint file it was loaded from
     sha256: str | None = None      # that file's sha256 (names the library vectors it projects)
+    precision: str = "float32"     # the compound tower's (``biogen.embeddings.dti``: bfloat16/float16
+                                   # under autocast; int8: its linear layers are ``precision.Int8Linear``)
 
     @property
     def latent(self) -> int:
@@ -142,10 +144,21 @@ class DTIPredictor:
     @torch.inference_mode()
     def project_compounds(self, x: np.ndarray, batch_size: int = 65536) -> np.ndarray:
         """Unit compound projections (N x latent float32) of packed fingerprints, or of a
-        compound model's vectors for a dense model (a NaN row, no vector, stays NaN)."""
+        compound model's vectors for a dense model (a NaN row, no vector, stays NaN), in the
+        tower's ``precision``."""
+        from biogen.precision import autocast
+
+        dev = self.device
+        with autocast(dev, self.precision):
+            return self._project_compounds(x, batch_size, dev)
+
+    @property
+    def device(self) -> torch.device:
+        return self.net.p_mean.device  # a buffer: an int8 tower has no float parameters
+
+    def _project_compounds(self, x: np.ndarray, batch_size: int, dev: torch.device) -> np.ndarray:
         from biogen.models.predictor import as_words, bytes_tensor
 
-        dev = next(self.net.parameters()).device
         if self.dense:
             v = np.asarray(x, dtype=np.float32)
             if v.ndim != 2 or v.shape[1] != self.net.nbits:
@@ -169,7 +182,7 @@ class DTIPredictor:
         if v.ndim != 2 or v.shape[1] != self.protein["dim"]:
             raise InputError(f"protein vectors: expected N x {self.protein['dim']} ({self.protein['model']}), got "
                              f"{v.shape}")
-        dev = next(self.net.parameters()).device
+        dev = self.device
         return self.net.proteins(torch.from_numpy(v).to(dev)).cpu().numpy()
 
     def affinity(self, cosine: np.ndarray) -> np.ndarray:

@@ -66,6 +66,26 @@ class EmbeddingSpec:
                 if getattr(self, k) != getattr(other, k)]
 
 
+# molecules every compound model's parity gate (``biogen.precision.build_gated``) embeds in
+# float32 and in the reduced dtype: drugs with charges, fused rings, a quaternary ammonium
+CALIBRATION_SMILES = ("CC(=O)Oc1ccccc1C(=O)O", "Cn1cnc2c1c(=O)n(C)c(=O)n2C", "CC(C)Cc1ccc(cc1)C(C)C(=O)O",
+                      "O=C(O)c1ccccc1O", "c1ccc2c(c1)ccc1ccccc12", "C[N+](C)(C)CCO",
+                      "CC1=C(C(=O)OC)C(c2ccccc2[N+](=O)[O-])C(C(=O)OC)=C1C", "Clc1ccc(cc1)C(c1ccccc1)N1CCNCC1")
+
+
+def calibration_inputs(featurizer) -> np.ndarray:
+    """What a model reading ``featurizer`` gets for ``CALIBRATION_SMILES``: their fingerprints
+    (a ``FingerprintSpec``), or their float32 vectors of that compound model (an
+    ``EmbeddingSpec``): the inputs of the QSAR and DTI models' parity gates."""
+    from rdkit import Chem
+
+    from biogen.chem.fingerprints import Fingerprinter
+
+    if isinstance(featurizer, EmbeddingSpec):
+        return load_model(featurizer.model, dtype="float32").embed(list(CALIBRATION_SMILES)).vectors
+    return Fingerprinter(featurizer).compute([Chem.MolFromSmiles(s) for s in CALIBRATION_SMILES])
+
+
 @dataclass(frozen=True)
 class ModelFeaturizer:
     """``featurizer=minimol``: a compound embedding model's vectors as a trained model's input

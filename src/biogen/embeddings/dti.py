@@ -52,12 +52,53 @@ class DTICompounds(CompoundModel):
         self.weights_sha256 = self.predictor.sha256
         self.weights_path = self.predictor.path
         self.batch_size = max(1, int(batch_size))
-        self.dtype = "float32"  # a two-layer MLP: reduced precision would save little and move the ranking
         if str(device) not in ("auto", "cpu"):
             self.predictor.net.to(device)
+        self.gate = self._gated(str(dtype).lower())
+        self.predictor = self.gate.model
+        self.dtype = self.gate.precision
+
+    def _gated(self, dtype: str):
+        """The predictor whose compound tower runs in the first dtype of ``biogen.precision``'s
+        plan that passes the parity gate (its projections of ``CALIBRATION_SMILES`` against
+        float32's, cosine per molecule). auto: bf16 on GPUs, on CPUs bf16 where the tower's
+        first layer (nbits -> hidden) times faster than fp32 allows; never int8, whose per-batch
+        activation scale would make a stored vector depend on its batch mates
+        (``PER_BATCH_SCALE``); ``dtype=int8`` (CPU) quantizes both layers."""
+        import copy
+        import dataclasses
+
+        from biogen import precision
+
+        base, dev = self.predictor, self.predictor.device
+        valid = ("float32", "bfloat16", "float16") if dev.type == "cuda" else ("float32", "bfloat16", "int8")
+        if dtype == "auto":
+            valid = tuple(d for d in valid if d not in precision.PER_BATCH_SCALE)
+        plan = precision.plan_precision(dtype, dev, precision.largest_linear(base.net.compound),
+                                        what="DTI compound dtype", valid=valid)
+
+        def build(prec: str):
+            if prec == "float32":
+                return base
+            net = copy.deepcopy(base.net)
+            if prec == "int8":
+                precision.quantize_linears(net.compound)
+            return dataclasses.replace(base, net=net, precision=prec)
+
+        inputs: list[np.ndarray] = []
+
+        def calibrate(pred) -> np.ndarray:
+            if not inputs:  # made once, only when a reduced dtype is tried
+                from biogen.embeddings.base import calibration_inputs
+
+                inputs.append(calibration_inputs(self.featurizer))
+            return pred.project_compounds(inputs[0], self.batch_size)
+
+        return precision.build_gated(plan, build, calibrate, f"DTI compound tower ({self.weights_path})")
 
     def identity(self) -> dict:
-        return {**super().identity(), "dtype": self.dtype}
+        return {**super().identity(), "dtype": self.dtype,
+                "precision": {k: v for k, v in self.gate.record().items() if k != "dtype"}}
 
     def check_library(self, library) -> None:
         """The library stores what the model reads: its fingerprints, or complete vectors of

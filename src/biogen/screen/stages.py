@@ -336,16 +336,23 @@ class QSARScorer(_Base):
     of the same model version (refused when the library has none or others); a molecule
     without a vector gets no score (NaN: ranked last by this scorer). Workers load the
     checkpoint once and keep the model (on the GPU when the run has one).
+
+    dtype: the dense layers' precision (``QSARPredictor.with_precision``: float32 | auto |
+    bfloat16 | int8 on CPUs | float16 on GPUs, behind the shared parity gate). float32 by
+    default: the scores are then exactly the checkpoint's, and on the CPU a fingerprint
+    model's largest cost is its sparse input layer, which stays float32 in every dtype.
     """
 
     kind = "score"
     worker_modules = ("torch", "biogen.models.predictor")
 
     def __init__(self, checkpoint: str | None = None, model: Mapping | None = None,
-                 batch_size: int = 65536, name: str | None = None):
+                 batch_size: int = 65536, name: str | None = None, dtype: str = "float32"):
         self.checkpoint = None if checkpoint is None else str(checkpoint)
         self.model_settings = dict(model or {})
         self.batch_size = int(batch_size)
+        self.dtype = str(dtype)
+        self.precision: dict | None = None
         self.name = name or "qsar"
         self.task = None
         self.accelerator = "cpu"
@@ -400,6 +407,8 @@ class QSARScorer(_Base):
         from biogen.embeddings.base import EmbeddingSpec
 
         self.task = predictor.task
+        # the precision the workers will run in (they gate again on their own CPU): fail here
+        self.precision = predictor.with_precision(self.dtype).precision_record
         if not predictor.dense:
             predictor.check_featurizer(ctx.featurizer, "library")
             return
@@ -414,9 +423,10 @@ class QSARScorer(_Base):
         if self._predictor is None:
             from biogen.models.predictor import QSARPredictor  # torch only: workers never import Lightning
 
-            self._predictor = QSARPredictor.load(self.checkpoint)
+            predictor = QSARPredictor.load(self.checkpoint)
             if self.accelerator != "cpu":
-                self._predictor = self._predictor.to(self.accelerator)
+                predictor = predictor.to(self.accelerator)
+            self._predictor = predictor.with_precision(self.dtype)
 
     def __call__(self, batch: MoleculeBatch) -> np.ndarray:
         if self._predictor is None:
@@ -433,7 +443,8 @@ class QSARScorer(_Base):
     def describe(self) -> str:
         what = "P(active)" if self.task == "classification" else "predicted pActivity"
         inputs = f"{self.embeddings} embeddings" if self.embeddings else "fingerprint"
-        return f"{self.name}: {inputs} MLP ({what}) from {self.checkpoint}"
+        dtype = (self.precision or {}).get("dtype", "float32")
+        return f"{self.name}: {inputs} MLP ({what}) from {self.checkpoint}" + ("" if dtype == "float32" else f", {dtype}")
 
 
 class ADMETScorer(_Base):
