@@ -9,7 +9,8 @@ import pytest
 from biogen.screen.metrics import (EnrichmentMetrics, TieCounts, _block_sum, distinct_values, fractional_ranks,
                                    null_model, pick_null_model, property_ranking, tie_counts, zscores)
 from biogen.screen.selection import best_first
-from biogen.screen.streaming import StreamingScreen, bucket_bounds, merge_moments, _moments
+from biogen.screen.streaming import (RUN_SAMPLE, SAMPLE_PER_BUCKET, StreamingScreen, bucket_bounds, merge_moments,
+                                     _moments, run_sample)
 
 
 def _split(n: int, parts: int, rng) -> list[slice]:
@@ -132,14 +133,24 @@ def test_merged_moments_give_the_in_memory_zscores():
 
 # ----------------------------------------------------------------------------- the sample sort
 
-def _job(tmp_path, sizes: list[int]) -> StreamingScreen:
-    return StreamingScreen(str(tmp_path), "unused", tuple((f"s{i}", n) for i, n in enumerate(sizes)), (), ("x",),
-                           (("x", 1.0),), "rank", None, None, (), (), "t")
+def test_run_sample_keeps_the_driver_sample_per_bucket_not_per_shard():
+    # 100M rows in 100,000 shards, 1,000 buckets: ceil(512,000 / 100,000) = 6 values per shard, not 64
+    assert run_sample(100_000, 1_000) == 6
+    assert run_sample(100_000, 10) == 4
+    assert run_sample(10, 1_000) == RUN_SAMPLE
+    assert run_sample(0, 1) == RUN_SAMPLE
+    for shards, buckets in [(1_000, 100), (10_000, 1_000), (30_000, 3_000)]:
+        assert run_sample(shards, buckets) * shards >= SAMPLE_PER_BUCKET * buckets
+
+def _job(tmp_path, sizes: list[int], run_sample: int = RUN_SAMPLE) -> StreamingScreen:
+    return StreamingScreen(str(tmp_path), "unused", len(sizes), sum(sizes), (), ("x",),
+                           (("x", 1.0),), "rank", None, None, (), (), "t", run_sample)
 
 
-def _sample_sort(tmp_path, values: np.ndarray, shards: list[slice], buckets: int, average: bool) -> np.ndarray:
+def _sample_sort(tmp_path, values: np.ndarray, shards: list[slice], buckets: int, average: bool,
+                 sample: int = RUN_SAMPLE) -> np.ndarray:
     """Global ranks of ``values`` (split into ``shards``) through the rounds' own code."""
-    job = _job(tmp_path, [sl.stop - sl.start for sl in shards])
+    job = _job(tmp_path, [sl.stop - sl.start for sl in shards], sample)
     samples = []
     for i, sl in enumerate(shards):
         v = values[sl]
@@ -172,9 +183,10 @@ def test_sample_sort_ranks_equal_the_in_memory_ranks(tmp_path, buckets, case):
     shards = _split(n, 6, rng) if case == "empty_shards" else [slice(a, min(a + 700, n)) for a in range(0, n, 700)]
     if case == "empty_shards":
         shards = [slice(0, 0), *shards, slice(n, n)]
-    # fractional ranks (rank fusion): bit for bit
-    got = _sample_sort(tmp_path / "avg", v, shards, buckets, True)
-    np.testing.assert_array_equal(got, fractional_ranks(v))
+    # fractional ranks (rank fusion): bit for bit, whatever sample the runs offer
+    for sample in (4, RUN_SAMPLE):
+        got = _sample_sort(tmp_path / f"avg{sample}", v, shards, buckets, True, sample)
+        np.testing.assert_array_equal(got, fractional_ranks(v))
     # best-first positions of the fused scores (ties in library order, NaN last)
     key = -v
     got = _sample_sort(tmp_path / "ord", key, shards, buckets, False)

@@ -29,6 +29,7 @@ import os
 import re
 import socket
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,13 +123,42 @@ def storage_error(path: Path, exc: OSError) -> StorageError:
                         "free space (or raise the quota) and rerun the same command to resume")
 
 
+class Entries(Mapping):
+    """The ledger's shard entries by key, read from its file when asked for: in memory only
+    each key's (offset, length) in the file (~0.2 KB), not the entry itself (its outputs'
+    paths, hashes and stats and its result), so that a driver running 10^5 shards of
+    several rounds keeps a few MB, not the ledger's GB."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._at: dict[str, tuple[int, int]] = {}
+
+    def index(self, key: str, offset: int, length: int) -> None:
+        self._at[key] = (offset, length)
+
+    def __getitem__(self, key: str) -> dict:
+        offset, length = self._at[key]
+        with open(self.path, "rb") as fh:
+            fh.seek(offset)
+            return json.loads(fh.read(length))
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._at
+
+    def __iter__(self):
+        return iter(self._at)
+
+    def __len__(self) -> int:
+        return len(self._at)
+
+
 class Ledger:
     def __init__(self, path: Path, job_key: str, root: Path | None = None):
         """``root``: the directory shard outputs are relative to (default: the ledger's own)."""
         self.path = Path(path)
         self.root = Path(root) if root is not None else self.path.parent
         self.job_key = job_key
-        self.entries: dict[str, dict] = {}
+        self.entries = Entries(self.path)
         self.events: list[dict] = []
         if self.path.exists():
             self._load()
@@ -139,43 +169,49 @@ class Ledger:
                    command=COMMAND, cwd=os.getcwd(), resumed=len(self.entries))
 
     def _load(self) -> None:
-        with open(self.path) as fh:
-            text = fh.read()
-        lines = text.splitlines()
-        try:
-            header = json.loads(lines[0]) if lines else {}
-        except json.JSONDecodeError:
-            header = {}
-        if not header:  # killed before the header was written: nothing was done yet
-            self.path.write_text(json.dumps({"job_key": self.job_key}) + "\n")
-            return
-        if header.get("job_key") != self.job_key:
-            raise LibraryError(
-                f"{self.root} holds an interrupted job with other parameters, inputs or tool "
-                "versions; rerun that job's command to finish it, or delete "
-                f"{self.root} to abandon it (for a build, overwrite=true starts over)"
-            )
-        if not text.endswith("\n"):  # a line cut by a kill: end it so the next entry stands alone
+        with open(self.path, "rb") as fh:
+            first = fh.readline()
+            try:
+                header = json.loads(first) if first.strip() else {}
+            except json.JSONDecodeError:
+                header = {}
+            if not header:  # killed before the header was written: nothing was done yet
+                self.path.write_text(json.dumps({"job_key": self.job_key}) + "\n")
+                return
+            if header.get("job_key") != self.job_key:
+                raise LibraryError(
+                    f"{self.root} holds an interrupted job with other parameters, inputs or tool "
+                    "versions; rerun that job's command to finish it, or delete "
+                    f"{self.root} to abandon it (for a build, overwrite=true starts over)"
+                )
+            offset, cut = len(first), not first.endswith(b"\n")
+            for line in fh:
+                cut = not line.endswith(b"\n")
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    entry = {}  # a line cut by a kill: that shard is simply redone
+                if "event" in entry:
+                    self.events.append(entry)
+                elif "key" in entry:
+                    self.entries.index(entry["key"], offset, len(line))
+                offset += len(line)
+        if cut:  # a line cut by a kill: end it so the next entry stands alone
             with open(self.path, "a") as fh:
                 fh.write("\n")
-        for line in lines[1:]:
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill: that shard is simply redone
-            if "event" in entry:
-                self.events.append(entry)
-            elif "key" in entry:
-                self.entries[entry["key"]] = entry
 
-    def _append(self, obj: dict) -> None:
+    def _append(self, obj: dict) -> tuple[int, int]:
+        """Append one JSON line (fsynced); returns its (offset, length) in the file."""
+        data = (json.dumps(obj, sort_keys=True, default=str) + "\n").encode()
         try:
-            with open(self.path, "a") as fh:
-                fh.write(json.dumps(obj, sort_keys=True, default=str) + "\n")
+            with open(self.path, "ab") as fh:
+                offset = fh.seek(0, os.SEEK_END)
+                fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
         except OSError as exc:
             raise storage_error(self.path, exc) from exc
+        return offset, len(data)
 
     def event(self, kind: str, **fields) -> None:
         """Append an event for ``biogen status``. Best effort: an event that cannot be written
@@ -224,5 +260,4 @@ class Ledger:
         rows = shard_rows(result)
         if rows is not None:
             entry["rows"] = rows
-        self._append(entry)
-        self.entries[key] = entry
+        self.entries.index(key, *self._append(entry))

@@ -362,11 +362,18 @@ def _call(fn: Callable, *args):
     return fn(*args)
 
 
-def _collect(results: Iterator[tuple[str, object]], bar) -> dict[str, dict]:
-    """Every ``(key, result)`` of a stream, in a dict; the bar counts them."""
+def _collect(results: Iterator[tuple[str, object]], bar, reduce=None) -> dict[str, dict]:
+    """Every ``(key, result)`` of a stream, in a dict; the bar counts them.
+
+    With ``reduce``, each pair goes to ``reduce(key, result)`` as it arrives and nothing
+    is kept (the dict returned is empty): a driver folding results keeps no per-shard list.
+    """
     out: dict[str, dict] = {}
     for key, result in results:
-        out[key] = result
+        if reduce is None:
+            out[key] = result
+        else:
+            reduce(key, result)
         bar.update(1)
     return out
 
@@ -394,16 +401,18 @@ def run_shards(
     slots: int,
     desc: str,
     total: int | None = None,
+    reduce: Callable[[str, dict], None] | None = None,
 ) -> dict[str, dict]:
     """Run ``fn(*args) -> (output relpaths, result)`` for each ``(key, args)`` not yet done.
 
     Shards are streamed: at most ``2 * slots`` are in flight, so an input larger than
     memory is never materialized. Each finished shard is recorded in the ledger at once.
-    Returns ``{key: result}`` for all shards, finished now or before.
+    Returns ``{key: result}`` for all shards, finished now or before; with ``reduce``,
+    each ``(key, result)`` is handed to it instead and an empty dict is returned.
     """
     with _phase(ledger, desc, total, spec) as bar:
         return _collect(stream_shards(fn, shards, spec=spec, slots=slots, total=total, ledger=ledger, phase=desc),
-                        bar)
+                        bar, reduce)
 
 
 def run_shards_on_actors(

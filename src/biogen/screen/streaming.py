@@ -11,12 +11,14 @@ the same command resumes; keys carry a digest of the fusion, labels and knobs, f
    null-model properties, per-scorer moments (count, mean, M2 of the non-NaN scores of the
    molecules that passed the filters: merged with Chan's formula for zscore fusion) and,
    for rank fusion of several scorers, each scorer's sorted run (values + rows) and a
-   small sample of it.
+   small sample of it (``run_sample`` values: ~``SAMPLE_PER_BUCKET`` per bucket over all
+   shards, so the driver's sample grows with the buckets, not with the shards).
 2. rank <scorer> (per bucket, rank fusion of several scorers only): a sample sort. The
    driver picks bucket boundaries from the shards' samples; a bucket task gathers its value
    range from every shard's run (``np.searchsorted`` on memory maps), computes average
    ranks exactly as ``metrics.average_ranks`` with the bucket's global offset (equal values
-   never straddle buckets) and writes them back per (shard, bucket).
+   never straddle buckets) and writes them as ONE file per bucket (ranks in shard order,
+   with each shard's start offset): a shard reads its slice of each bucket's file.
 3. fuse (per shard): the fused score (``weighted_fusion`` over the reassembled fractional
    ranks: the same float operations, so bit for bit the in-memory value; z-scores from the
    merged moments, equal to ~1e-12), the sorted run of ``-fused`` and the actives' values.
@@ -29,6 +31,11 @@ the same command resumes; keys carry a digest of the fusion, labels and knobs, f
    (exact: ranks are global; no merge is needed). ``select_hits`` walks them, reading
    scaffolds, SMILES and fingerprints of those rows only; if the walk reaches the end of
    the K candidates while rows remain, K doubles and the round runs again (exact).
+
+The driver folds each round's results as they arrive (``run_shards(..., reduce=...)``:
+the funnel's sums, the moments, the run samples, the labelled actives and their values,
+summed tie counts) and keeps no per-shard result list; the ledger keeps each result on
+disk and, in memory, only its offset (``runtime.ledger.Entries``).
 
 ``biogen.screen.pipeline`` picks this path with ``streaming`` (auto: above ``AUTO_ROWS``).
 """
@@ -59,7 +66,8 @@ from biogen.screen.selection import SelectionSpec, select_hits
 log = logging.getLogger(__name__)
 AUTO_ROWS = 2_000_000          # streaming=auto: streaming above this many library rows
 ROWS_PER_BUCKET = 4_000_000    # sample sort: values per bucket task (default bucket count)
-RUN_SAMPLE = 64                # values each shard's sorted run offers for the bucket boundaries
+RUN_SAMPLE = 64                # at most, values each shard's sorted run offers for the bucket boundaries
+SAMPLE_PER_BUCKET = 512        # sample values per bucket over all shards (boundaries within ~1/512 of a bucket)
 REPORT_SAMPLE = 20_000         # rows (all shards) behind the report's histograms and property plot
 FUSED = "_fused"               # the run of -fused scores (the screen's order)
 
@@ -101,13 +109,17 @@ class StreamingSpec:
 
 @dataclass(frozen=True)
 class StreamingScreen:
-    """What every task of a streaming screen needs (small: sent with each task). shards:
-    (name, rows) in library order; used: the scorers in the fusion with their weights;
-    key/labels: the dedupe-key column and the label key set (None: no labels)."""
+    """What every task of a streaming screen needs (small and of a size independent of the
+    library's: sent with each task; a task finds shard ``i``'s name in the library's manifest,
+    read once per worker process). n_shards/n_rows: the library's; used: the scorers in the
+    fusion with their weights; key/labels: the dedupe-key column and the label key set (None:
+    no labels); run_sample: the values each shard's sorted run offers for the bucket
+    boundaries (``run_sample``)."""
 
     run_dir: str
     library: str
-    shards: tuple[tuple[str, int], ...]
+    n_shards: int
+    n_rows: int
     filters: tuple[str, ...]
     scorers: tuple[str, ...]
     used: tuple[tuple[str, float], ...]
@@ -117,6 +129,7 @@ class StreamingScreen:
     null_props: tuple[str, ...]
     report_props: tuple[str, ...]
     tag: str
+    run_sample: int = RUN_SAMPLE
 
     @property
     def root(self) -> Path:
@@ -127,10 +140,6 @@ class StreamingScreen:
         """Rank fusion of several scorers: global fractional ranks are needed."""
         return self.method == "rank" and len(self.used) > 1
 
-    @property
-    def n_rows(self) -> int:
-        return sum(r for _, r in self.shards)
-
     def _rel(self, path: Path) -> str:
         return str(path.relative_to(self.run_dir))
 
@@ -139,7 +148,7 @@ class StreamingScreen:
 
     def _scores(self, i: int) -> tuple[pa.Table, np.ndarray, list[int]]:
         """The shard's score table, its alive mask and the alive count after each filter."""
-        t = feather.read_table(Path(self.run_dir) / f"shards/{self.shards[i][0]}.arrow", memory_map=True)
+        t = feather.read_table(Path(self.run_dir) / f"shards/{self._shard(i).name}.arrow", memory_map=True)
         alive = np.ones(t.num_rows, dtype=bool)
         after = []
         for f in self.filters:
@@ -160,24 +169,33 @@ class StreamingScreen:
             out.append(self._write(self.root / "runs" / name / f"{i:06d}.{suffix}.npy", arr))
         v = values[order]
         m = len(v) - int(np.isnan(v).sum())
-        pick = np.unique(np.linspace(0, m - 1, min(m, RUN_SAMPLE)).astype(np.int64)) if m else np.zeros(0, np.int64)
+        pick = (np.unique(np.linspace(0, m - 1, min(m, self.run_sample)).astype(np.int64)) if m
+                else np.zeros(0, np.int64))
         return out, v[pick].tolist()
 
     def _run(self, name: str, i: int) -> tuple[np.ndarray, np.ndarray]:
         d = self.root / "runs" / name
         return np.load(d / f"{i:06d}.val.npy", mmap_mode="r"), np.load(d / f"{i:06d}.idx.npy", mmap_mode="r")
 
-    def _piece(self, name: str, i: int, j: int) -> Path:
-        return self.root / "ranks" / name / f"{i:06d}" / f"b{j:05d}.npy"
+    def _bucket(self, name: str, j: int) -> tuple[Path, Path]:
+        """Bucket ``j``'s ranks (shard after shard) and each shard's start in them (n_shards + 1)."""
+        d = self.root / "ranks" / name
+        return d / f"b{j:05d}.npy", d / f"b{j:05d}.starts.npy"
 
     def _assemble(self, name: str, i: int, bounds: list[float], n: int, fill) -> np.ndarray:
-        """A shard's ranks from its bucket pieces, in row order (``fill`` where it has no value)."""
+        """A shard's ranks from its slice of each bucket file, in row order (``fill`` where it
+        has no value)."""
         val, idx = self._run(name, i)
         out = np.full(n, fill, dtype=np.float64 if isinstance(fill, float) else np.int64)
         for j in range(len(bounds) + 1):
             lo, hi = _cut(val, bounds, j)
             if hi > lo:
-                out[np.asarray(idx[lo:hi])] = np.load(self._piece(name, i, j))
+                ranks, starts = (np.load(f, mmap_mode="r") for f in self._bucket(name, j))
+                a, b = int(starts[i]), int(starts[i + 1])
+                if b - a != hi - lo:
+                    raise CorruptLibraryError(f"streaming screen: bucket {j} of {name} holds {b - a} values of shard "
+                                              f"{i}, its run {hi - lo}; delete {self.root} and rerun")
+                out[np.asarray(idx[lo:hi])] = ranks[a:b]
         return out
 
     # ------------------------------------------------------------- round 1: stats
@@ -211,9 +229,10 @@ class StreamingScreen:
     def bucket_ranks(self, name: str, j: int, bounds: list[float], n_alive: int, average: bool
                      ) -> tuple[list[str], dict]:
         """Bucket ``j`` of run ``name``: average ranks / ``n_alive`` (fractional ranks) or
-        1-based positions (stable: ties in shard, row order), written per shard."""
+        1-based positions (stable: ties in shard, row order), in one file (shard after shard,
+        each shard's start beside it: two files per bucket, whatever the shard count)."""
         pieces, offset = [], 0
-        for i in range(len(self.shards)):
+        for i in range(self.n_shards):
             val, _ = self._run(name, i)
             lo, hi = _cut(val, bounds, j)
             offset += lo  # values of this shard in the buckets below
@@ -224,12 +243,10 @@ class StreamingScreen:
         else:
             ranks = np.empty(len(x), dtype=np.int64)
             ranks[np.argsort(x, kind="stable")] = offset + np.arange(1, len(x) + 1)
-        outputs, at = [], 0
-        for i, p in enumerate(pieces):
-            if len(p):
-                outputs.append(self._write(self._piece(name, i, j), ranks[at:at + len(p)]))
-            at += len(p)
-        return outputs, {"rows": len(x)}
+        starts = np.zeros(self.n_shards + 1, dtype=np.int64)
+        np.cumsum([len(p) for p in pieces], out=starts[1:])
+        files = self._bucket(name, j)
+        return [self._write(files[0], ranks), self._write(files[1], starts)], {"rows": len(x)}
 
     # ------------------------------------------------------------- round 3: fuse
     def fuse(self, i: int, bounds: dict, moments: dict, actives: list[int]) -> tuple[list[str], dict]:
@@ -403,7 +420,8 @@ def _zscore(x: np.ndarray, mean: float, sd: float) -> np.ndarray:
 
 def bucket_bounds(samples: list[list[float]], buckets: int) -> list[float]:
     """Up to ``buckets - 1`` increasing boundaries from the shards' samples (NaN left out)."""
-    s = np.sort(np.asarray([v for part in samples for v in part], dtype=np.float64))
+    parts = [np.asarray(part, dtype=np.float64).ravel() for part in samples if part is not None]
+    s = np.sort(np.concatenate(parts)) if parts else np.zeros(0)
     s = s[~np.isnan(s)]
     if buckets <= 1 or not len(s):
         return []
@@ -493,52 +511,157 @@ class Streamed:
     sample: pa.Table | None
 
 
+def run_sample(n_shards: int, buckets: int) -> int:
+    """The values each shard's sorted run offers for the bucket boundaries: ``SAMPLE_PER_BUCKET``
+    per bucket over all shards (at least 4 and at most ``RUN_SAMPLE`` per shard), so that the
+    driver's samples stay ~512 per bucket, not 64 per shard. Only the buckets' balance depends
+    on it, never a rank."""
+    return int(min(RUN_SAMPLE, max(4, -(-SAMPLE_PER_BUCKET * buckets // max(n_shards, 1)))))
+
+
 def make_job(run_dir: Path, lib, filters: list[str], scorers: list[str], used: dict[str, float], method: str,
              key: str, label_set: set | None, null_props: list[str], report_props: list[str],
              spec: StreamingSpec) -> StreamingScreen:
     labels = tuple(sorted(label_set)) if label_set else None
+    n_shards, n_rows = len(lib.shards), int(lib.n_rows)
+    sample = run_sample(n_shards, spec.buckets or max(1, -(-n_rows // ROWS_PER_BUCKET)))
     tag = json_digest({"used": list(used.items()), "method": method, "labels": labels, "key": key,
-                       "null": null_props, "report": report_props, "buckets": spec.buckets})[:12]
-    return StreamingScreen(str(run_dir), str(lib.path), tuple((s.name, s.rows) for s in lib.shards), tuple(filters),
-                           tuple(scorers), tuple(used.items()), method, key if labels else None, labels,
-                           tuple(null_props) if labels else (), tuple(report_props), tag)
+                       "null": null_props, "report": report_props, "buckets": spec.buckets, "sample": sample})[:12]
+    return StreamingScreen(str(run_dir), str(lib.path), n_shards, n_rows, tuple(filters), tuple(scorers),
+                           tuple(used.items()), method, key if labels else None, labels,
+                           tuple(null_props) if labels else (), tuple(report_props), tag, sample)
 
 
 class _Rounds:
-    """Runs one round's tasks (ledgered, with a progress bar) and returns results in task order."""
+    """Runs one round's tasks (ledgered, with a progress bar). Without ``take``, returns the
+    results in task order (the top-K round: K rows in all); with it, hands each result to
+    ``take(task index, result)`` as it arrives and keeps none (the per-shard rounds: the
+    driver keeps what the tallies keep)."""
 
     def __init__(self, job: StreamingScreen, ledger: Ledger, runtime: RuntimeSpec, slots: int):
         self.job, self.ledger, self.runtime, self.slots = job, ledger, runtime, slots
 
-    def __call__(self, desc: str, tasks: list[tuple[str, tuple]]) -> list[dict]:
+    def __call__(self, desc: str, tasks: list[tuple[str, tuple]], take: Callable | None = None) -> list[dict]:
         if not tasks:
             return []
         keys = [f"stream-{self.job.tag}-{k}" for k, _ in tasks]
-        done = run_shards(run_step, ((k, (self.job, *a)) for k, (_, a) in zip(keys, tasks)), ledger=self.ledger,
-                          spec=self.runtime, slots=self.slots, desc=f"screen: {desc}", total=len(tasks))
-        return [done[k] for k in keys]
+        kw = dict(ledger=self.ledger, spec=self.runtime, slots=self.slots, desc=f"screen: {desc}", total=len(tasks))
+        work = ((k, (self.job, *a)) for k, (_, a) in zip(keys, tasks))
+        if take is None:
+            done = run_shards(run_step, work, **kw)
+            return [done[k] for k in keys]
+        where = {k: i for i, k in enumerate(keys)}
+        run_shards(run_step, work, **kw, reduce=lambda key, result: take(where[key], result))
+        return []
+
+
+class _StatsTally:
+    """What the driver keeps of the stats round: the funnel's sums, each scorer's run sample
+    (``run_sample`` values per shard) and moments (4 numbers per shard), and the labelled
+    actives of the shards that have any."""
+
+    def __init__(self, job: StreamingScreen):
+        self.alive, self.after = 0, np.zeros(len(job.filters), dtype=np.int64)
+        self.samples: dict[str, list] = {k: [None] * job.n_shards for k, _ in job.used}
+        self.moments = {k: np.zeros((job.n_shards, 4)) for k, _ in job.used}
+        self.actives: dict[int, dict] = {}
+        self.actives_after = np.zeros(len(job.filters), dtype=np.int64)
+
+    def __call__(self, i: int, r: dict) -> None:
+        self.alive += r["alive"]
+        self.after += np.asarray(r["after"], dtype=np.int64)
+        for k, v in r["samples"].items():
+            self.samples[k][i] = np.asarray(v, dtype=np.float64)
+        for k, m in r["moments"].items():
+            self.moments[k][i] = m
+        if "actives" in r:
+            self.actives_after += np.asarray(r["actives_after"], dtype=np.int64)
+            if r["actives"]:
+                self.actives[i] = {"rows": r["actives"], "alive": r["actives_alive"], "props": r["active_props"]}
+
+    def merged_moments(self, k: str) -> tuple[float, float]:
+        return merge_moments([[int(c), mu, q, bool(f)] for c, mu, q, f in self.moments[k].tolist()])
+
+    def rows(self, i: int) -> list[int]:
+        return self.actives[i]["rows"] if i in self.actives else []
+
+    def n_actives(self) -> int:
+        return sum(len(a["rows"]) for a in self.actives.values())
+
+    def alive_flags(self) -> np.ndarray:
+        """Whether each active passed the filters (shard order)."""
+        return np.asarray([x for i in sorted(self.actives) for x in self.actives[i]["alive"]], dtype=bool)
+
+    def prop(self, c: str) -> np.ndarray:
+        return np.asarray([x for i in sorted(self.actives) for x in self.actives[i]["props"][c]], dtype=np.float64)
+
+    def keys(self) -> set[tuple[int, int]]:
+        return {(i, a) for i, r in self.actives.items() for a in r["rows"]}
+
+
+class _FusedTally:
+    """The fuse round's run samples and the actives' fused values (by shard)."""
+
+    def __init__(self, job: StreamingScreen):
+        self.samples: list = [None] * job.n_shards
+        self.active_values: dict[int, list[float]] = {}
+
+    def __call__(self, i: int, r: dict) -> None:
+        self.samples[i] = np.asarray(r["sample"], dtype=np.float64)
+        if r["active_values"]:
+            self.active_values[i] = r["active_values"]
+
+    def values(self) -> np.ndarray:
+        return np.asarray([v for i in sorted(self.active_values) for v in self.active_values[i]], dtype=np.float64)
+
+
+class _CountsTally:
+    """The final round's tie counts, summed as they arrive (integers: any order)."""
+
+    def __init__(self):
+        self.counts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def __call__(self, i: int, r: dict) -> None:
+        for key, (g, e) in r["counts"].items():
+            g, e = np.asarray(g, dtype=np.int64), np.asarray(e, dtype=np.int64)
+            if key in self.counts:
+                g, e = g + self.counts[key][0], e + self.counts[key][1]
+            self.counts[key] = (g, e)
+
+    def of(self, key: str, values: np.ndarray, active_values: np.ndarray, n: int) -> TieCounts:
+        g, e = self.counts.get(key, (np.zeros(len(values), np.int64),) * 2)
+        return TieCounts.of(values, g, e, active_values, n)
+
+
+def _rank_rounds(job: StreamingScreen, rounds: "_Rounds", stats: _StatsTally, buckets: int
+                 ) -> dict[str, list[float]]:
+    """Rank fusion of several scorers: each scorer's global fractional ranks (sample sort)."""
+    bounds: dict[str, list[float]] = {}
+    if job.fractional and stats.alive:
+        for name, _ in job.used:
+            bounds[name] = bucket_bounds(stats.samples[name], buckets)
+            rounds(f"rank {name}", [(f"rank-{name}-b{j:05d}",
+                                     ("bucket_ranks", name, j, bounds[name], stats.alive, True))
+                                    for j in range(len(bounds[name]) + 1)])
+    return bounds
 
 
 def run_streaming(job: StreamingScreen, library, selection: SelectionSpec, spec: StreamingSpec, ledger: Ledger,
                   runtime: RuntimeSpec, slots: int, report: bool) -> Streamed:
     """Every round after the score round, then the selection (see the module docstring)."""
     rounds = _Rounds(job, ledger, runtime, slots)
-    shards = range(len(job.shards))
-    stats = rounds("stats", [(f"stats-{i:06d}", ("stats", i)) for i in shards])
-    n_alive = sum(r["alive"] for r in stats)
-    funnel = [("library", job.n_rows)] + [(f, sum(r["after"][k] for r in stats)) for k, f in enumerate(job.filters)]
+    shards = range(job.n_shards)
+    stats = _StatsTally(job)
+    rounds("stats", [(f"stats-{i:06d}", ("stats", i)) for i in shards], stats)
+    n_alive = stats.alive
+    funnel = [("library", job.n_rows)] + [(f, int(stats.after[k])) for k, f in enumerate(job.filters)]
     buckets = spec.buckets or max(1, -(-n_alive // ROWS_PER_BUCKET))
-    bounds: dict[str, list[float]] = {}
-    if job.fractional and n_alive:
-        for name, _ in job.used:
-            bounds[name] = bucket_bounds([r["samples"][name] for r in stats], buckets)
-            rounds(f"rank {name}", [(f"rank-{name}-b{j:05d}", ("bucket_ranks", name, j, bounds[name], n_alive, True))
-                                    for j in range(len(bounds[name]) + 1)])
-    moments = ({k: merge_moments([r["moments"][k] for r in stats]) for k, _ in job.used}
+    bounds = _rank_rounds(job, rounds, stats, buckets)
+    moments = ({k: stats.merged_moments(k) for k, _ in job.used}
                if job.method == "zscore" and len(job.used) > 1 else {})
-    fused = rounds("fuse", [(f"fuse-{i:06d}", ("fuse", i, bounds, moments, stats[i].get("actives", [])))
-                            for i in shards])
-    order_bounds = bucket_bounds([r["sample"] for r in fused], buckets)
+    fused = _FusedTally(job)
+    rounds("fuse", [(f"fuse-{i:06d}", ("fuse", i, bounds, moments, stats.rows(i))) for i in shards], fused)
+    order_bounds = bucket_bounds(fused.samples, buckets)
     if n_alive:
         rounds("order", [(f"order-b{j:05d}", ("bucket_ranks", FUSED, j, order_bounds, n_alive, False))
                          for j in range(len(order_bounds) + 1)])
@@ -547,19 +670,18 @@ def run_streaming(job: StreamingScreen, library, selection: SelectionSpec, spec:
     values_file.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(values_file) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, **values)
-    sizes = _sample_sizes(job, REPORT_SAMPLE if report else 0)
-    final = rounds("final", [(f"final-{i:06d}", ("final", i, order_bounds, job._rel(values_file), sizes[i]))
-                             for i in shards])
+    sizes = _sample_sizes(library, REPORT_SAMPLE if report else 0)
+    final = _CountsTally()
+    rounds("final", [(f"final-{i:06d}", ("final", i, order_bounds, job._rel(values_file), sizes[i]))
+                     for i in shards], final)
     enrichment = _enrichment(job, stats, fused, values, final)
     cands, rows, chosen, scaffolds = _select(job, library, selection, spec, n_alive, rounds)
-    active_keys = None
-    if job.labels is not None:
-        active_keys = {(i, a) for i, r in enumerate(stats) for a in r["actives"]}
     sample = None
     if report:
         parts = [pq.read_table(job.root / "sample" / f"{i:06d}.parquet") for i in shards]
         sample = pa.concat_tables(parts) if parts else None
-    return Streamed(job, funnel, n_alive, cands, rows, chosen, scaffolds, active_keys, enrichment, sample)
+    return Streamed(job, funnel, n_alive, cands, rows, chosen, scaffolds,
+                    stats.keys() if job.labels is not None else None, enrichment, sample)
 
 
 def hit_values(st: Streamed, scorers: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -571,71 +693,60 @@ def hit_values(st: Streamed, scorers: list[str]) -> tuple[np.ndarray, dict[str, 
     for i in np.unique(shard).tolist():
         at = np.flatnonzero(shard == i)
         fused[at] = np.load(job.root / "fused" / f"{i:06d}.npy", mmap_mode="r")[row[at]]
-        t = feather.read_table(Path(job.run_dir) / f"shards/{job.shards[i][0]}.arrow", memory_map=True)
+        t = feather.read_table(Path(job.run_dir) / f"shards/{st.rows.library.shards[i].name}.arrow", memory_map=True)
         part = t.take(pa.array(row[at], pa.int64()))
         for k in scorers:
             cols[k][at] = _column(part, k)
     return fused, cols
 
 
-def _sample_sizes(job: StreamingScreen, total: int) -> list[int]:
-    n = max(job.n_rows, 1)
-    return [min(rows, -(-min(total, n) * rows // n)) for _, rows in job.shards]
+def _sample_sizes(library, total: int) -> list[int]:
+    n = max(library.n_rows, 1)
+    return [min(s.rows, -(-min(total, n) * s.rows // n)) for s in library.shards]
 
 
-def _active_values(job: StreamingScreen, stats: list[dict], fused: list[dict]) -> dict[str, np.ndarray]:
+def _active_values(job: StreamingScreen, stats: _StatsTally, fused: _FusedTally) -> dict[str, np.ndarray]:
     """The distinct values the actives hold in each ordering: the screen's, and each null-model
     property's both ways round (key ``<prop>|1`` high first, ``<prop>|0`` low first)."""
     if job.labels is None:
         return {}
-    out = {"screen": distinct_values(np.asarray([v for r in fused for v in r["active_values"]], dtype=np.float64))}
-    alive = np.asarray([a for r in stats for a in r["actives_alive"]], dtype=bool)
+    out = {"screen": distinct_values(fused.values())}
+    alive = stats.alive_flags()
     for c in job.null_props:
-        v = np.asarray([x for r in stats for x in r["active_props"][c]], dtype=np.float64)
+        v = stats.prop(c)
         for high in (True, False):
             out[f"{c}|{int(high)}"] = distinct_values(property_ranking(v, high, alive))
     return out
 
 
-def _counts(key: str, values: np.ndarray, active_values: np.ndarray, final: list[dict], n: int) -> TieCounts:
-    g = np.zeros(len(values), dtype=np.int64)
-    e = np.zeros(len(values), dtype=np.int64)
-    for r in final:
-        gg, ee = r["counts"][key]
-        g += np.asarray(gg, dtype=np.int64)
-        e += np.asarray(ee, dtype=np.int64)
-    return TieCounts.of(values, g, e, active_values, n)
-
-
-def _enrichment(job: StreamingScreen, stats: list[dict], fused: list[dict], values: dict[str, np.ndarray],
-                final: list[dict]) -> StreamedEnrichment | None:
+def _enrichment(job: StreamingScreen, stats: _StatsTally, fused: _FusedTally, values: dict[str, np.ndarray],
+                final: _CountsTally) -> StreamedEnrichment | None:
     """The screen's metrics and the null model's from the summed tie counts (None: no labels,
     or the labels lack a class)."""
     if job.labels is None:
         return None
     n = job.n_rows
-    p = sum(len(r["actives"]) for r in stats)
+    p = stats.n_actives()
     if p == 0 or p == n:
         return None
-    screen_values = np.asarray([v for r in fused for v in r["active_values"]], dtype=np.float64)
-    counts = _counts("screen", values["screen"], screen_values, final, n)
-    alive = np.asarray([a for r in stats for a in r["actives_alive"]], dtype=bool)
+    counts = final.of("screen", values["screen"], fused.values(), n)
+    alive = stats.alive_flags()
     options, null_counts = [], {}
     for c in job.null_props:
-        v = np.asarray([x for r in stats for x in r["active_props"][c]], dtype=np.float64)
+        v = stats.prop(c)
         for high in (True, False):
             key = f"{c}|{int(high)}"
-            null_counts[key] = _counts(key, values[key], property_ranking(v, high, alive), final, n)
+            null_counts[key] = final.of(key, values[key], property_ranking(v, high, alive), n)
             options.append((c, high, EnrichmentMetrics.from_counts(null_counts[key])))
     null = pick_null_model(options)
-    after = {f: sum(r["actives_after"][k] for r in stats) for k, f in enumerate(job.filters)}
+    after = {f: int(stats.actives_after[k]) for k, f in enumerate(job.filters)}
     return StreamedEnrichment(EnrichmentMetrics.from_counts(counts), null, counts,
                               None if null is None else null_counts[f"{null.prop}|{int(null.high_first)}"],
                               p, int(alive.sum()), after)
 
 
 def _candidates(job: StreamingScreen, k: int, rounds: Callable) -> Candidates:
-    res = rounds(f"top {k:,}", [(f"top{k}-{i:06d}", ("top", i, k)) for i in range(len(job.shards))])
+    res = rounds(f"top {k:,}", [(f"top{k}-{i:06d}", ("top", i, k)) for i in range(job.n_shards)])
     rank = np.asarray([x for r in res for x in r["rank"]], dtype=np.int64)
     shard = np.asarray([i for i, r in enumerate(res) for _ in r["rank"]], dtype=np.int64)
     row = np.asarray([x for r in res for x in r["row"]], dtype=np.int64)
