@@ -46,3 +46,17 @@ def test_threshold_mode_and_shuffled_blocks():
         assert rows[qi == p].tolist() == np.lexsort((np.arange(5000), -s[p]))[:25].tolist()
     qi, rows, score = exact_scan(torch.from_numpy(q), blocks, threshold=0.5)
     assert len(rows) == int((s >= 0.5).sum()) and (score >= 0.5).all()
+
+
+def test_k_beyond_the_library_returns_every_row_once_in_order():
+    rng = np.random.default_rng(1)
+    z = _unit(rng.normal(size=(90, 16)))
+    q = _unit(rng.normal(size=(4, 16)))
+    blocks = [(torch.from_numpy(z[i:i + 40]), np.arange(i, min(i + 40, 90))) for i in range(0, 90, 40)]
+    qi, rows, score = exact_scan(torch.from_numpy(q), blocks, k=150)
+    s = q.astype(np.float64) @ z.T.astype(np.float64)
+    for p in range(4):
+        assert rows[qi == p].tolist() == np.lexsort((np.arange(90), -s[p])).tolist()
+    assert qi.dtype == np.int32 and score.dtype == np.float64
+    qi, rows, score = exact_scan(torch.from_numpy(q), [], k=5)
+    assert len(qi) == len(rows) == len(score) == 0

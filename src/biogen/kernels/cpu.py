@@ -480,3 +480,47 @@ def fused_scores(queries, qpc, fps, pcs, r0, r1, metric, alpha, beta, fusion, to
                 for j in range(n_top):
                     s += top[i, j]
                 out[t0 - r0 + i] = s / n_top if n_top > 0 else 0.0
+
+
+# ----------------------------------------------------------------------------- dense top-k
+
+NO_ROW = np.iinfo(np.int64).max  # an empty heap slot's row (loses every tie)
+
+
+@njit(nogil=True, cache=True)
+def heap_top_k(scores, rows, heap_s, heap_r, q0, q1):
+    """Fold the score block ``scores`` (float32 [Q, B]; column c is library row ``rows[c]``)
+    into each query's running top k, for queries ``q0 <= q < q1`` (disjoint ranges run in
+    parallel threads). ``heap_s``/``heap_r`` [Q, k]: a min-heap per query on (score, then
+    the larger row is worse): the root is the current k-th best, so most scores are
+    rejected by one comparison (faiss's pattern) and the result is the exact top k in
+    (score descending, row ascending) order, whatever order the blocks come in. Empty
+    slots: score -inf, row ``NO_ROW``. NaN scores are never kept."""
+    k = heap_s.shape[1]
+    n = scores.shape[1]
+    for q in range(q0, q1):
+        hs = heap_s[q]
+        hr = heap_r[q]
+        for c in range(n):
+            s = scores[q, c]
+            r = rows[c]
+            if not (s > hs[0] or (s == hs[0] and r < hr[0])):
+                continue
+            # replace the root, sift down: a child is worse when its score is lower, or equal with a larger row
+            i = 0
+            while True:
+                lo = 2 * i + 1
+                if lo >= k:
+                    break
+                w = lo
+                hi = lo + 1
+                if hi < k and (hs[hi] < hs[lo] or (hs[hi] == hs[lo] and hr[hi] > hr[lo])):
+                    w = hi
+                if hs[w] < s or (hs[w] == s and hr[w] > r):
+                    hs[i] = hs[w]
+                    hr[i] = hr[w]
+                    i = w
+                else:
+                    break
+            hs[i] = s
+            hr[i] = r
