@@ -384,3 +384,18 @@ def test_qsar_scorer_dtype_is_checked_in_the_driver_and_used_by_workers(trained,
     s.load()
     assert s._predictor.precision == "float32"
     assert np.array_equal(s._predictor.predict(thrombin.fps), QSARPredictor.load(out).predict(thrombin.fps))
+
+
+def test_qsar_auto_never_picks_int8(monkeypatch):
+    from biogen import precision
+
+    monkeypatch.setattr(precision, "cpu_instructions", lambda: frozenset({"avx512_vnni"}))
+    monkeypatch.setattr(precision, "linear_gflops", lambda dtypes, shape, threads: {"int8": 9.0})
+    monkeypatch.setattr(precision, "dtype_cache_file", lambda: __import__("pathlib").Path("/nonexistent/x.json"))
+    precision._choose.cache_clear()
+    try:
+        p = QSARPredictor(QSARNet(2048, [512, 128], featurizer=ECFP4.to_dict())).with_precision("auto")
+    finally:
+        precision._choose.cache_clear()
+    assert p.precision == "float32"  # int8 is the only reduced dtype this CPU has, and auto leaves it out
+    assert p.precision_record["dtype_auto"]["chosen"] == "float32"

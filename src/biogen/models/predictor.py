@@ -299,7 +299,8 @@ class QSARPredictor:
         input layer is a sparse sum of weight rows, left in float32). The output layer, whose
         value is the score, stays float32. The gate compares the activations entering it
         (cosine per molecule) on ``CALIBRATION_SMILES``. dtype: auto | float32 | bfloat16 |
-        int8 (CPU) | float16 (GPU)."""
+        int8 (CPU) | float16 (GPU); auto never picks int8 (``precision.PER_BATCH_SCALE``: a
+        score would depend on the molecules scored in the same batch)."""
         import copy
 
         from biogen import precision
@@ -311,7 +312,10 @@ class QSARPredictor:
         if reduced_input:
             shapes.append((self.module.input.in_features, self.module.input.out_features))
         valid = ("float32", "bfloat16", "float16") if dev.type == "cuda" else ("float32", "bfloat16", "int8")
-        plan = precision.plan_precision(str(dtype).lower(), dev, max(shapes, key=lambda s: s[0] * s[1], default=(0, 0)),
+        dtype = str(dtype).lower()
+        if dtype == "auto":  # a molecule's score must not depend on its batch mates (as for stored vectors)
+            valid = tuple(d for d in valid if d not in precision.PER_BATCH_SCALE)
+        plan = precision.plan_precision(dtype, dev, max(shapes, key=lambda s: s[0] * s[1], default=(0, 0)),
                                         what="QSAR dtype", valid=valid)
 
         def build(prec: str) -> QSARPredictor:
