@@ -9,9 +9,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from functools import cached_property
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,27 +25,67 @@ from biogen.errors import CorruptLibraryError, LibraryError
 from biogen.library.manifest import read_manifest
 
 
+MAPPED = 1024  # shard files a Library keeps memory-mapped at once (each map holds a file descriptor)
+
+
+class MapCache:
+    """The memory maps of one opened library's shard files, the ``MAPPED`` most recently used
+    kept open: a map holds a file descriptor (CPython's mmap keeps a duplicate), so caching
+    every shard's maps made a process that reads all shards of a 10,000-shard library hold
+    20,000 descriptors and fail ("Too many open files"); a map dropped here closes once no
+    caller holds its array. Thread-safe (searches read shards from several threads)."""
+
+    def __init__(self, size: int | None = None):
+        self.size = size or MAPPED
+        self._maps: OrderedDict[Path, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:  # pickled (sent to a worker) empty: maps are per process
+        return {"size": self.size}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["size"])
+
+    def get(self, path: Path, load: Callable[[], np.ndarray]) -> np.ndarray:
+        with self._lock:
+            a = self._maps.get(path)
+            if a is not None:
+                self._maps.move_to_end(path)
+                return a
+        a = load()
+        with self._lock:
+            self._maps[path] = a
+            while len(self._maps) > self.size:
+                self._maps.popitem(last=False)
+        return a
+
+
 @dataclass(frozen=True)
 class Shard:
-    """One immutable shard: ``rows`` molecules sorted by popcount."""
+    """One immutable shard: ``rows`` molecules sorted by popcount. Its arrays are memory
+    maps held by ``maps`` (its library's bounded cache)."""
 
     path: Path
     name: str
     rows: int
     n_words: int
+    maps: MapCache = field(default_factory=MapCache, compare=False, repr=False)
 
-    @cached_property
+    @property
     def fingerprints(self) -> np.ndarray:
         """N x n_words ``<u8`` memory map (read-only)."""
+        return self.maps.get(self.path / "fp.npy", self._load_fingerprints)
+
+    def _load_fingerprints(self) -> np.ndarray:
         fp = np.load(self.path / "fp.npy", mmap_mode="r")
         if fp.ndim != 2 or fp.shape[1] != self.n_words:
             raise ValueError(f"{self.path}/fp.npy has shape {fp.shape}, expected (*, {self.n_words})")
         return fp
 
-    @cached_property
+    @property
     def popcounts(self) -> np.ndarray:
         """N ``int32`` popcounts, non-decreasing (memory map)."""
-        return np.load(self.path / "popcnt.npy", mmap_mode="r")
+        return self.maps.get(self.path / "popcnt.npy", lambda: np.load(self.path / "popcnt.npy", mmap_mode="r"))
 
     def metadata(self, columns: Sequence[str] | None = None) -> pa.Table:
         return pq.read_table(self.path / "meta.parquet", columns=list(columns) if columns else None)
@@ -63,8 +104,9 @@ class Library:
         self.manifest = manifest
         self.featurizer = FingerprintSpec.from_dict(manifest["featurizer"])
         self.standardize = StandardizeSpec(**manifest["standardize"])
+        maps = MapCache()
         self.shards = [
-            Shard(self.path / "shards" / s["name"], s["name"], s["rows"], self.featurizer.n_words)
+            Shard(self.path / "shards" / s["name"], s["name"], s["rows"], self.featurizer.n_words, maps)
             for s in manifest["shards"]
         ]
 
