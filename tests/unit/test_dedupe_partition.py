@@ -10,7 +10,7 @@ import pytest
 
 from biogen.errors import LibraryError
 from biogen.kernels.keyhash import reference_hash
-from biogen.library.dedupe import SPLIT_SCHEMA, GroupedFile, key_hashes, key_partition, write_grouped
+from biogen.library.dedupe import SPLIT_SCHEMA, GroupedFile, decide_batches, key_hashes, key_partition, write_grouped
 
 KEYS = ["BSYNRYMUTXBXSQ-UHFFFAOYSA-N", "", "a", "CC(=O)Oc1ccccc1C(=O)O", "é→ü", "N" * 300, None]
 
@@ -78,3 +78,50 @@ def test_grouped_file_of_another_scheme_is_refused(tmp_path):
                                       schema=SPLIT_SCHEMA))
     with pytest.raises(LibraryError, match="dedupe scheme"):
         GroupedFile(path)
+
+
+def _oracle(library, new, parts):
+    """The decide rule in plain Python (the serial planner's: library first, then input order)."""
+    first = {}
+    for b in library:
+        for k, i in zip(b.column(0).to_pylist(), b.column(2).to_pylist()):
+            first.setdefault(k, i)
+    seen, out = {}, []
+    for b, part in zip(new, parts):
+        for k, r, i in zip(b.column(0).to_pylist(), b.column(1).to_pylist(), b.column(2).to_pylist()):
+            if k in first:
+                out.append((r, k, True, first[k], -1, -1))
+            elif k in seen:
+                out.append((r, k, True, seen[k][2], seen[k][0], seen[k][1]))
+            else:
+                seen[k] = (part, r, i)
+                out.append((r, None, False, None, -1, -1))
+    return out, len(set(first) | set(seen))
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("path", ["hash", "colliding hash", "null key"])
+def test_vectorized_decide_equals_the_serial_rule(seed, path, monkeypatch, caplog):
+    import biogen.library.dedupe as dedupe
+
+    rng = np.random.default_rng(seed)
+    vocab = [f"K{i:04d}" for i in range(rng.integers(5, 400))] + ([None] if path == "null key" else [])
+    if path == "colliding hash":  # every key hashes alike: the strings disagree, the exact path decides
+        monkeypatch.setattr(dedupe, "key_hashes", lambda keys: np.full(len(keys), 7, dtype=np.uint64))
+
+    def batch(n, with_ids):
+        keys = [vocab[j] for j in rng.integers(0, len(vocab), n)]
+        ids = [f"id{rng.integers(10**9)}" if with_ids and rng.random() < 0.7 else None for _ in range(n)]
+        return pa.record_batch([pa.array(keys, pa.string()), pa.array(rng.permutation(n).astype(np.int32)),
+                                pa.array(ids, pa.string())], schema=SPLIT_SCHEMA)
+
+    library = [batch(int(rng.integers(0, 60)), True) for _ in range(int(rng.integers(0, 4)))]
+    parts = sorted(rng.choice(50, int(rng.integers(0, 5)), replace=False).tolist())
+    new = [batch(int(rng.integers(0, 80)), True) for _ in parts]
+    with caplog.at_level("INFO", logger="biogen.library.dedupe"):
+        got, distinct = decide_batches(library, new, parts)
+    want, want_distinct = _oracle(library, new, parts)
+    collided = want_distinct > 1 and path == "colliding hash"
+    assert ("hash collision" in caplog.text) == collided
+    assert distinct == want_distinct
+    assert list(zip(*(got.column(i).to_pylist() for i in range(6)))) == want

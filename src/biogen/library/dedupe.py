@@ -171,36 +171,69 @@ def _row_numbers(n: int) -> pa.Array:
     return pa.array(np.arange(n, dtype=np.int32))
 
 
-def _one_batch(batches: list[pa.RecordBatch], schema: pa.Schema) -> pa.RecordBatch:
-    t = pa.Table.from_batches(batches, schema)
-    return pa.record_batch([c.combine_chunks() for c in t.columns], schema=schema)
+def _column(batches: list[pa.RecordBatch], i: int, type_: pa.DataType) -> pa.Array:
+    """Column ``i`` of ``batches``, concatenated into one array."""
+    return pa.concat_arrays([b.column(i) for b in batches]) if batches else pa.array([], type_)
 
 
-def _decide_rows(batch: pa.RecordBatch, part: int, first: dict[str, str],
-                 new_first: dict[str, tuple[int, int, str | None]]) -> pa.RecordBatch:
-    """One part's rows of a key partition (in row order): first occurrence, or a duplicate of
-    a library row (``first``: key -> id) or of an earlier new row (``new_first``, updated).
-    The key is kept for duplicates only (``plan`` puts it in their reject)."""
-    keys, ids = batch.column(0).to_pylist(), batch.column(2).to_pylist()
-    rows = batch.column(1).to_numpy()
+def decide_batches(library: list[pa.RecordBatch], new: list[pa.RecordBatch], parts: list[int]
+                   ) -> tuple[pa.RecordBatch, int]:
+    """One key partition's decisions (``DECISION_SCHEMA``, the rows of ``new`` in order): for
+    each new row (batch ``j`` is part ``parts[j]``, rows in input order), the first occurrence
+    of its key, or a duplicate of a library row (``library``: first occurrences, shard order;
+    ``ref_id`` its id) or of an earlier new row (``ref_part``, ``ref_row``, ``ref_id``); and
+    the number of distinct keys.
+
+    Vectorized (no Python per row): ``first_positions`` over the library's keys then the
+    new rows' keys."""
+    keys, ids = _column(library + new, 0, pa.string()), _column(library + new, 2, pa.string())
+    n_lib, n = sum(len(b) for b in library), len(keys)
+    rows = _column(new, 1, pa.int32()).to_numpy(zero_copy_only=False).astype(np.int32)
+    first, distinct = first_positions(keys)
+    ref = first[n_lib:]                          # each new row's key: its first position
+    dup = ref < np.arange(n_lib, n)
+    part_at = np.concatenate([np.full(n_lib, -1, np.int32),
+                              np.repeat(np.asarray(parts, np.int32), [len(b) for b in new])])
+    row_at = np.concatenate([np.full(n_lib, -1, np.int32), rows])
+    return pa.record_batch([
+        pa.array(rows),
+        keys.slice(n_lib).take(pa.array(np.arange(n - n_lib), mask=~dup)),  # the key of duplicates only
+        pa.array(dup),
+        ids.take(pa.array(ref, mask=~dup)),
+        pa.array(np.where(dup, part_at[ref], -1).astype(np.int32)),
+        pa.array(np.where(dup, row_at[ref], -1).astype(np.int32))], schema=DECISION_SCHEMA), distinct
+
+
+def first_positions(keys: pa.Array) -> tuple[np.ndarray, int]:
+    """For each position of ``keys``, the first position holding the same key (int64), and
+    the number of distinct keys. Fast path: the 64-bit key hashes (``key_hashes``) sorted
+    stably, so each run of equal hashes starts at its first position; then every row
+    matched to an earlier one is checked by comparing the strings, and if any pair differs
+    (a hash collision: ~n^2 / 2^65 per partition) or a key is null, Arrow's exact
+    ``dictionary_encode`` decides instead (keys numbered in order of first appearance: a
+    row is the first of its key where the running maximum of the numbers rises)."""
     n = len(keys)
-    dup = np.zeros(n, dtype=bool)
-    ref_id: list[str | None] = [None] * n
-    ref_part = np.full(n, -1, dtype=np.int32)
-    ref_row = np.full(n, -1, dtype=np.int32)
-    for j, k in enumerate(keys):
-        lib_id = first.get(k)
-        if lib_id is not None:
-            dup[j], ref_id[j] = True, lib_id
-            continue
-        seen = new_first.get(k)
-        if seen is None:
-            new_first[k] = (part, int(rows[j]), ids[j])
-            continue
-        dup[j], ref_part[j], ref_row[j], ref_id[j] = True, seen[0], seen[1], seen[2]
-    dup_key = batch.column(0).take(pa.array(np.arange(n), mask=~dup))  # null where kept: only the bytes of dups
-    return pa.record_batch([batch.column(1), dup_key, pa.array(dup), pa.array(ref_id, pa.string()),
-                            pa.array(ref_part), pa.array(ref_row)], schema=DECISION_SCHEMA)
+    if n == 0:
+        return np.zeros(0, np.int64), 0
+    if not keys.null_count:
+        h = key_hashes(keys)
+        order = np.argsort(h, kind="stable")
+        hs = h[order]
+        starts = np.empty(n, dtype=bool)
+        starts[0] = True
+        starts[1:] = hs[1:] != hs[:-1]
+        first = np.empty(n, dtype=np.int64)
+        first[order] = order[starts][np.cumsum(starts) - 1]
+        later = np.flatnonzero(first != np.arange(n))
+        if not len(later) or pac.all(pac.equal(keys.take(pa.array(later)), keys.take(pa.array(first[later])))).as_py():
+            return first, int(starts.sum())
+        log.info("dedupe: a 64-bit key hash collision in one partition; deciding it with exact key matching")
+    g = keys.dictionary_encode(null_encoding="encode").indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    top = np.maximum.accumulate(g)
+    rises = np.empty(n, dtype=bool)
+    rises[0] = True
+    rises[1:] = top[1:] > top[:-1]
+    return np.flatnonzero(rises)[g], int(rises.sum())
 
 
 @dataclass(frozen=True)
@@ -277,22 +310,16 @@ class PartitionedDedupe:
 
     def decide(self, bucket: int) -> tuple[list[str], dict]:
         """Round 2 for a key partition: each new row's first occurrence, in input order."""
-        first: dict[str, str] = {}  # key -> library id (shard order, then row order: as setdefault)
-        for f in self._split_files("l"):
-            b = GroupedFile(f).group(KEYS, bucket)
-            for k, i in zip(b.column(0).to_pylist(), b.column(2).to_pylist()):
-                first.setdefault(k, i)
-        new_first: dict[str, tuple[int, int, str | None]] = {}  # key -> (part, row, given id)
-        parts, decided = [], []
-        for f in self._split_files("n"):
-            parts.append(int(f.stem[1:]))
-            decided.append(_decide_rows(GroupedFile(f).group(KEYS, bucket), parts[-1], first, new_first))
+        library = [GroupedFile(f).group(KEYS, bucket) for f in self._split_files("l")]
+        files = self._split_files("n")
+        parts = [int(f.stem[1:]) for f in files]
+        new = [GroupedFile(f).group(KEYS, bucket) for f in files]
+        decided, distinct = decide_batches(library, new, parts)
         out = self.root / "decide" / f"b{bucket:05d}.arrow"
-        counts = np.array([len(d) for d in decided], dtype=np.int64)
-        write_grouped(out, [(_one_batch(decided, DECISION_SCHEMA), np.concatenate([[0], np.cumsum(counts)]))],
+        counts = np.array([len(b) for b in new], dtype=np.int64)
+        write_grouped(out, [(decided, np.concatenate([[0], np.cumsum(counts)]))],
                       {"parts": np.array(parts, dtype=np.int64)})
-        duplicates = sum(int(pac.sum(d.column(2)).as_py() or 0) for d in decided)
-        return [self.rel(out)], {"duplicates": duplicates, "keys": len(first) + len(new_first)}
+        return [self.rel(out)], {"duplicates": int(pac.sum(decided.column(2)).as_py() or 0), "keys": distinct}
 
     def check_ids(self, bucket: int) -> tuple[list[str], dict]:
         """Round 2 for an id partition: given ids that repeat or that a library row has."""
