@@ -575,7 +575,7 @@ def bench_model(short: str, seqs: list[str], args, tmp: Path, peaks: dict) -> di
         print(f"   reduced precision, tokens/s vs biogen {args.biogen_dtypes[0]}: {res['reduced_vs_first_dtype']}",
               flush=True)
     if short in args.job_models:
-        res["embed_job"] = job_scaling(r.pt_path, seqs, args, tmp)
+        res["embed_job"] = job_scaling(r.pt_path, args.job_seqs or seqs, args, tmp)
         print(f"   embed job speed-up, 2 vs 1 worker: {res['embed_job']['speedup_2_vs_1']:.2f}x", flush=True)
     ref_model = hf = emb = r = reduced = None  # free the models (the path lambdas close over these names)
     if gpu:
@@ -611,6 +611,9 @@ def main(argv=None) -> int:
     ap.add_argument("--esm-cpp-packed", action="store_true", help="also time esm-cpp's packed forward_scheduled "
                                                                  "(logits only: its best case, no embeddings)")
     ap.add_argument("--job-models", default="", help="CPU: models whose embed job runs with 1 and 2 workers, e.g. 35M")
+    ap.add_argument("--job-sample", type=int, default=0,
+                    help="proteins of the 1 vs 2 worker embed job (default: the model's timed sample); a "
+                         "longer job amortizes Ray's start and the model load that its wall time includes")
     ap.add_argument("--job-runtime", default="local", choices=["local", "processes"],
                     help="the embed job's runtime: Ray actors (local) or a process pool")
     ap.add_argument("--job-dtype", default="auto", help="the embed job's embed.dtype")
@@ -678,7 +681,8 @@ def main(argv=None) -> int:
                         "toks_per_batch": args.toks_per_batch, "hf_batch_size": args.hf_batch_size,
                         "repeats": repeats, "esm_cpp_threads": args.esm_cpp_threads,
                         "esm_cpp_repeats": args.esm_cpp_repeats, "esm_cpp_packed": args.esm_cpp_packed,
-                        "job_models": args.job_models, "job_runtime": args.job_runtime},
+                        "job_models": args.job_models, "job_runtime": args.job_runtime,
+                        "job_sample": args.job_sample or None},
            "cpu_instructions": sorted(cpu_instructions()),
            "matmul_peak_flops": peaks, "results": results}
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"embedding-{args.device}.json")
@@ -689,6 +693,11 @@ def main(argv=None) -> int:
             n = sample.get(short, len(allseqs))
             pick = rng.choice(len(allseqs), size=min(n, len(allseqs)), replace=False)
             seqs = [allseqs[i] for i in pick]
+            args.job_seqs = None
+            if args.job_sample and short in args.job_models:  # its own seeded draw, same for every model
+                job_pick = np.random.default_rng(args.seed + 1).choice(len(allseqs), min(args.job_sample, len(allseqs)),
+                                                                       replace=False)
+                args.job_seqs = [allseqs[i] for i in job_pick]
             d = Path(tmp) / short
             d.mkdir()
             args.model_repeats = repeats.get(short, repeats["*"])
