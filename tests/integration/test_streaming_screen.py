@@ -100,10 +100,11 @@ def test_rank_fusion_of_two_scorers_matches_in_memory(lib_spec, tmp_path, inline
     assert mem.summary.shards >= 4 and mem.metrics["actives_in_library"] == 215
     _same(mem, stream)
     ledger = (stream.run_dir / "ledger.jsonl").read_text()
-    # K doubled 50 -> 100 -> 200 -> 400: the scaffold cap's walk needs more than 200 of the
-    # best rows to hold top_m = 200 candidates; then it stops
-    assert '"screen: rank similarity"' in ledger and '"screen: top 400"' in ledger
-    assert '"screen: top 800"' not in ledger
+    # K grew from 50 by the walk's fill rate (at least 2x a round): the scaffold cap's walk
+    # needs more than 200 of the best rows to hold top_m = 200 candidates; then it stops
+    tops = sorted({int(k) for k in re.findall(r'"screen: top ([0-9,]+)"', ledger.replace(",", ""))})
+    assert '"screen: rank similarity"' in ledger and tops[0] == 50 and len(tops) >= 2
+    assert all(b >= 2 * a for a, b in zip(tops, tops[1:])) and tops[-1] >= 200
     # the report shows the same numbers (its plots come from a sample and from the counts)
     for sid in ("funnel", "enrichment", "hits"):
         assert _section(mem.run_dir, sid) == _section(stream.run_dir, sid), sid

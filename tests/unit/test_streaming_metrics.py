@@ -10,7 +10,7 @@ from biogen.screen.metrics import (EnrichmentMetrics, TieCounts, _block_sum, dis
                                    null_model, pick_null_model, property_ranking, tie_counts, zscores)
 from biogen.screen.selection import best_first
 from biogen.screen.streaming import (RUN_SAMPLE, SAMPLE_PER_BUCKET, StreamingScreen, bucket_bounds, merge_moments,
-                                     _moments, run_sample)
+                                     _moments, grow_factor, run_sample)
 
 
 def _split(n: int, parts: int, rng) -> list[slice]:
@@ -132,6 +132,13 @@ def test_merged_moments_give_the_in_memory_zscores():
 
 
 # ----------------------------------------------------------------------------- the sample sort
+
+def test_top_k_grows_by_the_walks_fill_rate():
+    assert grow_factor(1000, 2000) == 3      # half found: 1.5 x 2
+    assert grow_factor(1999, 2000) == 2      # nearly full: at least doubles
+    assert grow_factor(10, 2000) == 64       # a scaffold cap that fills slowly: capped
+    assert grow_factor(0, 2000) == 64
+
 
 def test_run_sample_keeps_the_driver_sample_per_bucket_not_per_shard():
     # 100M rows in 100,000 shards, 1,000 buckets: ceil(512,000 / 100,000) = 6 values per shard, not 64

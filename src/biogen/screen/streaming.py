@@ -30,7 +30,8 @@ the same command resumes; keys carry a digest of the fusion, labels and knobs, f
 6. top K (per shard): the rows ranked <= K, so the driver holds only the global top K
    (exact: ranks are global; no merge is needed). ``select_hits`` walks them, reading
    scaffolds, SMILES and fingerprints of those rows only; if the walk reaches the end of
-   the K candidates while rows remain, K doubles and the round runs again (exact).
+   the K candidates while rows remain, K grows by the walk's fill rate (at least 2x) and
+   the round runs again (exact).
 
 The driver folds each round's results as they arrive (``run_shards(..., reduce=...)``:
 the funnel's sums, the moments, the run samples, the labelled actives and their values,
@@ -754,11 +755,20 @@ def _candidates(job: StreamingScreen, k: int, rounds: Callable) -> Candidates:
     return Candidates(rank[order], shard[order], row[order])
 
 
+def grow_factor(found: int, want: int) -> int:
+    """How much larger the next top-K round is when the walk found ``found`` of ``want`` in
+    all K candidates: by that fill rate, with a margin (1.5x), at least 2x and at most 64x
+    (a library of near-duplicates, whose scaffold cap fills slowly, needs few rounds, not
+    one per doubling: 8 rounds, 8,000 -> 1,024,000 candidates, at 100M generated rows)."""
+    return int(min(64, max(2, math.ceil(1.5 * want / max(found, 1)))))
+
+
 def _select(job: StreamingScreen, library, selection: SelectionSpec, spec: StreamingSpec, n_alive: int,
             rounds: Callable) -> tuple[Candidates, CandidateRows, np.ndarray, list[str]]:
     """``select_hits`` over the global top K. Its walk down the ranking (scaffold cap) stops
     once it holds ``want`` candidates; when the K candidates run out first while rows remain,
-    K doubles and the walk starts again, so the hits are those of the whole ranking (exact).
+    K grows (``grow_factor``: by the walk's fill rate, at least 2x) and the walk starts
+    again, so the hits are those of the whole ranking (exact).
     Whether the walk filled is asked of ``select_hits`` itself (diversity none, n = want:
     the same walk; the scaffolds it reads are kept for the real call)."""
     want = selection.top_m if selection.diversity == "maxmin" else selection.n
@@ -772,8 +782,8 @@ def _select(job: StreamingScreen, library, selection: SelectionSpec, spec: Strea
         order = np.arange(len(cands.rank))
         if not len(order):
             return cands, rows, np.zeros(0, dtype=np.int64), []
-        filled = len(select_hits(order, rows.scaffolds, rows.fingerprints, walk)[0]) == want
-        if filled or len(order) >= n_alive:
+        found = len(select_hits(order, rows.scaffolds, rows.fingerprints, walk)[0])
+        if found == want or len(order) >= n_alive:
             return (cands, rows, *select_hits(order, rows.scaffolds, rows.fingerprints, selection))
-        log.info("the selection's walk used all %d candidates; doubling them", len(order))
-        k *= 2
+        k = len(order) * grow_factor(found, want)
+        log.info("the selection's walk found %d of %d in all %d candidates; taking %d", found, want, len(order), k)
