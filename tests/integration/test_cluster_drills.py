@@ -247,7 +247,8 @@ def test_worker_node_killed_mid_embed(cluster, env, tmp_path):
     fasta = tmp_path / "p.fasta"
     fasta.write_text("".join(f">s{i}\n{s}\n" for i, s in enumerate(seqs)))
     args = ["embed", f"input={fasta}", "output=store", f"model={model.pt_path}", "shard_size=2", "device=cpu",
-            "token_budget=2048", "runtime=ray_cluster", f"runtime.address={cluster.address}", "runtime.progress=false"]
+            "token_budget=2048", "runtime=ray_cluster", f"runtime.address={cluster.address}", "runtime.progress=false",
+            "dtype=float32"]  # auto may be int8 (VNNI CPUs), whose vectors depend on their batch mates
     proc = biogen(*args, env={**env, **cluster.env}, cwd=tmp_path, wait=False)
     ledger = tmp_path / "store" / "_work" / "ledger.jsonl"
     deadline = time.monotonic() + 300
@@ -263,7 +264,7 @@ def test_worker_node_killed_mid_embed(cluster, env, tmp_path):
 
     store = EmbeddingStore.open(tmp_path / "store")
     assert len(store) == n and sorted(store.keys) == sorted(set(store.keys))
-    ref = Embedder(str(model.pt_path), EmbedSpec()).embed(seqs[:4])
+    ref = Embedder(str(model.pt_path), EmbedSpec(dtype="float32")).embed(seqs[:4])
     layer = next(iter(ref[0]["pooled"]))
     assert np.allclose(store.vectors()[:4], np.stack([r["pooled"][layer] for r in ref]), atol=1e-5)
     run = json.loads((tmp_path / "store" / "manifest.json").read_text())["run"]

@@ -142,7 +142,8 @@ def test_cli_embed_kill_and_resume_then_search(tmp_path):
     fa = tmp_path / "many.fasta"
     fa.write_text("".join(f">s{i}\n{s}\n" for i, s in enumerate(seqs)))
     args = ["embed", f"input={fa}", f"output={tmp_path / 'store'}", f"model={model.pt_path}", "shard_size=4",
-            "runtime=inline", "token_budget=2048"]
+            "runtime=inline", "token_budget=2048",
+            "dtype=float32"]  # auto may be int8 (VNNI), whose vectors depend on batch mates
     p = _biogen(args, tmp_path)
     ledger = tmp_path / "store" / "_work" / "ledger.jsonl"
     deadline = time.time() + 300
@@ -160,7 +161,7 @@ def test_cli_embed_kill_and_resume_then_search(tmp_path):
     assert f"({done} done before)" in out
     store = EmbeddingStore.open(tmp_path / "store")
     assert len(store) == n and len(set(store.keys)) == n
-    ref = Embedder(str(model.pt_path), EmbedSpec()).embed(seqs[:5])
+    ref = Embedder(str(model.pt_path), EmbedSpec(dtype="float32")).embed(seqs[:5])
     layer = next(iter(ref[0]["pooled"]))
     assert np.allclose(store.vectors()[:5], np.stack([r["pooled"][layer] for r in ref]), atol=1e-5)
     q = tmp_path / "q.fa"
