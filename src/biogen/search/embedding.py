@@ -258,13 +258,14 @@ def _cpu_top_k(qv, blocks, k: int):
     import torch
 
     from biogen.kernels.cpu import NO_ROW, heap_top_k
+    from biogen.search.index import _selection_pool
 
     n_q = len(qv)
     heap_s = np.full((n_q, k), -np.inf, dtype=np.float32)
     heap_r = np.full((n_q, k), NO_ROW, dtype=np.int64)
     threads = max(1, min(torch.get_num_threads(), n_q))
     cuts = np.linspace(0, n_q, threads + 1).astype(np.int64)
-    pool = _heap_pool(threads) if threads > 1 else None
+    pool = _selection_pool(threads) if threads > 1 else None
     sub = HEAP_ROWS
     buf = np.empty((n_q, sub), dtype=np.float32)
     with torch.inference_mode():
@@ -281,17 +282,6 @@ def _cpu_top_k(qv, blocks, k: int):
     rows, score = heap_r.reshape(-1), heap_s.reshape(-1).astype(np.float64)
     live = rows != NO_ROW
     return _order((qi[live], rows[live], score[live]))
-
-
-_HEAP_POOLS: dict = {}
-
-
-def _heap_pool(threads: int):
-    from concurrent.futures import ThreadPoolExecutor
-
-    if threads not in _HEAP_POOLS:
-        _HEAP_POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="biogen-embed-topk")
-    return _HEAP_POOLS[threads]
 
 
 def _scores(qv, vectors, buf: np.ndarray | None):
