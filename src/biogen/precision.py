@@ -386,8 +386,15 @@ class PrecisionPlan:
     choice: dict | None = None
 
 
+def model_words(device: torch.device) -> tuple[str, ...]:
+    """The dtype words a model made of ``nn.Linear`` layers runs in on ``device``: float16
+    on GPUs (emulated on most CPUs), int8 on CPUs (PyTorch's quantized kernels are CPU ones)."""
+    return ("float32", "bfloat16", "float16") if device.type == "cuda" else ("float32", "bfloat16", "int8")
+
+
 def plan_precision(dtype: str, device: torch.device, linear: tuple[int, int] | None = None,
-                   what: str = "dtype", valid: tuple[str, ...] = DTYPE_WORDS) -> PrecisionPlan:
+                   what: str = "dtype", valid: tuple[str, ...] | None = None,
+                   per_item: bool = False) -> PrecisionPlan:
     """The precision plan of ``dtype`` (a word of ``valid``, or ``auto``) on ``device`` for a
     model whose largest linear layer is ``linear`` = (K, N); ``what`` names the config key
     in messages. ``auto``: on a GPU bf16 where the architecture has it natively (compute
@@ -395,8 +402,15 @@ def plan_precision(dtype: str, device: torch.device, linear: tuple[int, int] | N
     emulated, slowly); on the CPU the measured faster of the reduced dtypes its
     instructions allow, timed on ``linear`` (``choose_cpu_dtype``; without a shape, by the
     flags alone; below ``SMALL_LINEAR`` weights float32, untimed), then the other one;
-    float32 last everywhere. ``int8`` on a GPU and words outside ``valid`` are refused."""
+    float32 last everywhere. ``int8`` on a GPU and words outside ``valid`` (default
+    ``DTYPE_WORDS``; ``model_words(device)`` for a model of linear layers) are refused.
+    ``per_item``: the model's output for one item must not depend on its batch mates
+    (stored vectors, scores): ``auto`` then leaves out ``PER_BATCH_SCALE`` (int8, whose
+    activation scale is per batch); an explicit ``int8`` is still allowed."""
+    valid = DTYPE_WORDS if valid is None else valid
     _check_word(dtype, device, what, valid)
+    if per_item and dtype == "auto":
+        valid = tuple(d for d in valid if d not in PER_BATCH_SCALE)
     if dtype == "auto":
         return _plan_gpu(device, valid) if device.type == "cuda" else _plan_cpu(linear, valid)
     if device.type == "cpu":

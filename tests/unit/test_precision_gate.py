@@ -92,6 +92,21 @@ def test_auto_skips_timing_for_a_tiny_layer_and_keeps_to_the_valid_words(monkeyp
     assert plan.order == ("bfloat16", "float32") and plan.choice["chosen"] == "bfloat16"
 
 
+def test_per_item_models_leave_per_batch_dtypes_out_of_auto_only(monkeypatch):
+    """A model whose outputs are stored or ranked (per_item) never gets int8 from auto (its
+    activation scale is per batch), while an explicit int8 is still honoured."""
+    cpu = torch.device("cpu")
+    assert precision.model_words(cpu) == ("float32", "bfloat16", "int8")
+    assert precision.model_words(torch.device("cuda")) == ("float32", "bfloat16", "float16")
+    monkeypatch.setattr(precision, "cpu_instructions", lambda: frozenset({"avx512_vnni", "amx_int8", "amx_bf16"}))
+    monkeypatch.setattr(precision, "linear_gflops", lambda dtypes, shape, threads: {"bfloat16": 1.0, "int8": 9.0})
+    monkeypatch.setattr(precision, "dtype_cache_file", lambda: __import__("pathlib").Path("/nonexistent/x.json"))
+    words = precision.model_words(cpu)
+    assert plan_precision("auto", cpu, (640, 2560), valid=words).order[0] == "int8"
+    assert plan_precision("auto", cpu, (640, 2560), valid=words, per_item=True).order == ("bfloat16", "float32")
+    assert plan_precision("int8", cpu, (640, 2560), valid=words, per_item=True).order == ("int8",)
+
+
 def test_int8_modules_match_their_float_layers():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.ReLU(), torch.nn.Linear(96, 8))

@@ -73,6 +73,20 @@ CALIBRATION_SMILES = ("CC(=O)Oc1ccccc1C(=O)O", "Cn1cnc2c1c(=O)n(C)c(=O)n2C", "CC
                       "CC1=C(C(=O)OC)C(c2ccccc2[N+](=O)[O-])C(C(=O)OC)=C1C", "Clc1ccc(cc1)C(c1ccccc1)N1CCNCC1")
 
 
+class CalibrationInputs:
+    """``calibration_inputs(featurizer)``, made on the first call only: a parity gate asks
+    for them only when it tries a reduced dtype (float32 runs never featurize them)."""
+
+    def __init__(self, featurizer) -> None:
+        self.featurizer = featurizer
+        self._inputs: np.ndarray | None = None
+
+    def __call__(self) -> np.ndarray:
+        if self._inputs is None:
+            self._inputs = calibration_inputs(self.featurizer)
+        return self._inputs
+
+
 def calibration_inputs(featurizer) -> np.ndarray:
     """What a model reading ``featurizer`` gets for ``CALIBRATION_SMILES``: their fingerprints
     (a ``FingerprintSpec``), or their float32 vectors of that compound model (an

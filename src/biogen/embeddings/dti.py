@@ -70,12 +70,11 @@ class DTICompounds(CompoundModel):
 
         from biogen import precision
 
+        from biogen.embeddings.base import CalibrationInputs
+
         base, dev = self.predictor, self.predictor.device
-        valid = ("float32", "bfloat16", "float16") if dev.type == "cuda" else ("float32", "bfloat16", "int8")
-        if dtype == "auto":
-            valid = tuple(d for d in valid if d not in precision.PER_BATCH_SCALE)
         plan = precision.plan_precision(dtype, dev, precision.largest_linear(base.net.compound),
-                                        what="DTI compound dtype", valid=valid)
+                                        what="DTI compound dtype", valid=precision.model_words(dev), per_item=True)
 
         def build(prec: str):
             if prec == "float32":
@@ -85,14 +84,10 @@ class DTICompounds(CompoundModel):
                 precision.quantize_linears(net.compound)
             return dataclasses.replace(base, net=net, precision=prec)
 
-        inputs: list[np.ndarray] = []
+        inputs = CalibrationInputs(self.featurizer)
 
         def calibrate(pred) -> np.ndarray:
-            if not inputs:  # made once, only when a reduced dtype is tried
-                from biogen.embeddings.base import calibration_inputs
-
-                inputs.append(calibration_inputs(self.featurizer))
-            return pred.project_compounds(inputs[0], self.batch_size)
+            return pred.project_compounds(inputs(), self.batch_size)
 
         return precision.build_gated(plan, build, calibrate, f"DTI compound tower ({self.weights_path})")
 

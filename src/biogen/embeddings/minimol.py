@@ -504,11 +504,10 @@ class MiniMol(CompoundModel):
         from biogen import precision
 
         dtype = ALIASES.get(dtype, dtype)
-        valid = ("float32", "bfloat16", "float16") if self.device.type == "cuda" else ("float32", "bfloat16", "int8")
-        if dtype == "auto":  # int8 only when asked for: its activation scale is per batch (see AUTO_EXCLUDES)
-            valid = tuple(d for d in valid if d not in AUTO_EXCLUDES)
         fp32 = build_net(tensors, path)
-        plan = precision.plan_precision(dtype, self.device, fp32.largest_linear(), what="MiniMol dtype", valid=valid)
+        # per_item: auto never picks int8, whose activation scale is per batch (see AUTO_EXCLUDES)
+        plan = precision.plan_precision(dtype, self.device, fp32.largest_linear(), what="MiniMol dtype",
+                                        valid=precision.model_words(self.device), per_item=True)
 
         def build(prec: str) -> MiniMolNet:
             net = (fp32 if prec == "float32" else build_net(tensors, path)).to(self.device)

@@ -311,12 +311,9 @@ class QSARPredictor:
         shapes = [(self.module.head[i].in_features, self.module.head[i].out_features) for i in heads]
         if reduced_input:
             shapes.append((self.module.input.in_features, self.module.input.out_features))
-        valid = ("float32", "bfloat16", "float16") if dev.type == "cuda" else ("float32", "bfloat16", "int8")
-        dtype = str(dtype).lower()
-        if dtype == "auto":  # a molecule's score must not depend on its batch mates (as for stored vectors)
-            valid = tuple(d for d in valid if d not in precision.PER_BATCH_SCALE)
-        plan = precision.plan_precision(dtype, dev, max(shapes, key=lambda s: s[0] * s[1], default=(0, 0)),
-                                        what="QSAR dtype", valid=valid)
+        # per_item: a molecule's score must not depend on its batch mates (as for stored vectors)
+        plan = precision.plan_precision(str(dtype).lower(), dev, max(shapes, key=lambda s: s[0] * s[1], default=(0, 0)),
+                                        what="QSAR dtype", valid=precision.model_words(dev), per_item=True)
 
         def build(prec: str) -> QSARPredictor:
             if prec == "float32":
@@ -330,18 +327,17 @@ class QSARPredictor:
             p.precision = prec
             return p
 
-        inputs: list[np.ndarray] = []
+        from biogen.embeddings.base import CalibrationInputs
+
+        inputs = CalibrationInputs(self.featurizer)
 
         def calibrate(p: QSARPredictor) -> np.ndarray:
-            if not inputs:  # made once, only when a reduced dtype is tried
-                from biogen.embeddings.base import calibration_inputs
-
-                inputs.append(calibration_inputs(self.featurizer))
             seen: list[np.ndarray] = []
             hook = p.module.head[-1].register_forward_hook(
                 lambda mod, args, out: seen.append(args[0].float().cpu().numpy()))
             try:
-                p.predict(inputs[0], batch_size=len(inputs[0]))
+                x = inputs()
+                p.predict(x, batch_size=len(x))
             finally:
                 hook.remove()
             return np.concatenate(seen)
