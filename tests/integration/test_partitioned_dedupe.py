@@ -77,6 +77,61 @@ def test_append_dedupes_against_the_library_by_partition(tmp_path, inline_rt):
     assert libs[5] == libs[0]
 
 
+def test_appends_split_only_the_shards_the_key_index_lacks(tmp_path, inline_rt, caplog):
+    """The library keeps each shard's split file per P (``keyindex/``): the second append
+    reuses the first's, splits only the shards added since, rebuilds a damaged one; another P
+    replaces the index. The library equals the serial planner's at every step."""
+    deps = [deposit(tmp_path, n, s, 150) for n, s in (("a", 0), ("b", 100), ("c", 200), ("d", 50))]
+    serial = build(tmp_path, "serial", deps[0], 0, inline_rt)
+    lib = build(tmp_path, "lib", deps[0], 4, inline_rt)
+    index = lib / "keyindex" / work_tag(4)
+
+    def append(dep, p):
+        for target, part in ((serial, 0), (lib, p)):
+            append_library(target, str(dep), chunk_size=50, runtime=inline_rt, dedupe_partitions=part)
+        assert outcome(lib) == outcome(serial)
+
+    def shards() -> list[str]:
+        return [s["name"] for s in json.loads((lib / "manifest.json").read_text())["shards"]]
+
+    def held(text: str) -> str:
+        return text.split("the library's key index held ")[-1].split(")")[0]
+
+    assert not (lib / "keyindex").exists()  # nothing to index before a library has shards
+    first = shards()
+    with caplog.at_level(logging.INFO, logger="biogen.library"):
+        append(deps[1], 4)
+    assert held(caplog.text) == f"0 of its {len(first)} shards ({len(first)} split now"
+    assert sorted(f.stem for f in index.iterdir()) == first
+    stamp = {f.name: f.stat().st_mtime_ns for f in index.iterdir()}
+    second = shards()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="biogen.library"):
+        append(deps[2], 4)
+    assert held(caplog.text) == f"{len(first)} of its {len(second)} shards ({len(second) - len(first)} split now"
+    assert {n: t for n, t in ((f.name, f.stat().st_mtime_ns) for f in index.iterdir()) if n in stamp} == stamp
+    (index / f"{first[0]}.arrow").write_bytes(b"not an index file")  # damaged: rebuilt, not trusted
+    third = shards()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="biogen.library"):
+        append(deps[3], 4)
+    assert held(caplog.text) == f"{len(second) - 1} of its {len(third)} shards ({len(third) - len(second) + 1} split now"
+    append(deposit(tmp_path, "e", 120, 100), 6)  # another P: one index, of that P
+    assert [d.name for d in (lib / "keyindex").iterdir()] == [work_tag(6)]
+
+
+def test_auto_partitions_keep_to_the_key_index_while_it_is_fine_enough(tmp_path):
+    from biogen.library.dedupe import choose_partitions, sticky_partitions
+
+    assert choose_partitions("auto", 1_000_000, 2) == 0
+    assert choose_partitions("auto", 2_500_000, 2) == 4 and choose_partitions("auto", 9_000_000, 2) == 9
+    assert sticky_partitions("auto", 9, tmp_path) == 9  # no index yet
+    (tmp_path / "keyindex" / work_tag(5)).mkdir(parents=True)
+    assert sticky_partitions("auto", 9, tmp_path) == 5   # 5 partitions of <= 2 M records still do
+    assert sticky_partitions("auto", 11, tmp_path) == 11  # too coarse now: a new index
+    assert sticky_partitions(7, 9, tmp_path) == 9 and sticky_partitions("auto", 0, tmp_path) == 0
+
+
 def test_inputs_that_need_the_serial_planner_fall_back_to_it(tmp_path, inline_rt, caplog):
     inp = deposit(tmp_path, "r", 0, 400, ids="all")
     text = inp.read_text().splitlines()

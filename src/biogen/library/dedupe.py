@@ -24,6 +24,15 @@ never keys:
    as the serial planner.
 
 Files: parts + shards (split) + P (decide) + parts (rank), not (parts + shards) x P x 2 + parts x P.
+
+The library's key index: a library shard's split file depends on the shard and P alone, so
+it is kept in the library (``keyindex/<work_tag(P)>/<shard>.arrow``, with the sha256 of the
+shard's ``meta.parquet`` the manifest lists) and linked into the next job's work directory:
+an append splits only the shards it has not indexed yet (its own parts, and the previous
+job's new shards), never the whole library again. ``dedupe_partitions=auto`` reuses the
+index's P while it is at least half the P it would choose (``sticky_partitions``);
+``prune_index`` drops the index of other P and of shards no longer in the manifest after a
+commit. A stale or damaged index file (another sha256, scheme or P) is rebuilt, not trusted.
 The hash scheme (``SCHEME``) names the work directory and the ledger keys (``work_tag``) and
 is written into every file (checked on read): a work directory left by another scheme is
 never mixed with this one's partitions (its steps are simply redone under the new name).
@@ -39,6 +48,7 @@ uses the serial planner.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -72,8 +82,9 @@ def work_tag(partitions: int) -> str:
 
 def choose_partitions(setting: int | str, records: int, slots: int) -> int:
     """The number of key partitions: ``auto`` -> 0 (the serial planner, fastest for inputs
-    that fit a driver) below ``AUTO_RECORDS`` records, else about one per million records
-    and at least two per Ray slot; a number is used as given (0: the serial planner)."""
+    that fit a driver) below ``AUTO_RECORDS`` records (new records plus the library's rows:
+    the serial planner holds both), else about one per million records and at least two
+    per Ray slot; a number is used as given (0: the serial planner)."""
     if str(setting) == "auto":
         if records < AUTO_RECORDS:
             return 0
@@ -86,6 +97,64 @@ def choose_partitions(setting: int | str, records: int, slots: int) -> int:
         raise ConfigError(f"dedupe_partitions={setting!r} is not valid; give auto, 0 (the serial planner in the "
                           "driver) or a number of key partitions (e.g. 64)")
     return n
+
+
+INDEX = "keyindex"  # the library's key index: INDEX/work_tag(P)/<shard>.arrow
+
+
+def index_dir(lib_dir: str | Path, partitions: int) -> Path:
+    return Path(lib_dir) / INDEX / work_tag(partitions)
+
+
+def indexed_partitions(lib_dir: str | Path) -> list[int]:
+    """The partition counts the library's key index has (this hash scheme's), largest first."""
+    root, prefix = Path(lib_dir) / INDEX, f"dedupe-s{SCHEME}-p"
+    if not root.is_dir():
+        return []
+    return sorted((int(d.name[len(prefix):]) for d in root.iterdir()
+                   if d.is_dir() and d.name.startswith(prefix) and d.name[len(prefix):].isdigit()), reverse=True)
+
+
+def sticky_partitions(setting: int | str, wanted: int, lib_dir: str | Path) -> int:
+    """``auto``: the key index's P when it is at least half ``wanted`` (its partitions then
+    hold at most ~2 M records each), so that growing a library does not re-split it at
+    every million rows; otherwise ``wanted`` (an explicit number is always used as given)."""
+    if str(setting) != "auto" or not wanted:
+        return wanted
+    for p in indexed_partitions(lib_dir):
+        if 2 * p >= wanted:
+            if p != wanted:
+                log.info("dedupe_partitions=auto: %d key partitions, as the library's key index (%d wanted)", p, wanted)
+            return p
+    return wanted
+
+
+def prune_index(lib_dir: str | Path, manifest: dict, keep: int) -> None:
+    """After a commit: the key index of P = ``keep`` only, and only for shards in ``manifest``."""
+    root = Path(lib_dir) / INDEX
+    if not keep or not root.is_dir():
+        return
+    mine, shards = work_tag(keep), {s["name"] for s in manifest["shards"]}
+    for d in root.iterdir():
+        if d.name != mine:
+            shutil.rmtree(d, ignore_errors=True)
+            log.info("dedupe: removed the key index %s (the library is indexed with %d partitions now)", d, keep)
+        elif d.is_dir():
+            for f in d.iterdir():
+                if f.suffix == ".arrow" and f.stem not in shards:
+                    f.unlink(missing_ok=True)
+
+
+def _link(src: Path, dst: Path) -> None:
+    """``dst`` becomes ``src``'s content: a hard link (no copy), a copy where links fail."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.link")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
 
 
 def _string_array(keys: pa.Array | pa.ChunkedArray | list[str | None]) -> pa.Array:
@@ -125,13 +194,14 @@ def _offsets(groups: np.ndarray, n_groups: int) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(np.bincount(groups, minlength=n_groups))]).astype(np.int64)
 
 
-def write_grouped(path: Path, sections: list[tuple[pa.RecordBatch, np.ndarray]], meta: dict[str, np.ndarray]) -> None:
+def write_grouped(path: Path, sections: list[tuple[pa.RecordBatch, np.ndarray]],
+                  meta: dict[str, np.ndarray | bytes]) -> None:
     """One Arrow IPC file, uncompressed (a memory-mapped reader slices it without copying):
     record batch ``s`` is section ``s``, its rows sorted by group, group ``g`` at rows
-    ``offsets[g]:offsets[g + 1]``. The offsets and ``meta`` (int64 arrays, little-endian)
-    and the hash scheme go in the schema's metadata. A failed write names the file."""
+    ``offsets[g]:offsets[g + 1]``. The offsets and ``meta`` (int64 arrays, little-endian,
+    or bytes as given) and the hash scheme go in the schema's metadata. A failed write names the file."""
     md = {b"scheme": str(SCHEME).encode()}
-    md.update({k.encode(): np.asarray(v).astype("<i8").tobytes() for k, v in meta.items()})
+    md.update({k.encode(): v if isinstance(v, bytes) else np.asarray(v).astype("<i8").tobytes() for k, v in meta.items()})
     md.update({f"offsets{s}".encode(): off.astype("<i8").tobytes() for s, (_, off) in enumerate(sections)})
     schema = sections[0][0].schema.with_metadata(md)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -272,11 +342,12 @@ class PartitionedDedupe:
         b = key_partition(by, self.partitions)
         return batch.take(pa.array(np.argsort(b, kind="stable"))), _offsets(b, self.partitions)
 
-    def _write_split(self, stem: str, keys: pa.RecordBatch, ids: pa.RecordBatch) -> str:
-        path = self.root / "split" / f"{stem}.arrow"
+    def _write_split(self, stem: str, keys: pa.RecordBatch, ids: pa.RecordBatch, path: Path | None = None,
+                     meta: dict | None = None) -> str:
+        path = path or self.root / "split" / f"{stem}.arrow"
         write_grouped(path, [self._by_partition(keys, keys.column(0)), self._by_partition(ids, ids.column(2))],
-                      {"partitions": np.array([self.partitions])})
-        return self.rel(path)
+                      {"partitions": np.array([self.partitions]), **(meta or {})})
+        return self.rel(path) if path.is_relative_to(self.work) else str(path)
 
     def split_part(self, part: int) -> tuple[list[str], dict]:
         """Round 1 for a new part: (key, row, given id) by key; given ids by id."""
@@ -291,16 +362,37 @@ class PartitionedDedupe:
                                                 schema=SPLIT_SCHEMA))
         return [out], {"rows": n, "generated_like": self._generated_like(gids)}
 
-    def split_shard(self, index: int, name: str) -> tuple[list[str], dict]:
-        """Round 1 for a shard of the library: first occurrences' (key, row, id) by key; ids by id."""
-        t = pq.read_table(Path(self.lib_dir) / "shards" / name / "meta.parquet", columns=["id", self.key, "duplicate_of"])
-        ids, keys = t.column("id").combine_chunks(), t.column(self.key).combine_chunks().cast(pa.string())
-        is_first = pac.is_null(t.column("duplicate_of").combine_chunks())
-        rows = _row_numbers(len(ids))
-        out = self._write_split(f"l{index:06d}", pa.record_batch([keys.filter(is_first), rows.filter(is_first),
-                                                                  ids.filter(is_first)], schema=SPLIT_SCHEMA),
-                                pa.record_batch([pa.nulls(len(ids), pa.string()), rows, ids], schema=SPLIT_SCHEMA))
-        return [out], {"rows": len(ids), "generated_like": self._generated_like(ids)}
+    def split_shard(self, index: int, name: str, sha256: str | None = None) -> tuple[list[str], dict]:
+        """Round 1 for a shard of the library: first occurrences' (key, row, id) by key; ids by
+        id. The split file is the library's key index file of the shard when that one holds
+        this shard's ``meta.parquet`` (``sha256``, as the manifest lists it); else it is made
+        (and kept in the index). Either way it is linked into the work directory."""
+        cached = index_dir(self.lib_dir, self.partitions) / f"{name}.arrow"
+        tag = f"{self.key}:{sha256}".encode() if sha256 else None
+        reused = tag is not None and self._indexed(cached, tag)
+        if not reused:
+            t = pq.read_table(Path(self.lib_dir) / "shards" / name / "meta.parquet",
+                              columns=["id", self.key, "duplicate_of"])
+            ids, keys = t.column("id").combine_chunks(), t.column(self.key).combine_chunks().cast(pa.string())
+            is_first = pac.is_null(t.column("duplicate_of").combine_chunks())
+            rows = _row_numbers(len(ids))
+            self._write_split(name, pa.record_batch([keys.filter(is_first), rows.filter(is_first),
+                                                     ids.filter(is_first)], schema=SPLIT_SCHEMA),
+                              pa.record_batch([pa.nulls(len(ids), pa.string()), rows, ids], schema=SPLIT_SCHEMA),
+                              path=cached, meta={"shard": tag} if tag else {})
+        ids = GroupedFile(cached).reader.get_batch(IDS).column(2)
+        out = self.root / "split" / f"l{index:06d}.arrow"
+        _link(cached, out)
+        return [self.rel(out)], {"rows": len(ids), "generated_like": self._generated_like(ids),
+                                 "index_reused": reused}
+
+    def _indexed(self, path: Path, tag: bytes) -> bool:
+        """Whether ``path`` is this shard's index file for this P and key (else it is rebuilt)."""
+        try:
+            g = GroupedFile(path)
+            return g.meta.get(b"shard") == tag and int(g.array("partitions")[0]) == self.partitions
+        except (OSError, LibraryError, pa.ArrowInvalid, KeyError, IndexError):
+            return False
 
     # ---------------------------------------------------------------- round 2: decide, check
     def _split_files(self, prefix: str) -> list[Path]:

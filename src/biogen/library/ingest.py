@@ -45,7 +45,9 @@ from biogen.chem.records import RecordBatch
 from biogen.chem.standardize import StandardizeSpec
 from biogen.errors import ConfigError, InputError, LibraryError
 from biogen.files import json_digest
-from biogen.library.dedupe import PartitionedDedupe, PlannedPart, choose_partitions, run_step, work_tag
+from biogen.library.dedupe import (
+    PartitionedDedupe, PlannedPart, choose_partitions, prune_index, run_step, sticky_partitions, work_tag,
+)
 from biogen.library.manifest import MANIFEST, new_manifest, now_iso, read_manifest, tool_versions, write_manifest
 from biogen.library.parts import (
     DEDUPE_KEYS, PART_COLUMNS, WORK, Dedupe, FinalizeTask, clean_committed_work, clear_for_overwrite, finalize_part, locked,
@@ -215,7 +217,8 @@ def _run(lib_dir: Path, manifest: dict, infos: list[InputInfo], opts: ReaderOpti
             raise InputError("no records found in " + ", ".join(i.path for i in infos)
                              + " (only empty lines or comments)")
         part_rows = {int(k.split("-")[1]): r["rows"] for k, r in mapped.items()}
-        partitions = choose_partitions(dedupe_partitions, report.records_read, slots)
+        partitions = sticky_partitions(dedupe_partitions, choose_partitions(
+            dedupe_partitions, report.records_read + manifest["n_rows"], slots), lib_dir)
         dd, finals = _finalize_phase(lib_dir, manifest, work, parts, hist, ledger, runtime, slots, action,
                                      partitions, part_rows)
     new_shards = [finals[f"final-{p:06d}"]["shard"] for p in parts if finals[f"final-{p:06d}"]["shard"]]
@@ -226,6 +229,7 @@ def _run(lib_dir: Path, manifest: dict, infos: list[InputInfo], opts: ReaderOpti
     _commit(lib_dir, manifest, new_shards, report, report.history_entry(
         job_key, [i.to_manifest() for i in infos], ledger.run_summary(),  # the ledger goes with _work
         deposit_key=_deposit_key(infos, opts), chunk_size=chunk_size))
+    prune_index(lib_dir, manifest, partitions)
     return report
 
 
@@ -278,7 +282,13 @@ def _partitioned_plans(lib_dir: Path, manifest: dict, work: Path, parts: list[in
                           slots=slots, desc=f"{action}: dedupe {desc}", total=len(tasks))
 
     split = rounds("split", [(f"split-n{p:06d}", ("split_part", p)) for p in parts]
-                   + [(f"split-l{i:06d}", ("split_shard", i, s["name"])) for i, s in enumerate(manifest["shards"])])
+                   + [(f"split-l{i:06d}", ("split_shard", i, s["name"], s.get("files", {}).get("meta.parquet", {})
+                                                                 .get("sha256")))
+                      for i, s in enumerate(manifest["shards"])])
+    if manifest["shards"]:
+        reused = sum(1 for k, r in split.items() if "-split-l" in k and r.get("index_reused"))
+        log.info("dedupe: the library's key index held %d of its %d shards (%d split now)", reused,
+                 len(manifest["shards"]), len(manifest["shards"]) - reused)
     decided = rounds("decide", [(f"check-b{b:05d}", ("check_ids", b)) for b in range(partitions)]
                      + [(f"decide-b{b:05d}", ("decide", b)) for b in range(partitions)])
     generated_like = sum(r["generated_like"] for r in split.values())
