@@ -153,7 +153,8 @@ def test_partition_setting_is_checked_before_any_work(tmp_path, inline_rt):
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("fail_at,step", [(3, "split-n000002"), (12, "decide-b00002")])
+@pytest.mark.parametrize("fail_at,step", [(3, "split-n000002"),
+                                          pytest.param(12, "decide-b00002", marks=pytest.mark.slow)])
 def test_full_disk_in_a_dedupe_round_keeps_the_library_and_resumes(tmp_path, inline_rt, monkeypatch, fail_at, step):
     """An append (7 parts against 2 shards, 4 partitions): the ``fail_at``-th dedupe file
     written (splits of parts, then of shards, then decisions) hits a full disk."""

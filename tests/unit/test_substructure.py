@@ -256,6 +256,7 @@ def test_inline_and_ray_identical(library, tmp_path, ray_rt, inline_rt):
     _same_as_inline(library, tmp_path, inline_rt, ray_rt)
 
 
+@pytest.mark.slow  # ~9 s; the processes runner has its own fast tests (test_processes_runtime.py)
 def test_inline_and_processes_identical(library, tmp_path, inline_rt):
     _same_as_inline(library, tmp_path, inline_rt, RuntimeSpec(mode="processes", workers=2, progress=False))
 

@@ -34,8 +34,9 @@ def _pooled(emb, seqs):
 
 
 @pytest.mark.parametrize("name,size,seqs", [
-    ("unirep64", 64, 4), ("unirep256", 256, 2), ("unirep1900", 1900, 2),
-    # the package's forward compiles once per sequence length: ten proteins run in the slow tier
+    ("unirep64", 64, 4), ("unirep1900", 1900, 2),
+    # the package's forward compiles once per sequence length: ten proteins (and 256) run in the slow tier
+    pytest.param("unirep256", 256, 2, marks=pytest.mark.slow),
     pytest.param("unirep64", 64, 10, marks=pytest.mark.slow), pytest.param("unirep256", 256, 10, marks=pytest.mark.slow)])
 def test_parity_with_the_packages_own_forward_on_real_proteins(name, size, seqs, proteins, get_reps):
     from biogen.protein.unirep import UniRepEmbedder
