@@ -77,47 +77,51 @@ def test_append_dedupes_against_the_library_by_partition(tmp_path, inline_rt):
     assert libs[5] == libs[0]
 
 
-def test_appends_split_only_the_shards_the_key_index_lacks(tmp_path, inline_rt, caplog):
-    """The library keeps each shard's split file per P (``keyindex/``): the second append
-    reuses the first's, splits only the shards added since, rebuilds a damaged one; another P
-    replaces the index. The library equals the serial planner's at every step."""
+def test_appends_split_only_the_segments_the_key_index_lacks(tmp_path, inline_rt, caplog, monkeypatch):
+    """The library keeps its keys split by partition per segment of shards (``keyindex/``,
+    2 shards per segment here): the second append reuses the first's full segments and
+    splits only the last one and the shards added since, a damaged file is rebuilt, another
+    P replaces the index. The library equals the serial planner's at every step."""
+    from biogen.library import dedupe
+
+    monkeypatch.setattr(dedupe, "SEGMENT_SHARDS", 2)
     deps = [deposit(tmp_path, n, s, 150) for n, s in (("a", 0), ("b", 100), ("c", 200), ("d", 50))]
     serial = build(tmp_path, "serial", deps[0], 0, inline_rt)
-    lib = build(tmp_path, "lib", deps[0], 4, inline_rt)
+    lib = build(tmp_path, "lib", deps[0], 4, inline_rt)  # 4 shards of <= 50 rows
     index = lib / "keyindex" / work_tag(4)
 
     def append(dep, p):
-        for target, part in ((serial, 0), (lib, p)):
-            append_library(target, str(dep), chunk_size=50, runtime=inline_rt, dedupe_partitions=part)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="biogen.library"):
+            for target, part in ((serial, 0), (lib, p)):
+                append_library(target, str(dep), chunk_size=50, runtime=inline_rt, dedupe_partitions=part)
         assert outcome(lib) == outcome(serial)
+        return caplog.text.split("the library's key index held ")[-1].split(")")[0]
 
-    def shards() -> list[str]:
-        return [s["name"] for s in json.loads((lib / "manifest.json").read_text())["shards"]]
+    def segments() -> list[str]:
+        return [seg.file for seg in dedupe.index_segments(json.loads((lib / "manifest.json").read_text()))]
 
-    def held(text: str) -> str:
-        return text.split("the library's key index held ")[-1].split(")")[0]
+    def shards() -> int:
+        return len(json.loads((lib / "manifest.json").read_text())["shards"])
 
     assert not (lib / "keyindex").exists()  # nothing to index before a library has shards
-    first = shards()
-    with caplog.at_level(logging.INFO, logger="biogen.library"):
-        append(deps[1], 4)
-    assert held(caplog.text) == f"0 of its {len(first)} shards ({len(first)} split now"
-    assert sorted(f.stem for f in index.iterdir()) == first
+    first, n1 = segments(), shards()
+    assert n1 >= 3
+    assert append(deps[1], 4) == f"0 of its {len(first)} segments ({n1} of {n1} shards split now"
+    assert sorted(f.name for f in index.iterdir()) == sorted(first[:n1 // 2])  # the partial one was pruned
     stamp = {f.name: f.stat().st_mtime_ns for f in index.iterdir()}
-    second = shards()
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="biogen.library"):
-        append(deps[2], 4)
-    assert held(caplog.text) == f"{len(first)} of its {len(second)} shards ({len(second) - len(first)} split now"
-    assert {n: t for n, t in ((f.name, f.stat().st_mtime_ns) for f in index.iterdir()) if n in stamp} == stamp
-    (index / f"{first[0]}.arrow").write_bytes(b"not an index file")  # damaged: rebuilt, not trusted
-    third = shards()
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="biogen.library"):
-        append(deps[3], 4)
-    assert held(caplog.text) == f"{len(second) - 1} of its {len(third)} shards ({len(third) - len(second) + 1} split now"
+    second, n2 = segments(), shards()
+    kept = [f for f in second if f in stamp]  # the full segments keep their cuts
+    assert kept == first[:n1 // 2] and n2 > n1
+    assert append(deps[2], 4) == f"{len(kept)} of its {len(second)} segments ({n2 - 2 * len(kept)} of {n2} shards split now"
+    assert {f.name: f.stat().st_mtime_ns for f in index.iterdir() if f.name in stamp} == stamp
+    (index / first[0]).write_bytes(b"not an index file")  # damaged: rebuilt, not trusted
+    third, n3 = segments(), shards()
+    full = n2 // 2 - 1
+    assert append(deps[3], 4) == f"{full} of its {len(third)} segments ({n3 - 2 * full} of {n3} shards split now"
     append(deposit(tmp_path, "e", 120, 100), 6)  # another P: one index, of that P
     assert [d.name for d in (lib / "keyindex").iterdir()] == [work_tag(6)]
+    assert {f.name for f in (lib / "keyindex" / work_tag(6)).iterdir()} <= set(segments())
 
 
 def test_auto_partitions_keep_to_the_key_index_while_it_is_fine_enough(tmp_path):
@@ -154,10 +158,10 @@ def test_partition_setting_is_checked_before_any_work(tmp_path, inline_rt):
 
 
 @pytest.mark.parametrize("fail_at,step", [(3, "split-n000002"),
-                                          pytest.param(12, "decide-b00002", marks=pytest.mark.slow)])
+                                          pytest.param(11, "decide-b00002", marks=pytest.mark.slow)])
 def test_full_disk_in_a_dedupe_round_keeps_the_library_and_resumes(tmp_path, inline_rt, monkeypatch, fail_at, step):
-    """An append (7 parts against 2 shards, 4 partitions): the ``fail_at``-th dedupe file
-    written (splits of parts, then of shards, then decisions) hits a full disk."""
+    """An append (7 parts against 2 shards in one key-index segment, 4 partitions): the ``fail_at``-th dedupe file
+    written (splits of parts, then of the segment, then decisions) hits a full disk."""
     lib = build(tmp_path, "lib", deposit(tmp_path, "a", 0, 80), 4, inline_rt)  # 2 shards
     second = deposit(tmp_path, "b", 40, 300)
     before = outcome(lib), (lib / "manifest.json").read_text()

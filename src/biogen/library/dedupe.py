@@ -25,14 +25,19 @@ never keys:
 
 Files: parts + shards (split) + P (decide) + parts (rank), not (parts + shards) x P x 2 + parts x P.
 
-The library's key index: a library shard's split file depends on the shard and P alone, so
-it is kept in the library (``keyindex/<work_tag(P)>/<shard>.arrow``, with the sha256 of the
-shard's ``meta.parquet`` the manifest lists) and linked into the next job's work directory:
-an append splits only the shards it has not indexed yet (its own parts, and the previous
-job's new shards), never the whole library again. ``dedupe_partitions=auto`` reuses the
-index's P while it is at least half the P it would choose (``sticky_partitions``);
-``prune_index`` drops the index of other P and of shards no longer in the manifest after a
-commit. A stale or damaged index file (another sha256, scheme or P) is rebuilt, not trusted.
+The library's key index, stored per partition: the library's shards are cut, in manifest
+order, into *segments* of at most ``SEGMENT_SHARDS`` shards and ``SEGMENT_ROWS`` rows (the
+cuts depend only on the shards before them, so they never move as the library grows). A
+segment's split file (its shards' first occurrences by key partition, their ids by id
+partition) depends only on those shards and P, so it is kept in the library
+(``keyindex/<work_tag(P)>/seg-<digest>.arrow``, the digest over the key setting, the id
+prefix and each shard's name and ``meta.parquet`` sha256 as the manifest lists them) and
+linked into the next job's work directory: an append splits only the segments it has not
+indexed yet (the last, partial one and the shards added since), never the whole library,
+and a decide task opens one file per segment, not one per shard. ``dedupe_partitions=auto``
+reuses the index's P while it is at least half the P it would choose
+(``sticky_partitions``); ``prune_index`` drops files of other P and of other segments after
+a commit. A stale or damaged index file (another digest, scheme or P) is rebuilt, not trusted.
 The hash scheme (``SCHEME``) names the work directory and the ledger keys (``work_tag``) and
 is written into every file (checked on read): a work directory left by another scheme is
 never mixed with this one's partitions (its steps are simply redone under the new name).
@@ -47,6 +52,8 @@ uses the serial planner.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import re
@@ -99,7 +106,9 @@ def choose_partitions(setting: int | str, records: int, slots: int) -> int:
     return n
 
 
-INDEX = "keyindex"  # the library's key index: INDEX/work_tag(P)/<shard>.arrow
+INDEX = "keyindex"  # the library's key index: INDEX/work_tag(P)/seg-<digest>.arrow
+SEGMENT_SHARDS = 64       # a segment of the key index: at most this many shards
+SEGMENT_ROWS = 2_000_000  # and this many rows (a shard larger than that is a segment alone)
 
 
 def index_dir(lib_dir: str | Path, partitions: int) -> Path:
@@ -129,19 +138,57 @@ def sticky_partitions(setting: int | str, wanted: int, lib_dir: str | Path) -> i
     return wanted
 
 
+@dataclass(frozen=True)
+class Segment:
+    """Consecutive library shards whose keys the key index keeps in one file: ``members``
+    = (name, meta.parquet sha256) per shard; ``digest`` names the file (None: a shard
+    without a recorded sha256, never reused)."""
+
+    index: int
+    members: tuple[tuple[str, str | None], ...]
+    digest: str | None
+
+    @property
+    def file(self) -> str:
+        return f"seg-{self.digest[:32]}.arrow" if self.digest else f"seg-unhashed-{self.index:06d}.arrow"
+
+
+def index_segments(manifest: dict) -> list[Segment]:
+    """The library's shards cut into segments (see the module docstring): O(shards) driver
+    work over the manifest it holds anyway, the same cuts at every append."""
+    groups: list[list[dict]] = []
+    rows = 0
+    for sh in manifest["shards"]:
+        if not groups or len(groups[-1]) >= SEGMENT_SHARDS or (rows + sh["rows"] > SEGMENT_ROWS and groups[-1]):
+            groups.append([])
+            rows = 0
+        groups[-1].append(sh)
+        rows += sh["rows"]
+    out = []
+    for i, g in enumerate(groups):
+        members = tuple((sh["name"], sh.get("files", {}).get("meta.parquet", {}).get("sha256")) for sh in g)
+        digest = None
+        if all(sha for _, sha in members):
+            head = [SCHEME, manifest["dedupe"]["key"], manifest["id_prefix"], members]
+            digest = hashlib.sha256(json.dumps(head).encode()).hexdigest()
+        out.append(Segment(i, members, digest))
+    return out
+
+
 def prune_index(lib_dir: str | Path, manifest: dict, keep: int) -> None:
-    """After a commit: the key index of P = ``keep`` only, and only for shards in ``manifest``."""
+    """After a commit: the key index of P = ``keep`` only, and only the files of the
+    manifest's segments (the last one, grown by the commit, is made again when needed)."""
     root = Path(lib_dir) / INDEX
     if not keep or not root.is_dir():
         return
-    mine, shards = work_tag(keep), {s["name"] for s in manifest["shards"]}
+    mine, files = work_tag(keep), {seg.file for seg in index_segments(manifest)}
     for d in root.iterdir():
         if d.name != mine:
             shutil.rmtree(d, ignore_errors=True)
             log.info("dedupe: removed the key index %s (the library is indexed with %d partitions now)", d, keep)
         elif d.is_dir():
             for f in d.iterdir():
-                if f.suffix == ".arrow" and f.stem not in shards:
+                if f.name not in files:
                     f.unlink(missing_ok=True)
 
 
@@ -332,9 +379,7 @@ class PartitionedDedupe:
     def _generated_like(self, ids: pa.Array) -> int:
         """How many ids look like a generated id past the library's rows (the serial planner
         would skip their numbers when generating ids: that case goes to the serial planner)."""
-        pat, width = self._pattern(), len(self.id_prefix) + 9
-        ids = ids.filter(pac.and_(pac.starts_with(ids, self.id_prefix), pac.equal(pac.utf8_length(ids), width)))
-        return sum(1 for i in ids.to_pylist() if (m := pat.fullmatch(i)) and int(m.group(1)) > self.base_ordinal)
+        return len(self._generated_numbers(ids))
 
     # ---------------------------------------------------------------- round 1: split
     def _by_partition(self, batch: pa.RecordBatch, by: pa.Array) -> tuple[pa.RecordBatch, np.ndarray]:
@@ -362,35 +407,45 @@ class PartitionedDedupe:
                                                 schema=SPLIT_SCHEMA))
         return [out], {"rows": n, "generated_like": self._generated_like(gids)}
 
-    def split_shard(self, index: int, name: str, sha256: str | None = None) -> tuple[list[str], dict]:
-        """Round 1 for a shard of the library: first occurrences' (key, row, id) by key; ids by
-        id. The split file is the library's key index file of the shard when that one holds
-        this shard's ``meta.parquet`` (``sha256``, as the manifest lists it); else it is made
+    def split_segment(self, seg: Segment) -> tuple[list[str], dict]:
+        """Round 1 for a segment of the library: its shards' first occurrences' (key, row, id)
+        by key partition and all their ids by id partition. The split file is the key
+        index's file of the segment when that one is valid; else it is made from the shards
         (and kept in the index). Either way it is linked into the work directory."""
-        cached = index_dir(self.lib_dir, self.partitions) / f"{name}.arrow"
-        tag = f"{self.key}:{sha256}".encode() if sha256 else None
+        cached = index_dir(self.lib_dir, self.partitions) / seg.file
+        tag = seg.digest.encode() if seg.digest else None
         reused = tag is not None and self._indexed(cached, tag)
         if not reused:
-            t = pq.read_table(Path(self.lib_dir) / "shards" / name / "meta.parquet",
-                              columns=["id", self.key, "duplicate_of"])
+            tables = [pq.read_table(Path(self.lib_dir) / "shards" / name / "meta.parquet",
+                                    columns=["id", self.key, "duplicate_of"]) for name, _ in seg.members]
+            t = pa.concat_tables(tables)
             ids, keys = t.column("id").combine_chunks(), t.column(self.key).combine_chunks().cast(pa.string())
             is_first = pac.is_null(t.column("duplicate_of").combine_chunks())
             rows = _row_numbers(len(ids))
-            self._write_split(name, pa.record_batch([keys.filter(is_first), rows.filter(is_first),
-                                                     ids.filter(is_first)], schema=SPLIT_SCHEMA),
+            self._write_split(seg.file, pa.record_batch([keys.filter(is_first), rows.filter(is_first),
+                                                         ids.filter(is_first)], schema=SPLIT_SCHEMA),
                               pa.record_batch([pa.nulls(len(ids), pa.string()), rows, ids], schema=SPLIT_SCHEMA),
-                              path=cached, meta={"shard": tag} if tag else {})
-        ids = GroupedFile(cached).reader.get_batch(IDS).column(2)
-        out = self.root / "split" / f"l{index:06d}.arrow"
+                              path=cached, meta={"segment": tag or b"", "generated_numbers": self._generated_numbers(ids)})
+        g = GroupedFile(cached)
+        numbers, n = g.array("generated_numbers"), g.array("offsets1")[-1]
+        out = self.root / "split" / f"l{seg.index:06d}.arrow"
         _link(cached, out)
-        return [self.rel(out)], {"rows": len(ids), "generated_like": self._generated_like(ids),
-                                 "index_reused": reused}
+        return [self.rel(out)], {"rows": int(n), "generated_like": int((numbers > self.base_ordinal).sum()),
+                                 "index_reused": reused, "shards": len(seg.members)}
+
+    def _generated_numbers(self, ids: pa.Array) -> np.ndarray:
+        """The numbers of the ids that look like generated ids past the library's rows now
+        (a later append only has more rows: the index keeps just these)."""
+        pat, width = self._pattern(), len(self.id_prefix) + 9
+        ids = ids.filter(pac.and_(pac.starts_with(ids, self.id_prefix), pac.equal(pac.utf8_length(ids), width)))
+        nums = [int(m.group(1)) for i in ids.to_pylist() if (m := pat.fullmatch(i))]
+        return np.array([x for x in nums if x > self.base_ordinal], dtype=np.int64)
 
     def _indexed(self, path: Path, tag: bytes) -> bool:
-        """Whether ``path`` is this shard's index file for this P and key (else it is rebuilt)."""
+        """Whether ``path`` is this segment's index file for this P (else it is rebuilt)."""
         try:
             g = GroupedFile(path)
-            return g.meta.get(b"shard") == tag and int(g.array("partitions")[0]) == self.partitions
+            return g.meta.get(b"segment") == tag and int(g.array("partitions")[0]) == self.partitions
         except (OSError, LibraryError, pa.ArrowInvalid, KeyError, IndexError):
             return False
 
@@ -485,14 +540,14 @@ class PartitionedDedupe:
 
 
 def run_step(dd: PartitionedDedupe, step: str, *args) -> tuple[list[str], dict]:
-    """One task of a partitioned dedupe (a Ray task): ``split_part``, ``split_shard``,
+    """One task of a partitioned dedupe (a Ray task): ``split_part``, ``split_segment``,
     ``decide``, ``check_ids`` or ``rank_part`` with its arguments."""
     if step not in STEPS:
         raise ValueError(f"unknown dedupe step {step!r}")
     return getattr(dd, step)(*args)
 
 
-STEPS = ("split_part", "split_shard", "decide", "check_ids", "rank_part")
+STEPS = ("split_part", "split_segment", "decide", "check_ids", "rank_part")
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,8 @@ from biogen.chem.standardize import StandardizeSpec
 from biogen.errors import ConfigError, InputError, LibraryError
 from biogen.files import json_digest
 from biogen.library.dedupe import (
-    PartitionedDedupe, PlannedPart, choose_partitions, prune_index, run_step, sticky_partitions, work_tag,
+    PartitionedDedupe, PlannedPart, choose_partitions, index_segments, prune_index, run_step, sticky_partitions,
+    work_tag,
 )
 from biogen.library.manifest import MANIFEST, new_manifest, now_iso, read_manifest, tool_versions, write_manifest
 from biogen.library.parts import (
@@ -282,13 +283,13 @@ def _partitioned_plans(lib_dir: Path, manifest: dict, work: Path, parts: list[in
                           slots=slots, desc=f"{action}: dedupe {desc}", total=len(tasks))
 
     split = rounds("split", [(f"split-n{p:06d}", ("split_part", p)) for p in parts]
-                   + [(f"split-l{i:06d}", ("split_shard", i, s["name"], s.get("files", {}).get("meta.parquet", {})
-                                                                 .get("sha256")))
-                      for i, s in enumerate(manifest["shards"])])
+                   + [(f"split-l{seg.index:06d}", ("split_segment", seg)) for seg in index_segments(manifest)])
     if manifest["shards"]:
-        reused = sum(1 for k, r in split.items() if "-split-l" in k and r.get("index_reused"))
-        log.info("dedupe: the library's key index held %d of its %d shards (%d split now)", reused,
-                 len(manifest["shards"]), len(manifest["shards"]) - reused)
+        segs = [r for k, r in split.items() if "-split-l" in k]
+        reused = [r for r in segs if r.get("index_reused")]
+        log.info("dedupe: the library's key index held %d of its %d segments (%d of %d shards split now)",
+                 len(reused), len(segs), len(manifest["shards"]) - sum(r["shards"] for r in reused),
+                 len(manifest["shards"]))
     decided = rounds("decide", [(f"check-b{b:05d}", ("check_ids", b)) for b in range(partitions)]
                      + [(f"decide-b{b:05d}", ("decide", b)) for b in range(partitions)])
     generated_like = sum(r["generated_like"] for r in split.values())
