@@ -10,7 +10,9 @@ import pytest
 
 from biogen.errors import LibraryError
 from biogen.kernels.keyhash import reference_hash
-from biogen.library.dedupe import SPLIT_SCHEMA, GroupedFile, decide_batches, key_hashes, key_partition, write_grouped
+from biogen.library.dedupe import (
+    ROW_SCHEMA, SPLIT_SCHEMA, GroupedFile, decide_batches, decide_probed, key_hashes, key_partition, probe, write_grouped,
+)
 
 KEYS = ["BSYNRYMUTXBXSQ-UHFFFAOYSA-N", "", "a", "CC(=O)Oc1ccccc1C(=O)O", "é→ü", "N" * 300, None]
 
@@ -58,7 +60,7 @@ def test_partitions_are_balanced():
 def test_grouped_file_reads_one_group_in_input_order(tmp_path):
     keys = pa.array([f"k{i % 5}" for i in range(40)])
     rows = pa.array(np.arange(40, dtype=np.int32))
-    batch = pa.record_batch([keys, rows, pa.nulls(40, pa.string())], schema=SPLIT_SCHEMA)
+    batch = pa.record_batch([keys, rows, pa.nulls(40, pa.string())], schema=ROW_SCHEMA)
     groups = key_partition(keys, 3)
     order = np.argsort(groups, kind="stable")
     offsets = np.concatenate([[0], np.cumsum(np.bincount(groups, minlength=3))])
@@ -72,10 +74,10 @@ def test_grouped_file_reads_one_group_in_input_order(tmp_path):
 
 def test_grouped_file_of_another_scheme_is_refused(tmp_path):
     path = tmp_path / "old.arrow"
-    schema = SPLIT_SCHEMA.with_metadata({b"scheme": b"1"})
+    schema = ROW_SCHEMA.with_metadata({b"scheme": b"1"})
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as w:
         w.write_batch(pa.record_batch([pa.array(["k"]), pa.array([0], pa.int32()), pa.array(["i"])],
-                                      schema=SPLIT_SCHEMA))
+                                      schema=ROW_SCHEMA))
     with pytest.raises(LibraryError, match="dedupe scheme"):
         GroupedFile(path)
 
@@ -113,7 +115,7 @@ def test_vectorized_decide_equals_the_serial_rule(seed, path, monkeypatch, caplo
         keys = [vocab[j] for j in rng.integers(0, len(vocab), n)]
         ids = [f"id{rng.integers(10**9)}" if with_ids and rng.random() < 0.7 else None for _ in range(n)]
         return pa.record_batch([pa.array(keys, pa.string()), pa.array(rng.permutation(n).astype(np.int32)),
-                                pa.array(ids, pa.string())], schema=SPLIT_SCHEMA)
+                                pa.array(ids, pa.string())], schema=ROW_SCHEMA)
 
     library = [batch(int(rng.integers(0, 60)), True) for _ in range(int(rng.integers(0, 4)))]
     parts = sorted(rng.choice(50, int(rng.integers(0, 5)), replace=False).tolist())
@@ -125,3 +127,55 @@ def test_vectorized_decide_equals_the_serial_rule(seed, path, monkeypatch, caplo
     assert ("hash collision" in caplog.text) == collided
     assert distinct == want_distinct
     assert list(zip(*(got.column(i).to_pylist() for i in range(6)))) == want
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("path", ["hash", "colliding hash", "null key"])
+def test_probed_decide_equals_the_serial_rule(seed, path, monkeypatch):
+    """``decide_probed`` (new keys searched in the library segments' hash-sorted groups) gives
+    the serial rule's decisions, or None (exact matching) on a null key or a collision."""
+    import biogen.library.dedupe as dedupe
+
+    rng = np.random.default_rng(100 + seed)
+    vocab = [f"K{i:04d}" for i in range(rng.integers(5, 400))]
+    hashes = dedupe.key_hashes
+    if path == "colliding hash":  # every key hashes alike: a probe meets another string
+        hashes = lambda keys: np.full(len(keys), 7, dtype=np.uint64)  # noqa: E731
+
+    def batch(keys, ids, sort):
+        keys = pa.array(keys, pa.string())
+        h = hashes(keys)
+        b = pa.record_batch([keys, pa.array(np.arange(len(keys), dtype=np.int32)), pa.array(ids, pa.string()),
+                             pa.array(h, pa.uint64())], schema=SPLIT_SCHEMA)
+        return b.take(pa.array(np.argsort(h, kind="stable"))) if sort else b
+
+    lib_keys = rng.permutation(vocab)[: int(rng.integers(0, len(vocab)))].tolist()  # a library's keys are unique
+    cuts = sorted(rng.integers(0, len(lib_keys) + 1, 2).tolist())
+    library = [batch(ks, [f"L{k}" for k in ks], True) for ks in np.split(np.array(lib_keys, dtype=object), cuts)]
+    parts = sorted(rng.choice(50, int(rng.integers(1, 5)), replace=False).tolist())
+    new = []
+    for _ in parts:
+        n = int(rng.integers(0, 80))
+        keys = [vocab[j] for j in rng.integers(0, len(vocab), n)]
+        if path == "null key" and n:
+            keys[int(rng.integers(n))] = None
+        new.append(batch(keys, [f"id{rng.integers(10**9)}" if rng.random() < 0.7 else None for _ in range(n)], False))
+    got = decide_probed(library, new, parts)
+    want, want_distinct = _oracle(library, new, parts)
+    if path == "hash" or (path == "null key" and not any(b.column(0).null_count for b in new)):
+        assert got is not None
+    if got is None:
+        assert path != "hash"
+        got = decide_batches(library, new, parts)
+    decided, distinct = got
+    assert distinct == want_distinct
+    assert list(zip(*(decided.column(i).to_pylist() for i in range(6)))) == want
+
+
+def test_probe_finds_strings_by_hash_and_refuses_a_collision():
+    side = pa.array(["a", "b", "c", "d"])
+    h = np.array([1, 5, 5, 9], dtype=np.uint64)
+    assert probe(h, side, np.array([9, 1, 4, 10], np.uint64), pa.array(["d", "a", "x", "y"])).tolist() == [3, 0, -1, -1]
+    assert probe(h, side, np.array([5], np.uint64), pa.array(["b"])).tolist() == [1]
+    assert probe(h, side, np.array([5], np.uint64), pa.array(["c"])) is None  # "b" has its hash too
+    assert probe(h[:0], side[:0], np.array([5], np.uint64), pa.array(["c"])).tolist() == [-1]

@@ -14,8 +14,13 @@ never keys:
 2. decide (one task per key partition): in input order (shards in order, then parts in
    order, rows in order), each row is the first occurrence of its key, or a duplicate of a
    library row (its id) or of an earlier new row (its position); ONE decision file per
-   partition, grouped by part.
-   check (one task per id partition): does a given id repeat, or collide with a library id?
+   partition, grouped by part. The library's side is probed, not read: its split files keep
+   each row's 64-bit hash and are sorted by it within a partition, so each new key is a
+   binary search in each library segment (``decide_probed``: O(new rows x log) per
+   partition; the exact ``decide_batches`` over all keys where a key is null or a hash
+   collides).
+   check (one task per id partition): does a given id repeat, or collide with a library id
+   (probed the same way)?
 3. rank (one task per part): the part's keep flags from its slice of the P decision files;
    the driver turns the kept counts into ordinal offsets (one number per part).
 4. finalize (``parts.finalize_part``, one task per part): the part's ``DedupePlan`` built
@@ -73,10 +78,13 @@ from biogen.library.parts import DedupePlan, Drop, duplicate_detail, generated_i
 log = logging.getLogger(__name__)
 AUTO_RECORDS = 2_000_000        # partitions=auto: the serial planner below this many records
 RECORDS_PER_PARTITION = 1_000_000
-SCHEME = 2  # 1: blake2b per key in Python, a file per part x partition; 2: keyhash, a file per part
+SCHEME = 3  # 1: blake2b per key in Python, a file per part x partition; 2: keyhash, a file per part;
+# 3: each row's 64-bit hash in the split files, the library's sorted by it within a partition (probed)
 KEYS, IDS = 0, 1  # the two sections of a split file
 # rows and parts as int32 (a part or shard of 2^31 rows is refused): 12 bytes/record less scratch
-SPLIT_SCHEMA = pa.schema([("key", pa.string()), ("row", pa.int32()), ("id", pa.string())])
+SPLIT_SCHEMA = pa.schema([("key", pa.string()), ("row", pa.int32()), ("id", pa.string()), ("hash", pa.uint64())])
+HASH = 3  # the column of the partitioning value's hash (the key's in KEYS, the id's in IDS)
+ROW_SCHEMA = pa.schema(list(SPLIT_SCHEMA)[:HASH])  # the columns a split task gives ``_by_partition``
 DECISION_SCHEMA = pa.schema([("row", pa.int32()), ("key", pa.string()), ("dup", pa.bool_()),
                              ("ref_id", pa.string()), ("ref_part", pa.int32()), ("ref_row", pa.int32())])
 
@@ -293,6 +301,71 @@ def _column(batches: list[pa.RecordBatch], i: int, type_: pa.DataType) -> pa.Arr
     return pa.concat_arrays([b.column(i) for b in batches]) if batches else pa.array([], type_)
 
 
+def probe(sorted_hashes: np.ndarray, sorted_values: pa.Array, hashes: np.ndarray, values: pa.Array
+          ) -> np.ndarray | None:
+    """For each of ``values`` (with ``hashes``), the position in ``sorted_values`` (sorted by
+    ``sorted_hashes``) of the same string, or -1: a binary search per value, touching only
+    the pages it lands on of a memory-mapped side. None when a hash matched a different
+    string (a 64-bit collision): the caller then decides exactly."""
+    out = np.full(len(hashes), -1, dtype=np.int64)
+    if not len(sorted_hashes) or not len(hashes):
+        return out
+    pos = np.minimum(np.searchsorted(sorted_hashes, hashes), len(sorted_hashes) - 1)
+    hit = np.flatnonzero(sorted_hashes[pos] == hashes)
+    if len(hit):
+        same = pac.equal(sorted_values.take(pa.array(pos[hit])), values.take(pa.array(hit)))
+        if not pac.all(same).as_py():
+            return None
+        out[hit] = pos[hit]
+    return out
+
+
+def decide_probed(library: list[pa.RecordBatch], new: list[pa.RecordBatch], parts: list[int]
+                  ) -> tuple[pa.RecordBatch, int] | None:
+    """``decide_batches``'s result without reading the library's keys: each new key's hash is
+    searched in each library segment's group (sorted by hash, memory-mapped), then the new
+    rows not in the library are decided among themselves. O(new rows x log) per partition,
+    not O(library). None (the caller runs ``decide_batches``) where a key is null or a hash
+    collides."""
+    keys = _column(new, 0, pa.string())
+    if keys.null_count or any(b.column(0).null_count for b in library):
+        return None
+    n = len(keys)
+    h = _column(new, HASH, pa.uint64()).to_numpy(zero_copy_only=False)
+    seg, pos = np.full(n, -1, np.int64), np.full(n, -1, np.int64)
+    for s, lb in enumerate(library):
+        todo = np.flatnonzero(seg < 0)
+        if not len(todo):
+            break
+        found = probe(lb.column(HASH).to_numpy(zero_copy_only=False), lb.column(0), h[todo], keys.take(pa.array(todo)))
+        if found is None:
+            return None
+        hit = found >= 0
+        seg[todo[hit]], pos[todo[hit]] = s, found[hit]
+    first, _ = first_positions(keys, h)
+    in_lib = seg >= 0
+    dup_new = ~in_lib & (first < np.arange(n))
+    dup = in_lib | dup_new
+    ref_id: list = [None] * n
+    ids = _column(new, 2, pa.string())
+    for s in np.unique(seg[in_lib]):
+        sel = np.flatnonzero(seg == s)
+        for i, v in zip(sel, library[int(s)].column(2).take(pa.array(pos[sel])).to_pylist()):
+            ref_id[i] = v
+    for i, v in zip(np.flatnonzero(dup_new), ids.take(pa.array(first[dup_new])).to_pylist()):
+        ref_id[i] = v
+    rows = _column(new, 1, pa.int32()).to_numpy(zero_copy_only=False).astype(np.int32)
+    part_at = np.repeat(np.asarray(parts, np.int32), [len(b) for b in new])
+    distinct = sum(len(b) for b in library) + int((~in_lib & (first == np.arange(n))).sum())
+    return pa.record_batch([
+        pa.array(rows),
+        keys.take(pa.array(np.arange(n), mask=~dup)),  # the key of duplicates only
+        pa.array(dup),
+        pa.array(ref_id, pa.string()),
+        pa.array(np.where(dup_new, part_at[first], -1).astype(np.int32)),
+        pa.array(np.where(dup_new, rows[first], -1).astype(np.int32))], schema=DECISION_SCHEMA), distinct
+
+
 def decide_batches(library: list[pa.RecordBatch], new: list[pa.RecordBatch], parts: list[int]
                    ) -> tuple[pa.RecordBatch, int]:
     """One key partition's decisions (``DECISION_SCHEMA``, the rows of ``new`` in order): for
@@ -321,7 +394,7 @@ def decide_batches(library: list[pa.RecordBatch], new: list[pa.RecordBatch], par
         pa.array(np.where(dup, row_at[ref], -1).astype(np.int32))], schema=DECISION_SCHEMA), distinct
 
 
-def first_positions(keys: pa.Array) -> tuple[np.ndarray, int]:
+def first_positions(keys: pa.Array, hashes: np.ndarray | None = None) -> tuple[np.ndarray, int]:
     """For each position of ``keys``, the first position holding the same key (int64), and
     the number of distinct keys. Fast path: the 64-bit key hashes (``key_hashes``) sorted
     stably, so each run of equal hashes starts at its first position; then every row
@@ -333,7 +406,7 @@ def first_positions(keys: pa.Array) -> tuple[np.ndarray, int]:
     if n == 0:
         return np.zeros(0, np.int64), 0
     if not keys.null_count:
-        h = key_hashes(keys)
+        h = key_hashes(keys) if hashes is None else hashes
         order = np.argsort(h, kind="stable")
         hs = h[order]
         starts = np.empty(n, dtype=bool)
@@ -382,15 +455,22 @@ class PartitionedDedupe:
         return len(self._generated_numbers(ids))
 
     # ---------------------------------------------------------------- round 1: split
-    def _by_partition(self, batch: pa.RecordBatch, by: pa.Array) -> tuple[pa.RecordBatch, np.ndarray]:
-        """The rows sorted (stably: input order within a partition) by the partition of ``by``."""
-        b = key_partition(by, self.partitions)
-        return batch.take(pa.array(np.argsort(b, kind="stable"))), _offsets(b, self.partitions)
+    def _by_partition(self, batch: pa.RecordBatch, by: pa.Array, by_hash: bool
+                      ) -> tuple[pa.RecordBatch, np.ndarray]:
+        """The rows with ``by``'s hash (column ``HASH``) sorted by the partition of ``by``:
+        stably (input order within a partition: new parts), or by the hash within it
+        (``by_hash``: the library's, which decide and check probe)."""
+        h = key_hashes(by)
+        b = (h % np.uint64(self.partitions)).astype(np.int64)
+        order = np.lexsort((h, b)) if by_hash else np.argsort(b, kind="stable")
+        batch = pa.record_batch([*batch.columns[:HASH], pa.array(h, pa.uint64())], schema=SPLIT_SCHEMA)
+        return batch.take(pa.array(order)), _offsets(b, self.partitions)
 
     def _write_split(self, stem: str, keys: pa.RecordBatch, ids: pa.RecordBatch, path: Path | None = None,
                      meta: dict | None = None) -> str:
         path = path or self.root / "split" / f"{stem}.arrow"
-        write_grouped(path, [self._by_partition(keys, keys.column(0)), self._by_partition(ids, ids.column(2))],
+        lib = path.name.startswith("seg-")
+        write_grouped(path, [self._by_partition(keys, keys.column(0), lib), self._by_partition(ids, ids.column(2), lib)],
                       {"partitions": np.array([self.partitions]), **(meta or {})})
         return self.rel(path) if path.is_relative_to(self.work) else str(path)
 
@@ -402,9 +482,9 @@ class PartitionedDedupe:
         given = pac.is_valid(ids)
         gids = ids.filter(given)
         rows = _row_numbers(n)
-        out = self._write_split(f"n{part:06d}", pa.record_batch([keys, rows, ids], schema=SPLIT_SCHEMA),
+        out = self._write_split(f"n{part:06d}", pa.record_batch([keys, rows, ids], schema=ROW_SCHEMA),
                                 pa.record_batch([pa.nulls(len(gids), pa.string()), rows.filter(given), gids],
-                                                schema=SPLIT_SCHEMA))
+                                                schema=ROW_SCHEMA))
         return [out], {"rows": n, "generated_like": self._generated_like(gids)}
 
     def split_segment(self, seg: Segment) -> tuple[list[str], dict]:
@@ -423,8 +503,8 @@ class PartitionedDedupe:
             is_first = pac.is_null(t.column("duplicate_of").combine_chunks())
             rows = _row_numbers(len(ids))
             self._write_split(seg.file, pa.record_batch([keys.filter(is_first), rows.filter(is_first),
-                                                         ids.filter(is_first)], schema=SPLIT_SCHEMA),
-                              pa.record_batch([pa.nulls(len(ids), pa.string()), rows, ids], schema=SPLIT_SCHEMA),
+                                                         ids.filter(is_first)], schema=ROW_SCHEMA),
+                              pa.record_batch([pa.nulls(len(ids), pa.string()), rows, ids], schema=ROW_SCHEMA),
                               path=cached, meta={"segment": tag or b"", "generated_numbers": self._generated_numbers(ids)})
         g = GroupedFile(cached)
         numbers, n = g.array("generated_numbers"), g.array("offsets1")[-1]
@@ -461,7 +541,11 @@ class PartitionedDedupe:
         files = self._split_files("n")
         parts = [int(f.stem[1:]) for f in files]
         new = [GroupedFile(f).group(KEYS, bucket) for f in files]
-        decided, distinct = decide_batches(library, new, parts)
+        decided = decide_probed(library, new, parts)
+        if decided is None:
+            log.info("dedupe: partition %d decided by exact key matching (a null key or a hash collision)", bucket)
+            decided = decide_batches(library, new, parts)
+        decided, distinct = decided
         out = self.root / "decide" / f"b{bucket:05d}.arrow"
         counts = np.array([len(b) for b in new], dtype=np.int64)
         write_grouped(out, [(decided, np.concatenate([[0], np.cumsum(counts)]))],
@@ -469,10 +553,21 @@ class PartitionedDedupe:
         return [self.rel(out)], {"duplicates": int(pac.sum(decided.column(2)).as_py() or 0), "keys": distinct}
 
     def check_ids(self, bucket: int) -> tuple[list[str], dict]:
-        """Round 2 for an id partition: given ids that repeat or that a library row has."""
-        ids = [GroupedFile(f).group(IDS, bucket).column(2) for f in self._split_files("ln")]
-        counts = pac.value_counts(pa.chunked_array(ids, pa.string())).field("counts")
-        return [], {"repeated_ids": int(pac.sum(pac.greater(counts, 1)).as_py() or 0)}
+        """Round 2 for an id partition: given ids that repeat, or that a library row has (each
+        new id's hash searched in each library segment's group, as ``decide_probed``; a
+        library's own ids are unique)."""
+        new = [GroupedFile(f).group(IDS, bucket) for f in self._split_files("n")]
+        ids = _column(new, 2, pa.string())
+        counts = pac.value_counts(ids).field("counts")
+        repeated = int(pac.sum(pac.greater(counts, 1)).as_py() or 0)
+        h = _column(new, HASH, pa.uint64()).to_numpy(zero_copy_only=False)
+        for f in self._split_files("l") if len(ids) else []:
+            lb = GroupedFile(f).group(IDS, bucket)
+            found = probe(lb.column(HASH).to_numpy(zero_copy_only=False), lb.column(2), h, ids)
+            if found is None:  # a hash collision: count exactly
+                found = np.where(pac.is_in(ids, value_set=lb.column(2)).to_numpy(zero_copy_only=False), 0, -1)
+            repeated += int((found >= 0).sum())
+        return [], {"repeated_ids": repeated}
 
     # ---------------------------------------------------------------- round 3: rank
     def _decisions(self, part: int) -> pa.Table:
