@@ -73,8 +73,14 @@ def test_search_errors(lib, tmp_path):
     assert p.returncode == 2 and ".csv, .tsv or .parquet" in p.stderr
     p = run(["search", f"library={tmp_path / 'nolib'}", "query=CCO"], tmp_path, check=False)
     assert p.returncode == 2 and "nolib" in p.stderr
+    p = run(["search", f"library={lib}", "query=CCO", "part_gib=-1"], tmp_path, check=False)
+    assert p.returncode == 2 and "part_gib=-1 must be a positive number of GiB" in p.stderr
     p = run(["search", "--help"], tmp_path)
-    assert "mode=substructure" in p.stdout and "engine: auto" in p.stdout
+    assert "mode=substructure" in p.stdout and "engine: auto" in p.stdout and "part_gib" in p.stdout
+    # a memory budget smaller than the library: streamed in parts, the same hits
+    whole = run(["search", f"library={lib}", "query=c1ccccc1O", "engine=cpu", "k=5"], tmp_path).stdout
+    parts = run(["search", f"library={lib}", "query=c1ccccc1O", "engine=cpu", "k=5", "part_gib=0.000001"], tmp_path)
+    assert parts.stdout == whole and "searches stream" in parts.stderr
 
 
 def test_substructure_mode(lib, tmp_path):

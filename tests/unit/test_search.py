@@ -353,11 +353,25 @@ def test_sharded_search_on_ray_actors_equals_one_index(moses_lib, ray_local):
         for k in (1, 10, 1000):
             assert sharded.top_k(QUERIES, k).equals(one.top_k(QUERIES, k))
         assert sharded.threshold(QUERIES, 0.4).equals(one.threshold(QUERIES, 0.4))
+        assert sharded.streamed == [False, False]
+    # a memory budget per actor: each streams its slice in parts, with the same hits
+    with ShardedSearch(moses_lib["path"], actors=2, engine="cpu", workers=1, part_bytes=64 << 10) as sharded:
+        assert sharded.streamed == [True, True]
+        assert sharded.top_k(QUERIES, 10).equals(one.top_k(QUERIES, 10))
     # more actors than the cluster can place would wait forever: refused at once
     with pytest.raises(ConfigError, match=r"actors=8 with engine=cpu needs 8 CPUs but the Ray cluster has 2"):
         ShardedSearch(moses_lib["path"], actors=8, engine="cpu", workers=1)
     with pytest.raises(ConfigError, match=r"actors=2 with engine=cpu needs 6 CPUs"):
         ShardedSearch(moses_lib["path"], actors=2, engine="cpu", workers=3)
+
+
+def test_search_actors_on_one_node_share_its_memory():
+    from biogen.search.distributed import node_share
+
+    assert node_share(actors=4, cpus_per_actor=1, node_cpus=2) == 0.5   # 2 of them fit on the node
+    assert node_share(actors=2, cpus_per_actor=1, node_cpus=64) == 0.5  # both may land on it
+    assert node_share(actors=8, cpus_per_actor=16, node_cpus=16) == 1.0  # one per node
+    assert node_share(actors=1, cpus_per_actor=1, node_cpus=64) == 1.0
 
 
 def test_popcount_starts():

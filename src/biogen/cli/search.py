@@ -46,6 +46,18 @@ def _write_rejects(rejects: list[Reject], run_dir: Path) -> None:
         log.warning("%d query record(s) could not be used; see %s", len(rejects), path)
 
 
+def _part_bytes(gib) -> int:
+    """``part_gib`` in bytes (a positive number of GiB, e.g. 0.5 or 16)."""
+    try:
+        value = float(gib)
+    except (TypeError, ValueError):
+        value = -1.0
+    if not value > 0:
+        raise ConfigError(f"part_gib={gib!r} must be a positive number of GiB (e.g. 4), or null for the automatic "
+                          "budget")
+    return max(1, int(value * 2**30))
+
+
 def search(cfg: DictConfig) -> None:
     from biogen.search import Metric, SimilarityIndex
 
@@ -69,6 +81,7 @@ def search(cfg: DictConfig) -> None:
         metric = Metric("tanimoto" if cfg.metric == "auto" else str(cfg.metric), float(cfg.alpha), float(cfg.beta))
         kwargs = dict(mode=cfg.mode, k=int(cfg.k), threshold=float(cfg.threshold), metric=metric)
         reader = from_config(cfg.reader, "reader")
+        part_bytes = None if cfg.get("part_gib") is None else _part_bytes(cfg.part_gib)
         if int(cfg.actors) > 0:
             from biogen.runtime import NO_RAY, ray_session
 
@@ -78,12 +91,13 @@ def search(cfg: DictConfig) -> None:
                                   "workers=N threads) or runtime=local|ray_cluster")
             from biogen.search.distributed import ShardedSearch
 
-            with ray_session(runtime), ShardedSearch(cfg.library, int(cfg.actors), cfg.engine, cfg.workers) as index:
+            with ray_session(runtime), ShardedSearch(cfg.library, int(cfg.actors), cfg.engine, cfg.workers,
+                                                                  part_bytes) as index:
                 queries = index.queries(cfg.query, reader)
                 table = index.search(queries, **kwargs)
                 engine = index.engine
         else:
-            with SimilarityIndex.open(cfg.library, engine=cfg.engine, workers=cfg.workers) as index:
+            with SimilarityIndex.open(cfg.library, engine=cfg.engine, workers=cfg.workers, part_bytes=part_bytes) as index:
                 queries = index.queries(cfg.query, reader)
                 table = index.search(queries, **kwargs)
                 engine = index.engine_name

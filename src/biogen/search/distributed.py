@@ -59,12 +59,32 @@ def merge_results(tables: list[pa.Table], k: int | None) -> pa.Table:
     return t.set_column(t.schema.get_field_index("rank"), "rank", pa.array(rank, pa.int32()))
 
 
+def node_share(actors: int, cpus_per_actor: float, node_cpus: float) -> float:
+    """The share of a node's memory one CPU search actor may take: 1 / the number of this
+    search's actors that fit on the node (by CPUs), so that actors placed together do not
+    each plan with half the node's memory."""
+    fit = max(1, int(node_cpus // max(cpus_per_actor, 1e-9)))
+    return 1.0 / max(1, min(actors, fit))
+
+
 class _IndexActor:
-    def __init__(self, path: str, shards: list[str], engine: str, workers: int | None):
-        self.index = SimilarityIndex.open(path, engine=engine, workers=workers, shards=shards)
+    def __init__(self, path: str, shards: list[str], engine: str, workers: int | None,
+                 part_bytes: int | None = None, actors: int = 1):
+        share = 1.0
+        if engine == "cpu" and part_bytes is None:
+            import ray
+
+            node = ray.get_runtime_context().get_node_id()
+            cpus = next((n["Resources"].get("CPU", 1) for n in ray.nodes() if n["NodeID"] == node), 1)
+            share = node_share(actors, workers or 1, cpus)
+        self.index = SimilarityIndex.open(path, engine=engine, workers=workers, shards=shards, part_bytes=part_bytes,
+                                          memory_share=share)
 
     def rows(self) -> int:
         return self.index.n_rows
+
+    def streamed(self) -> bool:
+        return self.index.streamed
 
     def search(self, queries: Queries, mode: str, k: int, threshold: float, metric: Metric) -> pa.Table:
         return self.index.search(queries, mode=mode, k=k, threshold=threshold, metric=metric)
@@ -73,7 +93,10 @@ class _IndexActor:
 class ShardedSearch:
     """Ray actors each searching a slice of a library's shards (needs a Ray session)."""
 
-    def __init__(self, path: str | Path, actors: int, engine: str = "auto", workers: int | None = None):
+    def __init__(self, path: str | Path, actors: int, engine: str = "auto", workers: int | None = None,
+                 part_bytes: int | None = None):
+        """``part_bytes``: the memory each actor's index holds at once (it streams the rest);
+        None: the engine's default, on the CPU divided among the actors a node holds."""
         import ray
 
         if actors < 1:
@@ -93,10 +116,12 @@ class ShardedSearch:
                        " or fewer workers per actor, or add nodes"))
         cls = ray.remote(**per_actor)(_IndexActor)
         path = str(Path(path).absolute())
-        self.actors = [cls.remote(path, [s.name for s in self.library.shards[a:b]], self.engine, workers)
-                       for a, b in slices]
+        self.actors = [cls.remote(path, [s.name for s in self.library.shards[a:b]], self.engine, workers, part_bytes,
+                                  len(slices)) for a, b in slices]
         rows = ray.get([a.rows.remote() for a in self.actors])
-        log.info("%d search actors (%s) over %s: %s rows", len(self.actors), self.engine, path, rows)
+        self.streamed = ray.get([a.streamed.remote() for a in self.actors])
+        log.info("%d search actors (%s) over %s: %s rows%s", len(self.actors), self.engine, path, rows,
+                 f", streamed in parts: {self.streamed}" if any(self.streamed) else "")
 
     def queries(self, query, reader=None) -> Queries:
         q = as_queries(query, self.library.featurizer, self.library.standardize, reader)

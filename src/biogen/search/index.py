@@ -90,8 +90,12 @@ class SimilarityIndex:
     def __init__(self, blocks, spec: FingerprintSpec, ids: pa.Array, smiles: pa.Array | None,
                  *, standardize: StandardizeSpec | None = None, engine: str = "auto",
                  workers: int | None = None, part_bytes: int | None = None, name: str = "fingerprints",
-                 device: int | None = None):
-        """``blocks``: list of ``(fps N_i x W uint64, pcs N_i int32 sorted, first library row)``."""
+                 device: int | None = None, memory_share: float = 1.0):
+        """``blocks``: list of ``(fps N_i x W uint64, pcs N_i int32 sorted, first library row)``.
+        ``part_bytes``: the memory one part of the index may hold (the rest is streamed);
+        None: half the host's available memory (CPU engine) or 70% of the GPU's free memory,
+        times ``memory_share`` (the share of it this index may take: 1/n for n indexes, e.g.
+        search actors, on one host)."""
         self.spec = spec
         self.standardize = standardize or StandardizeSpec()
         self.name = name
@@ -104,7 +108,7 @@ class SimilarityIndex:
         self.n_rows = len(ids)
         self._id_rank = np.empty(self.n_rows, np.int64)
         self._id_rank[np.asarray(pc.sort_indices(ids))] = np.arange(self.n_rows)
-        budget = part_bytes or self._default_part_bytes()
+        budget = part_bytes or int(self._default_part_bytes() * memory_share)
         if part_bytes is None and self.engine_name == "cpu":  # host memory: the per-row state above stays
             budget = max(budget - self.resident_bytes(), budget // 4)
         row_bytes = self.part_row_bytes(spec, self.engine_name)
@@ -131,18 +135,18 @@ class SimilarityIndex:
     @classmethod
     def open(cls, path: str | Path, engine: str = "auto", workers: int | None = None,
              shards: Sequence[str] | None = None, part_bytes: int | None = None,
-             device: int | None = None) -> "SimilarityIndex":
+             device: int | None = None, memory_share: float = 1.0) -> "SimilarityIndex":
         """Index a library directory (all shards, or the named ones)."""
         from biogen.library.store import Library
 
         lib = Library.open(path)
         return cls.from_library(lib, engine=engine, workers=workers, shards=shards,
-                                part_bytes=part_bytes, device=device)
+                                part_bytes=part_bytes, device=device, memory_share=memory_share)
 
     @classmethod
     def from_library(cls, lib, engine: str = "auto", workers: int | None = None,
                      shards: Sequence[str] | None = None, part_bytes: int | None = None,
-                     device: int | None = None) -> "SimilarityIndex":
+                     device: int | None = None, memory_share: float = 1.0) -> "SimilarityIndex":
         chosen = lib.shards
         if shards is not None:
             known = {s.name for s in lib.shards}
@@ -162,7 +166,7 @@ class SimilarityIndex:
         row_smiles = pa.chunked_array(smiles, pa.string()).combine_chunks() if smiles else pa.array([], pa.string())
         index = cls(blocks, lib.featurizer, row_ids, row_smiles, standardize=lib.standardize,
                     engine=engine, workers=workers, part_bytes=part_bytes, name=str(lib.path),
-                    device=device)
+                    device=device, memory_share=memory_share)
         index.library_rows = np.concatenate(
             [np.arange(offsets[s.name], offsets[s.name] + s.rows, dtype=np.int64) for s in chosen]
         ) if chosen else np.zeros(0, np.int64)
