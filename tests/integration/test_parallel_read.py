@@ -95,8 +95,9 @@ def test_smi_with_rejects_blank_and_comment_lines(tmp_path, inline_rt, monkeypat
 
 @pytest.mark.ray
 def test_chunks_span_files_on_ray(tmp_path, data_dir, ray_rt, inline_rt, caplog):
-    """Several inputs, chunks across file boundaries, a quoted CSV read whole; tasks on Ray
-    (2 workers) against the driver reading, and an append the same way."""
+    """Several inputs, chunks across file boundaries, a quoted CSV (its fields on one line:
+    cut like any file); tasks on Ray (2 workers) against the driver reading, and an append
+    the same way."""
     a = _messy_smi(tmp_path / "a.smi", 150, seed=1)
     b = moses_subset(40, tmp_path / "b.smi", id_prefix="B")
     inputs = [a, data_dir / "mixed.smi", b, data_dir / "compounds.csv", data_dir / "small.sdf"]
@@ -105,7 +106,7 @@ def test_chunks_span_files_on_ray(tmp_path, data_dir, ray_rt, inline_rt, caplog)
     with caplog.at_level(logging.INFO, logger="biogen.chem.ranges"):
         tasks = build_library([str(p) for p in inputs], tmp_path / "tasks", chunk_size=13, runtime=ray_rt,
                               reader=_reader(True, 300))
-    assert f"input {data_dir / 'compounds.csv'} is a CSV with quoted fields" in caplog.text
+    assert "compounds.csv" not in caplog.text and "read whole" not in caplog.text
     assert tasks.records_read == serial.records_read > 200
     assert _library(tmp_path / "tasks") == _library(tmp_path / "serial")
 
@@ -129,6 +130,31 @@ def test_csv_and_tsv_with_header(tmp_path, inline_rt):
     tsv_file.write_text("\n".join(r.replace(",", "\t") for r in rows[2:]))  # '#' header, no newline at the end
     _, _, counts, _ = _both(tmp_path, [csv_file, tsv_file], chunk_size=11, range_bytes=100, runtime=inline_rt)
     assert {"field_count", "empty_smiles", "parse_error"} <= set(counts[0]["rejected_by_reason"])
+
+
+def test_quoted_csv_is_cut_unless_a_quoted_field_spans_lines(tmp_path, inline_rt, caplog):
+    """A CSV with quoted fields on one line each is cut into ranges like any file; one
+    where a quoted field runs over several lines (found by the counting tasks) is read
+    whole by one task in a second round, and the library is the serial reader's either way."""
+    mols = [m.split() for m in moses_subset(150, tmp_path / "m.smi").read_text().split("\n") if m]
+    rows = ["smiles,id,note"] + [f'{smi},{rid},"note {i}, with a comma"' for i, (smi, rid) in enumerate(mols)]
+    quoted = tmp_path / "quoted.csv"
+    quoted.write_text("\n".join(rows) + "\n")
+    n_ranges, _ = _shape([quoted], 10, 500)
+    assert n_ranges >= 8
+    with caplog.at_level(logging.INFO, logger="biogen.library"):
+        _both(tmp_path, [quoted], chunk_size=10, range_bytes=500, runtime=inline_rt, name="quoted")
+    assert "read whole" not in caplog.text
+    rows[120] = rows[120].replace('"note', '"two-line\nnote')  # one field over two lines, in a late range
+    spans = tmp_path / "spans.csv"
+    spans.write_text("\n".join(rows) + "\n")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="biogen.library"):
+        _, _, counts, _ = _both(tmp_path, [quoted, spans], chunk_size=10, range_bytes=500, runtime=inline_rt,
+                                name="spans")
+    assert f"input {spans} is a CSV with a quoted field over several lines: read whole" in caplog.text
+    assert str(quoted) not in caplog.text  # the other file is still cut
+    assert counts[0]["records_read"] == 2 * 150
 
 
 def test_sdf_with_a_malformed_record(tmp_path, data_dir, inline_rt):

@@ -12,8 +12,12 @@ parses from there with the serial reader's own functions
 (``biogen.chem.readers.iter_text``), so records, line numbers and raw text are the same.
 
 Files that cannot be cut are read whole by one task (``WholeFile``), which writes their
-records to the work directory in blocks: gzip streams, and CSV files with a '"' (a
-quoted field may span lines, so a line boundary need not be a record boundary).
+records to the work directory in blocks: gzip streams, and CSV files where a quoted field
+spans lines (a line boundary need not be a record boundary there). A CSV with a '"' is cut
+like any other, and each counting task parses its range with the csv module
+(``quoted_span``): if no task finds a record over several lines, none exists (the task
+holding the first such record starts at a true record boundary, so it sees it); if one
+does, the driver reads that file whole in a second round (``open_chunks``).
 
 Record boundaries, exactly as ``iter_records`` sees them:
 
@@ -29,6 +33,7 @@ Record boundaries, exactly as ``iter_records`` sees them:
 
 from __future__ import annotations
 
+import csv
 import io
 import itertools
 import logging
@@ -215,6 +220,8 @@ class ByteRange:
             firsts, records = record_lines(data, start, self.info, opts, self.header_end)
             lines, before = np.arange(len(firsts)), np.concatenate(([0], np.cumsum(records)))
             n, n_lines = int(before[-1]), len(firsts)
+            if self.info.format == "csv" and self.info.quotes and quoted_span(data, start, self.info):
+                return [], {"start": start, "end": end, "spans": True}
         # every (range / MARKS) bytes, the next line or record start: (offset, lines and records before it)
         i = np.unique(np.searchsorted(firsts, np.arange(0, len(data), max(1, (self.end - self.start) // MARKS))))
         i = i[i < len(firsts)]
@@ -278,12 +285,31 @@ def count_unit(unit: ByteRange | WholeFile, opts: ReaderOptions, work: str) -> t
 
 
 def unsplittable(info: InputInfo) -> str | None:
-    """Why a file must be read whole by one task, if it must."""
+    """Why a file must be read whole by one task, if it must be before any counting (a CSV
+    whose quoted fields span lines is found by its counting tasks: ``quoted_span``)."""
     if info.gzip:
         return "gzip-compressed"
-    if info.format == "csv" and info.quotes:
-        return "a CSV with quoted fields (one may span lines)"
     return None
+
+
+SPANS = "a CSV with a quoted field over several lines"
+
+
+def quoted_span(data: bytes, offset: int, info: InputInfo) -> bool:
+    """Whether a record of this CSV range (``data`` from file offset ``offset``, a line
+    start) runs over several lines as the csv module reads it: a row over more than one
+    line, the last row with a line break in a field (its quote closes past the range),
+    or a csv error (the serial reader decides those)."""
+    reader = csv.reader(_text(data, offset), delimiter=info.delimiter, quoting=csv.QUOTE_MINIMAL)
+    prev, row = 0, None
+    try:
+        for row in reader:
+            if reader.line_num - prev > 1:
+                return True
+            prev = reader.line_num
+    except csv.Error:
+        return True
+    return row is not None and any("\n" in f or "\r" in f for f in row)
 
 
 def header_end(file: str, info: InputInfo) -> int:

@@ -19,12 +19,13 @@ from where the last one stopped, under either setting.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from biogen.chem.ranges import (
-    ChunkPlan, CountedRange, SpilledFile, count_unit, counted, plan_chunks, plan_units, unsplittable,
+    SPANS, ChunkPlan, CountedRange, SpilledFile, WholeFile, count_unit, counted, plan_chunks, plan_units, unsplittable,
 )
 from biogen.chem.readers import PARALLEL_FROM_RECORDS, InputInfo, ReaderOptions, iter_records
 from biogen.chem.records import RecordBatch
@@ -86,6 +87,15 @@ def open_chunks(infos: Sequence[InputInfo], opts: ReaderOptions, size: int, work
     units = plan_units(infos, max(1, int(opts.range_mb * 2**20)), size)
     results = run_shards(count_unit, ((u.key, (u, opts, str(work))) for u in units), ledger=ledger, spec=runtime,
                          slots=slots, desc=f"{action}: count records", total=len(units))
+    spans = sorted({u.index for u in units if results[u.key].get("spans")})
+    if spans:  # a quoted field over several lines: those files are read whole, in a second round
+        for i in spans:
+            log.info("input %s is %s: read whole by one task", infos[i].path, SPANS)
+        whole = [WholeFile(i, infos[i], os.path.abspath(infos[i].path), SPANS, size) for i in spans]
+        results.update(run_shards(count_unit, ((u.key, (u, opts, str(work))) for u in whole), ledger=ledger,
+                                  spec=runtime, slots=slots, desc=f"{action}: read whole", total=len(whole)))
+        units = sorted([u for u in units if u.index not in spans] + whole,
+                       key=lambda u: (u.index, getattr(u, "start", 0)))
     chunks = TaskChunks(counted(units, results), size, str(work), opts)
     log.info("read: tasks counted %d records of %d input file(s) in %d unit(s) (reader.range_mb=%g) in %.1f s; "
              "they read %d chunks", chunks.records, len(infos), len(units), opts.range_mb, time.perf_counter() - t0,
