@@ -7,10 +7,11 @@ kernel over the Arrow column's buffers; stable across processes and machines). F
 of Ray tasks, each ledgered like every other step of a build, with the driver seeing counts,
 never keys:
 
-1. split (one task per new part and per existing shard): ONE file per part or shard (Arrow
-   IPC, ``write_grouped``): its (key, row, given id) rows sorted, stably, by key partition,
-   and its given ids sorted by id partition, with each partition's row offsets; a later task
-   memory-maps it and reads one partition's slice.
+1. split (one task per new part and per segment of existing shards, below): ONE file per
+   part or segment (Arrow IPC, ``write_grouped``): its (key, row, given id, hash) rows by
+   key partition (a part's stably, a segment's by hash within it), and its given ids by id
+   partition, with each partition's row offsets; a later task memory-maps it and reads one
+   partition's slice.
 2. decide (one task per key partition): in input order (shards in order, then parts in
    order, rows in order), each row is the first occurrence of its key, or a duplicate of a
    library row (its id) or of an earlier new row (its position); ONE decision file per
@@ -28,7 +29,7 @@ never keys:
    part's rank file (memory-mapped): the same ids, ordinals, ``duplicate_of`` and rejects
    as the serial planner.
 
-Files: parts + shards (split) + P (decide) + parts (rank), not (parts + shards) x P x 2 + parts x P.
+Files: parts + library segments (split) + P (decide) + parts (rank), not (parts + shards) x P x 2 + parts x P.
 
 The library's key index, stored per partition: the library's shards are cut, in manifest
 order, into *segments* of at most ``SEGMENT_SHARDS`` shards and ``SEGMENT_ROWS`` rows (the
