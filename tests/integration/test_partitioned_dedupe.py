@@ -124,6 +124,19 @@ def test_appends_split_only_the_segments_the_key_index_lacks(tmp_path, inline_rt
     assert {f.name for f in (lib / "keyindex" / work_tag(6)).iterdir()} <= set(segments())
 
 
+def test_auto_counts_the_librarys_rows_for_an_append(tmp_path, inline_rt, monkeypatch, caplog):
+    """An append of a few records to a large library is partitioned under auto: the serial
+    planner would hold all the library's keys (AUTO_RECORDS lowered to test scale)."""
+    from biogen.library import dedupe
+
+    monkeypatch.setattr(dedupe, "AUTO_RECORDS", 200)
+    lib = build(tmp_path, "lib", deposit(tmp_path, "a", 0, 250), "auto", inline_rt)
+    with caplog.at_level(logging.INFO, logger="biogen.library"):
+        append_library(lib, str(deposit(tmp_path, "b", 240, 30)), chunk_size=50, runtime=inline_rt,
+                       dedupe_partitions="auto")
+    assert "key partitions" in caplog.text and "the library's key index held 0 of its" in caplog.text
+
+
 def test_auto_partitions_keep_to_the_key_index_while_it_is_fine_enough(tmp_path):
     from biogen.library.dedupe import choose_partitions, sticky_partitions
 
