@@ -18,6 +18,7 @@ import pytest
 from biogen.errors import BiogenError, ConfigError
 from biogen.library.dedupe import work_tag
 from biogen.library.ingest import append_library, build_library
+from biogen.library.verify import format_info, library_info
 from tests_support import moses_subset, shard_signature
 
 N = 300
@@ -105,10 +106,15 @@ def test_appends_split_only_the_segments_the_key_index_lacks(tmp_path, inline_rt
         return len(json.loads((lib / "manifest.json").read_text())["shards"])
 
     assert not (lib / "keyindex").exists()  # nothing to index before a library has shards
+    assert library_info(lib)["key_index"] is None
     first, n1 = segments(), shards()
     assert n1 >= 3
     assert append(deps[1], 4) == f"0 of its {len(first)} segments ({n1} of {n1} shards split now"
     assert sorted(f.name for f in index.iterdir()) == sorted(first[:n1 // 2])  # the partial one was pruned
+    info = library_info(lib)
+    assert info["key_index"]["partitions"] == 4 and info["key_index"]["bytes"] > 0
+    assert (info["key_index"]["segments_indexed"], info["key_index"]["segments"]) == (n1 // 2, len(segments()))
+    assert f"key index    4 partitions; {n1 // 2} of {len(segments())} segments indexed" in format_info(info)
     stamp = {f.name: f.stat().st_mtime_ns for f in index.iterdir()}
     second, n2 = segments(), shards()
     kept = [f for f in second if f in stamp]  # the full segments keep their cuts

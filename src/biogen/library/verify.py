@@ -45,6 +45,7 @@ def library_info(path: str | Path) -> dict:
             for h in m["history"]
         ],
         "unfinished_jobs": pending,
+        "key_index": _key_index(lib.path, m),
         "embeddings": {model: {"version": e["version"], "dim": e["dim"], "dtype": e["dtype"],
                                "compute_dtype": e.get("compute_dtype"), "weights_sha256": e["weights_sha256"],
                                "shards": len(e["shards"]), "rows": sum(s["rows"] for s in e["shards"].values()),
@@ -52,6 +53,21 @@ def library_info(path: str | Path) -> dict:
                                "bytes": sum(f["bytes"] for s in e["shards"].values() for f in s["files"].values())}
                        for model, e in sorted((m.get("embeddings") or {}).items())},
     }
+
+
+def _key_index(path: Path, manifest: dict) -> dict | None:
+    """The partitioned dedupe's key index (``biogen.library.dedupe``): its partitions, the
+    segments it holds of the library's and its size; None when there is none."""
+    from biogen.library.dedupe import index_dir, index_segments, indexed_partitions
+
+    found = indexed_partitions(path)
+    if not found:
+        return None
+    d = index_dir(path, found[0])
+    files = {f.name for f in d.iterdir() if f.suffix == ".arrow"}
+    segments = index_segments(manifest)
+    return {"partitions": found[0], "segments_indexed": sum(seg.file in files for seg in segments),
+            "segments": len(segments), "bytes": _dir_bytes(d)}
 
 
 def format_info(info: dict) -> str:
@@ -85,6 +101,10 @@ def format_info(info: dict) -> str:
         complete = "complete" if e["shards"] == info["shards"] else f"{e['shards']} of {info['shards']} shards"
         lines.append(f"embeddings   {model} {e['version']} ({e['dim']}-d {e['dtype']}, computed in {e['compute_dtype']}; "
                      f"{complete}; {e['rows']:,} rows, {e['failed']:,} without a vector; {human(e['bytes'])})")
+    if info.get("key_index"):
+        k = info["key_index"]
+        lines.append(f"key index    {k['partitions']} partitions; {k['segments_indexed']} of {k['segments']} segments "
+                     f"indexed ({human(k['bytes'])}; the next partitioned append splits the rest)")
     if info["unfinished_jobs"]:
         lines.append("unfinished jobs (rerun the same command to finish them): " + ", ".join(info["unfinished_jobs"]))
     return "\n".join(lines)
