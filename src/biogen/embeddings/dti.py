@@ -69,7 +69,6 @@ class DTICompounds(CompoundModel):
         import dataclasses
 
         from biogen import precision
-
         from biogen.embeddings.base import CalibrationInputs
 
         base, dev = self.predictor, self.predictor.device

@@ -54,7 +54,6 @@ import torch.nn.functional as F
 from biogen.embeddings.base import CALIBRATION_SMILES, CompoundModel, EmbedResult
 from biogen.errors import ConfigError, InputError
 from biogen.files import sha256_file
-from biogen.precision import PER_BATCH_SCALE
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +74,10 @@ CALIBRATION = CALIBRATION_SMILES  # the parity gate's molecules
 DEFAULT_DTYPE = "auto"  # measured 1.45x faster end to end on an AMX CPU: see the module docstring
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.float32}
 ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-# dtype=auto never picks int8 (``precision.PER_BATCH_SCALE``): a molecule's vector would
-# depend on its batch mates (max abs difference ~0.09 between a 3-molecule and a 200-molecule
-# batch; cosine still >= 0.999). It was also slower than bf16 on the AMX Xeon measured.
-AUTO_EXCLUDES = PER_BATCH_SCALE
+# dtype=auto never picks int8 (``plan_precision(per_item=True)``, ``precision.PER_BATCH_SCALE``):
+# a molecule's vector would depend on its batch mates (max abs difference ~0.09 between a
+# 3-molecule and a 200-molecule batch; cosine still >= 0.999). It was also slower than bf16
+# on the AMX Xeon measured.
 
 
 class ModelFileError(InputError):
@@ -471,7 +470,7 @@ class MiniMol(CompoundModel):
     ``float16`` (GPU only), ``int8`` (CPU only: the linear layers as int8 weights with
     per-channel scales; a molecule's vector then depends slightly on its batch mates) or
     ``auto`` (bf16 on a GPU, fp16 before compute capability 8.0; on the CPU bf16 where the
-    CPU has bf16 instructions, never int8: ``AUTO_EXCLUDES``); a reduced dtype is checked against fp32 on the calibration molecules (cosine >=
+    CPU has bf16 instructions, never int8: ``precision.PER_BATCH_SCALE``); a reduced dtype is checked against fp32 on the calibration molecules (cosine >=
     ``min_cosine``): refused when asked for, the next dtype under auto. batch_size:
     molecules per forward.
     """
@@ -505,7 +504,7 @@ class MiniMol(CompoundModel):
 
         dtype = ALIASES.get(dtype, dtype)
         fp32 = build_net(tensors, path)
-        # per_item: auto never picks int8, whose activation scale is per batch (see AUTO_EXCLUDES)
+        # per_item: auto never picks int8, whose activation scale is per batch
         plan = precision.plan_precision(dtype, self.device, fp32.largest_linear(), what="MiniMol dtype",
                                         valid=precision.model_words(self.device), per_item=True)
 

@@ -467,13 +467,11 @@ class PartitionedDedupe:
         batch = pa.record_batch([*batch.columns[:HASH], pa.array(h, pa.uint64())], schema=SPLIT_SCHEMA)
         return batch.take(pa.array(order)), _offsets(b, self.partitions)
 
-    def _write_split(self, stem: str, keys: pa.RecordBatch, ids: pa.RecordBatch, path: Path | None = None,
-                     meta: dict | None = None) -> str:
-        path = path or self.root / "split" / f"{stem}.arrow"
-        lib = path.name.startswith("seg-")
-        write_grouped(path, [self._by_partition(keys, keys.column(0), lib), self._by_partition(ids, ids.column(2), lib)],
+    def _write_split(self, path: Path, keys: pa.RecordBatch, ids: pa.RecordBatch, by_hash: bool = False,
+                     meta: dict | None = None) -> None:
+        write_grouped(path, [self._by_partition(keys, keys.column(0), by_hash),
+                             self._by_partition(ids, ids.column(2), by_hash)],
                       {"partitions": np.array([self.partitions]), **(meta or {})})
-        return self.rel(path) if path.is_relative_to(self.work) else str(path)
 
     def split_part(self, part: int) -> tuple[list[str], dict]:
         """Round 1 for a new part: (key, row, given id) by key; given ids by id."""
@@ -483,10 +481,11 @@ class PartitionedDedupe:
         given = pac.is_valid(ids)
         gids = ids.filter(given)
         rows = _row_numbers(n)
-        out = self._write_split(f"n{part:06d}", pa.record_batch([keys, rows, ids], schema=ROW_SCHEMA),
-                                pa.record_batch([pa.nulls(len(gids), pa.string()), rows.filter(given), gids],
-                                                schema=ROW_SCHEMA))
-        return [out], {"rows": n, "generated_like": self._generated_like(gids)}
+        out = self.root / "split" / f"n{part:06d}.arrow"
+        self._write_split(out, pa.record_batch([keys, rows, ids], schema=ROW_SCHEMA),
+                          pa.record_batch([pa.nulls(len(gids), pa.string()), rows.filter(given), gids],
+                                          schema=ROW_SCHEMA))
+        return [self.rel(out)], {"rows": n, "generated_like": self._generated_like(gids)}
 
     def split_segment(self, seg: Segment) -> tuple[list[str], dict]:
         """Round 1 for a segment of the library: its shards' first occurrences' (key, row, id)
@@ -495,7 +494,8 @@ class PartitionedDedupe:
         (and kept in the index). Either way it is linked into the work directory."""
         cached = index_dir(self.lib_dir, self.partitions) / seg.file
         tag = seg.digest.encode() if seg.digest else None
-        reused = tag is not None and self._indexed(cached, tag)
+        g = self._indexed(cached, tag) if tag is not None else None
+        reused = g is not None
         if not reused:
             tables = [pq.read_table(Path(self.lib_dir) / "shards" / name / "meta.parquet",
                                     columns=["id", self.key, "duplicate_of"]) for name, _ in seg.members]
@@ -503,11 +503,12 @@ class PartitionedDedupe:
             ids, keys = t.column("id").combine_chunks(), t.column(self.key).combine_chunks().cast(pa.string())
             is_first = pac.is_null(t.column("duplicate_of").combine_chunks())
             rows = _row_numbers(len(ids))
-            self._write_split(seg.file, pa.record_batch([keys.filter(is_first), rows.filter(is_first),
-                                                         ids.filter(is_first)], schema=ROW_SCHEMA),
+            self._write_split(cached, pa.record_batch([keys.filter(is_first), rows.filter(is_first),
+                                                       ids.filter(is_first)], schema=ROW_SCHEMA),
                               pa.record_batch([pa.nulls(len(ids), pa.string()), rows, ids], schema=ROW_SCHEMA),
-                              path=cached, meta={"segment": tag or b"", "generated_numbers": self._generated_numbers(ids)})
-        g = GroupedFile(cached)
+                              by_hash=True, meta={"segment": tag or b"",
+                                                  "generated_numbers": self._generated_numbers(ids)})
+            g = GroupedFile(cached)
         numbers, n = g.array("generated_numbers"), g.array("offsets1")[-1]
         out = self.root / "split" / f"l{seg.index:06d}.arrow"
         _link(cached, out)
@@ -522,13 +523,13 @@ class PartitionedDedupe:
         nums = [int(m.group(1)) for i in ids.to_pylist() if (m := pat.fullmatch(i))]
         return np.array([x for x in nums if x > self.base_ordinal], dtype=np.int64)
 
-    def _indexed(self, path: Path, tag: bytes) -> bool:
-        """Whether ``path`` is this segment's index file for this P (else it is rebuilt)."""
+    def _indexed(self, path: Path, tag: bytes) -> GroupedFile | None:
+        """``path`` opened when it is this segment's index file for this P; None: rebuild it."""
         try:
             g = GroupedFile(path)
-            return g.meta.get(b"segment") == tag and int(g.array("partitions")[0]) == self.partitions
+            return g if g.meta.get(b"segment") == tag and int(g.array("partitions")[0]) == self.partitions else None
         except (OSError, LibraryError, pa.ArrowInvalid, KeyError, IndexError):
-            return False
+            return None
 
     # ---------------------------------------------------------------- round 2: decide, check
     def _split_files(self, prefix: str) -> list[Path]:

@@ -80,11 +80,9 @@ class _IndexActor:
         self.index = SimilarityIndex.open(path, engine=engine, workers=workers, shards=shards, part_bytes=part_bytes,
                                           memory_share=share)
 
-    def rows(self) -> int:
-        return self.index.n_rows
-
-    def streamed(self) -> bool:
-        return self.index.streamed
+    def describe(self) -> tuple[int, bool]:
+        """(rows, whether the index streams its slice in parts)."""
+        return self.index.n_rows, self.index.streamed
 
     def search(self, queries: Queries, mode: str, k: int, threshold: float, metric: Metric) -> pa.Table:
         return self.index.search(queries, mode=mode, k=k, threshold=threshold, metric=metric)
@@ -118,8 +116,7 @@ class ShardedSearch:
         path = str(Path(path).absolute())
         self.actors = [cls.remote(path, [s.name for s in self.library.shards[a:b]], self.engine, workers, part_bytes,
                                   len(slices)) for a, b in slices]
-        rows = ray.get([a.rows.remote() for a in self.actors])
-        self.streamed = ray.get([a.streamed.remote() for a in self.actors])
+        rows, self.streamed = (list(x) for x in zip(*ray.get([a.describe.remote() for a in self.actors])))
         log.info("%d search actors (%s) over %s: %s rows%s", len(self.actors), self.engine, path, rows,
                  f", streamed in parts: {self.streamed}" if any(self.streamed) else "")
 
