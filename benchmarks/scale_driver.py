@@ -74,6 +74,7 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -211,6 +212,20 @@ def write_library_shard(args: tuple) -> dict:
             "files": files}
 
 
+@contextmanager
+def _pool(procs: int):
+    """``imap(fn, items, chunksize)``: in this process for ``procs`` <= 1 (no fork: a fork
+    of a process with threads, e.g. a test session's Ray, can deadlock), else a forked
+    pool (the generator's command-line runs: the source's pages shared)."""
+    import multiprocessing as mp
+
+    if procs <= 1:
+        yield lambda fn, items, chunksize: map(fn, items)
+        return
+    with mp.get_context("fork").Pool(procs) as p:
+        yield lambda fn, items, chunksize: p.imap(fn, items, chunksize=chunksize)
+
+
 def _init_source(src: Source) -> None:
     global _SRC
     _SRC = src
@@ -219,8 +234,6 @@ def _init_source(src: Source) -> None:
 def extend_library_pool(pool: Path, source_path: Path, n_rows: int, shard_rows: int, seed: int,
                         procs: int) -> tuple[list[dict], dict]:
     """Make the pool hold at least ``n_rows`` rows; its shard entries (cached in pool/shards.json)."""
-    import multiprocessing as mp
-
     state_file = pool / "shards.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() else {"shards": []}
     if state.get("key", None) not in (None, [str(source_path), shard_rows, seed]):
@@ -233,9 +246,8 @@ def extend_library_pool(pool: Path, source_path: Path, n_rows: int, shard_rows: 
         src = load_source(source_path)
         _init_source(src)
         (pool / "shards").mkdir(parents=True, exist_ok=True)
-        with mp.get_context("fork").Pool(procs) as p:
-            for entry in p.imap(write_library_shard, [(str(pool), k, shard_rows, seed) for k in range(have, need)],
-                                chunksize=4):
+        with _pool(procs) as imap:
+            for entry in imap(write_library_shard, [(str(pool), k, shard_rows, seed) for k in range(have, need)], 4):
                 state["shards"].append(entry)
         _init_source(None)
         state["key"] = [str(source_path), shard_rows, seed]
@@ -324,8 +336,6 @@ def write_parts_file(args: tuple) -> int:
 
 
 def extend_parts_pool(pool: Path, n_rows: int, part_rows: int, frac: float, seed: int, procs: int) -> dict:
-    import multiprocessing as mp
-
     if n_rows % part_rows:
         raise SystemExit(f"size {n_rows} is not a multiple of --part-rows {part_rows}")
     pool.mkdir(parents=True, exist_ok=True)
@@ -340,8 +350,8 @@ def extend_parts_pool(pool: Path, n_rows: int, part_rows: int, frac: float, seed
     t0 = time.perf_counter()
     if need > state["parts"]:
         tasks = [(str(pool), p, part_rows, frac, seed, int(uniques_before[p])) for p in range(state["parts"], need)]
-        with mp.get_context("fork").Pool(procs) as pl:
-            for p, dups in zip(range(state["parts"], need), pl.imap(write_parts_file, tasks, chunksize=8)):
+        with _pool(procs) as imap:
+            for p, dups in zip(range(state["parts"], need), imap(write_parts_file, tasks, 8)):
                 assert dups == counts[p]
         state.update(parts=need, key=[part_rows, frac, seed])
         state_file.write_text(json.dumps(state))
