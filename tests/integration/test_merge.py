@@ -56,17 +56,21 @@ def write_pieces(root: Path) -> list[Path]:
     return paths
 
 
+def build_pieces_and_single(inputs: list[Path], pieces: Path, single: Path, chunk_size: int, **kw) -> None:
+    """Each input built as a piece (``pieces/<stem>``), and one build of all of them in order."""
+    from biogen.runtime import RuntimeSpec
+
+    rt = RuntimeSpec(mode="inline", progress=False)
+    for path in inputs:
+        build_library(str(path), pieces / path.stem, chunk_size=chunk_size, runtime=rt, **kw)
+    build_library([str(p) for p in inputs], single, chunk_size=chunk_size, runtime=rt, **kw)
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """The pieces built one by one, and one build of all three files in order."""
-    from biogen.runtime import RuntimeSpec
-
     root = tmp_path_factory.mktemp("merge")
-    rt = RuntimeSpec(mode="inline", progress=False)
-    inputs = write_pieces(root)
-    for path, name in zip(inputs, PIECES):
-        build_library(str(path), root / "lib.parts" / name, chunk_size=400, runtime=rt)
-    build_library([str(p) for p in inputs], root / "single", chunk_size=400, runtime=rt)
+    build_pieces_and_single(write_pieces(root), root / "lib.parts", root / "single", 400)
     return root
 
 
@@ -346,8 +350,127 @@ def test_merge_on_ray_writes_the_same_shards(tmp_path, inline_rt, ray_rt):
     small(tmp_path, "b", "OCC again\nCCC\nCCN n1\nCCCl\n")
     merge_libraries([tmp_path / "a", tmp_path / "b"], tmp_path / "inline", runtime=inline_rt)
     merge_libraries([tmp_path / "a", tmp_path / "b"], tmp_path / "ray", runtime=ray_rt)
-    files = [[s["files"] for s in Library.open(tmp_path / d).manifest["shards"]] for d in ("inline", "ray")]
-    assert files[0] == files[1] and len(files[0]) == 2
+    merge_libraries([tmp_path / "a", tmp_path / "b"], tmp_path / "ray-p", runtime=ray_rt, dedupe_partitions=2)
+    files = [[s["files"] for s in Library.open(tmp_path / d).manifest["shards"]] for d in ("inline", "ray", "ray-p")]
+    assert files[0] == files[1] == files[2] and len(files[0]) == 2
+    assert strip_raw(tmp_path / "ray-p" / "rejects" / "000-merge.csv") == \
+        strip_raw(tmp_path / "inline" / "rejects" / "000-merge.csv")
+
+
+# ------------------------------------------------------------------ partitioned dedupe
+def write_clean_pieces(root: Path) -> list[Path]:
+    """Three pieces of 200 MOSES molecules each (ids Z<n>, every 37th id-less) with no given
+    id that repeats or looks generated (the partitioned dedupe's own ground), and carried
+    rejects whose kept row the merge drops or renumbers: a piece's duplicate of its own copy
+    of an earlier piece's molecule (with and without an id, and of an id-less molecule: the
+    merged library's generated id), an id used twice within a piece, an unparsable SMILES."""
+    from biogen.datasets import dataset_path
+
+    with gzip.open(dataset_path("moses_test"), "rt") as fh:
+        next(fh)
+        smiles = [line.strip() for _, line in zip(range(600), fh)]
+    lines = [[s if i % 37 == 0 else f"{s} Z{i:05d}" for i, s in enumerate(smiles[k:k + 200], k)] for k in (0, 200, 400)]
+    lines[1][10:10] = [f"{smiles[5]} again5", "CCO dupid", "CCN dupid", "C1CC broken"]
+    lines[2][3:3] = [f"{smiles[100]} first100", smiles[150], smiles[37], smiles[37], f"{smiles[150]} x150b"]
+    lines[2][60:60] = [f"{smiles[100]} second100", f"{smiles[420]} again420"]
+    paths = []
+    for name, body in zip(("c0", "c1", "c2"), lines):
+        paths.append(root / f"{name}.smi")
+        paths[-1].write_text("\n".join(body) + "\n")
+    return paths
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory):
+    from biogen.runtime import RuntimeSpec
+
+    root = tmp_path_factory.mktemp("pmerge")
+    build_pieces_and_single(write_clean_pieces(root), root / "pieces", root / "single", 60)
+    merge_libraries(str(root / "pieces" / "c*"), root / "serial", runtime=RuntimeSpec(mode="inline", progress=False),
+                    dedupe_partitions=0)
+    return root
+
+
+def strip_raw(path: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "raw"} for r in read_rejects(path)]
+
+
+@pytest.mark.parametrize("partitions", [1, 3, 8])
+def test_partitioned_merge_equals_the_serial_merge_and_one_build(clean, inline_rt, partitions, caplog):
+    """Key partitions in tasks, no driver index: the same rows, ids, ordinals and rejects (the
+    carried duplicates naming the merged library's kept ids) as the serial merge and one build."""
+    out = clean / f"p{partitions}"
+    with caplog.at_level("INFO"):
+        rep = merge_libraries(str(clean / "pieces" / "c*"), out, runtime=inline_rt, dedupe_partitions=partitions)
+    assert f"dedupe: {partitions} key partitions" in caplog.text and "serial planner" not in caplog.text
+    assert_same_rows(out, clean / "serial")
+    assert_same_rows(out, clean / "single")
+    merged = strip_raw(out / "rejects" / "000-merge.csv")
+    assert merged == strip_raw(clean / "serial" / "rejects" / "000-merge.csv")
+    assert merged == strip_raw(clean / "single" / "rejects" / "000-build.csv")
+    named = {(r["id"], r["reason"]): r["duplicate_of"] for r in merged}
+    # carried duplicates whose kept row the merge dropped name the earlier piece's row
+    assert named[("second100", "duplicate_inchikey")] == "Z00100"
+    assert named[("x150b", "duplicate_inchikey")] == "Z00150"
+    assert named[("", "duplicate_inchikey")] == "BG000000038"  # smiles[37]: id-less, ordinal 37 in one build
+    assert ("dupid", "duplicate_id") in named and ("broken", "parse_error") in named
+    assert rep.rows_added == Library.open(clean / "single").manifest["n_rows"]
+    assert Library.open(out).manifest["history"][0]["exact"] and verify_library(out).ok
+
+
+@pytest.mark.slow  # eight builds (~11 s); keep_first with InChIKeys is in the fast tier above
+def test_partitioned_merge_keep_all_and_smiles_keys(tmp_path, inline_rt):
+    """keep_all pieces (duplicates kept with duplicate_of) and dedupe_key=smiles pieces."""
+    inputs = write_clean_pieces(tmp_path)
+    for kw, tag in (({"dedupe": "keep_all"}, "all"), ({"dedupe_key": "smiles"}, "smi")):
+        build_pieces_and_single(inputs, tmp_path / tag, tmp_path / f"{tag}-single", 80, **kw)
+        merge_libraries(str(tmp_path / tag / "c*"), tmp_path / f"{tag}-m", runtime=inline_rt, dedupe_partitions=3)
+        assert_same_rows(tmp_path / f"{tag}-m", tmp_path / f"{tag}-single")
+        assert strip_raw(tmp_path / f"{tag}-m" / "rejects" / "000-merge.csv") == \
+            strip_raw(tmp_path / f"{tag}-single" / "rejects" / "000-build.csv")
+
+
+def test_partitioned_merge_finds_the_inexact_record_and_falls_back_when_it_must(tmp_path, built, inline_rt, caplog):
+    # piece b rejects "CCN X1" as a duplicate id of its row "CCO X1"; the merge drops that row
+    # (a duplicate of piece a's CCO), so one build of a + b would keep "CCN X1"
+    small(tmp_path, "a", "CCO\nCCCl\n")
+    small(tmp_path, "b", "CCO X1\nCCN X1\nCCC\n")
+    for p in (0, 2):
+        with pytest.raises(LibraryError, match=r"1 record\(s\) .* would be kept by one build.*b\.smi record 2 "
+                                               r"\(id X1, duplicate_id"):
+            merge_libraries([tmp_path / "a", tmp_path / "b"], tmp_path / f"m{p}", runtime=inline_rt,
+                            dedupe_partitions=p)
+    merge_libraries([tmp_path / "a", tmp_path / "b"], tmp_path / "m2", runtime=inline_rt, dedupe_partitions=2,
+                    exact=False)
+    h = Library.open(tmp_path / "m2").manifest["history"][0]
+    assert not h["exact"] and h["not_exact"] == 1 and h["not_exact_records"][0]["id"] == "X1"
+    assert Library.open(tmp_path / "m2").manifest["n_rows"] == 3  # CCO, CCCl, CCC (CCN X1 stays rejected)
+    # given ids that repeat across pieces or look generated: the serial planner decides, same library
+    with caplog.at_level("INFO"):
+        merge_libraries(str(built / "lib.parts" / "part-*"), tmp_path / "fb", runtime=inline_rt, dedupe_partitions=4)
+    assert "the serial planner decides this input" in caplog.text
+    assert_same_rows(tmp_path / "fb", built / "single")
+
+
+def test_partitioned_merge_resumes_after_a_crash_in_its_own_rounds(clean, inline_rt, monkeypatch):
+    from biogen.library.merge import MergeDedupe
+
+    real, calls = MergeDedupe.rewrite_carried, []
+
+    def crash(self, piece, *a):
+        calls.append(piece)
+        if len(calls) == 2:
+            raise RuntimeError("node lost")
+        return real(self, piece, *a)
+
+    monkeypatch.setattr(MergeDedupe, "rewrite_carried", crash)
+    with pytest.raises(RuntimeError, match="node lost"):
+        merge_libraries(str(clean / "pieces" / "c*"), clean / "crash", runtime=inline_rt, dedupe_partitions=3)
+    monkeypatch.setattr(MergeDedupe, "rewrite_carried", real)
+    merge_libraries(str(clean / "pieces" / "c*"), clean / "crash", runtime=inline_rt, dedupe_partitions=3)
+    assert_same_rows(clean / "crash", clean / "serial")
+    assert strip_raw(clean / "crash" / "rejects" / "000-merge.csv") == \
+        strip_raw(clean / "serial" / "rejects" / "000-merge.csv")
 
 
 # ------------------------------------------------------------------------------------ embed

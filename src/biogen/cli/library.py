@@ -104,7 +104,7 @@ def merge(cfg: DictConfig) -> None:
 
     report = merge_libraries(
         inputs(cfg.parts), cfg.output, overwrite=bool(cfg.overwrite), exact=bool(cfg.exact),
-        runtime=from_config(cfg.runtime, "runtime"),
+        runtime=from_config(cfg.runtime, "runtime"), dedupe_partitions=cfg.dedupe_partitions,
     )
     log.info("%s", report.summary())
     _save_report(report)

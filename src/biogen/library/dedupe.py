@@ -53,7 +53,8 @@ ordinal, skipping numbers taken by given ids, and drops a row whose given id is 
 When the input holds such a case (a given id that repeats, that a library row already has,
 or that looks like a generated id past the library's rows: found in rounds 1-2), the build
 falls back to the serial planner (logged): rare, and exact either way. ``library merge``
-uses the serial planner.
+runs the same rounds on its pieces' rows (a new library: no segments) plus its own, which
+resolve the pieces' carried duplicate rejects by partition (``merge.MergeDedupe``).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ import os
 import re
 import shutil
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
@@ -439,6 +441,7 @@ class PartitionedDedupe:
     mode: str
     id_prefix: str
     base_ordinal: int  # rows in the library before this job
+    STEPS: ClassVar[tuple[str, ...]] = ("split_part", "split_segment", "decide", "check_ids", "rank_part")
 
     @property
     def root(self) -> Path:
@@ -637,14 +640,11 @@ class PartitionedDedupe:
 
 
 def run_step(dd: PartitionedDedupe, step: str, *args) -> tuple[list[str], dict]:
-    """One task of a partitioned dedupe (a Ray task): ``split_part``, ``split_segment``,
-    ``decide``, ``check_ids`` or ``rank_part`` with its arguments."""
-    if step not in STEPS:
+    """One task of a partitioned dedupe (a Ray task): one of ``dd.STEPS`` (``split_part``,
+    ``split_segment``, ``decide``, ``check_ids``, ``rank_part``, and a subclass's own) with its arguments."""
+    if step not in type(dd).STEPS:
         raise ValueError(f"unknown dedupe step {step!r}")
     return getattr(dd, step)(*args)
-
-
-STEPS = ("split_part", "split_segment", "decide", "check_ids", "rank_part")
 
 
 @dataclass(frozen=True)

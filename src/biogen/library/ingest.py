@@ -255,7 +255,7 @@ def _finalize_phase(lib_dir: Path, manifest: dict, work: Path, parts: list[int],
     if partitions:
         dd = Dedupe({}, set(), ordinal=manifest["n_rows"], mode=manifest["dedupe"]["mode"],
                     id_prefix=manifest["id_prefix"], key=manifest["dedupe"]["key"])
-        plans = _partitioned_plans(lib_dir, manifest, work, parts, part_rows, partitions, dd, ledger, runtime,
+        plans = partitioned_plans(lib_dir, manifest, work, parts, part_rows, partitions, dd, ledger, runtime,
                                    slots, action)
     if plans is None:
         dd = Dedupe(*_existing_keys(lib_dir, manifest), ordinal=manifest["n_rows"],
@@ -270,20 +270,33 @@ def _finalize_phase(lib_dir: Path, manifest: dict, work: Path, parts: list[int],
     return dd, finals
 
 
-def _partitioned_plans(lib_dir: Path, manifest: dict, work: Path, parts: list[int], part_rows: dict[int, int],
+def dedupe_round(pd: PartitionedDedupe, desc: str, tasks: list[tuple[str, tuple]], ledger: Ledger,
+                 runtime: RuntimeSpec, slots: int, action: str) -> dict[str, dict]:
+    """One round of a partitioned dedupe: ``(name, (step, *args))`` tasks of ``run_step``,
+    ledgered under the hash scheme's tag (no mixing with another scheme's steps)."""
+    tag = work_tag(pd.partitions)
+    return run_shards(run_step, ((f"{tag}-{k}", (pd, *a)) for k, a in tasks), ledger=ledger, spec=runtime,
+                      slots=slots, desc=f"{action}: dedupe {desc}", total=len(tasks))
+
+
+def partitioned_plans(lib_dir: Path, manifest: dict, work: Path, parts: list[int], part_rows: dict[int, int],
                        partitions: int, dd: Dedupe, ledger: Ledger, runtime: RuntimeSpec, slots: int,
-                       action: str) -> list[PlannedPart] | None:
+                       action: str, pd: PartitionedDedupe | None = None,
+                       extra_split: Sequence[tuple[str, tuple]] = ()) -> list[PlannedPart] | None:
     """The hash-partitioned dedupe (``biogen.library.dedupe``): Ray tasks decide, the driver
-    keeps one offset per part. None: the input needs the serial planner (logged)."""
-    pd = PartitionedDedupe(str(work), str(lib_dir), partitions, dd.key, dd.mode, dd.id_prefix, manifest["n_rows"])
-    tag = work_tag(partitions)  # names the hash scheme: no mixing with another's steps
+    keeps one offset per part. None: the input needs the serial planner (logged).
+    ``pd``/``extra_split``: a caller's own dedupe (``library merge``'s) and its round-1 tasks
+    (their ``generated_like`` counts send the input to the serial planner too)."""
+    if pd is None:
+        pd = PartitionedDedupe(str(work), str(lib_dir), partitions, dd.key, dd.mode, dd.id_prefix, manifest["n_rows"])
+    tag = work_tag(partitions)
 
     def rounds(desc: str, tasks: list[tuple[str, tuple]]) -> dict[str, dict]:
-        return run_shards(run_step, ((f"{tag}-{k}", (pd, *a)) for k, a in tasks), ledger=ledger, spec=runtime,
-                          slots=slots, desc=f"{action}: dedupe {desc}", total=len(tasks))
+        return dedupe_round(pd, desc, tasks, ledger, runtime, slots, action)
 
     split = rounds("split", [(f"split-n{p:06d}", ("split_part", p)) for p in parts]
-                   + [(f"split-l{seg.index:06d}", ("split_segment", seg)) for seg in index_segments(manifest)])
+                   + [(f"split-l{seg.index:06d}", ("split_segment", seg)) for seg in index_segments(manifest)]
+                   + list(extra_split))
     if manifest["shards"]:
         segs = [r for k, r in split.items() if "-split-l" in k]
         reused = [r for r in segs if r.get("index_reused")]

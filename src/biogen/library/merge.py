@@ -12,7 +12,8 @@ It reuses the build's own machinery (``biogen.library.ingest``), in three steps:
    input (ordinal) order; ids the piece generated for records without one are cleared (the
    shard's ``id_generated`` column says which), so they are numbered again from the merged
    ordinal. The piece's rejects are carried into the part their records fall in.
-2. dedupe + write (the build's ``plan_dedupe`` and ``finalize_part``): across pieces, by
+2. dedupe + write (the build's ``plan_dedupe`` or, with ``dedupe_partitions``, its
+   hash-partitioned dedupe plus ``MergeDedupe``'s rounds; then ``finalize_part``): across pieces, by
    InChIKey, or canonical SMILES for ``dedupe_key=smiles`` libraries (``keep_first`` drops
    later duplicates as ``duplicate_inchikey`` / ``duplicate_smiles`` naming the kept
    id; ``keep_all`` keeps them with ``duplicate_of``), ids used twice -> ``duplicate_id``,
@@ -27,7 +28,8 @@ merge does nothing.
 Exactness. A piece drops its duplicates before the merge sees them. Rarely, one build of all
 inputs would have kept such a record: its piece rejected it as a duplicate of a row that the
 merge drops as ``duplicate_id`` (the same id in an earlier piece) or renumbers (a given id
-equal to an id the piece generated). The merge detects these records; with ``exact=True``
+equal to an id the piece generated), or drops as a duplicate of an earlier piece's molecule
+(its id, which the record repeated, is then free). The merge detects these records; with ``exact=True``
 (default) it stops naming them, with ``exact=False`` it goes on (they stay rejected) and
 records them in the history entry (``not_exact``).
 """
@@ -47,6 +49,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -57,11 +60,15 @@ from biogen.chem.fingerprints import FingerprintSpec
 from biogen.chem.pipeline import descriptor_arrow_types
 from biogen.chem.records import Reject
 from biogen.errors import ConfigError, LibraryError
-from biogen.library.ingest import IngestReport
+from biogen.library.dedupe import (
+    IDS, KEYS, GroupedFile, PartitionedDedupe, _column, _offsets, choose_partitions, key_hashes, work_tag,
+    write_grouped,
+)
+from biogen.library.ingest import IngestReport, partitioned_plans, dedupe_round
 from biogen.library.parts import (
     DUPLICATE_REASONS, WORK, Dedupe, DedupePlan, FinalizeTask, clean_committed_work, clear_for_overwrite,
-    duplicate_detail, empty_part_columns, generated_id_pattern, finalize_part, legacy_duplicate_key, locked, part_stem, plan_dedupe,
-    write_jsonl, write_part, write_rejects,
+    duplicate_detail, empty_part_columns, generated_id, generated_id_pattern, finalize_part, legacy_duplicate_key, locked,
+    part_stem, plan_dedupe, write_jsonl, write_part, write_rejects,
 )
 from biogen.library.manifest import (
     MANIFEST, atomic_path, new_manifest, read_manifest, tool_versions, write_manifest,
@@ -76,6 +83,7 @@ WORK_DIR = f"000-{ACTION}"  # a merge makes a new library: its only history entr
 SETTINGS = (("featurizer", "featurizer"), ("standardize", "standardize"), ("descriptors", "descriptors"),
             ("dedupe", "dedupe"), ("id_prefix", "id_prefix"))
 SHOWN = 5  # inexact records named in a message
+KEPT = 100  # ... and in the history entry
 
 
 # ------------------------------------------------------------------------------ the pieces
@@ -303,13 +311,15 @@ class _Exactness:
                                      "record": r["record"], "id": r["id"], "reason": r["reason"]})
         self.generated, self.unchanged = set(), set()
 
-    def message(self) -> str:
-        shown = "; ".join(f"{r['source']} record {r['record']} (id {r['id']}, {r['reason']} in piece {r['piece']})"
-                          for r in self.inexact[:SHOWN])
-        more = f" and {len(self.inexact) - SHOWN} more" if len(self.inexact) > SHOWN else ""
-        return (f"{len(self.inexact)} record(s) rejected by their piece as duplicates would be kept by one build of "
-                f"all inputs: {shown}{more}. Their piece rejected them against a row that the merge drops (its id is "
-                "used by an earlier piece) or renumbers (a given id equal to an id the piece generated)")
+
+def _inexact_message(count: int, records: list[dict]) -> str:
+    shown = "; ".join(f"{r['source']} record {r['record']} (id {r['id']}, {r['reason']} in piece {r['piece']})"
+                      for r in records[:SHOWN])
+    more = f" and {count - SHOWN} more" if count > SHOWN else ""
+    return (f"{count} record(s) rejected by their piece as duplicates would be kept by one build of "
+            f"all inputs: {shown}{more}. Their piece rejected them against a row that the merge drops (its id is "
+            "used by an earlier piece, or it is a duplicate of an earlier piece's molecule) or renumbers (a given id "
+            "equal to an id the piece generated)")
 
 
 def _plans(work: Path, pieces_parts: list[list[int]], dd: Dedupe, check: _Exactness) -> Iterator[DedupePlan]:
@@ -321,6 +331,193 @@ def _plans(work: Path, pieces_parts: list[list[int]], dd: Dedupe, check: _Exactn
         yield plan
         if plan.part in last:
             check.piece_done(last[plan.part])
+
+
+# -------------------------------------------------- step 2, partitioned: the carried rejects
+QUERY_SCHEMA = pa.schema([("value", pa.string()), ("part", pa.int32()), ("row", pa.int32()), ("hash", pa.uint64())])
+RESOLVED_SCHEMA = pa.schema([("part", pa.int32()), ("row", pa.int32()), ("ok", pa.bool_()), ("ref_id", pa.string())])
+
+
+@dataclass(frozen=True)
+class MergeDedupe(PartitionedDedupe):
+    """A merge's partitioned dedupe: the build's rounds over the pieces' rows (a new library,
+    so no segments), and three rounds of its own for the pieces' carried duplicate rejects
+    (the exactness check and the kept id they name), with no driver-side index:
+
+    - ``split_carried`` (round 1, a task per piece): the keys of its ``duplicate_<key>``
+      rejects by key partition, the ids of its ``duplicate_id`` rejects by id partition;
+    - ``resolve_carried`` (a task per partition, after rank): each such key's first
+      occurrence among the merged rows (the decide round's), each such id's row; exact when
+      that row lies in the reject's piece or before it and is kept;
+    - ``rewrite_carried`` (a task per piece): its parts' rejects, each duplicate naming the
+      merged library's kept id.
+
+    That is ``_Exactness``'s serial check wherever the partitioned dedupe runs at all: no
+    given id repeats or looks generated, and no carried ``duplicate_id`` names an id of the
+    generated form (``split_carried`` counts those as ``generated_like``: the serial planner
+    then decides). Every given id is then on one row and no merged id is renumbered."""
+
+    STEPS: ClassVar[tuple[str, ...]] = PartitionedDedupe.STEPS + (
+        "split_carried", "resolve_carried", "rewrite_carried")
+
+    def _query_section(self, values: list, parts: list[int], rows: list[int]) -> tuple[pa.RecordBatch, np.ndarray]:
+        arr = pa.array(values, pa.string())
+        h = key_hashes(arr)
+        b = (h % np.uint64(self.partitions)).astype(np.int64)
+        batch = pa.record_batch([arr, pa.array(parts, pa.int32()), pa.array(rows, pa.int32()), pa.array(h, pa.uint64())],
+                                schema=QUERY_SCHEMA)
+        return batch.take(pa.array(np.argsort(b, kind="stable"))), _offsets(b, self.partitions)
+
+    def split_carried(self, piece: int, parts: list[int]) -> tuple[list[str], dict]:
+        """Round 1 for a piece's carried rejects: duplicate keys by key partition, duplicate
+        ids by id partition (with their part and line)."""
+        keys: tuple[list, list, list] = ([], [], [])
+        ids: tuple[list, list, list] = ([], [], [])
+        for p in parts:
+            for i, (_, r) in enumerate(_carried(Path(self.work), [p])):
+                to = keys if r["reason"] in DUPLICATE_REASONS else ids if r["reason"] == "duplicate_id" else None
+                if to is not None:
+                    for col, v in zip(to, (r["key"] if to is keys else r["id"], p, i)):
+                        col.append(v)
+        out = self.root / "carried" / f"c{piece:05d}.arrow"
+        write_grouped(out, [self._query_section(*keys), self._query_section(*ids)],
+                      {"piece": np.array([piece]), "horizon": np.array([parts[-1]])})
+        named = pa.array(ids[0], pa.string())
+        return [self.rel(out)], {"generated_like": self._generated_like(named.filter(pac.is_valid(named))),
+                                 "queries": len(keys[0]) + len(ids[0])}
+
+    def resolve_carried(self, bucket: int, offsets_file: str) -> tuple[list[str], dict]:
+        """For each piece's carried duplicates of this partition: exact (ok) and the kept id."""
+        files = self._split_files("n")
+        parts = np.array([int(f.stem[1:]) for f in files], dtype=np.int64)
+        new = [GroupedFile(f).group(KEYS, bucket) for f in files]
+        rows = _column(new, 1, pa.int32()).to_numpy(zero_copy_only=False)
+        decided = GroupedFile(self.root / "decide" / f"b{bucket:05d}.arrow").reader.get_batch(0)
+        if not np.array_equal(decided.column(0).to_numpy(zero_copy_only=False), rows):
+            raise RuntimeError(f"dedupe: the decisions of partition {bucket} do not match its split rows")
+        first = pa.array(~decided.column(2).to_numpy(zero_copy_only=False))
+        f_keys, f_ids = _column(new, 0, pa.string()).filter(first), _column(new, 2, pa.string()).filter(first)
+        f_part = np.repeat(parts, [len(b) for b in new])[first.to_numpy(zero_copy_only=False)]
+        f_row = rows[first.to_numpy(zero_copy_only=False)]
+        id_side = [GroupedFile(f).group(IDS, bucket) for f in files]
+        all_ids = _column(id_side, 2, pa.string())
+        id_part = np.repeat(parts, [len(b) for b in id_side])
+        id_row = _column(id_side, 1, pa.int32()).to_numpy(zero_copy_only=False)
+        offsets = np.load(offsets_file, mmap_mode="r")
+        ranks: dict[int, np.ndarray] = {}
+
+        def rank(p: int, r: int) -> int:
+            if p not in ranks:
+                ranks[p] = np.load(self.root / "rank" / f"n{p:06d}.npy", mmap_mode="r")
+            return int(ranks[p][r])
+
+        def kept_id(j: int) -> str:
+            given = f_ids[j].as_py()
+            p = int(f_part[j])
+            return given if given is not None else generated_id(
+                self.id_prefix, self.base_ordinal + int(offsets[p]) + rank(p, int(f_row[j])) + 1)
+
+        batches, counts, pieces, bad = [], [], [], []
+        for cf in sorted((self.root / "carried").glob("c*.arrow")):
+            g = GroupedFile(cf)
+            horizon = int(g.array("horizon")[0])
+            kq, iq = g.group(KEYS, bucket), g.group(IDS, bucket)
+            at = _positions(kq.column(0), f_keys)
+            named = pac.is_valid(kq.column(0)).to_numpy(zero_copy_only=False)  # a null key: never exact (serially too)
+            k_ok = np.array([j >= 0 and f_part[j] <= horizon for j in at], dtype=bool) & named
+            k_ref = [kept_id(int(j)) if j >= 0 else None for j in at]
+            ai = _positions(iq.column(0), all_ids)
+            i_ok = np.array([j >= 0 and id_part[j] <= horizon and rank(int(id_part[j]), int(id_row[j])) >= 0
+                             for j in ai], dtype=bool)
+            ok = np.concatenate([k_ok, i_ok])
+            batch = pa.record_batch([pa.concat_arrays([kq.column(1), iq.column(1)]),
+                                     pa.concat_arrays([kq.column(2), iq.column(2)]), pa.array(ok),
+                                     pa.array(k_ref + [None] * len(ai), pa.string())], schema=RESOLVED_SCHEMA)
+            bad += zip(batch.column(0).filter(pa.array(~ok)).to_pylist(), batch.column(1).filter(pa.array(~ok)).to_pylist())
+            batches.append(batch)
+            counts.append(len(batch))
+            pieces.append(int(g.array("piece")[0]))
+        out = self.root / "resolved" / f"b{bucket:05d}.arrow"
+        table = pa.Table.from_batches(batches, RESOLVED_SCHEMA).combine_chunks()
+        write_grouped(out, [(_one_batch(table), np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))],
+                      {"pieces": np.array(pieces, dtype=np.int64)})
+        return [self.rel(out)], {"inexact": len(bad), "inexact_at": sorted(bad)[:KEPT]}
+
+    def rewrite_carried(self, piece: int, parts: list[int], resolved: bool) -> tuple[list[str], dict]:
+        """A piece's parts' rejects file for ``write_rejects``: the carried rejects, each
+        duplicate naming the merged library's kept id (as one build would)."""
+        refs: dict[tuple[int, int], str] = {}
+        if resolved:
+            files = sorted((self.root / "resolved").glob("b*.arrow"))
+            if len(files) != self.partitions:
+                raise RuntimeError(f"dedupe: {len(files)} of {self.partitions} resolved files in {self.root}")
+            for f in files:
+                g = GroupedFile(f)
+                at = np.flatnonzero(g.array("pieces") == piece)
+                if len(at):
+                    b = g.group(0, int(at[0]))
+                    for p, r, ref in zip(b.column(0).to_pylist(), b.column(1).to_pylist(), b.column(3).to_pylist()):
+                        if ref is not None:
+                            refs[(p, r)] = ref
+        outputs = []
+        for p in parts:
+            rows = [r for _, r in _carried(Path(self.work), [p])]
+            for i, r in enumerate(rows):
+                ref = refs.get((p, i)) if r["reason"] in DUPLICATE_REASONS else None
+                if ref is not None:
+                    r["duplicate_of"] = ref
+                    r["detail"] = duplicate_detail(r["key"], ref, r["reason"].removeprefix("duplicate_"))
+            write_jsonl(Path(self.work) / f"parts/{p:06d}.rejects.jsonl", rows)
+            outputs.append(f"parts/{p:06d}.rejects.jsonl")
+        return outputs, {}
+
+
+def _positions(values: pa.Array, value_set: pa.Array) -> np.ndarray:
+    """int64: each value's position in ``value_set`` (its values distinct), -1 where absent."""
+    return pac.fill_null(pac.index_in(values, value_set=value_set), -1).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _one_batch(table: pa.Table) -> pa.RecordBatch:
+    """A table as one record batch (an empty one has no batches)."""
+    batches = table.combine_chunks().to_batches()
+    return batches[0] if batches else pa.RecordBatch.from_pylist([], schema=table.schema)
+
+
+def _partitioned_merge(work: Path, out: Path, m0: dict, pieces: list[Path], pieces_parts: list[list[int]],
+                       part_rows: dict[int, int], partitions: int, dd: Dedupe, ledger: Ledger,
+                       runtime: RuntimeSpec, slots: int) -> tuple[list, int, list[dict]] | None:
+    """Step 2 in key partitions (``MergeDedupe``): the plans, and the inexact records (their
+    number, the first ``KEPT`` of them). None: the pieces need the serial planner (logged)."""
+    pd = MergeDedupe(str(work), str(out), partitions, dd.key, dd.mode, dd.id_prefix, 0)
+    empty = {"shards": [], "n_rows": 0, "dedupe": m0["dedupe"], "id_prefix": m0["id_prefix"]}
+    carried = [(f"split-c{j:05d}", ("split_carried", j, pp)) for j, pp in enumerate(pieces_parts)]
+    parts_all = [p for pp in pieces_parts for p in pp]
+    plans = partitioned_plans(out, empty, work, parts_all, part_rows, partitions, dd, ledger, runtime, slots,
+                               ACTION, pd=pd, extra_split=carried)
+    if plans is None:
+        return None
+
+    def rounds(desc: str, tasks: list[tuple[str, tuple]]) -> dict[str, dict]:
+        return dedupe_round(pd, desc, tasks, ledger, runtime, slots, ACTION)
+
+    tag = work_tag(partitions)
+    queries = [r["queries"] for r in (rounds("split", carried)[f"{tag}-{k}"] for k, _ in carried)]  # from the ledger
+    bad: list[tuple[int, int]] = []
+    count = 0
+    if sum(queries):
+        resolved = rounds("resolve", [(f"resolve-b{b:05d}", ("resolve_carried", b, plans[0].offsets_file))
+                                      for b in range(partitions)])
+        count = sum(r["inexact"] for r in resolved.values())
+        bad = sorted(tuple(x) for r in resolved.values() for x in r["inexact_at"])[:KEPT]
+    rounds("rejects", [(f"rewrite-c{j:05d}", ("rewrite_carried", j, pp, q > 0))
+                       for j, (pp, q) in enumerate(zip(pieces_parts, queries))])
+    part_piece = {p: j for j, pp in enumerate(pieces_parts) for p in pp}
+    records = []
+    for part, row in bad:
+        r = next(r for i, (_, r) in enumerate(_carried(work, [part])) if i == row)
+        records.append({"piece": str(pieces[part_piece[part]]), "source": r["source"], "record": r["record"],
+                        "id": r["id"], "reason": r["reason"]})
+    return plans, count, records
 
 
 # ------------------------------------------------------------------------- step 3: commit
@@ -374,10 +571,14 @@ def merge_libraries(
     overwrite: bool = False,
     exact: bool = True,
     runtime: RuntimeSpec = RuntimeSpec(mode="inline"),
+    dedupe_partitions: int | str = "auto",
 ) -> IngestReport:
     """Merge library pieces (a list in the order given, or a glob in natural order) into a new
-    library at ``output`` equal to one build of their concatenated inputs (module docstring)."""
+    library at ``output`` equal to one build of their concatenated inputs (module docstring).
+    ``dedupe_partitions``: as the build's (auto: the serial planner below 2M rows, else key
+    partitions in Ray tasks; the same library either way)."""
     t_start = time.perf_counter()
+    choose_partitions(dedupe_partitions, 0, 1)  # a bad setting fails before any work
     pieces = resolve_pieces(parts)
     manifests = [_read_piece(p) for p in pieces]
     check_compatible(pieces, manifests)
@@ -396,13 +597,14 @@ def merge_libraries(
         if resumed:
             log.info("resuming %s: %d steps already done", work, resumed)
         pieces_parts = _part_numbers(manifests)
-        run = _merge_pieces(work, out, pieces, manifests, pieces_parts, ledger, runtime)
-        if run.check.inexact:
+        run = _merge_pieces(work, out, pieces, manifests, pieces_parts, ledger, runtime, dedupe_partitions)
+        if run.not_exact:
+            message = _inexact_message(run.not_exact, run.inexact)
             if exact:
-                raise LibraryError(run.check.message() + ". Give the pieces' records unique ids (or none), or pass "
+                raise LibraryError(message + ". Give the pieces' records unique ids (or none), or pass "
                                    "exact=false to merge anyway: these records stay rejected and the merged library "
                                    "differs from one build in them (the finished work is kept for that rerun)")
-            log.warning("%s; merged anyway (exact=false), they stay rejected", run.check.message())
+            log.warning("%s; merged anyway (exact=false), they stay rejected", message)
         report, new_shards, inputs = _merge_report(out, work, manifests, pieces_parts, run, resumed, t_start)
         manifest = _merged_manifest(manifests, pieces, hashes, report, new_shards, inputs, key, run, ledger)
         embeddings = _carry_embeddings(out, pieces, manifests, pieces_parts, run)
@@ -441,17 +643,21 @@ def _part_numbers(manifests: list[dict]) -> list[list[int]]:
 @dataclass
 class _MergeRun:
     """What steps 1 and 2 leave: each piece's read result, each part's shard result, the
-    dedupe state and the exactness check."""
+    dedupe state, the inexact records (their number, the first ``KEPT``) and whether the
+    dedupe ran in key partitions (the carried rejects are then rewritten already)."""
 
     results: list[dict]
     finals: dict[str, dict]
     dedupe: Dedupe
-    check: _Exactness
+    not_exact: int
+    inexact: list[dict]
+    partitioned: bool
 
 
 def _merge_pieces(work: Path, out: Path, pieces: list[Path], manifests: list[dict], pieces_parts: list[list[int]],
-                  ledger: Ledger, runtime: RuntimeSpec) -> _MergeRun:
-    """Step 1 (pieces -> parts) and step 2 (dedupe in input order, then the shards), ledgered."""
+                  ledger: Ledger, runtime: RuntimeSpec, dedupe_partitions: int | str) -> _MergeRun:
+    """Step 1 (pieces -> parts) and step 2 (dedupe in input order, serially or in key
+    partitions, then the shards), ledgered."""
     m0 = manifests[0]
     parts_all = [p for pp in pieces_parts for p in pp]
     part_piece = {p: j for j, pp in enumerate(pieces_parts) for p in pp}
@@ -468,12 +674,28 @@ def _merge_pieces(work: Path, out: Path, pieces: list[Path], manifests: list[dic
                             p, m0["id_prefix"])
         dd = Dedupe({}, set(), ordinal=0, mode=m0["dedupe"]["mode"], id_prefix=m0["id_prefix"],
                     key=m0["dedupe"]["key"])
-        check = _Exactness(work, dd, pieces, part_piece)
+        t0 = time.perf_counter()
+        partitions = choose_partitions(dedupe_partitions, sum(r["rows"] for r in results), slots)
+        done = None
+        if partitions:
+            part_rows = {p: rows for m, pp in zip(manifests, pieces_parts)
+                         for p, rows in zip(pp, [s["rows"] for s in m["shards"]] or [0])}
+            done = _partitioned_merge(work, out, m0, pieces, pieces_parts, part_rows, partitions, dd, ledger,
+                                      runtime, slots)
+        check = None
+        if done is None:
+            check = _Exactness(work, dd, pieces, part_piece)
+            plans = _plans(work, pieces_parts, dd, check)
+        else:
+            plans, not_exact, inexact = done
+        dd.seconds += time.perf_counter() - t0
         fin = ((f"final-{plan.part:06d}", (FinalizeTask(str(work), str(out), f"000-{plan.part:06d}", plan),))
-               for plan in _plans(work, pieces_parts, dd, check))
+               for plan in plans)
         finals = run_shards(finalize_part, fin, ledger=ledger, spec=runtime, slots=slots,
                             desc="merge: write shards", total=len(parts_all))
-    return _MergeRun(results, finals, dd, check)
+    if check is not None:
+        not_exact, inexact = len(check.inexact), check.inexact[:KEPT]
+    return _MergeRun(results, finals, dd, not_exact, inexact, partitioned=check is None)
 
 
 def _merge_report(out: Path, work: Path, manifests: list[dict], pieces_parts: list[list[int]], run: _MergeRun,
@@ -483,7 +705,8 @@ def _merge_report(out: Path, work: Path, manifests: list[dict], pieces_parts: li
     t1 = time.perf_counter()
     parts_all = [p for pp in pieces_parts for p in pp]
     results, finals, dd = run.results, run.finals, run.dedupe
-    _rewrite_rejects(work, parts_all, dd.first)
+    if not run.partitioned:
+        _rewrite_rejects(work, parts_all, dd.first)
     new_shards = [finals[f"final-{p:06d}"]["shard"] for p in parts_all if finals[f"final-{p:06d}"]["shard"]]
     reasons: Counter = Counter()
     for r in results:
@@ -519,10 +742,9 @@ def _merged_manifest(manifests: list[dict], pieces: list[Path], hashes: list[str
     manifest["featurizer"] = m0["featurizer"]  # the pieces' RDKit made these fingerprints, not this one
     manifest["shards"] = new_shards
     manifest["n_rows"] = report.rows_added
-    inexact = run.check.inexact
     manifest["history"].append(report.history_entry(
         key, inputs, ledger.run_summary(),
-        exact=not inexact, not_exact=len(inexact), not_exact_records=inexact[:100],
+        exact=not run.not_exact, not_exact=run.not_exact, not_exact_records=run.inexact,
         pieces=[{"path": str(p), "manifest_sha256": h, "rows": m["n_rows"], "shards": len(m["shards"]),
                  "records_read": r["records_read"], "rejected": r["carried"],
                  "generated_ids": r["generated_ids"], "history": m["history"]}
