@@ -9,7 +9,7 @@ from biogen.chem.fingerprints import FingerprintSpec, pack_bits, popcounts
 from biogen.chem.scaffolds import murcko_scaffolds
 from biogen.chem.standardize import StandardizeSpec
 from biogen.errors import ConfigError, InputError
-from biogen.screen.selection import SelectionSpec, best_first, fuse_scores, select_hits
+from biogen.screen.selection import SelectionSpec, best_first, fuse_scores, select_hits, walk_pool
 from biogen.screen.stages import AlertFilter, MoleculeBatch, PropertyFilter, SimilarityScorer, SmartsFilter
 from biogen.screen.target import TargetSpec, load_target
 from biogen.search.fused import fused_similarity
@@ -226,6 +226,9 @@ def test_select_hits_scaffold_cap_and_maxmin():
     assert chosen.tolist() != [0, 1, 2, 3]
     with pytest.raises(ConfigError):
         SelectionSpec(n=10, top_m=5)
+    # the walk keeps the scaffolds of its pool only, not of every candidate it examined
+    pool, kept = walk_pool(order, scaffolds_of, SelectionSpec(n=5, top_m=5, diversity="none", scaffold_cap=2))
+    assert pool == [0, 1, 4, 5, 6] and sorted(kept) == pool  # 2 and 3 were examined and passed over
 
 
 def test_target_from_moleculeace_and_files(tmp_path, moleculeace):

@@ -124,11 +124,20 @@ def select_hits(order: np.ndarray, scaffolds_of, fps_of, spec: SelectionSpec,
     library's canonical SMILES and takes the fast path); fps_of(indices) -> packed
     fingerprints of those candidates. Returns (chosen indices in rank order, the scaffold
     of every chosen index). Walks down the ranking keeping at most ``scaffold_cap`` per
-    scaffold until ``top_m`` candidates, then (diversity=maxmin) picks ``n`` of them with
-    MaxMin seeded by the best one; the result is re-ordered by score. Scaffolds are asked
-    for in blocks: first ``top_m``, then what is still missing scaled by the share that
-    passed the cap so far (``block`` at least); the result does not depend on the blocks.
+    scaffold until ``top_m`` candidates (``walk_pool``), then (diversity=maxmin) picks
+    ``n`` of them with MaxMin seeded by the best one; the result is re-ordered by score.
     """
+    return pick_from_pool(*walk_pool(order, scaffolds_of, spec, block), scaffolds_of, fps_of, spec)
+
+
+def walk_pool(order: np.ndarray, scaffolds_of, spec: SelectionSpec, block: int = 512
+              ) -> tuple[list[int], dict[int, str]]:
+    """The walk of ``select_hits``: down the ranking, at most ``scaffold_cap`` per scaffold,
+    until ``top_m`` candidates (``n`` without diversity). Returns the pool (in rank order)
+    and the scaffolds of its members only: memory O(pool + distinct scaffolds), not
+    O(candidates examined). Scaffolds are asked for in blocks: first ``top_m``, then what
+    is still missing scaled by the share that passed the cap so far (``block`` at least);
+    the result does not depend on the blocks."""
     want = spec.top_m if spec.diversity == "maxmin" else spec.n
     pool: list[int] = []
     scaffolds: dict[int, str] = {}
@@ -142,18 +151,25 @@ def select_hits(order: np.ndarray, scaffolds_of, fps_of, spec: SelectionSpec,
             pool.extend(int(i) for i in idx[: want - len(pool)])
             continue
         for i, sc in zip(idx.tolist(), scaffolds_of(idx)):
-            scaffolds[i] = sc
             examined += 1
             if per_scaffold.get(sc, 0) >= spec.scaffold_cap:
                 continue
             per_scaffold[sc] = per_scaffold.get(sc, 0) + 1
             pool.append(i)
+            scaffolds[i] = sc
             if len(pool) >= want:
                 break
         # the next block: what is still missing over the share of candidates the cap let
         # through so far, plus a margin (each call may cost a pass over many shards)
         rate = max(len(pool) / examined, 0.05)
         size = max(block, int(1.2 * (want - len(pool)) / rate) + 1)
+    return pool, scaffolds
+
+
+def pick_from_pool(pool: list[int], scaffolds: dict[int, str], scaffolds_of, fps_of, spec: SelectionSpec
+                   ) -> tuple[np.ndarray, list[str]]:
+    """The end of ``select_hits``: MaxMin over the pool (diversity=maxmin) or its first
+    ``n``, with each chosen index's scaffold."""
     if spec.diversity == "maxmin" and len(pool) > spec.n:
         bvs = _bitvects(fps_of(np.asarray(pool)))
         picker = rdSimDivPickers.MaxMinPicker()
@@ -163,5 +179,5 @@ def select_hits(order: np.ndarray, scaffolds_of, fps_of, spec: SelectionSpec,
     pool = pool[: spec.n]
     missing = [i for i in pool if i not in scaffolds]
     if missing:
-        scaffolds.update(zip(missing, scaffolds_of(np.asarray(missing, dtype=np.int64))))
+        scaffolds = {**scaffolds, **dict(zip(missing, scaffolds_of(np.asarray(missing, dtype=np.int64))))}
     return np.asarray(pool, dtype=np.int64), [scaffolds[i] for i in pool]

@@ -62,7 +62,7 @@ from biogen.files import atomic_path, json_digest
 from biogen.runtime import Ledger, RuntimeSpec, run_shards
 from biogen.screen.metrics import (EnrichmentMetrics, NullModel, TieCounts, distinct_values, pick_null_model,
                                    property_ranking, tie_counts, weighted_fusion)
-from biogen.screen.selection import SelectionSpec, select_hits
+from biogen.screen.selection import SelectionSpec, pick_from_pool, walk_pool
 
 log = logging.getLogger(__name__)
 AUTO_ROWS = 2_000_000          # streaming=auto: streaming above this many library rows
@@ -442,14 +442,16 @@ class Candidates:
 
 class CandidateRows:
     """SMILES, scaffolds (stored, or computed from the SMILES), fingerprints and metadata of
-    candidate rows, read from their shards only (each value once)."""
+    candidate rows, read from their shards only. Values read for the hits are kept (each
+    read once); the selection's walk over many more candidates keeps none (``cache=False``)."""
 
     def __init__(self, library, cands: Candidates, stored_scaffolds: bool):
         self.library, self.cands, self.stored = library, cands, stored_scaffolds
         self._cache: dict[tuple[str, int], object] = {}
 
-    def column(self, name: str, idx) -> list:
+    def column(self, name: str, idx, cache: bool = True) -> list:
         idx = [int(i) for i in np.asarray(idx).tolist()]
+        got: dict[tuple[str, int], object] = self._cache if cache else {}
         missing: dict[int, list[int]] = {}
         for i in dict.fromkeys(idx):
             if (name, i) not in self._cache:
@@ -460,20 +462,17 @@ class CandidateRows:
 
         with ThreadPoolExecutor(min(8, max(1, len(missing)))) as pool:
             for s, vals in zip(missing, pool.map(read, missing)):
-                self._cache.update({(name, i): v for i, v in zip(missing[s], vals)})
-        return [self._cache[(name, i)] for i in idx]
+                got.update({(name, i): v for i, v in zip(missing[s], vals)})
+        return [got[(name, i)] if (name, i) in got else self._cache[(name, i)] for i in idx]
 
     def scaffolds(self, idx) -> list[str]:
+        """The candidates' scaffolds, not kept (the walk asks for each candidate once)."""
         from biogen.chem.scaffolds import murcko_scaffolds
 
-        idx = np.asarray(idx, dtype=np.int64)
         if self.stored:
-            return self.column("scaffold", idx)
-        todo = [int(i) for i in dict.fromkeys(idx.tolist()) if ("_scaffold", int(i)) not in self._cache]
-        if todo:  # library SMILES are RDKit's canonical ones: the fast scaffold path applies
-            self._cache.update({("_scaffold", i): sc for i, sc in
-                                zip(todo, murcko_scaffolds(self.column("smiles", todo), canonical=True))})
-        return [self._cache[("_scaffold", int(i))] for i in idx]
+            return self.column("scaffold", idx, cache=False)
+        # library SMILES are RDKit's canonical ones: the fast scaffold path applies
+        return murcko_scaffolds(self.column("smiles", idx, cache=False), canonical=True)
 
     def fingerprints(self, idx) -> np.ndarray:
         return np.stack([self.library.shards[int(self.cands.shard[i])].fingerprints[int(self.cands.row[i])]
@@ -765,14 +764,13 @@ def grow_factor(found: int, want: int) -> int:
 
 def _select(job: StreamingScreen, library, selection: SelectionSpec, spec: StreamingSpec, n_alive: int,
             rounds: Callable) -> tuple[Candidates, CandidateRows, np.ndarray, list[str]]:
-    """``select_hits`` over the global top K. Its walk down the ranking (scaffold cap) stops
-    once it holds ``want`` candidates; when the K candidates run out first while rows remain,
-    K grows (``grow_factor``: by the walk's fill rate, at least 2x) and the walk starts
-    again, so the hits are those of the whole ranking (exact).
-    Whether the walk filled is asked of ``select_hits`` itself (diversity none, n = want:
-    the same walk; the scaffolds it reads are kept for the real call)."""
+    """``select_hits`` over the global top K. Its walk down the ranking (scaffold cap,
+    ``walk_pool``) stops once it holds ``want`` candidates; when the K candidates run out
+    first while rows remain, K grows (``grow_factor``: by the walk's fill rate, at least 2x)
+    and the walk starts again, so the hits are those of the whole ranking (exact). Once it
+    fills, ``pick_from_pool`` ends the selection on that pool: the same result as
+    ``select_hits``, with no scaffold or SMILES held for candidates outside the pool."""
     want = selection.top_m if selection.diversity == "maxmin" else selection.n
-    walk = SelectionSpec(n=want, top_m=want, diversity="none", scaffold_cap=selection.scaffold_cap)
     k = spec.candidates or 4 * selection.top_m
     stored = "scaffold" in library.manifest.get("descriptors", [])
     while True:
@@ -782,8 +780,9 @@ def _select(job: StreamingScreen, library, selection: SelectionSpec, spec: Strea
         order = np.arange(len(cands.rank))
         if not len(order):
             return cands, rows, np.zeros(0, dtype=np.int64), []
-        found = len(select_hits(order, rows.scaffolds, rows.fingerprints, walk)[0])
+        pool, scaffolds = walk_pool(order, rows.scaffolds, selection)
+        found = len(pool)
         if found == want or len(order) >= n_alive:
-            return (cands, rows, *select_hits(order, rows.scaffolds, rows.fingerprints, selection))
+            return (cands, rows, *pick_from_pool(pool, scaffolds, rows.scaffolds, rows.fingerprints, selection))
         k = len(order) * grow_factor(found, want)
         log.info("the selection's walk found %d of %d in all %d candidates; taking %d", found, want, len(order), k)
