@@ -248,7 +248,7 @@ def test_worker_node_killed_mid_embed(cluster, env, tmp_path):
     fasta.write_text("".join(f">s{i}\n{s}\n" for i, s in enumerate(seqs)))
     args = ["embed", f"input={fasta}", "output=store", f"model={model.pt_path}", "shard_size=2", "device=cpu",
             "token_budget=2048", "runtime=ray_cluster", f"runtime.address={cluster.address}", "runtime.progress=false",
-            "dtype=float32"]  # auto may be int8 (VNNI CPUs), whose vectors depend on their batch mates
+            "dtype=float32"]  # the same vectors on any CPU (auto may take int8 or bf16)
     proc = biogen(*args, env={**env, **cluster.env}, cwd=tmp_path, wait=False)
     ledger = tmp_path / "store" / "_work" / "ledger.jsonl"
     deadline = time.monotonic() + 300

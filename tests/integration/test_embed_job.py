@@ -143,7 +143,7 @@ def test_cli_embed_kill_and_resume_then_search(tmp_path):
     fa.write_text("".join(f">s{i}\n{s}\n" for i, s in enumerate(seqs)))
     args = ["embed", f"input={fa}", f"output={tmp_path / 'store'}", f"model={model.pt_path}", "shard_size=4",
             "runtime=inline", "token_budget=2048",
-            "dtype=float32"]  # auto may be int8 (VNNI), whose vectors depend on batch mates
+            "dtype=float32"]  # the same vectors on any CPU (auto may take int8 or bf16)
     p = _biogen(args, tmp_path)
     ledger = tmp_path / "store" / "_work" / "ledger.jsonl"
     deadline = time.time() + 300

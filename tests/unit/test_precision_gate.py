@@ -92,19 +92,41 @@ def test_auto_skips_timing_for_a_tiny_layer_and_keeps_to_the_valid_words(monkeyp
     assert plan.order == ("bfloat16", "float32") and plan.choice["chosen"] == "bfloat16"
 
 
-def test_per_item_models_leave_per_batch_dtypes_out_of_auto_only(monkeypatch):
-    """A model whose outputs are stored or ranked (per_item) never gets int8 from auto (its
-    activation scale is per batch), while an explicit int8 is still honoured."""
+def test_model_words_and_auto_takes_int8_where_it_times_faster(monkeypatch):
     cpu = torch.device("cpu")
     assert precision.model_words(cpu) == ("float32", "bfloat16", "int8")
     assert precision.model_words(torch.device("cuda")) == ("float32", "bfloat16", "float16")
     monkeypatch.setattr(precision, "cpu_instructions", lambda: frozenset({"avx512_vnni", "amx_int8", "amx_bf16"}))
     monkeypatch.setattr(precision, "linear_gflops", lambda dtypes, shape, threads: {"bfloat16": 1.0, "int8": 9.0})
     monkeypatch.setattr(precision, "dtype_cache_file", lambda: __import__("pathlib").Path("/nonexistent/x.json"))
-    words = precision.model_words(cpu)
-    assert plan_precision("auto", cpu, (640, 2560), valid=words).order[0] == "int8"
-    assert plan_precision("auto", cpu, (640, 2560), valid=words, per_item=True).order == ("bfloat16", "float32")
-    assert plan_precision("int8", cpu, (640, 2560), valid=words, per_item=True).order == ("int8",)
+    precision._choose.cache_clear()
+    try:
+        words = precision.model_words(cpu)
+        assert plan_precision("auto", cpu, (640, 2560), valid=words).order == ("int8", "bfloat16", "float32")
+        assert plan_precision("int8", cpu, (640, 2560), valid=words).order == ("int8",)
+    finally:
+        precision._choose.cache_clear()
+
+
+def test_int8_rows_do_not_depend_on_their_batch_mates():
+    """int8 activations are quantized per row: a row's result is the same, bit for bit, alone
+    or among rows of any size (with one scale per call a row of small values next to a large
+    one lost most of its precision), and close to float32."""
+    torch.manual_seed(1)
+    w, b = torch.randn(96, 64) / 8, torch.randn(96)
+    layer = precision.int8_linear(w, b)
+    x = torch.randn(50, 64) * torch.logspace(-3, 2, 50)[:, None]  # rows 1e-3 .. 1e2 in scale
+    together = precision.int8_apply(x, layer)
+    for i in (0, 17, 49):
+        assert torch.equal(precision.int8_apply(x[i:i + 1].contiguous(), layer), together[i:i + 1])
+    assert torch.equal(precision.int8_apply(x[10:30].contiguous(), layer), together[10:30])
+    want = x @ w.T
+    rel = ((together - b) - want).norm(dim=1) / want.norm(dim=1)
+    assert rel.max() < 0.02, rel.max()  # per row: the 1e-3 rows too
+    assert precision.int8_apply(torch.zeros(2, 64), layer).sub(b).abs().max() == 0  # a zero row
+    one = precision.int8_linear(torch.randn(4, 1), None)  # K = 1
+    x1 = torch.randn(5, 1)
+    assert torch.equal(precision.int8_apply(x1[2:3].contiguous(), one), precision.int8_apply(x1, one)[2:3])
 
 
 def test_int8_modules_match_their_float_layers():
@@ -158,8 +180,8 @@ def test_minimol_defaults_to_auto_and_refuses_words_it_cannot_run(minimol_cls):
         minimol_cls(device="cpu", dtype="float16")
 
 
-def test_minimol_auto_never_picks_int8_even_where_int8_times_faster(minimol_cls, monkeypatch):
-    # int8's activation scale is per batch: a molecule's vector would depend on its batch mates
+def test_minimol_auto_picks_int8_where_it_times_faster_and_vectors_ignore_batch_mates(minimol_cls, monkeypatch):
+    # int8's activations are quantized per row (per atom): a molecule's vector is the same in any batch
     monkeypatch.setattr(precision, "cpu_instructions", lambda: frozenset({"amx_bf16", "amx_int8"}))
     monkeypatch.setattr(precision, "linear_gflops", lambda dtypes, shape, threads: {"bfloat16": 1.0, "int8": 9.0})
     monkeypatch.setattr(precision, "dtype_cache_file", lambda: __import__("pathlib").Path("/nonexistent/x.json"))
@@ -168,8 +190,11 @@ def test_minimol_auto_never_picks_int8_even_where_int8_times_faster(minimol_cls,
         m = minimol_cls(device="cpu", dtype="auto")
     finally:
         precision._choose.cache_clear()  # no faked timing left for later tests
-    assert m.precision == "bfloat16" and m.net._int8 is None
+    assert m.precision == "int8" and m.net._int8
     assert m.identity()["precision"]["dtype_auto"]["gflops"] == {"bfloat16": 1.0, "int8": 9.0}
+    together = m.embed(MOLS).vectors  # alone vs in a batch: float32 rounding of the fp32 parts only
+    for i, smi in enumerate(MOLS):  # (one activation scale per batch moved vectors by up to ~0.09)
+        assert np.abs(m.embed([smi]).vectors[0] - together[i]).max() < 1e-5, smi
 
 
 def test_unirep_int8_passes_the_gate_and_records_it():

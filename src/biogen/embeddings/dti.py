@@ -61,10 +61,10 @@ class DTICompounds(CompoundModel):
     def _gated(self, dtype: str):
         """The predictor whose compound tower runs in the first dtype of ``biogen.precision``'s
         plan that passes the parity gate (its projections of ``CALIBRATION_SMILES`` against
-        float32's, cosine per molecule). auto: bf16 on GPUs, on CPUs bf16 where the tower's
-        first layer (nbits -> hidden) times faster than fp32 allows; never int8, whose per-batch
-        activation scale would make a stored vector depend on its batch mates
-        (``PER_BATCH_SCALE``); ``dtype=int8`` (CPU) quantizes both layers."""
+        float32's, cosine per molecule). auto: bf16 on GPUs; on CPUs the reduced dtype the
+        instructions favour, timed on the tower's first layer (nbits -> hidden); int8 (CPU)
+        quantizes both layers, activations per row (a stored vector does not depend on its
+        batch mates)."""
         import copy
         import dataclasses
 
@@ -73,7 +73,7 @@ class DTICompounds(CompoundModel):
 
         base, dev = self.predictor, self.predictor.device
         plan = precision.plan_precision(dtype, dev, precision.largest_linear(base.net.compound),
-                                        what="DTI compound dtype", valid=precision.model_words(dev), per_item=True)
+                                        what="DTI compound dtype", valid=precision.model_words(dev))
 
         def build(prec: str):
             if prec == "float32":

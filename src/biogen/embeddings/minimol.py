@@ -74,10 +74,10 @@ CALIBRATION = CALIBRATION_SMILES  # the parity gate's molecules
 DEFAULT_DTYPE = "auto"  # measured 1.45x faster end to end on an AMX CPU: see the module docstring
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.float32}
 ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-# dtype=auto never picks int8 (``plan_precision(per_item=True)``, ``precision.PER_BATCH_SCALE``):
-# a molecule's vector would depend on its batch mates (max abs difference ~0.09 between a
-# 3-molecule and a 200-molecule batch; cosine still >= 0.999). It was also slower than bf16
-# on the AMX Xeon measured.
+# int8 quantizes activations per row (per atom: ``precision.int8_apply``), so a molecule's
+# vector does not depend on its batch mates (with one scale per batch it moved by up to ~0.09
+# between a 3-molecule and a 200-molecule batch); dtype=auto takes it where the CPU's
+# instructions favour it (VNNI without bf16) and the parity gate passes.
 
 
 class ModelFileError(InputError):
@@ -172,10 +172,10 @@ class MiniMolNet(torch.nn.Module):
     def quantize_int8(self) -> "MiniMolNet":
         """The 16 GINE layers' and virtual-node ``_lin`` layers (``gnn.*``, 99% of the FLOPs) as
         int8 weights with per-channel scales (``precision.int8_linear``; activations quantized
-        per batch by ``int8_apply``). The input encoders stay fp32: a molecule with a
+        per row by ``int8_apply``). The input encoders stay fp32: a molecule with a
         degenerate Laplacian eigenspace has positional features up to ~4,000 (the anchor's
-        normalization), which set the per-batch activation scale of those layers and dropped
-        all 256 molecules of its batch to cosine 0.38 on MOSES when they were int8. CPU only."""
+        normalization), which, with one activation scale per batch, dropped all 256
+        molecules of its batch to cosine 0.38 on MOSES when those layers were int8. CPU only."""
         from biogen.precision import int8_linear
 
         self._int8 = {q: int8_linear(self.p(q + ".weight"), self.p(q + ".bias")) for q in self.linear_prefixes()
@@ -468,9 +468,9 @@ class MiniMol(CompoundModel):
     device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``; dtype (``biogen.precision``'s planner
     and parity gate, as ESM-2): ``float32`` (parity with the anchor <= 1e-4), ``bfloat16``,
     ``float16`` (GPU only), ``int8`` (CPU only: the linear layers as int8 weights with
-    per-channel scales; a molecule's vector then depends slightly on its batch mates) or
-    ``auto`` (bf16 on a GPU, fp16 before compute capability 8.0; on the CPU bf16 where the
-    CPU has bf16 instructions, never int8: ``precision.PER_BATCH_SCALE``); a reduced dtype is checked against fp32 on the calibration molecules (cosine >=
+    per-channel scales, activations per row) or ``auto`` (bf16 on a GPU, fp16 before
+    compute capability 8.0; on the CPU the reduced dtype its instructions favour, timed:
+    ``precision.plan_precision``); a reduced dtype is checked against fp32 on the calibration molecules (cosine >=
     ``min_cosine``): refused when asked for, the next dtype under auto. batch_size:
     molecules per forward.
     """
@@ -504,9 +504,8 @@ class MiniMol(CompoundModel):
 
         dtype = ALIASES.get(dtype, dtype)
         fp32 = build_net(tensors, path)
-        # per_item: auto never picks int8, whose activation scale is per batch
         plan = precision.plan_precision(dtype, self.device, fp32.largest_linear(), what="MiniMol dtype",
-                                        valid=precision.model_words(self.device), per_item=True)
+                                        valid=precision.model_words(self.device))
 
         def build(prec: str) -> MiniMolNet:
             net = (fp32 if prec == "float32" else build_net(tensors, path)).to(self.device)

@@ -299,8 +299,8 @@ class QSARPredictor:
         input layer is a sparse sum of weight rows, left in float32). The output layer, whose
         value is the score, stays float32. The gate compares the activations entering it
         (cosine per molecule) on ``CALIBRATION_SMILES``. dtype: auto | float32 | bfloat16 |
-        int8 (CPU) | float16 (GPU); auto never picks int8 (``precision.PER_BATCH_SCALE``: a
-        score would depend on the molecules scored in the same batch)."""
+        int8 (CPU; activations quantized per row, so a score does not depend on the
+        molecules scored with it) | float16 (GPU)."""
         import copy
 
         from biogen import precision
@@ -311,9 +311,8 @@ class QSARPredictor:
         shapes = [(self.module.head[i].in_features, self.module.head[i].out_features) for i in heads]
         if reduced_input:
             shapes.append((self.module.input.in_features, self.module.input.out_features))
-        # per_item: a molecule's score must not depend on its batch mates (as for stored vectors)
         plan = precision.plan_precision(str(dtype).lower(), dev, max(shapes, key=lambda s: s[0] * s[1], default=(0, 0)),
-                                        what="QSAR dtype", valid=precision.model_words(dev), per_item=True)
+                                        what="QSAR dtype", valid=precision.model_words(dev))
 
         def build(prec: str) -> QSARPredictor:
             if prec == "float32":

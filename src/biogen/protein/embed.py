@@ -30,7 +30,7 @@ import torch
 
 from biogen import precision
 from biogen.errors import ConfigError, InputError
-from biogen.precision import PrecisionPlan  # the shared planner (its name kept here for callers)
+from biogen.precision import INT8_QUANTIZATION, PrecisionPlan  # the shared planner (its name kept here for callers)
 from biogen.protein.batching import run_with_oom_halving
 from biogen.protein.esm import FastESM2, PackedBatch
 from biogen.protein.models import MAX_RESIDUES, load_checkpoint
@@ -164,8 +164,7 @@ class Embedder:
                      spec.token_budget, CPU_TOKEN_BUDGET)
         self.last_stats: dict = {}
         self.info = {**ckpt.info(), "layers": list(self.layers), "dtype": self.precision,
-                     "quantization": ("int8 linear layers, per-channel weight scales, dynamic activations"
-                                      if self.precision == "int8" else None),
+                     "quantization": INT8_QUANTIZATION if self.precision == "int8" else None,
                      "parity_vs_float32": self.parity,
                      "dtype_auto": plan.choice, "parity_failed": self.parity_failed or None,
                      "device": str(self.device),

@@ -244,9 +244,10 @@ class FastESM2(nn.Module):
 
     def quantize_int8(self) -> None:
         """Run each block's four linear layers (q/k/v, out, fc1, fc2: nearly all of the FLOPs)
-        in int8 on the CPU: weights per output channel, activations per batch, PyTorch's
-        quantized kernels (``biogen.precision``). Embeddings, LayerNorms and attention stay in
-        float32. The float32 weights of those layers are released."""
+        in int8 on the CPU: weights per output channel, activations per token
+        (``precision.int8_apply``: a protein's vector does not depend on its batch mates),
+        PyTorch's quantized kernels. Embeddings, LayerNorms
+        and attention stay in float32. The float32 weights of those layers are released."""
         from biogen.precision import int8_linear
 
         if self.device.type != "cpu" or self.dtype != torch.float32:

@@ -25,7 +25,9 @@ over all positions (start token included, as the package does). What differs is 
 
 Precision (``biogen.precision``'s planner and parity gate, as ESM-2): ``float32``,
 ``bfloat16`` (GEMMs in bf16) or ``int8`` (CPU only: the step GEMMs ``h @ Wmh``, ``m @ Wh``
-and the deeper cells' input GEMMs with int8 weights, per-channel scales); the recurrent
+and the deeper cells' input GEMMs with int8 weights, per-channel scales, activations per
+row, i.e. per sequence: ``precision.int8_apply``; the int8 figures below were measured
+with one activation scale per GEMM, before that); the recurrent
 state is float32 in all three, and a reduced dtype must pass the gate (cosine >= 0.999 per
 calibration sequence). ``dtype=auto`` runs float32 (``AUTO``), by measurement: 64 UniProt
 proteins of 50-600 residues (16,779 tokens), 2 threads of an Intel Xeon with AMX:
