@@ -248,7 +248,7 @@ def key_partition(keys: pa.Array | pa.ChunkedArray | list[str | None], partition
 
 
 # ---------------------------------------------------------------- grouped files
-def _offsets(groups: np.ndarray, n_groups: int) -> np.ndarray:
+def group_offsets(groups: np.ndarray, n_groups: int) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(np.bincount(groups, minlength=n_groups))]).astype(np.int64)
 
 
@@ -299,7 +299,7 @@ def _row_numbers(n: int) -> pa.Array:
     return pa.array(np.arange(n, dtype=np.int32))
 
 
-def _column(batches: list[pa.RecordBatch], i: int, type_: pa.DataType) -> pa.Array:
+def concat_column(batches: list[pa.RecordBatch], i: int, type_: pa.DataType) -> pa.Array:
     """Column ``i`` of ``batches``, concatenated into one array."""
     return pa.concat_arrays([b.column(i) for b in batches]) if batches else pa.array([], type_)
 
@@ -330,11 +330,11 @@ def decide_probed(library: list[pa.RecordBatch], new: list[pa.RecordBatch], part
     rows not in the library are decided among themselves. O(new rows x log) per partition,
     not O(library). None (the caller runs ``decide_batches``) where a key is null or a hash
     collides."""
-    keys = _column(new, 0, pa.string())
+    keys = concat_column(new, 0, pa.string())
     if keys.null_count or any(b.column(0).null_count for b in library):
         return None
     n = len(keys)
-    h = _column(new, HASH, pa.uint64()).to_numpy(zero_copy_only=False)
+    h = concat_column(new, HASH, pa.uint64()).to_numpy(zero_copy_only=False)
     seg, pos = np.full(n, -1, np.int64), np.full(n, -1, np.int64)
     for s, lb in enumerate(library):
         todo = np.flatnonzero(seg < 0)
@@ -350,14 +350,14 @@ def decide_probed(library: list[pa.RecordBatch], new: list[pa.RecordBatch], part
     dup_new = ~in_lib & (first < np.arange(n))
     dup = in_lib | dup_new
     ref_id: list = [None] * n
-    ids = _column(new, 2, pa.string())
+    ids = concat_column(new, 2, pa.string())
     for s in np.unique(seg[in_lib]):
         sel = np.flatnonzero(seg == s)
         for i, v in zip(sel, library[int(s)].column(2).take(pa.array(pos[sel])).to_pylist()):
             ref_id[i] = v
     for i, v in zip(np.flatnonzero(dup_new), ids.take(pa.array(first[dup_new])).to_pylist()):
         ref_id[i] = v
-    rows = _column(new, 1, pa.int32()).to_numpy(zero_copy_only=False).astype(np.int32)
+    rows = concat_column(new, 1, pa.int32()).to_numpy(zero_copy_only=False).astype(np.int32)
     part_at = np.repeat(np.asarray(parts, np.int32), [len(b) for b in new])
     distinct = sum(len(b) for b in library) + int((~in_lib & (first == np.arange(n))).sum())
     return pa.record_batch([
@@ -379,9 +379,9 @@ def decide_batches(library: list[pa.RecordBatch], new: list[pa.RecordBatch], par
 
     Vectorized (no Python per row): ``first_positions`` over the library's keys then the
     new rows' keys."""
-    keys, ids = _column(library + new, 0, pa.string()), _column(library + new, 2, pa.string())
+    keys, ids = concat_column(library + new, 0, pa.string()), concat_column(library + new, 2, pa.string())
     n_lib, n = sum(len(b) for b in library), len(keys)
-    rows = _column(new, 1, pa.int32()).to_numpy(zero_copy_only=False).astype(np.int32)
+    rows = concat_column(new, 1, pa.int32()).to_numpy(zero_copy_only=False).astype(np.int32)
     first, distinct = first_positions(keys)
     ref = first[n_lib:]                          # each new row's key: its first position
     dup = ref < np.arange(n_lib, n)
@@ -468,7 +468,7 @@ class PartitionedDedupe:
         b = (h % np.uint64(self.partitions)).astype(np.int64)
         order = np.lexsort((h, b)) if by_hash else np.argsort(b, kind="stable")
         batch = pa.record_batch([*batch.columns[:HASH], pa.array(h, pa.uint64())], schema=SPLIT_SCHEMA)
-        return batch.take(pa.array(order)), _offsets(b, self.partitions)
+        return batch.take(pa.array(order)), group_offsets(b, self.partitions)
 
     def _write_split(self, path: Path, keys: pa.RecordBatch, ids: pa.RecordBatch, by_hash: bool = False,
                      meta: dict | None = None) -> None:
@@ -562,10 +562,10 @@ class PartitionedDedupe:
         new id's hash searched in each library segment's group, as ``decide_probed``; a
         library's own ids are unique)."""
         new = [GroupedFile(f).group(IDS, bucket) for f in self._split_files("n")]
-        ids = _column(new, 2, pa.string())
+        ids = concat_column(new, 2, pa.string())
         counts = pac.value_counts(ids).field("counts")
         repeated = int(pac.sum(pac.greater(counts, 1)).as_py() or 0)
-        h = _column(new, HASH, pa.uint64()).to_numpy(zero_copy_only=False)
+        h = concat_column(new, HASH, pa.uint64()).to_numpy(zero_copy_only=False)
         for f in self._split_files("l") if len(ids) else []:
             lb = GroupedFile(f).group(IDS, bucket)
             found = probe(lb.column(HASH).to_numpy(zero_copy_only=False), lb.column(2), h, ids)

@@ -61,7 +61,7 @@ from biogen.chem.pipeline import descriptor_arrow_types
 from biogen.chem.records import Reject
 from biogen.errors import ConfigError, LibraryError
 from biogen.library.dedupe import (
-    IDS, KEYS, GroupedFile, PartitionedDedupe, _column, _offsets, choose_partitions, key_hashes, work_tag,
+    IDS, KEYS, GroupedFile, PartitionedDedupe, concat_column, group_offsets, choose_partitions, key_hashes, work_tag,
     write_grouped,
 )
 from biogen.library.ingest import IngestReport, partitioned_plans, dedupe_round
@@ -366,7 +366,7 @@ class MergeDedupe(PartitionedDedupe):
         b = (h % np.uint64(self.partitions)).astype(np.int64)
         batch = pa.record_batch([arr, pa.array(parts, pa.int32()), pa.array(rows, pa.int32()), pa.array(h, pa.uint64())],
                                 schema=QUERY_SCHEMA)
-        return batch.take(pa.array(np.argsort(b, kind="stable"))), _offsets(b, self.partitions)
+        return batch.take(pa.array(np.argsort(b, kind="stable"))), group_offsets(b, self.partitions)
 
     def split_carried(self, piece: int, parts: list[int]) -> tuple[list[str], dict]:
         """Round 1 for a piece's carried rejects: duplicate keys by key partition, duplicate
@@ -391,18 +391,18 @@ class MergeDedupe(PartitionedDedupe):
         files = self._split_files("n")
         parts = np.array([int(f.stem[1:]) for f in files], dtype=np.int64)
         new = [GroupedFile(f).group(KEYS, bucket) for f in files]
-        rows = _column(new, 1, pa.int32()).to_numpy(zero_copy_only=False)
+        rows = concat_column(new, 1, pa.int32()).to_numpy(zero_copy_only=False)
         decided = GroupedFile(self.root / "decide" / f"b{bucket:05d}.arrow").reader.get_batch(0)
         if not np.array_equal(decided.column(0).to_numpy(zero_copy_only=False), rows):
             raise RuntimeError(f"dedupe: the decisions of partition {bucket} do not match its split rows")
         first = pa.array(~decided.column(2).to_numpy(zero_copy_only=False))
-        f_keys, f_ids = _column(new, 0, pa.string()).filter(first), _column(new, 2, pa.string()).filter(first)
+        f_keys, f_ids = concat_column(new, 0, pa.string()).filter(first), concat_column(new, 2, pa.string()).filter(first)
         f_part = np.repeat(parts, [len(b) for b in new])[first.to_numpy(zero_copy_only=False)]
         f_row = rows[first.to_numpy(zero_copy_only=False)]
         id_side = [GroupedFile(f).group(IDS, bucket) for f in files]
-        all_ids = _column(id_side, 2, pa.string())
+        all_ids = concat_column(id_side, 2, pa.string())
         id_part = np.repeat(parts, [len(b) for b in id_side])
-        id_row = _column(id_side, 1, pa.int32()).to_numpy(zero_copy_only=False)
+        id_row = concat_column(id_side, 1, pa.int32()).to_numpy(zero_copy_only=False)
         offsets = np.load(offsets_file, mmap_mode="r")
         ranks: dict[int, np.ndarray] = {}
 
