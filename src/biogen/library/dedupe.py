@@ -349,14 +349,19 @@ def decide_probed(library: list[pa.RecordBatch], new: list[pa.RecordBatch], part
     in_lib = seg >= 0
     dup_new = ~in_lib & (first < np.arange(n))
     dup = in_lib | dup_new
-    ref_id: list = [None] * n
+    # each duplicate's reference id, by Arrow takes (no Python per row): the library row's id
+    # (per segment) or the first new row's id, gathered into one array and put in row order
     ids = concat_column(new, 2, pa.string())
+    targets, values = [], []
     for s in np.unique(seg[in_lib]):
         sel = np.flatnonzero(seg == s)
-        for i, v in zip(sel, library[int(s)].column(2).take(pa.array(pos[sel])).to_pylist()):
-            ref_id[i] = v
-    for i, v in zip(np.flatnonzero(dup_new), ids.take(pa.array(first[dup_new])).to_pylist()):
-        ref_id[i] = v
+        targets.append(sel)
+        values.append(library[int(s)].column(2).take(pa.array(pos[sel])))
+    targets.append(np.flatnonzero(dup_new))
+    values.append(ids.take(pa.array(first[dup_new])))
+    src = np.full(n, -1, np.int64)
+    src[np.concatenate(targets)] = np.arange(sum(len(t) for t in targets))
+    ref_id = pa.concat_arrays([v.cast(pa.string()) for v in values]).take(pa.array(src, mask=src < 0))
     rows = concat_column(new, 1, pa.int32()).to_numpy(zero_copy_only=False).astype(np.int32)
     part_at = np.repeat(np.asarray(parts, np.int32), [len(b) for b in new])
     distinct = sum(len(b) for b in library) + int((~in_lib & (first == np.arange(n))).sum())
@@ -364,7 +369,7 @@ def decide_probed(library: list[pa.RecordBatch], new: list[pa.RecordBatch], part
         pa.array(rows),
         keys.take(pa.array(np.arange(n), mask=~dup)),  # the key of duplicates only
         pa.array(dup),
-        pa.array(ref_id, pa.string()),
+        ref_id,
         pa.array(np.where(dup_new, part_at[first], -1).astype(np.int32)),
         pa.array(np.where(dup_new, rows[first], -1).astype(np.int32))], schema=DECISION_SCHEMA), distinct
 
