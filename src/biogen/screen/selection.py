@@ -130,14 +130,17 @@ def select_hits(order: np.ndarray, scaffolds_of, fps_of, spec: SelectionSpec,
     return pick_from_pool(*walk_pool(order, scaffolds_of, spec, block), scaffolds_of, fps_of, spec)
 
 
+MAX_BLOCK = 1 << 18  # candidates per scaffold request at most (their strings are held while walked)
+
+
 def walk_pool(order: np.ndarray, scaffolds_of, spec: SelectionSpec, block: int = 512
               ) -> tuple[list[int], dict[int, str]]:
     """The walk of ``select_hits``: down the ranking, at most ``scaffold_cap`` per scaffold,
     until ``top_m`` candidates (``n`` without diversity). Returns the pool (in rank order)
     and the scaffolds of its members only: memory O(pool + distinct scaffolds), not
     O(candidates examined). Scaffolds are asked for in blocks: first ``top_m``, then what
-    is still missing scaled by the share that passed the cap so far (``block`` at least);
-    the result does not depend on the blocks."""
+    is still missing scaled by the share that passed the cap so far (``block`` at least,
+    ``MAX_BLOCK`` at most); the result does not depend on the blocks."""
     want = spec.top_m if spec.diversity == "maxmin" else spec.n
     pool: list[int] = []
     scaffolds: dict[int, str] = {}
@@ -162,7 +165,7 @@ def walk_pool(order: np.ndarray, scaffolds_of, spec: SelectionSpec, block: int =
         # the next block: what is still missing over the share of candidates the cap let
         # through so far, plus a margin (each call may cost a pass over many shards)
         rate = max(len(pool) / examined, 0.05)
-        size = max(block, int(1.2 * (want - len(pool)) / rate) + 1)
+        size = min(max(block, int(1.2 * (want - len(pool)) / rate) + 1), MAX_BLOCK)
     return pool, scaffolds
 
 

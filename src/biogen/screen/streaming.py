@@ -746,10 +746,18 @@ def _enrichment(job: StreamingScreen, stats: _StatsTally, fused: _FusedTally, va
 
 
 def _candidates(job: StreamingScreen, k: int, rounds: Callable) -> Candidates:
-    res = rounds(f"top {k:,}", [(f"top{k}-{i:06d}", ("top", i, k)) for i in range(job.n_shards)])
-    rank = np.asarray([x for r in res for x in r["rank"]], dtype=np.int64)
-    shard = np.asarray([i for i, r in enumerate(res) for _ in r["rank"]], dtype=np.int64)
-    row = np.asarray([x for r in res for x in r["row"]], dtype=np.int64)
+    """The global top K as arrays: each shard's result becomes arrays as it arrives (no
+    Python list of all K candidates), then they are put in rank order."""
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def take(i: int, r: dict) -> None:
+        rank = np.asarray(r["rank"], dtype=np.int64)
+        parts.append((rank, np.full(len(rank), i, np.int64), np.asarray(r["row"], dtype=np.int64)))
+
+    rounds(f"top {k:,}", [(f"top{k}-{i:06d}", ("top", i, k)) for i in range(job.n_shards)], take)
+    if not parts:
+        return Candidates(*(np.zeros(0, np.int64),) * 3)
+    rank, shard, row = (np.concatenate(x) for x in zip(*parts))
     order = np.argsort(rank)
     return Candidates(rank[order], shard[order], row[order])
 
