@@ -13,8 +13,8 @@ On the fingerprints of ``--n`` MOSES test molecules (real ECFP4, featurized once
   seeded random weights; molecules/s of the projection per dtype and the min cosine per
   molecule against float32.
 
-What ``dtype=auto`` picks on this CPU is recorded for each (for the tower: never int8, by
-design). Parity is checked before timing; each timing is the best of ``--repeats`` on
+What ``dtype=auto`` picks on this CPU is recorded for each (int8 included: its activations
+are quantized per row, so a stored vector or score does not depend on its batch mates). Parity is checked before timing; each timing is the best of ``--repeats`` on
 ``torch.get_num_threads()`` threads (``--threads``).
 """
 
