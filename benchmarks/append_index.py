@@ -49,6 +49,20 @@ def moses_smi(start: int, n: int, path: Path) -> Path:
     return path
 
 
+def synthetic_pool(workdir: Path, rows: int, source_rows: int, workers: int) -> tuple[list[dict], dict]:
+    """The generator's pool of ``rows`` rows (10,000-row shards, seed 7) under ``workdir``,
+    resampled from a real library of the first ``source_rows`` MOSES train molecules (built
+    there once): its shard entries and the generator's record."""
+    from biogen.library.ingest import build_library
+    from biogen.runtime import RuntimeSpec
+
+    source = workdir / "source"
+    if not (source / "manifest.json").exists():
+        build_library(str(moses_smi(0, source_rows, workdir / "source.smi")), source,
+                      runtime=RuntimeSpec(mode="local", workers=workers, progress=False), overwrite=True)
+    return extend_library_pool(workdir / "pool", source, rows, 10_000, 7, workers)
+
+
 def signature(lib: Path) -> tuple:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from tests_support import shard_signature
@@ -68,7 +82,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="default: results/append_index-<rows>.json")
     args = ap.parse_args()
 
-    from biogen.library.ingest import append_library, build_library
+    from biogen.library.ingest import append_library
     from biogen.runtime import RuntimeSpec
 
     rows = parse_size(args.rows)
@@ -76,11 +90,8 @@ def main() -> None:
     w = args.workdir
     w.mkdir(parents=True, exist_ok=True)
     rt = RuntimeSpec(mode="local", workers=args.workers, progress=False)
-    source = w / "source"
-    if not (source / "manifest.json").exists():
-        build_library(str(moses_smi(0, args.source_rows, w / "source.smi")), source, runtime=rt, overwrite=True)
     pool = w / "pool"
-    entries, gen = extend_library_pool(pool, source, rows, 10_000, 7, args.workers)
+    entries, gen = synthetic_pool(w, rows, args.source_rows, args.workers)
     deposits = [moses_smi(args.source_rows // 2 + k * args.append, args.append, w / f"append{k}.smi") for k in (0, 1)]
 
     def dedupe_seconds(lib: Path, dep: Path) -> dict:

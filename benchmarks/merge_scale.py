@@ -28,8 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, versions  # noqa: E402
-from append_index import moses_smi, signature  # noqa: E402
-from scale_driver import Meter, extend_library_pool, library_view, parse_size  # noqa: E402
+from append_index import signature, synthetic_pool  # noqa: E402
+from scale_driver import Meter, library_view, parse_size  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -78,18 +78,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="default: results/merge_scale-<rows>.json")
     args = ap.parse_args()
 
-    from biogen.library.ingest import build_library
-    from biogen.runtime import RuntimeSpec
-
     rows = parse_size(args.rows)
     args.out = args.out or RESULTS / f"merge_scale-{args.rows}.json"
     w = args.workdir
     w.mkdir(parents=True, exist_ok=True)
-    source = w / "source"
-    if not (source / "manifest.json").exists():
-        build_library(str(moses_smi(0, args.source_rows, w / "source.smi")), source,
-                      runtime=RuntimeSpec(mode="local", workers=args.workers, progress=False), overwrite=True)
-    entries, gen = extend_library_pool(w / "pool", source, rows, 10_000, 7, args.workers)
+    entries, gen = synthetic_pool(w, rows, args.source_rows, args.workers)
     per = -(-len(entries) // args.pieces)
     pieces = [str(library_view(w / "pool", entries[k:k + per], gen["source_manifest"], gen["source_rows"],
                                w / "pieces" / f"part-{j}", 7))

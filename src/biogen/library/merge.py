@@ -459,17 +459,7 @@ class MergeDedupe(PartitionedDedupe):
                     for p, r, ref in zip(b.column(0).to_pylist(), b.column(1).to_pylist(), b.column(3).to_pylist()):
                         if ref is not None:
                             refs[(p, r)] = ref
-        outputs = []
-        for p in parts:
-            rows = [r for _, r in _carried(Path(self.work), [p])]
-            for i, r in enumerate(rows):
-                ref = refs.get((p, i)) if r["reason"] in DUPLICATE_REASONS else None
-                if ref is not None:
-                    r["duplicate_of"] = ref
-                    r["detail"] = duplicate_detail(r["key"], ref, r["reason"].removeprefix("duplicate_"))
-            write_jsonl(Path(self.work) / f"parts/{p:06d}.rejects.jsonl", rows)
-            outputs.append(f"parts/{p:06d}.rejects.jsonl")
-        return outputs, {}
+        return _rewrite_rejects(Path(self.work), parts, lambda p, i, key: refs.get((p, i))), {}
 
 
 def _positions(values: pa.Array, value_set: pa.Array) -> np.ndarray:
@@ -521,17 +511,22 @@ def _partitioned_merge(work: Path, out: Path, m0: dict, pieces: list[Path], piec
 
 
 # ------------------------------------------------------------------------- step 3: commit
-def _rewrite_rejects(work: Path, parts: Sequence[int], first: dict[str, str]) -> None:
+def _rewrite_rejects(work: Path, parts: Sequence[int], kept_id) -> list[str]:
     """Carried rejects -> the part's ``rejects.jsonl`` that ``write_rejects`` reads; a carried
-    duplicate names the merged library's kept id (as one build would)."""
+    duplicate names the merged library's kept id (as one build would): ``kept_id(part,
+    line, key)`` -> that id or None (the serial planner's index, or ``MergeDedupe``'s
+    resolved ids). Returns the files written (relative to ``work``)."""
+    outputs = []
     for p in parts:
         rows = [r for _, r in _carried(work, [p])]
-        for r in rows:
-            key = r["key"] if r["reason"] in DUPLICATE_REASONS else None
-            if key in first:
-                r["duplicate_of"] = first[key]
-                r["detail"] = duplicate_detail(key, first[key], r["reason"].removeprefix("duplicate_"))
+        for i, r in enumerate(rows):
+            ref = kept_id(p, i, r["key"]) if r["reason"] in DUPLICATE_REASONS else None
+            if ref is not None:
+                r["duplicate_of"] = ref
+                r["detail"] = duplicate_detail(r["key"], ref, r["reason"].removeprefix("duplicate_"))
         write_jsonl(work / f"parts/{p:06d}.rejects.jsonl", rows)
+        outputs.append(f"parts/{p:06d}.rejects.jsonl")
+    return outputs
 
 
 def _job_key(pieces: list[Path], hashes: list[str]) -> str:
@@ -706,7 +701,7 @@ def _merge_report(out: Path, work: Path, manifests: list[dict], pieces_parts: li
     parts_all = [p for pp in pieces_parts for p in pp]
     results, finals, dd = run.results, run.finals, run.dedupe
     if not run.partitioned:
-        _rewrite_rejects(work, parts_all, dd.first)
+        _rewrite_rejects(work, parts_all, lambda p, i, key: dd.first.get(key))
     new_shards = [finals[f"final-{p:06d}"]["shard"] for p in parts_all if finals[f"final-{p:06d}"]["shard"]]
     reasons: Counter = Counter()
     for r in results:
