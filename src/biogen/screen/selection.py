@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -167,6 +168,37 @@ def walk_pool(order: np.ndarray, scaffolds_of, spec: SelectionSpec, block: int =
         rate = max(len(pool) / examined, 0.05)
         size = min(max(block, int(1.2 * (want - len(pool)) / rate) + 1), MAX_BLOCK)
     return pool, scaffolds
+
+
+def scaffold_keys(scaffolds: list[str]) -> np.ndarray:
+    """A 128-bit key per scaffold SMILES (BLAKE2b, as two uint64 columns): what a streaming
+    screen's top-K tasks send instead of the strings. Two distinct scaffolds share a key with
+    probability ~m^2 / 2^129 among m scaffolds (1e-26 at 1M): the cap sees the scaffolds."""
+    digests = b"".join(hashlib.blake2b(s.encode(), digest_size=16).digest() for s in scaffolds)
+    return np.frombuffer(digests, dtype="<u8").astype(np.uint64).reshape(-1, 2)
+
+
+def capped_pool(keys: np.ndarray, spec: SelectionSpec) -> np.ndarray:
+    """``walk_pool`` over candidates whose scaffolds are all known, as keys (rows in rank
+    order; any array whose equal rows mean equal scaffolds, e.g. ``scaffold_keys``): the
+    positions of the pool, vectorized. A candidate joins when fewer than ``scaffold_cap``
+    better-ranked candidates share its scaffold, and the walk stops at ``top_m`` (``n``
+    without diversity), so the pool is the first of those positions: the same as
+    ``walk_pool``'s, and it does not depend on how many candidates come after it."""
+    want = spec.top_m if spec.diversity == "maxmin" else spec.n
+    n = len(keys)
+    if spec.scaffold_cap is None or n == 0:
+        return np.arange(min(want, n), dtype=np.int64)
+    k = np.ascontiguousarray(keys).reshape(n, -1)
+    _, group = np.unique(k.view(np.dtype((np.void, k.dtype.itemsize * k.shape[1]))).ravel(), return_inverse=True)
+    order = np.argsort(group.ravel(), kind="stable")  # each scaffold's candidates, in rank order
+    g = group.ravel()[order]
+    first = np.ones(n, dtype=bool)
+    first[1:] = g[1:] != g[:-1]
+    start = np.maximum.accumulate(np.where(first, np.arange(n), 0))
+    seen = np.empty(n, dtype=np.int64)
+    seen[order] = np.arange(n) - start  # better-ranked candidates with the same scaffold
+    return np.flatnonzero(seen < spec.scaffold_cap)[:want]
 
 
 def pick_from_pool(pool: list[int], scaffolds: dict[int, str], scaffolds_of, fps_of, spec: SelectionSpec

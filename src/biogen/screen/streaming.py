@@ -27,11 +27,13 @@ the same command resumes; keys carry a digest of the fusion, labels and knobs, f
 5. final (per shard): ``scores/<shard>.parquet`` (the columns of scores.parquet), the
    shard's tie counts at the actives' distinct values (``metrics.TieCounts``: the screen's
    and the null model's orderings) and a seeded sample for the report.
-6. top K (per shard): the rows ranked <= K, so the driver holds only the global top K
-   (exact: ranks are global; no merge is needed). ``select_hits`` walks them, reading
-   scaffolds, SMILES and fingerprints of those rows only; if the walk reaches the end of
-   the K candidates while rows remain, K grows by the walk's fill rate (at least 2x) and
-   the round runs again (exact).
+6. top K (per shard): the rows ranked <= K with a 128-bit key of each one's scaffold, so
+   the driver holds only the global top K as arrays (exact: ranks are global; no merge is
+   needed) and no string. The selection's walk (scaffold cap) runs on the keys
+   (``selection.capped_pool``); if it reaches the end of the K candidates while rows
+   remain, K grows by the walk's fill rate (at least 2x) and the round fetches the ranks
+   after the first K (exact). MaxMin then reads the pool's fingerprints, and the driver
+   reads SMILES and scaffolds of the hits only.
 
 The driver folds each round's results as they arrive (``run_shards(..., reduce=...)``:
 the funnel's sums, the moments, the run samples, the labelled actives and their values,
@@ -62,7 +64,8 @@ from biogen.files import atomic_path, json_digest
 from biogen.runtime import Ledger, RuntimeSpec, run_shards
 from biogen.screen.metrics import (EnrichmentMetrics, NullModel, TieCounts, distinct_values, pick_null_model,
                                    property_ranking, tie_counts, weighted_fusion)
-from biogen.screen.selection import SelectionSpec, pick_from_pool, walk_pool
+from biogen.chem.scaffolds import murcko_scaffolds
+from biogen.screen.selection import SelectionSpec, capped_pool, pick_from_pool, scaffold_keys
 
 log = logging.getLogger(__name__)
 AUTO_ROWS = 2_000_000          # streaming=auto: streaming above this many library rows
@@ -330,10 +333,26 @@ class StreamingScreen:
         return self._rel(path)
 
     # ------------------------------------------------------------- round 6: top K
-    def top(self, i: int, k: int) -> tuple[list[str], dict]:
+    def top(self, i: int, lo: int, hi: int) -> tuple[list[str], dict]:
+        """The shard's rows ranked in (lo, hi], in one file of int64 columns: rank, row and
+        the 128-bit key of the row's scaffold (``selection.scaffold_keys``; stored scaffolds,
+        or computed here from the canonical SMILES), so that the driver's walk reads no
+        strings. No file when the shard has no such row."""
         rank = np.load(self.root / "rank" / f"{i:06d}.npy", mmap_mode="r")
-        rows = np.flatnonzero((rank > 0) & (rank <= k))
-        return [], {"rank": np.asarray(rank[rows]).tolist(), "row": rows.tolist()}
+        rows = np.flatnonzero((rank > lo) & (rank <= hi))
+        if not len(rows):
+            return [], {"rows": 0, "top": None}
+        shard = self._shard(i)
+        take = pa.array(rows, pa.int64())
+        if "scaffold" in _open_library(self.library).manifest.get("descriptors", []):
+            scaffolds = shard.metadata(["scaffold"]).column("scaffold").take(take).to_pylist()
+        else:  # library SMILES are RDKit's canonical ones: the fast scaffold path applies
+            scaffolds = murcko_scaffolds(shard.metadata(["smiles"]).column("smiles").take(take).to_pylist(),
+                                         canonical=True)
+        table = np.column_stack([np.asarray(rank[rows], dtype=np.int64), rows.astype(np.int64),
+                                 scaffold_keys(scaffolds).view(np.int64)])
+        path = self._write(self.root / "top" / f"{lo}-{hi}" / f"{i:06d}.npy", table)
+        return [path], {"rows": len(rows), "top": path}
 
 
 STEPS = ("stats", "bucket_ranks", "fuse", "final", "top")
@@ -433,25 +452,37 @@ def bucket_bounds(samples: list[list[float]], buckets: int) -> list[float]:
 
 @dataclass
 class Candidates:
-    """The global top K rows (rank order): their 1-based ranks, shards and rows."""
+    """The global top K rows (rank order): their 1-based ranks, shards, rows and scaffold
+    keys (``selection.scaffold_keys``: [K, 2] uint64)."""
 
     rank: np.ndarray
     shard: np.ndarray
     row: np.ndarray
+    key: np.ndarray
+
+    @classmethod
+    def empty(cls) -> "Candidates":
+        return cls(np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros((0, 2), np.uint64))
+
+    def __len__(self) -> int:
+        return len(self.rank)
+
+    def extend(self, more: "Candidates") -> "Candidates":
+        """These candidates, then ``more`` (all ranked below them)."""
+        return Candidates(*(np.concatenate([a, b]) for a, b in zip(
+            (self.rank, self.shard, self.row, self.key), (more.rank, more.shard, more.row, more.key))))
 
 
 class CandidateRows:
     """SMILES, scaffolds (stored, or computed from the SMILES), fingerprints and metadata of
-    candidate rows, read from their shards only. Values read for the hits are kept (each
-    read once); the selection's walk over many more candidates keeps none (``cache=False``)."""
+    candidate rows (the hits, in practice), read from their shards only, each value once."""
 
     def __init__(self, library, cands: Candidates, stored_scaffolds: bool):
         self.library, self.cands, self.stored = library, cands, stored_scaffolds
         self._cache: dict[tuple[str, int], object] = {}
 
-    def column(self, name: str, idx, cache: bool = True) -> list:
+    def column(self, name: str, idx) -> list:
         idx = [int(i) for i in np.asarray(idx).tolist()]
-        got: dict[tuple[str, int], object] = self._cache if cache else {}
         missing: dict[int, list[int]] = {}
         for i in dict.fromkeys(idx):
             if (name, i) not in self._cache:
@@ -462,17 +493,14 @@ class CandidateRows:
 
         with ThreadPoolExecutor(min(8, max(1, len(missing)))) as pool:
             for s, vals in zip(missing, pool.map(read, missing)):
-                got.update({(name, i): v for i, v in zip(missing[s], vals)})
-        return [got[(name, i)] if (name, i) in got else self._cache[(name, i)] for i in idx]
+                self._cache.update({(name, i): v for i, v in zip(missing[s], vals)})
+        return [self._cache[(name, i)] for i in idx]
 
     def scaffolds(self, idx) -> list[str]:
-        """The candidates' scaffolds, not kept (the walk asks for each candidate once)."""
-        from biogen.chem.scaffolds import murcko_scaffolds
-
         if self.stored:
-            return self.column("scaffold", idx, cache=False)
+            return self.column("scaffold", idx)
         # library SMILES are RDKit's canonical ones: the fast scaffold path applies
-        return murcko_scaffolds(self.column("smiles", idx, cache=False), canonical=True)
+        return murcko_scaffolds(self.column("smiles", idx), canonical=True)
 
     def fingerprints(self, idx) -> np.ndarray:
         return np.stack([self.library.shards[int(self.cands.shard[i])].fingerprints[int(self.cands.row[i])]
@@ -745,21 +773,24 @@ def _enrichment(job: StreamingScreen, stats: _StatsTally, fused: _FusedTally, va
                               p, int(alive.sum()), after)
 
 
-def _candidates(job: StreamingScreen, k: int, rounds: Callable) -> Candidates:
-    """The global top K as arrays: each shard's result becomes arrays as it arrives (no
-    Python list of all K candidates), then they are put in rank order."""
-    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+def _candidates(job: StreamingScreen, lo: int, hi: int, rounds: Callable) -> Candidates:
+    """The rows ranked in (lo, hi] as arrays, in rank order: each shard's file is read as its
+    result arrives (no Python list of the candidates, no string)."""
+    parts: list[tuple[np.ndarray, int]] = []
 
     def take(i: int, r: dict) -> None:
-        rank = np.asarray(r["rank"], dtype=np.int64)
-        parts.append((rank, np.full(len(rank), i, np.int64), np.asarray(r["row"], dtype=np.int64)))
+        if r.get("top"):
+            parts.append((np.load(Path(job.run_dir) / r["top"]), i))
 
-    rounds(f"top {k:,}", [(f"top{k}-{i:06d}", ("top", i, k)) for i in range(job.n_shards)], take)
+    rounds(f"top {lo + 1:,}-{hi:,}", [(f"top{lo}-{hi}-{i:06d}", ("top", i, lo, hi)) for i in range(job.n_shards)],
+           take)
     if not parts:
-        return Candidates(*(np.zeros(0, np.int64),) * 3)
-    rank, shard, row = (np.concatenate(x) for x in zip(*parts))
-    order = np.argsort(rank)
-    return Candidates(rank[order], shard[order], row[order])
+        return Candidates.empty()
+    t = np.concatenate([p for p, _ in parts])
+    shard = np.concatenate([np.full(len(p), i, np.int32) for p, i in parts])
+    order = np.argsort(t[:, 0])
+    t, shard = t[order], shard[order]
+    return Candidates(t[:, 0].copy(), shard, t[:, 1].astype(np.int32), np.ascontiguousarray(t[:, 2:]).view(np.uint64))
 
 
 def grow_factor(found: int, want: int) -> int:
@@ -772,25 +803,25 @@ def grow_factor(found: int, want: int) -> int:
 
 def _select(job: StreamingScreen, library, selection: SelectionSpec, spec: StreamingSpec, n_alive: int,
             rounds: Callable) -> tuple[Candidates, CandidateRows, np.ndarray, list[str]]:
-    """``select_hits`` over the global top K. Its walk down the ranking (scaffold cap,
-    ``walk_pool``) stops once it holds ``want`` candidates; when the K candidates run out
-    first while rows remain, K grows (``grow_factor``: by the walk's fill rate, at least 2x)
-    and the walk starts again, so the hits are those of the whole ranking (exact). Once it
+    """``select_hits`` over the global top K. Its walk down the ranking (scaffold cap) runs on
+    the candidates' scaffold keys (``capped_pool``) and stops once it holds ``want``
+    candidates; when the K candidates run out first while rows remain, the next top-K round
+    fetches the ranks after them (K grows by ``grow_factor``: the walk's fill rate, at least
+    2x) and the walk runs again, so the hits are those of the whole ranking (exact). Once it
     fills, ``pick_from_pool`` ends the selection on that pool: the same result as
-    ``select_hits``, with no scaffold or SMILES held for candidates outside the pool."""
+    ``select_hits``; the driver reads scaffold strings for the hits only."""
     want = selection.top_m if selection.diversity == "maxmin" else selection.n
     k = spec.candidates or 4 * selection.top_m
     stored = "scaffold" in library.manifest.get("descriptors", [])
-    while True:
-        k = min(k, max(n_alive, 1))
-        cands = _candidates(job, k, rounds) if n_alive else Candidates(*(np.zeros(0, np.int64),) * 3)
-        rows = CandidateRows(library, cands, stored)
-        order = np.arange(len(cands.rank))
-        if not len(order):
-            return cands, rows, np.zeros(0, dtype=np.int64), []
-        pool, scaffolds = walk_pool(order, rows.scaffolds, selection)
+    cands = Candidates.empty()
+    while n_alive:
+        k = min(k, n_alive)
+        cands = cands.extend(_candidates(job, len(cands), k, rounds))
+        pool = capped_pool(cands.key, selection)
+        if len(pool) == want or len(cands) >= n_alive:
+            rows = CandidateRows(library, cands, stored)
+            return (cands, rows, *pick_from_pool(pool.tolist(), {}, rows.scaffolds, rows.fingerprints, selection))
         found = len(pool)
-        if found == want or len(order) >= n_alive:
-            return (cands, rows, *pick_from_pool(pool, scaffolds, rows.scaffolds, rows.fingerprints, selection))
-        k = len(order) * grow_factor(found, want)
-        log.info("the selection's walk found %d of %d in all %d candidates; taking %d", found, want, len(order), k)
+        k = len(cands) * grow_factor(found, want)
+        log.info("the selection's walk found %d of %d in all %d candidates; taking %d", found, want, len(cands), k)
+    return cands, CandidateRows(library, cands, stored), np.zeros(0, dtype=np.int64), []
