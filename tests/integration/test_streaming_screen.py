@@ -23,8 +23,9 @@ from biogen.screen.target import TargetSpec, held_out_actives
 
 LIMIT = 1500
 THROMBIN = TargetSpec(name="CHEMBL204_Ki", moleculeace="CHEMBL204_Ki")
-# the test knobs: 3 buckets in each sample sort; 50 first candidates (top_m 200: doubled to 400)
-KNOBS = StreamingSpec("true", buckets=3, candidates=50)
+# the test knobs: 3 buckets in each sample sort; 50 first candidates (top_m 200: doubled to 400);
+# at most 3 tasks in a per-shard round, so the 5 shards go 2 to a task
+KNOBS = StreamingSpec("true", buckets=3, candidates=50, tasks_per_round=3)
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +111,12 @@ def test_rank_fusion_of_two_scorers_matches_in_memory(lib_spec, tmp_path, inline
     assert '"screen: rank similarity"' in ledger and ranges[0] == (1, 50) and len(tops) >= 2
     assert [a for a, _ in ranges] == [1] + [b + 1 for b in tops[:-1]]
     assert all(b >= 2 * a for a, b in zip(tops, tops[1:])) and tops[-1] >= 200
+    # the per-shard rounds ran two shards a task, the bucket rounds one bucket a task
+    keys = [json.loads(x)["key"] for x in ledger.splitlines() if '"outputs"' in x]
+    n = mem.summary.shards
+    assert {k.split("-", 2)[2] for k in keys if "-stats-" in k} == {f"stats-{a:06d}+{min(2, n - a) - 1}"
+                                                                    for a in range(0, n, 2)}
+    assert sum("-order-b" in k for k in keys) == 3 and not any("-order-b" in k and "+" in k for k in keys)
     # the report shows the same numbers (its plots come from a sample and from the counts)
     for sid in ("funnel", "enrichment", "hits"):
         assert _section(mem.run_dir, sid) == _section(stream.run_dir, sid), sid

@@ -81,16 +81,18 @@ class StreamingSpec:
     """Top-level screen setting ``streaming``: auto (streaming when the library has more than
     ``AUTO_ROWS`` rows) | true | false. Test knobs (Python API only): ``buckets``, the sample
     sort's bucket count (default: one per ``ROWS_PER_BUCKET`` molecules that pass the
-    filters); ``candidates``, the first K of the selection (default 4 * selection.top_m)."""
+    filters); ``candidates``, the first K of the selection (default 4 * selection.top_m);
+    ``tasks_per_round``, the tasks of a per-shard round at most (``group_size``)."""
 
     mode: str = "auto"
     buckets: int | None = None
     candidates: int | None = None
+    tasks_per_round: int = 2048
 
     def __post_init__(self) -> None:
         if self.mode not in ("auto", "true", "false"):
             raise ConfigError(f"streaming={self.mode!r} is not valid; choose auto, true or false")
-        for name in ("buckets", "candidates"):
+        for name in ("buckets", "candidates", "tasks_per_round"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ConfigError(f"streaming {name}={v} must be >= 1")
@@ -355,7 +357,18 @@ class StreamingScreen:
         return [path], {"rows": len(rows), "top": path}
 
 
-STEPS = ("stats", "bucket_ranks", "fuse", "final", "top")
+    def batch(self, steps: tuple[tuple, ...]) -> tuple[list[str], dict]:
+        """Several tasks of a round in one (``group_size``): each step with its arguments, in
+        order; their outputs together and their results as a list."""
+        outputs, results = [], []
+        for step, *args in steps:
+            out, r = run_step(self, step, *args)
+            outputs += out
+            results.append(r)
+        return outputs, {"rows": sum(int(r.get("rows", 0)) for r in results), "results": results}
+
+
+STEPS = ("stats", "bucket_ranks", "fuse", "final", "top", "batch")
 
 
 def _open_library(path: str):
@@ -560,27 +573,47 @@ def make_job(run_dir: Path, lib, filters: list[str], scorers: list[str], used: d
                            tuple(null_props) if labels else (), tuple(report_props), tag, sample)
 
 
-class _Rounds:
-    """Runs one round's tasks (ledgered, with a progress bar). Without ``take``, returns the
-    results in task order (the top-K round: K rows in all); with it, hands each result to
-    ``take(task index, result)`` as it arrives and keeps none (the per-shard rounds: the
-    driver keeps what the tallies keep)."""
+def group_size(n_tasks: int, tasks_per_round: int) -> int:
+    """Shards per task of a per-shard round: one, up to ``tasks_per_round`` shards; beyond, as
+    many consecutive shards as keep the round at that many tasks. The driver's cost is per
+    task (submit, wait, ledger record: ~3 ms), so 100,000 shards cost it ~2,000 tasks a
+    round, not 100,000. It depends on the shard count only: a rerun finds its ledger keys."""
+    return max(1, -(-n_tasks // tasks_per_round))
 
-    def __init__(self, job: StreamingScreen, ledger: Ledger, runtime: RuntimeSpec, slots: int):
+
+class _Rounds:
+    """Runs one round's tasks (ledgered, with a progress bar), consecutive tasks together in
+    one Ray task when there are more than ``tasks_per_round`` (``group_size``). Without
+    ``take``, returns the results in task order (the top-K round: K rows in all); with it,
+    hands each result to ``take(task index, result)`` as it arrives and keeps none (the
+    per-shard rounds: the driver keeps what the tallies keep)."""
+
+    def __init__(self, job: StreamingScreen, ledger: Ledger, runtime: RuntimeSpec, slots: int,
+                 tasks_per_round: int = StreamingSpec.tasks_per_round):
         self.job, self.ledger, self.runtime, self.slots = job, ledger, runtime, slots
+        self.tasks_per_round = tasks_per_round
 
     def __call__(self, desc: str, tasks: list[tuple[str, tuple]], take: Callable | None = None) -> list[dict]:
         if not tasks:
             return []
-        keys = [f"stream-{self.job.tag}-{k}" for k, _ in tasks]
-        kw = dict(ledger=self.ledger, spec=self.runtime, slots=self.slots, desc=f"screen: {desc}", total=len(tasks))
-        work = ((k, (self.job, *a)) for k, (_, a) in zip(keys, tasks))
-        if take is None:
-            done = run_shards(run_step, work, **kw)
-            return [done[k] for k in keys]
-        where = {k: i for i, k in enumerate(keys)}
-        run_shards(run_step, work, **kw, reduce=lambda key, result: take(where[key], result))
-        return []
+        g = group_size(len(tasks), self.tasks_per_round)
+        groups = [tasks[a:a + g] for a in range(0, len(tasks), g)]
+        keys = [f"stream-{self.job.tag}-{grp[0][0]}" + (f"+{len(grp) - 1}" if g > 1 else "") for grp in groups]
+        args = [grp[0][1] if g == 1 else ("batch", tuple(a for _, a in grp)) for grp in groups]
+        kw = dict(ledger=self.ledger, spec=self.runtime, slots=self.slots, desc=f"screen: {desc}", total=len(groups))
+        work = ((k, (self.job, *a)) for k, a in zip(keys, args))
+        where = {k: i * g for i, k in enumerate(keys)}
+        results: list[dict] = [] if take is not None else [{}] * len(tasks)
+
+        def fold(key: str, result: dict) -> None:
+            for j, r in enumerate(result["results"] if g > 1 else [result]):
+                if take is None:
+                    results[where[key] + j] = r
+                else:
+                    take(where[key] + j, r)
+
+        run_shards(run_step, work, **kw, reduce=fold)
+        return results
 
 
 class _StatsTally:
@@ -677,7 +710,7 @@ def _rank_rounds(job: StreamingScreen, rounds: "_Rounds", stats: _StatsTally, bu
 def run_streaming(job: StreamingScreen, library, selection: SelectionSpec, spec: StreamingSpec, ledger: Ledger,
                   runtime: RuntimeSpec, slots: int, report: bool) -> Streamed:
     """Every round after the score round, then the selection (see the module docstring)."""
-    rounds = _Rounds(job, ledger, runtime, slots)
+    rounds = _Rounds(job, ledger, runtime, slots, spec.tasks_per_round)
     shards = range(job.n_shards)
     stats = _StatsTally(job)
     rounds("stats", [(f"stats-{i:06d}", ("stats", i)) for i in shards], stats)
