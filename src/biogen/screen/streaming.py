@@ -59,12 +59,12 @@ import pyarrow.compute as pc
 import pyarrow.feather as feather
 import pyarrow.parquet as pq
 
+from biogen.chem.scaffolds import murcko_scaffolds
 from biogen.errors import ConfigError, CorruptLibraryError
 from biogen.files import atomic_path, json_digest
 from biogen.runtime import Ledger, RuntimeSpec, run_shards
 from biogen.screen.metrics import (EnrichmentMetrics, NullModel, TieCounts, distinct_values, pick_null_model,
                                    property_ranking, tie_counts, weighted_fusion)
-from biogen.chem.scaffolds import murcko_scaffolds
 from biogen.screen.selection import SelectionSpec, capped_pool, pick_from_pool, scaffold_keys
 
 log = logging.getLogger(__name__)
@@ -355,7 +355,6 @@ class StreamingScreen:
                                  scaffold_keys(scaffolds).view(np.int64)])
         path = self._write(self.root / "top" / f"{lo}-{hi}" / f"{i:06d}.npy", table)
         return [path], {"rows": len(rows), "top": path}
-
 
     def batch(self, steps: tuple[tuple, ...]) -> tuple[list[str], dict]:
         """Several tasks of a round in one (``group_size``): each step with its arguments, in
@@ -807,23 +806,25 @@ def _enrichment(job: StreamingScreen, stats: _StatsTally, fused: _FusedTally, va
 
 
 def _candidates(job: StreamingScreen, lo: int, hi: int, rounds: Callable) -> Candidates:
-    """The rows ranked in (lo, hi] as arrays, in rank order: each shard's file is read as its
-    result arrives (no Python list of the candidates, no string)."""
-    parts: list[tuple[np.ndarray, int]] = []
+    """The rows ranked in (lo, hi], in rank order. Ranks are 1..n without gaps, so each
+    shard's file, read as its result arrives, fills its rows' places directly: no list of
+    the candidates, no sort, no string."""
+    n = hi - lo
+    out = Candidates(np.arange(lo + 1, hi + 1, dtype=np.int64), np.full(n, -1, np.int32), np.zeros(n, np.int32),
+                     np.zeros((n, 2), np.uint64))
 
     def take(i: int, r: dict) -> None:
         if r.get("top"):
-            parts.append((np.load(Path(job.run_dir) / r["top"]), i))
+            t = np.load(Path(job.run_dir) / r["top"])
+            at = t[:, 0] - (lo + 1)
+            out.shard[at], out.row[at], out.key[at] = i, t[:, 1], t[:, 2:].view(np.uint64)
 
     rounds(f"top {lo + 1:,}-{hi:,}", [(f"top{lo}-{hi}-{i:06d}", ("top", i, lo, hi)) for i in range(job.n_shards)],
            take)
-    if not parts:
-        return Candidates.empty()
-    t = np.concatenate([p for p, _ in parts])
-    shard = np.concatenate([np.full(len(p), i, np.int32) for p, i in parts])
-    order = np.argsort(t[:, 0])
-    t, shard = t[order], shard[order]
-    return Candidates(t[:, 0].copy(), shard, t[:, 1].astype(np.int32), np.ascontiguousarray(t[:, 2:]).view(np.uint64))
+    if (out.shard < 0).any():
+        raise CorruptLibraryError(f"streaming screen: the top-K round found {int((out.shard >= 0).sum())} of the "
+                                  f"{n} rows ranked {lo + 1}-{hi}; delete {job.root} and rerun")
+    return out
 
 
 def grow_factor(found: int, want: int) -> int:
