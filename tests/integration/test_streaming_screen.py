@@ -125,13 +125,19 @@ def test_rank_fusion_of_two_scorers_matches_in_memory(lib_spec, tmp_path, inline
 
 def test_stored_scaffolds_give_the_same_hits(lib_spec, tmp_path, inline_rt):
     """A library that stores its scaffolds: the top-K tasks key the stored column (the other
-    tests' library has none, so its tasks compute them from the SMILES); same hits."""
+    tests' library has none, so its tasks compute them from the SMILES); same hits. And a
+    top-K round of 60 ranks at most: the walk goes on over more, smaller pieces, same hits."""
     spec = dataclasses.replace(lib_spec, descriptors=(*lib_spec.descriptors, "scaffold"))
     mem = _screen(spec, tmp_path / "mem", inline_rt, False)
-    stream = _screen(spec, tmp_path / "stream", inline_rt, KNOBS)
+    stream = _screen(spec, tmp_path / "stream", inline_rt, dataclasses.replace(KNOBS, ranks_per_round=60))
     assert "scaffold" in Library.open(stream.summary.library).manifest["descriptors"]
     _same(mem, stream)
     assert stream.hits.column("scaffold").to_pylist() == mem.hits.column("scaffold").to_pylist()
+    ledger = (stream.run_dir / "ledger.jsonl").read_text().replace(",", "")
+    ranges = sorted({(int(a), int(b)) for a, b in re.findall(r'"screen: top ([0-9]+)-([0-9]+)"', ledger)})
+    assert ranges[:2] == [(1, 50), (51, 110)] and ranges[-1][1] >= 200
+    assert [a for a, _ in ranges] == [1] + [b + 1 for _, b in ranges[:-1]]
+    assert all(b - a + 1 <= 60 for a, b in ranges)
 
 
 def _section(run_dir, sid: str) -> str:

@@ -9,8 +9,8 @@ from biogen.chem.fingerprints import FingerprintSpec, pack_bits, popcounts
 from biogen.chem.scaffolds import murcko_scaffolds
 from biogen.chem.standardize import StandardizeSpec
 from biogen.errors import ConfigError, InputError
-from biogen.screen.selection import (SelectionSpec, best_first, capped_pool, fuse_scores, scaffold_keys, select_hits,
-                                    walk_pool)
+from biogen.screen.selection import (CapWalk, SelectionSpec, best_first, fuse_scores, scaffold_keys,
+                                    select_hits, walk_pool)
 from biogen.screen.stages import AlertFilter, MoleculeBatch, PropertyFilter, SimilarityScorer, SmartsFilter
 from biogen.screen.target import TargetSpec, load_target
 from biogen.search.fused import fused_similarity
@@ -234,7 +234,7 @@ def test_select_hits_scaffold_cap_and_maxmin():
 
 @pytest.mark.parametrize("seed", range(6))
 def test_the_vectorized_cap_walk_equals_the_walk(seed):
-    """``capped_pool`` on scaffold keys (the streaming screen's walk) picks the same pool as
+    """``CapWalk`` on scaffold keys (the streaming screen's walk) picks the same pool as
     ``walk_pool`` on the strings, for every cap, pool size and diversity setting."""
     rng = np.random.default_rng(seed)
     for trial in range(40):
@@ -244,7 +244,14 @@ def test_the_vectorized_cap_walk_equals_the_walk(seed):
         spec = SelectionSpec(n=n_hits, top_m=int(rng.integers(n_hits, 90)), diversity=["maxmin", "none"][trial % 2],
                              scaffold_cap=[None, 1, 2, 3][trial % 4])
         pool, _ = walk_pool(np.arange(n), lambda idx: [scaffolds[i] for i in idx], spec, block=int(rng.integers(1, 40)))
-        assert capped_pool(scaffold_keys(scaffolds), spec).tolist() == pool
+        keys = scaffold_keys(scaffolds)
+        assert CapWalk(spec).feed(keys).tolist() == pool
+        # fed in pieces (a streaming screen's top-K rounds), the walk picks the same pool
+        walk, got = CapWalk(spec), []
+        cuts = [0, *sorted(rng.integers(0, n + 1, int(rng.integers(0, 5))).tolist()), n]
+        for a, b in zip(cuts, cuts[1:]):
+            got += (a + walk.feed(keys[a:b])).tolist()
+        assert got == pool and walk.full == (len(pool) == walk.want)
     keys = scaffold_keys(["c1ccccc1", "", "c1ccccc1", "C1CC1"])
     assert keys.shape == (4, 2) and keys.dtype == np.uint64
     assert (keys[0] == keys[2]).all() and len({tuple(k) for k in keys.tolist()}) == 3

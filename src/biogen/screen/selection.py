@@ -178,27 +178,63 @@ def scaffold_keys(scaffolds: list[str]) -> np.ndarray:
     return np.frombuffer(digests, dtype="<u8").astype(np.uint64).reshape(-1, 2)
 
 
-def capped_pool(keys: np.ndarray, spec: SelectionSpec) -> np.ndarray:
-    """``walk_pool`` over candidates whose scaffolds are all known, as keys (rows in rank
-    order; any array whose equal rows mean equal scaffolds, e.g. ``scaffold_keys``): the
-    positions of the pool, vectorized. A candidate joins when fewer than ``scaffold_cap``
-    better-ranked candidates share its scaffold, and the walk stops at ``top_m`` (``n``
-    without diversity), so the pool is the first of those positions: the same as
-    ``walk_pool``'s, and it does not depend on how many candidates come after it."""
-    want = spec.top_m if spec.diversity == "maxmin" else spec.n
-    n = len(keys)
-    if spec.scaffold_cap is None or n == 0:
-        return np.arange(min(want, n), dtype=np.int64)
-    k = np.ascontiguousarray(keys).reshape(n, -1)
-    _, group = np.unique(k.view(np.dtype((np.void, k.dtype.itemsize * k.shape[1]))).ravel(), return_inverse=True)
-    order = np.argsort(group.ravel(), kind="stable")  # each scaffold's candidates, in rank order
-    g = group.ravel()[order]
-    first = np.ones(n, dtype=bool)
-    first[1:] = g[1:] != g[:-1]
-    start = np.maximum.accumulate(np.where(first, np.arange(n), 0))
-    seen = np.empty(n, dtype=np.int64)
-    seen[order] = np.arange(n) - start  # better-ranked candidates with the same scaffold
-    return np.flatnonzero(seen < spec.scaffold_cap)[:want]
+class CapWalk:
+    """``walk_pool`` over candidates whose scaffolds are all known, as keys (any array whose
+    equal rows mean equal scaffolds, e.g. ``scaffold_keys``), vectorized and fed in pieces
+    (rank order): a candidate joins the pool when fewer than ``scaffold_cap`` better-ranked
+    candidates share its scaffold, until it holds ``top_m`` (``n`` without diversity). The
+    walk keeps a count per distinct scaffold seen, never the candidates it passed over, so
+    a streaming screen fetches the ranking in bounded pieces and keeps the pool only. The
+    pool does not depend on how the candidates are cut into pieces."""
+
+    def __init__(self, spec: SelectionSpec):
+        self.spec = spec
+        self.want = spec.top_m if spec.diversity == "maxmin" else spec.n
+        self.taken = 0
+        self.known: np.ndarray | None = None    # the distinct keys seen (sorted, as np.void)
+        self.counts = np.zeros(0, dtype=np.int64)  # candidates seen with each
+
+    @property
+    def full(self) -> bool:
+        return self.taken >= self.want
+
+    def feed(self, keys: np.ndarray) -> np.ndarray:
+        """The positions in ``keys`` (the next candidates, rank order) that join the pool."""
+        n = len(keys)
+        room = self.want - self.taken
+        if self.spec.scaffold_cap is None or n == 0 or room <= 0:
+            out = np.arange(min(max(room, 0), n), dtype=np.int64)
+            self.taken += len(out)
+            return out
+        k = np.ascontiguousarray(keys).reshape(n, -1)
+        void = k.view(np.dtype((np.void, k.dtype.itemsize * k.shape[1]))).ravel()
+        uniq, group, per = np.unique(void, return_inverse=True, return_counts=True)
+        group = group.ravel()
+        order = np.argsort(group, kind="stable")  # each scaffold's candidates, in rank order
+        g = group[order]
+        first = np.ones(n, dtype=bool)
+        first[1:] = g[1:] != g[:-1]
+        start = np.maximum.accumulate(np.where(first, np.arange(n), 0))
+        seen = np.empty(n, dtype=np.int64)
+        seen[order] = np.arange(n) - start  # better-ranked candidates of this piece with the same scaffold
+        before = np.zeros(len(uniq), dtype=np.int64)  # ... and of the pieces before it
+        if self.known is None:
+            self.known, self.counts = uniq, per.astype(np.int64)
+        else:
+            at = np.searchsorted(self.known, uniq)
+            hit = at < len(self.known)
+            hit[hit] = self.known[at[hit]] == uniq[hit]
+            before[hit] = self.counts[at[hit]]
+            self.counts[at[hit]] += per[hit]
+            new = np.flatnonzero(~hit)
+            if len(new):
+                merged = np.concatenate([self.known, uniq[new]])
+                keep = np.argsort(merged, kind="stable")
+                self.known = merged[keep]
+                self.counts = np.concatenate([self.counts, per[new].astype(np.int64)])[keep]
+        out = np.flatnonzero(before[group] + seen < self.spec.scaffold_cap)[:room]
+        self.taken += len(out)
+        return out
 
 
 def pick_from_pool(pool: list[int], scaffolds: dict[int, str], scaffolds_of, fps_of, spec: SelectionSpec

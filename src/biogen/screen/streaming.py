@@ -1,5 +1,5 @@
 """The streaming screen: fusion, ranking, selection and enrichment with a driver that never
-holds a whole-library column (its memory is O(shards + actives + candidates), not O(rows)).
+holds a whole-library column (its memory is O(shards + actives + a top-K piece), not O(rows)).
 
 After the score round (``shards/<name>.arrow``, as the in-memory screen) rounds of Ray tasks
 run through one entry point (``run_step``), each ledgered like the score round (a rerun of
@@ -27,13 +27,13 @@ the same command resumes; keys carry a digest of the fusion, labels and knobs, f
 5. final (per shard): ``scores/<shard>.parquet`` (the columns of scores.parquet), the
    shard's tie counts at the actives' distinct values (``metrics.TieCounts``: the screen's
    and the null model's orderings) and a seeded sample for the report.
-6. top K (per shard): the rows ranked <= K with a 128-bit key of each one's scaffold, so
-   the driver holds only the global top K as arrays (exact: ranks are global; no merge is
-   needed) and no string. The selection's walk (scaffold cap) runs on the keys
-   (``selection.capped_pool``); if it reaches the end of the K candidates while rows
-   remain, K grows by the walk's fill rate (at least 2x) and the round fetches the ranks
-   after the first K (exact). MaxMin then reads the pool's fingerprints, and the driver
-   reads SMILES and scaffolds of the hits only.
+6. top K (per shard): the rows ranked in (lo, hi] with a 128-bit key of each one's
+   scaffold (exact: ranks are global; no merge is needed), no string. The selection's walk
+   (scaffold cap: ``selection.CapWalk``) runs on each piece's keys and keeps its pool only;
+   while the pool is short and rows remain, the next round fetches the ranks after the
+   last (by the walk's fill rate, at least 2x further, at most ``ranks_per_round`` ranks),
+   so the driver's memory does not grow with the depth of the walk. MaxMin then reads the
+   pool's fingerprints, and the driver reads SMILES and scaffolds of the hits only.
 
 The driver folds each round's results as they arrive (``run_shards(..., reduce=...)``:
 the funnel's sums, the moments, the run samples, the labelled actives and their values,
@@ -65,7 +65,7 @@ from biogen.files import atomic_path, json_digest
 from biogen.runtime import Ledger, RuntimeSpec, run_shards
 from biogen.screen.metrics import (EnrichmentMetrics, NullModel, TieCounts, distinct_values, pick_null_model,
                                    property_ranking, tie_counts, weighted_fusion)
-from biogen.screen.selection import SelectionSpec, capped_pool, pick_from_pool, scaffold_keys
+from biogen.screen.selection import CapWalk, SelectionSpec, pick_from_pool, scaffold_keys
 
 log = logging.getLogger(__name__)
 AUTO_ROWS = 2_000_000          # streaming=auto: streaming above this many library rows
@@ -82,17 +82,20 @@ class StreamingSpec:
     ``AUTO_ROWS`` rows) | true | false. Test knobs (Python API only): ``buckets``, the sample
     sort's bucket count (default: one per ``ROWS_PER_BUCKET`` molecules that pass the
     filters); ``candidates``, the first K of the selection (default 4 * selection.top_m);
-    ``tasks_per_round``, the tasks of a per-shard round at most (``group_size``)."""
+    ``tasks_per_round``, the tasks of a per-shard round at most (``group_size``);
+    ``ranks_per_round``, the ranks one top-K round fetches at most (the driver holds them,
+    ~100 bytes each, while the selection's walk runs over them)."""
 
     mode: str = "auto"
     buckets: int | None = None
     candidates: int | None = None
     tasks_per_round: int = 2048
+    ranks_per_round: int = 262_144
 
     def __post_init__(self) -> None:
         if self.mode not in ("auto", "true", "false"):
             raise ConfigError(f"streaming={self.mode!r} is not valid; choose auto, true or false")
-        for name in ("buckets", "candidates", "tasks_per_round"):
+        for name in ("buckets", "candidates", "tasks_per_round", "ranks_per_round"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ConfigError(f"streaming {name}={v} must be >= 1")
@@ -464,8 +467,8 @@ def bucket_bounds(samples: list[list[float]], buckets: int) -> list[float]:
 
 @dataclass
 class Candidates:
-    """The global top K rows (rank order): their 1-based ranks, shards, rows and scaffold
-    keys (``selection.scaffold_keys``: [K, 2] uint64)."""
+    """Rows of the global ranking (rank order: a top-K piece, or the selection's pool): their
+    1-based ranks, shards, rows and scaffold keys (``selection.scaffold_keys``: [K, 2] uint64)."""
 
     rank: np.ndarray
     shard: np.ndarray
@@ -478,6 +481,9 @@ class Candidates:
 
     def __len__(self) -> int:
         return len(self.rank)
+
+    def take(self, idx: np.ndarray) -> "Candidates":
+        return Candidates(self.rank[idx], self.shard[idx], self.row[idx], self.key[idx])
 
     def extend(self, more: "Candidates") -> "Candidates":
         """These candidates, then ``more`` (all ranked below them)."""
@@ -828,34 +834,37 @@ def _candidates(job: StreamingScreen, lo: int, hi: int, rounds: Callable) -> Can
 
 
 def grow_factor(found: int, want: int) -> int:
-    """How much larger the next top-K round is when the walk found ``found`` of ``want`` in
-    all K candidates: by that fill rate, with a margin (1.5x), at least 2x and at most 64x
-    (a library of near-duplicates, whose scaffold cap fills slowly, needs few rounds, not
-    one per doubling: 8 rounds, 8,000 -> 1,024,000 candidates, at 100M generated rows)."""
+    """How much further down the ranking the next top-K round reaches when the walk found
+    ``found`` of ``want`` in the first K ranks: by that fill rate, with a margin (1.5x), at
+    least 2x and at most 64x (a library of near-duplicates, whose scaffold cap fills slowly,
+    needs few rounds, not one per doubling: 8,000 -> 1,024,000 ranks at 100M generated rows)."""
     return int(min(64, max(2, math.ceil(1.5 * want / max(found, 1)))))
 
 
 def _select(job: StreamingScreen, library, selection: SelectionSpec, spec: StreamingSpec, n_alive: int,
             rounds: Callable) -> tuple[Candidates, CandidateRows, np.ndarray, list[str]]:
-    """``select_hits`` over the global top K. Its walk down the ranking (scaffold cap) runs on
-    the candidates' scaffold keys (``capped_pool``) and stops once it holds ``want``
-    candidates; when the K candidates run out first while rows remain, the next top-K round
-    fetches the ranks after them (K grows by ``grow_factor``: the walk's fill rate, at least
-    2x) and the walk runs again, so the hits are those of the whole ranking (exact). Once it
-    fills, ``pick_from_pool`` ends the selection on that pool: the same result as
-    ``select_hits``; the driver reads scaffold strings for the hits only."""
+    """``select_hits`` over the global ranking, fetched from the top in pieces. The walk
+    (scaffold cap: ``CapWalk``) runs on each piece's scaffold keys and keeps the candidates
+    that join its pool, nothing else; once the pool holds ``want``, ``pick_from_pool`` ends
+    the selection on it: the same result as ``select_hits``, and the driver reads scaffold
+    strings for the hits only. The first piece is the first K ranks; while the pool is
+    short and rows remain, the next reaches ``grow_factor`` times further (the walk's fill
+    rate, at least 2x) but takes at most ``ranks_per_round`` ranks, so the driver's memory
+    is bounded whatever the depth of the walk. Returns the pool as the candidates."""
     want = selection.top_m if selection.diversity == "maxmin" else selection.n
-    k = spec.candidates or 4 * selection.top_m
-    stored = "scaffold" in library.manifest.get("descriptors", [])
-    cands = Candidates.empty()
-    while n_alive:
-        k = min(k, n_alive)
-        cands = cands.extend(_candidates(job, len(cands), k, rounds))
-        pool = capped_pool(cands.key, selection)
-        if len(pool) == want or len(cands) >= n_alive:
-            rows = CandidateRows(library, cands, stored)
-            return (cands, rows, *pick_from_pool(pool.tolist(), {}, rows.scaffolds, rows.fingerprints, selection))
-        found = len(pool)
-        k = len(cands) * grow_factor(found, want)
-        log.info("the selection's walk found %d of %d in all %d candidates; taking %d", found, want, len(cands), k)
-    return cands, CandidateRows(library, cands, stored), np.zeros(0, dtype=np.int64), []
+    walk = CapWalk(selection)
+    pool = Candidates.empty()
+    lo, hi = 0, min(spec.candidates or 4 * selection.top_m, n_alive)
+    while lo < hi:
+        piece = _candidates(job, lo, hi, rounds)
+        pool = pool.extend(piece.take(walk.feed(piece.key)))
+        del piece
+        if walk.full or hi >= n_alive:
+            break
+        lo, hi = hi, min(hi * grow_factor(walk.taken, want), hi + spec.ranks_per_round, n_alive)
+        log.info("the selection's walk found %d of %d in the best %d rows; fetching ranks %d-%d",
+                 walk.taken, want, lo, lo + 1, hi)
+    rows = CandidateRows(library, pool, "scaffold" in library.manifest.get("descriptors", []))
+    if not len(pool):
+        return pool, rows, np.zeros(0, dtype=np.int64), []
+    return (pool, rows, *pick_from_pool(list(range(len(pool))), {}, rows.scaffolds, rows.fingerprints, selection))
