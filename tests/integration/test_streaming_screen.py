@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from biogen.library import Library
+from biogen.screen import streaming
 from biogen.screen.pipeline import FusionSpec, run_screen
 from biogen.screen.presets import LibrarySpec, preset_library
 from biogen.screen.selection import SelectionSpec
@@ -123,21 +124,36 @@ def test_rank_fusion_of_two_scorers_matches_in_memory(lib_spec, tmp_path, inline
     assert "Null model, ranking by" in _section(stream.run_dir, "summary")
 
 
-def test_stored_scaffolds_give_the_same_hits(lib_spec, tmp_path, inline_rt):
+def test_stored_scaffolds_give_the_same_hits(lib_spec, tmp_path, inline_rt, monkeypatch):
     """A library that stores its scaffolds: the top-K tasks key the stored column (the other
-    tests' library has none, so its tasks compute them from the SMILES); same hits. And a
-    top-K round of 60 ranks at most: the walk goes on over more, smaller pieces, same hits."""
+    tests' library has none, so its tasks compute them from the SMILES); same hits. And the
+    walk holds 60 ranks at most: it reads each top-K round's range in pieces, same hits."""
     spec = dataclasses.replace(lib_spec, descriptors=(*lib_spec.descriptors, "scaffold"))
     mem = _screen(spec, tmp_path / "mem", inline_rt, False)
+    fed = []
+
+    class Walk(streaming.CapWalk):
+        def feed(self, keys):
+            fed.append(len(keys))
+            return super().feed(keys)
+
+    def no_scaffolds(*a, **k):
+        raise AssertionError("the streaming screen computed scaffolds that the library stores")
+
+    monkeypatch.setattr(streaming, "CapWalk", Walk)
+    monkeypatch.setattr(streaming, "murcko_scaffolds", no_scaffolds)
     stream = _screen(spec, tmp_path / "stream", inline_rt, dataclasses.replace(KNOBS, ranks_per_round=60))
     assert "scaffold" in Library.open(stream.summary.library).manifest["descriptors"]
     _same(mem, stream)
     assert stream.hits.column("scaffold").to_pylist() == mem.hits.column("scaffold").to_pylist()
     ledger = (stream.run_dir / "ledger.jsonl").read_text().replace(",", "")
     ranges = sorted({(int(a), int(b)) for a, b in re.findall(r'"screen: top ([0-9]+)-([0-9]+)"', ledger)})
-    assert ranges[:2] == [(1, 50), (51, 110)] and ranges[-1][1] >= 200
+    assert ranges[0] == (1, 50) and ranges[1][1] >= 100
     assert [a for a, _ in ranges] == [1] + [b + 1 for _, b in ranges[:-1]]
-    assert all(b - a + 1 <= 60 for a, b in ranges)
+    # the first round's 50 ranks in one piece; the later ranges in pieces of 60 (the last one
+    # may stop early: the walk ends once its pool is full)
+    assert fed[0] == 50 and max(fed) == 60 and len(fed) > len(ranges)
+    assert sum(fed) > ranges[-2][1]
 
 
 def _section(run_dir, sid: str) -> str:
@@ -199,6 +215,11 @@ def test_a_failed_round_resumes(lib_spec, tmp_path, inline_rt, monkeypatch):
     assert any("-final-000002" in k for k in after[len(before):])
     mem = _screen(lib_spec, tmp_path / "mem", inline_rt, False, report=False)
     _same(mem, again)
+    # a rerun of the finished screen finds every round in the ledger, the top-K rounds too
+    assert any("-top" in k for k in after)
+    third = _screen(lib_spec, tmp_path / "run", inline_rt, KNOBS, report=False)
+    assert [json.loads(x)["key"] for x in ledger.read_text().splitlines() if '"outputs"' in x] == after
+    _same(mem, third)
 
 
 @pytest.mark.ray

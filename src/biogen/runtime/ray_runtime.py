@@ -427,8 +427,9 @@ def run_shards_on_actors(
     total: int | None = None,
     num_gpus: float = 0.0,
     actors: ActorHosts | None = None,
+    reduce: Callable[[str, dict], None] | None = None,
 ) -> dict[str, dict]:
-    """Like ``run_shards``, on ``slots`` actors of ``worker_cls(*worker_args)`` that keep
+    """Like ``run_shards`` (``reduce`` too), on ``slots`` actors of ``worker_cls(*worker_args)`` that keep
     their state (a model, a device-resident index) across shards; each actor's
     ``run(*args) -> (output relpaths, result)`` handles one shard at a time.
 
@@ -445,12 +446,13 @@ def run_shards_on_actors(
     with _phase(ledger, desc, total, spec) as bar:
         if spec.mode == "inline":
             worker = worker_cls(*worker_args)
-            return _collect(stream_shards(worker.run, shards, spec=spec, slots=1, ledger=ledger, phase=desc), bar)
+            return _collect(stream_shards(worker.run, shards, spec=spec, slots=1, ledger=ledger, phase=desc), bar,
+                            reduce)
         if spec.mode == "processes":
             from biogen.runtime.processes import stream_in_processes
 
             return _collect(stream_in_processes(None, shards, slots=_pool_size(slots, total), ledger=ledger,
-                                                phase=desc, worker=(worker_cls, worker_args)), bar)
+                                                phase=desc, worker=(worker_cls, worker_args)), bar, reduce)
         import ray
 
         hosts = actors if actors is not None else start_actors(spec, slots, num_gpus=num_gpus)
@@ -518,7 +520,7 @@ def run_shards_on_actors(
 
         try:
             return _collect(_stream(submit, shards, handles=ray_handles(), capacity=2 * len(actors), ledger=ledger,
-                                    phase=desc, release=release, retry=retry), bar)
+                                    phase=desc, release=release, retry=retry), bar, reduce)
         finally:
             for a in actors:
                 ray.kill(a)

@@ -388,15 +388,22 @@ class _ScreenSession:
     def prepared(self, prepare: Callable[[Library], _Prepared]) -> _Prepared:
         return self._early.result() if self._early is not None else prepare(self.open_library())
 
-    def run(self, stages: list[Stage], run_dir: Path) -> dict[str, dict]:
-        """Every shard through the stages (resumed from the ledger); the workers' results."""
+    def run(self, stages: list[Stage], run_dir: Path) -> dict[str, float]:
+        """Every shard through the stages (resumed from the ledger); each stage's CPU seconds
+        summed over the shards (folded as the results arrive: no per-shard list is kept)."""
         lib = self.open_library()
         self.ledger = Ledger(run_dir / "ledger.jsonl", _job_key(lib, stages))
         shard_keys = [(f"shard-{s.name}", (i,)) for i, s in enumerate(lib.shards)]
-        return run_shards_on_actors(ScreenWorker, (str(lib.path), stages, str(run_dir)), shard_keys,
-                                    ledger=self.ledger,
-                                    spec=self.runtime, slots=self.slots, desc="screen", total=len(shard_keys),
-                                    actors=self._actors)
+        cpu = dict.fromkeys((st.name for st in stages), 0.0)
+
+        def fold(key: str, result: dict) -> None:
+            for name, t in result["seconds"].items():
+                cpu[name] = cpu.get(name, 0.0) + t
+
+        run_shards_on_actors(ScreenWorker, (str(lib.path), stages, str(run_dir)), shard_keys, ledger=self.ledger,
+                             spec=self.runtime, slots=self.slots, desc="screen", total=len(shard_keys),
+                             actors=self._actors, reduce=fold)
+        return cpu
 
 
 # ----------------------------------------------------------------------------- the steps
@@ -630,14 +637,13 @@ def _score_shards(library: LibrarySpec, target: TargetSpec, stages: list[Stage],
             prefetch, columns = _prefetch_library_columns(lib, wanted)
             prefetch.shutdown(wait=False)
         t0 = time.perf_counter()
-        results = session.run(stages, run_dir)
+        stage_cpu = session.run(stages, run_dir)
         seconds["shards (wall)"] = time.perf_counter() - t0
         streamed = None
         if streams:
             t0 = time.perf_counter()
             streamed = stream(lib, key, label_set, session.ledger, session.slots)
             seconds["streaming rounds (wall)"] = time.perf_counter() - t0
-    stage_cpu = {st.name: sum(r["seconds"].get(st.name, 0.0) for r in results.values()) for st in stages}
     return _Scored(lib, prep, key, label_set, columns, stage_cpu, session.slots, session.ledger, streamed)
 
 

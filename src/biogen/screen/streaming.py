@@ -29,10 +29,10 @@ the same command resumes; keys carry a digest of the fusion, labels and knobs, f
    and the null model's orderings) and a seeded sample for the report.
 6. top K (per shard): the rows ranked in (lo, hi] with a 128-bit key of each one's
    scaffold (exact: ranks are global; no merge is needed), no string. The selection's walk
-   (scaffold cap: ``selection.CapWalk``) runs on each piece's keys and keeps its pool only;
-   while the pool is short and rows remain, the next round fetches the ranks after the
-   last (by the walk's fill rate, at least 2x further, at most ``ranks_per_round`` ranks),
-   so the driver's memory does not grow with the depth of the walk. MaxMin then reads the
+   (scaffold cap: ``selection.CapWalk``) reads them in pieces of ``ranks_per_round`` ranks
+   and keeps its pool only, so the driver's memory does not grow with the depth of the
+   walk; while the pool is short and rows remain, the next round fetches the ranks after
+   the last (by the walk's fill rate, at least 2x further). MaxMin then reads the
    pool's fingerprints, and the driver reads SMILES and scaffolds of the hits only.
 
 The driver folds each round's results as they arrive (``run_shards(..., reduce=...)``:
@@ -48,7 +48,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,8 +83,8 @@ class StreamingSpec:
     sort's bucket count (default: one per ``ROWS_PER_BUCKET`` molecules that pass the
     filters); ``candidates``, the first K of the selection (default 4 * selection.top_m);
     ``tasks_per_round``, the tasks of a per-shard round at most (``group_size``);
-    ``ranks_per_round``, the ranks one top-K round fetches at most (the driver holds them,
-    ~100 bytes each, while the selection's walk runs over them)."""
+    ``ranks_per_round``, the ranks the selection's walk holds at once (a top-K round's range
+    is read in pieces of that many: ~100 bytes each in the driver)."""
 
     mode: str = "auto"
     buckets: int | None = None
@@ -582,15 +582,17 @@ def group_size(n_tasks: int, tasks_per_round: int) -> int:
     """Shards per task of a per-shard round: one, up to ``tasks_per_round`` shards; beyond, as
     many consecutive shards as keep the round at that many tasks. The driver's cost is per
     task (submit, wait, ledger record: ~3 ms), so 100,000 shards cost it ~2,000 tasks a
-    round, not 100,000. It depends on the shard count only: a rerun finds its ledger keys."""
+    round, not 100,000. It depends on the task count and ``tasks_per_round`` only, so a rerun
+    with the same settings finds its ledger keys (another ``tasks_per_round`` reruns the
+    rounds: correct, not reused)."""
     return max(1, -(-n_tasks // tasks_per_round))
 
 
 class _Rounds:
     """Runs one round's tasks (ledgered, with a progress bar), consecutive tasks together in
     one Ray task when there are more than ``tasks_per_round`` (``group_size``). Without
-    ``take``, returns the results in task order (the top-K round: K rows in all); with it,
-    hands each result to ``take(task index, result)`` as it arrives and keeps none (the
+    ``take``, returns the results in task order (the bucket rounds: one per bucket); with
+    it, hands each result to ``take(task index, result)`` as it arrives and keeps none (the
     per-shard rounds: the driver keeps what the tallies keep)."""
 
     def __init__(self, job: StreamingScreen, ledger: Ledger, runtime: RuntimeSpec, slots: int,
@@ -811,57 +813,70 @@ def _enrichment(job: StreamingScreen, stats: _StatsTally, fused: _FusedTally, va
                               p, int(alive.sum()), after)
 
 
-def _candidates(job: StreamingScreen, lo: int, hi: int, rounds: Callable) -> Candidates:
-    """The rows ranked in (lo, hi], in rank order. Ranks are 1..n without gaps, so each
-    shard's file, read as its result arrives, fills its rows' places directly: no list of
-    the candidates, no sort, no string."""
-    n = hi - lo
-    out = Candidates(np.arange(lo + 1, hi + 1, dtype=np.int64), np.full(n, -1, np.int32), np.zeros(n, np.int32),
-                     np.zeros((n, 2), np.uint64))
+def _candidates(job: StreamingScreen, lo: int, hi: int, rounds: Callable, piece: int) -> Iterator[Candidates]:
+    """The rows ranked in (lo, hi], in rank order, in pieces of at most ``piece`` ranks: one
+    top-K round writes each shard's rows in the range to a file; the driver keeps a flag
+    per shard (a file or none) and, for each piece, reads the files and places each row by
+    its rank (ranks are 1..n without gaps: no list of the candidates, no sort, no string)."""
+    has = np.zeros(job.n_shards, dtype=bool)
 
     def take(i: int, r: dict) -> None:
-        if r.get("top"):
-            t = np.load(Path(job.run_dir) / r["top"])
-            at = t[:, 0] - (lo + 1)
-            out.shard[at], out.row[at], out.key[at] = i, t[:, 1], t[:, 2:].view(np.uint64)
+        has[i] = bool(r.get("top"))
 
     rounds(f"top {lo + 1:,}-{hi:,}", [(f"top{lo}-{hi}-{i:06d}", ("top", i, lo, hi)) for i in range(job.n_shards)],
            take)
-    if (out.shard < 0).any():
-        raise CorruptLibraryError(f"streaming screen: the top-K round found {int((out.shard >= 0).sum())} of the "
-                                  f"{n} rows ranked {lo + 1}-{hi}; delete {job.root} and rerun")
-    return out
+    files = [(i, job.root / "top" / f"{lo}-{hi}" / f"{i:06d}.npy") for i in np.flatnonzero(has).tolist()]
+    for a in range(lo, hi, piece):
+        b = min(a + piece, hi)
+        out = Candidates(np.arange(a + 1, b + 1, dtype=np.int64), np.full(b - a, -1, np.int32),
+                         np.zeros(b - a, np.int32), np.zeros((b - a, 2), np.uint64))
+        for i, path in files:
+            t = np.load(path)
+            if b - a < hi - lo:
+                t = t[(t[:, 0] > a) & (t[:, 0] <= b)]
+            at = t[:, 0] - (a + 1)
+            if len(at) and (at.min() < 0 or at.max() >= b - a):
+                raise CorruptLibraryError(f"streaming screen: {path} holds ranks outside {lo + 1}-{hi}; delete "
+                                          f"{job.root} and rerun")
+            out.shard[at], out.row[at], out.key[at] = i, t[:, 1], t[:, 2:].view(np.uint64)
+        if (out.shard < 0).any():
+            raise CorruptLibraryError(f"streaming screen: the top-K round found {int((out.shard >= 0).sum())} of "
+                                      f"the {b - a} rows ranked {a + 1}-{b}; delete {job.root} and rerun")
+        yield out
 
 
 def grow_factor(found: int, want: int) -> int:
     """How much further down the ranking the next top-K round reaches when the walk found
     ``found`` of ``want`` in the first K ranks: by that fill rate, with a margin (1.5x), at
     least 2x and at most 64x (a library of near-duplicates, whose scaffold cap fills slowly,
-    needs few rounds, not one per doubling: 8,000 -> 1,024,000 ranks at 100M generated rows)."""
+    needs few rounds, not one per doubling: 8,000 -> 512,000 -> 1,024,000 ranks at 100M
+    generated rows)."""
     return int(min(64, max(2, math.ceil(1.5 * want / max(found, 1)))))
 
 
 def _select(job: StreamingScreen, library, selection: SelectionSpec, spec: StreamingSpec, n_alive: int,
             rounds: Callable) -> tuple[Candidates, CandidateRows, np.ndarray, list[str]]:
-    """``select_hits`` over the global ranking, fetched from the top in pieces. The walk
-    (scaffold cap: ``CapWalk``) runs on each piece's scaffold keys and keeps the candidates
-    that join its pool, nothing else; once the pool holds ``want``, ``pick_from_pool`` ends
-    the selection on it: the same result as ``select_hits``, and the driver reads scaffold
-    strings for the hits only. The first piece is the first K ranks; while the pool is
-    short and rows remain, the next reaches ``grow_factor`` times further (the walk's fill
-    rate, at least 2x) but takes at most ``ranks_per_round`` ranks, so the driver's memory
-    is bounded whatever the depth of the walk. Returns the pool as the candidates."""
+    """``select_hits`` over the global ranking, fetched from the top by top-K rounds. The walk
+    (scaffold cap: ``CapWalk``) runs on the scaffold keys of each piece of a round's range
+    (at most ``ranks_per_round`` ranks: the driver's memory does not grow with the depth of
+    the walk) and keeps the candidates that join its pool, nothing else; once the pool holds
+    ``want``, ``pick_from_pool`` ends the selection on it: the same result as
+    ``select_hits``, and the driver reads scaffold strings for the hits only. The first
+    round's range is the first K ranks; while the pool is short and rows remain, the next
+    reaches ``grow_factor`` times further (the walk's fill rate, at least 2x). Returns the
+    pool as the candidates."""
     want = selection.top_m if selection.diversity == "maxmin" else selection.n
     walk = CapWalk(selection)
     pool = Candidates.empty()
     lo, hi = 0, min(spec.candidates or 4 * selection.top_m, n_alive)
     while lo < hi:
-        piece = _candidates(job, lo, hi, rounds)
-        pool = pool.extend(piece.take(walk.feed(piece.key)))
-        del piece
+        for piece in _candidates(job, lo, hi, rounds, spec.ranks_per_round):
+            pool = pool.extend(piece.take(walk.feed(piece.key)))
+            if walk.full:
+                break
         if walk.full or hi >= n_alive:
             break
-        lo, hi = hi, min(hi * grow_factor(walk.taken, want), hi + spec.ranks_per_round, n_alive)
+        lo, hi = hi, min(hi * grow_factor(walk.taken, want), n_alive)
         log.info("the selection's walk found %d of %d in the best %d rows; fetching ranks %d-%d",
                  walk.taken, want, lo, lo + 1, hi)
     rows = CandidateRows(library, pool, "scaffold" in library.manifest.get("descriptors", []))
