@@ -118,6 +118,11 @@ def test_rank_fusion_of_two_scorers_matches_in_memory(lib_spec, tmp_path, inline
     assert {k.split("-", 2)[2] for k in keys if "-stats-" in k} == {f"stats-{a:06d}+{min(2, n - a) - 1}"
                                                                     for a in range(0, n, 2)}
     assert sum("-order-b" in k for k in keys) == 3 and not any("-order-b" in k and "+" in k for k in keys)
+    # the score round too (its shards' files are written one per shard all the same)
+    names = [s.name for s in Library.open(stream.summary.library).shards]
+    assert [k for k in keys if k.startswith("shard-")] == [f"shard-{names[a]}+{min(2, n - a) - 1}"
+                                                            for a in range(0, n, 2)]
+    assert all((stream.run_dir / "shards" / f"{x}.arrow").exists() for x in names)
     # the report shows the same numbers (its plots come from a sample and from the counts)
     for sid in ("funnel", "enrichment", "hits"):
         assert _section(mem.run_dir, sid) == _section(stream.run_dir, sid), sid

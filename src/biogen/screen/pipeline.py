@@ -44,7 +44,7 @@ from biogen.screen.metrics import NULL_PROPERTIES, EnrichmentMetrics, NullModel,
 from biogen.screen.presets import LibrarySpec, cached_preset, preset_library
 from biogen.screen.selection import SelectionSpec, best_first, fuse_scores, fusion_weights, select_hits
 from biogen.screen.stages import MoleculeBatch, ScreenContext, Stage
-from biogen.screen.streaming import StreamingSpec, Streamed, hit_values, make_job, run_streaming
+from biogen.screen.streaming import StreamingSpec, Streamed, group_size, hit_values, make_job, run_streaming
 from biogen.screen.target import TargetData, TargetSpec, held_out_actives, load_target
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,25 @@ class ScreenWorker:
                                f"run biogen library verify library={self.library.path}")
         return np.asarray(v, dtype=np.float32)
 
-    def run(self, index: int) -> tuple[list[str], dict]:
+    def run(self, index: int, *more: int) -> tuple[list[str], dict]:
+        """The shard ``index`` (and ``more`` after it, one task for several shards on a large
+        library: ``streaming.group_size``): its outputs and its result; for several, their
+        outputs together and their rows, passed counts and seconds summed."""
+        if not more:
+            return self._run(index)
+        outputs: list[str] = []
+        total: dict = {"rows": 0, "passed": {}, "seconds": {}, "wall": 0.0}
+        for i in (index, *more):
+            out, r = self._run(i)
+            outputs += out
+            total["rows"] += r["rows"]
+            total["wall"] += r["wall"]
+            for k in ("passed", "seconds"):
+                for name, v in r[k].items():
+                    total[k][name] = total[k].get(name, 0) + v
+        return outputs, total
+
+    def _run(self, index: int) -> tuple[list[str], dict]:
         t_run = time.perf_counter()
         shard = self.library.shards[index]
         # the metadata only when a stage needs some (ids: the driver reads them, in a thread)
@@ -388,12 +406,17 @@ class _ScreenSession:
     def prepared(self, prepare: Callable[[Library], _Prepared]) -> _Prepared:
         return self._early.result() if self._early is not None else prepare(self.open_library())
 
-    def run(self, stages: list[Stage], run_dir: Path) -> dict[str, float]:
-        """Every shard through the stages (resumed from the ledger); each stage's CPU seconds
-        summed over the shards (folded as the results arrive: no per-shard list is kept)."""
+    def run(self, stages: list[Stage], run_dir: Path, tasks_per_round: int) -> dict[str, float]:
+        """Every shard through the stages (resumed from the ledger), consecutive shards in one
+        task beyond ``tasks_per_round`` shards (``streaming.group_size``: the driver's cost is
+        per task); each stage's CPU seconds summed over the shards (folded as the results
+        arrive: no per-shard list is kept)."""
         lib = self.open_library()
         self.ledger = Ledger(run_dir / "ledger.jsonl", _job_key(lib, stages))
-        shard_keys = [(f"shard-{s.name}", (i,)) for i, s in enumerate(lib.shards)]
+        n = len(lib.shards)
+        g = group_size(n, tasks_per_round)
+        shard_keys = [(f"shard-{lib.shards[a].name}" + (f"+{min(g, n - a) - 1}" if g > 1 else ""),
+                       tuple(range(a, min(a + g, n)))) for a in range(0, n, g)]
         cpu = dict.fromkeys((st.name for st in stages), 0.0)
 
         def fold(key: str, result: dict) -> None:
@@ -637,7 +660,7 @@ def _score_shards(library: LibrarySpec, target: TargetSpec, stages: list[Stage],
             prefetch, columns = _prefetch_library_columns(lib, wanted)
             prefetch.shutdown(wait=False)
         t0 = time.perf_counter()
-        stage_cpu = session.run(stages, run_dir)
+        stage_cpu = session.run(stages, run_dir, streaming.tasks_per_round)
         seconds["shards (wall)"] = time.perf_counter() - t0
         streamed = None
         if streams:
