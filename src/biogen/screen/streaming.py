@@ -825,12 +825,13 @@ def _candidates(job: StreamingScreen, lo: int, hi: int, rounds: Callable, piece:
 
     rounds(f"top {lo + 1:,}-{hi:,}", [(f"top{lo}-{hi}-{i:06d}", ("top", i, lo, hi)) for i in range(job.n_shards)],
            take)
-    files = [(i, job.root / "top" / f"{lo}-{hi}" / f"{i:06d}.npy") for i in np.flatnonzero(has).tolist()]
+    folder = job.root / "top" / f"{lo}-{hi}"
     for a in range(lo, hi, piece):
         b = min(a + piece, hi)
         out = Candidates(np.arange(a + 1, b + 1, dtype=np.int64), np.full(b - a, -1, np.int32),
                          np.zeros(b - a, np.int32), np.zeros((b - a, 2), np.uint64))
-        for i, path in files:
+        for i in np.flatnonzero(has).tolist():
+            path = folder / f"{i:06d}.npy"
             t = np.load(path)
             if b - a < hi - lo:
                 t = t[(t[:, 0] > a) & (t[:, 0] <= b)]
