@@ -3,14 +3,18 @@ counts summed over shards (``EnrichmentMetrics.from_counts``, the null model, th
 curve) and global ranks from the sample sort (``StreamingScreen.bucket_ranks``), on data with
 heavy ties, NaN and infinities, empty shards and several bucket counts."""
 
+from types import SimpleNamespace
+
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from biogen.screen.metrics import (EnrichmentMetrics, TieCounts, _block_sum, distinct_values, fractional_ranks,
                                    null_model, pick_null_model, property_ranking, tie_counts, zscores)
 from biogen.screen.selection import best_first
-from biogen.screen.streaming import (RUN_SAMPLE, SAMPLE_PER_BUCKET, StreamingScreen, bucket_bounds, merge_moments,
-                                     _moments, grow_factor, run_sample)
+from biogen.screen.streaming import (RUN_SAMPLE, SAMPLE_PER_BUCKET, StreamingScreen, _read_sample, bucket_bounds,
+                                     merge_moments, _moments, grow_factor, run_sample)
 
 
 def _split(n: int, parts: int, rng) -> list[slice]:
@@ -200,3 +204,19 @@ def test_sample_sort_ranks_equal_the_in_memory_ranks(tmp_path, buckets, case):
     want = np.empty(n, dtype=np.int64)
     want[best_first(v)] = np.arange(1, n + 1)
     np.testing.assert_array_equal(got, want)
+
+
+def test_the_report_sample_is_read_in_blocks_in_shard_order(tmp_path):
+    """The report's sample: every shard's file in shard order (an empty one included), one
+    contiguous table, whatever the block of files combined at a time."""
+    (tmp_path / "sample").mkdir()
+    tables = [pa.table({"fused": np.arange(i * 10, i * 10 + n, dtype=np.float64), "alive": np.ones(n, dtype=bool)})
+              for i, n in enumerate([3, 0, 2, 5, 1])]
+    for i, t in enumerate(tables):
+        pq.write_table(t, tmp_path / "sample" / f"{i:06d}.parquet")
+    job = SimpleNamespace(root=tmp_path, n_shards=len(tables))
+    want = pa.concat_tables(tables)
+    for block in (1, 2, 256):
+        got = _read_sample(job, block)
+        assert got.equals(want.combine_chunks()) and got.column("fused").num_chunks == 1
+    assert _read_sample(SimpleNamespace(root=tmp_path, n_shards=0)) is None

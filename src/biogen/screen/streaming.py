@@ -744,12 +744,19 @@ def run_streaming(job: StreamingScreen, library, selection: SelectionSpec, spec:
                      for i in shards], final)
     enrichment = _enrichment(job, stats, fused, values, final)
     cands, rows, chosen, scaffolds = _select(job, library, selection, spec, n_alive, rounds)
-    sample = None
-    if report:
-        parts = [pq.read_table(job.root / "sample" / f"{i:06d}.parquet") for i in shards]
-        sample = pa.concat_tables(parts) if parts else None
+    sample = _read_sample(job) if report else None
     return Streamed(job, funnel, n_alive, cands, rows, chosen, scaffolds,
                     stats.keys() if job.labels is not None else None, enrichment, sample)
+
+
+def _read_sample(job: StreamingScreen, block: int = 256) -> pa.Table | None:
+    """The report's sample from every shard's file, combined ``block`` files at a time: a
+    table per file held for all 100,000 shards would cost the driver ~13 KB each (measured:
+    +126 MB for 10,000 two-row files at once, +6 MB in blocks of 256)."""
+    parts = [pa.concat_tables([pq.read_table(job.root / "sample" / f"{i:06d}.parquet")
+                               for i in range(a, min(a + block, job.n_shards))]).combine_chunks()
+             for a in range(0, job.n_shards, block)]
+    return pa.concat_tables(parts).combine_chunks() if parts else None
 
 
 def hit_values(st: Streamed, scorers: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
