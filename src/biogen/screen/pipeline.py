@@ -44,7 +44,7 @@ from biogen.screen.metrics import NULL_PROPERTIES, EnrichmentMetrics, NullModel,
 from biogen.screen.presets import LibrarySpec, cached_preset, preset_library
 from biogen.screen.selection import SelectionSpec, best_first, fuse_scores, fusion_weights, select_hits
 from biogen.screen.stages import MoleculeBatch, ScreenContext, Stage
-from biogen.screen.streaming import StreamingSpec, Streamed, group_size, hit_values, make_job, run_streaming
+from biogen.screen.streaming import StreamingSpec, Streamed, group_tasks, hit_values, make_job, run_streaming
 from biogen.screen.target import TargetData, TargetSpec, held_out_actives, load_target
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ class ScreenWorker:
 
     def run(self, index: int, *more: int) -> tuple[list[str], dict]:
         """The shard ``index`` (and ``more`` after it, one task for several shards on a large
-        library: ``streaming.group_size``): its outputs and its result; for several, their
+        library: ``streaming.group_tasks``): its outputs and its result; for several, their
         outputs together and their rows, passed counts and seconds summed."""
         if not more:
             return self._run(index)
@@ -408,15 +408,13 @@ class _ScreenSession:
 
     def run(self, stages: list[Stage], run_dir: Path, tasks_per_round: int) -> dict[str, float]:
         """Every shard through the stages (resumed from the ledger), consecutive shards in one
-        task beyond ``tasks_per_round`` shards (``streaming.group_size``: the driver's cost is
+        task beyond ``tasks_per_round`` shards (``streaming.group_tasks``: the driver's cost is
         per task); each stage's CPU seconds summed over the shards (folded as the results
         arrive: no per-shard list is kept)."""
         lib = self.open_library()
         self.ledger = Ledger(run_dir / "ledger.jsonl", _job_key(lib, stages))
-        n = len(lib.shards)
-        g = group_size(n, tasks_per_round)
-        shard_keys = [(f"shard-{lib.shards[a].name}" + (f"+{min(g, n - a) - 1}" if g > 1 else ""),
-                       tuple(range(a, min(a + g, n)))) for a in range(0, n, g)]
+        shard_keys = [(key, tuple(i for (i,) in grp)) for key, grp in
+                      group_tasks([(f"shard-{s.name}", (i,)) for i, s in enumerate(lib.shards)], tasks_per_round)]
         cpu = dict.fromkeys((st.name for st in stages), 0.0)
 
         def fold(key: str, result: dict) -> None:

@@ -588,6 +588,15 @@ def group_size(n_tasks: int, tasks_per_round: int) -> int:
     return max(1, -(-n_tasks // tasks_per_round))
 
 
+def group_tasks(tasks: list[tuple[str, tuple]], tasks_per_round: int) -> list[tuple[str, list[tuple]]]:
+    """``(key, args)`` tasks as ``(group key, [args, ...])``: consecutive tasks together
+    (``group_size``), a group keyed ``<first key>+<others>`` (the task's own key when
+    there is no grouping, so small jobs keep their ledger keys)."""
+    g = group_size(len(tasks), tasks_per_round)
+    groups = [tasks[a:a + g] for a in range(0, len(tasks), g)]
+    return [(grp[0][0] + (f"+{len(grp) - 1}" if g > 1 else ""), [a for _, a in grp]) for grp in groups]
+
+
 class _Rounds:
     """Runs one round's tasks (ledgered, with a progress bar), consecutive tasks together in
     one Ray task when there are more than ``tasks_per_round`` (``group_size``). Without
@@ -603,10 +612,10 @@ class _Rounds:
     def __call__(self, desc: str, tasks: list[tuple[str, tuple]], take: Callable | None = None) -> list[dict]:
         if not tasks:
             return []
+        groups = group_tasks(tasks, self.tasks_per_round)
         g = group_size(len(tasks), self.tasks_per_round)
-        groups = [tasks[a:a + g] for a in range(0, len(tasks), g)]
-        keys = [f"stream-{self.job.tag}-{grp[0][0]}" + (f"+{len(grp) - 1}" if g > 1 else "") for grp in groups]
-        args = [grp[0][1] if g == 1 else ("batch", tuple(a for _, a in grp)) for grp in groups]
+        keys = [f"stream-{self.job.tag}-{k}" for k, _ in groups]
+        args = [grp[0] if g == 1 else ("batch", tuple(grp)) for _, grp in groups]
         kw = dict(ledger=self.ledger, spec=self.runtime, slots=self.slots, desc=f"screen: {desc}", total=len(groups))
         work = ((k, (self.job, *a)) for k, a in zip(keys, args))
         where = {k: i * g for i, k in enumerate(keys)}
@@ -840,8 +849,7 @@ def _candidates(job: StreamingScreen, lo: int, hi: int, rounds: Callable, piece:
         for i in np.flatnonzero(has).tolist():
             path = folder / f"{i:06d}.npy"
             t = np.load(path)
-            if b - a < hi - lo:
-                t = t[(t[:, 0] > a) & (t[:, 0] <= b)]
+            t = t[(t[:, 0] > a) & (t[:, 0] <= b)]
             at = t[:, 0] - (a + 1)
             if len(at) and (at.min() < 0 or at.max() >= b - a):
                 raise CorruptLibraryError(f"streaming screen: {path} holds ranks outside {lo + 1}-{hi}; delete "
